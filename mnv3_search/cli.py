@@ -1,0 +1,170 @@
+"""The `mnv3-search` command: parse options, call the library, render with rich. Nothing imports it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import UserError
+from .latency import BACKENDS, make_backend
+from .model import MobileNetV3, build_model
+from .profile import Profile, profile_model
+from .report import profile_frame, write_csv
+from .spaces import resolve_spec_path
+from .spec import ArchSpec
+from .spec_yaml import load_spec
+from .weights import load_weights
+
+
+class UserErrorGroup(click.Group):
+    """Turns a UserError anywhere below into one line on stderr and exit status 2 (no traceback)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            error = click.ClickException(str(exc))
+            error.exit_code = 2
+            raise error from None
+
+
+@click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mnv3-search")
+def cli() -> None:
+    """Explore MobileNetV3 architectures and fit them to a latency budget.
+
+    \b
+    Examples:
+      mnv3-search profile large.yaml
+      mnv3-search profile small --resolution 160 --csv small.csv
+    """
+
+
+def _load(spec_argument: str, resolution: Optional[int], width: Optional[float], num_classes: Optional[int],
+          err: Console) -> tuple[ArchSpec, Path]:
+    path = resolve_spec_path(spec_argument)
+    spec = load_spec(path)
+    spec = spec.with_overrides(resolution=resolution, width=width, num_classes=num_classes,
+                               where=f"{path} with the given options")
+    err.print(f"[dim]spec: {path}[/dim]", highlight=False)
+    return spec, path
+
+
+def _model(spec: ArchSpec, weights: Optional[str], path: Path) -> MobileNetV3:
+    model = build_model(spec)
+    if weights:
+        load_weights(model, weights, spec_name=str(path))
+    return model
+
+
+def _stdout_console() -> Console:
+    """A console on stdout; when piped, wide enough that tables never wrap."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+def _fmt_int(value: Any) -> str:
+    return "" if value is None else f"{value:,}"
+
+
+def _fmt_macs(value: int) -> str:
+    return f"{value / 1e6:.2f}M"
+
+
+def _render_profile(profile: Profile, console: Console) -> None:
+    timed = profile.whole is not None
+    table = Table(title=f"{profile.spec_name} at {profile.resolution}x{profile.resolution}, batch {profile.batch}",
+                  header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    names = ["block", "in→out", "k", "s", "exp", "SE", "NL", "output", "params", "MAdds"]
+    names += ["ms", "share"] if timed else []
+    for name in names:
+        table.add_column(name, justify="left" if name == "block" else "right", no_wrap=True)
+    for r in profile.rows:
+        cells = [r.block, f"{r.in_channels}→{r.out_channels}", _fmt_int(r.kernel), _fmt_int(r.stride),
+                 _fmt_int(r.exp), "" if r.se is None else ("yes" if r.se else "-"), r.nl, r.output_size,
+                 _fmt_int(r.params), _fmt_macs(r.macs)]
+        if timed:
+            cells += [f"{r.latency_ms:.3f}", f"{100 * (r.latency_share or 0):.1f}%"]
+        table.add_row(*cells)
+    total = ["total", "", "", "", "", "", "", "", _fmt_int(profile.params), _fmt_macs(profile.macs)]
+    if timed:
+        total += [f"{profile.blocks_latency_ms:.3f}", "100.0%"]
+    table.add_section()
+    table.add_row(*total, style="bold")
+    console.print(table)
+    console.print(f"params {profile.params:,} · MAdds (conv + linear) {profile.macs:,} ({_fmt_macs(profile.macs)}) · "
+                  f"fvcore total (also counts BN, pooling) {profile.fvcore_total:,}", highlight=False)
+    if timed:
+        w = profile.whole
+        assert w is not None
+        threads = f"{profile.threads} thread{'s' if profile.threads != 1 else ''}"
+        console.print(
+            f"latency ({profile.backend}, {threads}, batch {profile.batch}): whole network median "
+            f"[bold]{w.median_ms:.3f} ms[/bold] (p10–p90 {w.p10_ms:.3f}–{w.p90_ms:.3f}, {w.repeats} runs); "
+            f"blocks timed alone sum to {profile.blocks_latency_ms:.3f} ms", highlight=False)
+
+
+@cli.command()
+@click.argument("spec", default="large", metavar="SPEC")
+@click.option("--resolution", type=int, help="Input size in pixels (square); default: the spec's.")
+@click.option("--width", type=float, help="Width multiplier (paper/TF/timm semantics); default: the spec's.")
+@click.option("--num-classes", type=int, help="Classifier outputs; default: the spec's.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size for latency.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU threads for the latency backend.")
+@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="onnxruntime", show_default=True,
+              help="Latency backend.")
+@click.option("--no-latency", is_flag=True, help="Skip latency measurement (params and MACs only).")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Checkpoint to load (torchvision or own).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the table as CSV to FILE.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
+def profile(spec: str, resolution: Optional[int], width: Optional[float], num_classes: Optional[int], batch: int,
+            threads: int, backend: str, no_latency: bool, weights: Optional[str], csv_path: Optional[str],
+            as_json: bool) -> None:
+    """Params, MAdds (fvcore) and measured latency of every block of SPEC.
+
+    SPEC is a YAML file or a shipped search space (large, small, large.yaml).
+
+    \b
+    Examples:
+      mnv3-search profile large.yaml
+      mnv3-search profile search_spaces/small.yaml --width 0.75 --no-latency
+      mnv3-search profile large --backend torch --threads 2 --csv large.csv
+      mnv3-search profile small --resolution 160 --json > small.json
+    """
+    err = Console(stderr=True)
+    arch, path = _load(spec, resolution, width, num_classes, err)
+    model = _model(arch, weights, path)
+    latency_backend = None if no_latency else make_backend(backend, threads)
+    if latency_backend is None:
+        result = profile_model(model, batch=batch)
+    else:
+        with Progress(TextColumn("timing {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=err, transient=True, disable=as_json) as bar:
+            task = bar.add_task("", total=len(arch.blocks) + 4)
+            result = profile_model(model, batch=batch, backend=latency_backend,
+                                   progress=lambda name: bar.update(task, description=name, advance=1))
+    result.meta = {"spec_file": str(path), "width": arch.width, "num_classes": arch.num_classes}
+    if csv_path:
+        write_csv(profile_frame(result), csv_path)
+        err.print(f"[dim]wrote {csv_path}[/dim]", highlight=False)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        _render_profile(result, _stdout_console())
+
+
+def main() -> None:
+    cli(prog_name="mnv3-search")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

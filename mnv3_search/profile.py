@@ -1,0 +1,203 @@
+"""Per-block profile of a network: shapes, params, MACs (fvcore) and optionally measured latency.
+
+MACs here are the paper's "MAdds": multiply-adds of convolutions and linear layers. fvcore's own total,
+which also counts batch norm and pooling, is kept beside it under its own name, never mixed in.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .latency import Backend, Measurement, TimingPolicy, measure
+from .model import MobileNetV3
+from .spec import ArchSpec
+
+MADD_OPERATORS = ("conv", "linear", "matmul", "einsum", "bmm")
+
+
+@dataclass
+class BlockRow:
+    """One line of the profile table."""
+
+    block: str
+    module: str
+    in_channels: int
+    out_channels: int
+    kernel: Optional[int]
+    stride: Optional[int]
+    exp: Optional[int]
+    se: Optional[bool]
+    nl: str
+    output_size: str
+    params: int
+    macs: int
+    fvcore_total: int
+    latency_ms: Optional[float] = None
+    latency_p10_ms: Optional[float] = None
+    latency_p90_ms: Optional[float] = None
+    latency_share: Optional[float] = None
+
+
+@dataclass
+class Profile:
+    spec_name: str
+    resolution: int
+    batch: int
+    rows: list[BlockRow]
+    backend: Optional[str] = None
+    threads: Optional[int] = None
+    whole: Optional[Measurement] = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        return sum(r.params for r in self.rows)
+
+    @property
+    def macs(self) -> int:
+        return sum(r.macs for r in self.rows)
+
+    @property
+    def fvcore_total(self) -> int:
+        return sum(r.fvcore_total for r in self.rows)
+
+    @property
+    def blocks_latency_ms(self) -> Optional[float]:
+        if any(r.latency_ms is None for r in self.rows):
+            return None
+        return sum(r.latency_ms for r in self.rows)  # type: ignore[misc]
+
+    def as_dict(self) -> dict:
+        return {
+            "spec": self.spec_name,
+            "resolution": self.resolution,
+            "batch": self.batch,
+            "totals": {"params": self.params, "macs": self.macs, "fvcore_total": self.fvcore_total,
+                       "blocks_latency_ms": self.blocks_latency_ms},
+            "latency": None if self.whole is None else {
+                "backend": self.backend, "threads": self.threads, **self.whole.as_dict()},
+            "rows": [asdict(r) for r in self.rows],
+            **self.meta,
+        }
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """A profiled unit of the network: its row label, module path(s) and the module to time."""
+
+    block: str
+    module_names: tuple[str, ...]
+    module: nn.Module
+    in_channels: int
+    out_channels: int
+    kernel: Optional[int]
+    stride: Optional[int]
+    exp: Optional[int]
+    se: Optional[bool]
+    nl: str
+
+
+def _units(model: MobileNetV3) -> Iterator[_Unit]:
+    spec = model.spec.scaled()
+    stem = spec.stem
+    yield _Unit("stem", ("features.0",), model.features[0], 3, stem.out, stem.kernel, stem.stride, None, None,
+                stem.nl)
+    for config in model.spec.block_configs():
+        yield _Unit(f"bneck {config.index}", (f"features.{config.index}",), model.features[config.index],
+                    config.in_channels, config.out, config.kernel, config.stride, config.exp, config.se, config.nl)
+    last = len(spec.blocks) + 1
+    yield _Unit("last_conv", (f"features.{last}",), model.features[last], spec.blocks[-1].out, spec.last_conv, 1, 1,
+                None, None, spec.last_nl)
+    yield _Unit("classifier", ("avgpool", "classifier"), model.head(), spec.last_conv, spec.num_classes, None, None,
+                None, None, spec.head_nl)
+
+
+def fvcore_counts(model: nn.Module, resolution: int) -> dict[str, dict[str, int]]:
+    """Per-module, per-operator counts for one image; fvcore's warnings are kept off the terminal."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
+
+        logger = logging.getLogger("fvcore")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            analysis = FlopCountAnalysis(model.eval(), torch.zeros(1, 3, resolution, resolution))
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+            return {name: dict(ops) for name, ops in analysis.by_module_and_operator().items()}
+        finally:
+            logger.setLevel(level)
+
+
+def _input_shapes(model: MobileNetV3, units: list[_Unit], batch: int, resolution: int
+                  ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Input and output shape of every unit, from one forward pass with hooks."""
+    inputs: dict[str, tuple[int, ...]] = {}
+    outputs: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for unit in units:
+        target = model.classifier if unit.block == "classifier" else unit.module
+        key = unit.block
+
+        def hook(_m: nn.Module, args: tuple, out: torch.Tensor, key: str = key) -> None:
+            inputs.setdefault(key, tuple(args[0].shape))
+            outputs[key] = tuple(out.shape)
+
+        handles.append(target.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            model.eval()(torch.zeros(batch, 3, resolution, resolution))
+    finally:
+        for handle in handles:
+            handle.remove()
+    # the classifier unit starts at the pooled feature map: the last conv's output
+    inputs["classifier"] = outputs["last_conv"]
+    return inputs, outputs
+
+
+def profile_model(model: MobileNetV3, *, batch: int = 1, backend: Optional[Backend] = None,
+                  policy: TimingPolicy = TimingPolicy(), whole_policy: TimingPolicy = TimingPolicy(max_seconds=1.5),
+                  progress: Optional[Callable[[str], None]] = None) -> Profile:
+    """Profile `model` at its spec's resolution; with a backend, time each block and the whole network."""
+    spec: ArchSpec = model.spec
+    resolution = spec.resolution
+    units = list(_units(model))
+    counts = fvcore_counts(model, resolution)
+    inputs, outputs = _input_shapes(model, units, 1, resolution)
+    rows = []
+    for unit in units:
+        ops: dict[str, int] = {}
+        for name in unit.module_names:
+            for op, n in counts.get(name, {}).items():
+                ops[op] = ops.get(op, 0) + n
+        out_shape = outputs[unit.block]
+        size = f"{out_shape[2]}x{out_shape[3]}" if len(out_shape) == 4 else f"{out_shape[1]}"
+        rows.append(BlockRow(
+            block=unit.block, module="+".join(unit.module_names), in_channels=unit.in_channels,
+            out_channels=unit.out_channels, kernel=unit.kernel, stride=unit.stride, exp=unit.exp, se=unit.se,
+            nl=unit.nl, output_size=size, params=sum(p.numel() for p in unit.module.parameters()),
+            macs=sum(n for op, n in ops.items() if op in MADD_OPERATORS), fvcore_total=sum(ops.values()),
+        ))
+    profile = Profile(spec.name, resolution, batch, rows)
+    if backend is None:
+        return profile
+    profile.backend, profile.threads = backend.name, backend.threads
+    for unit, row in zip(units, rows):
+        if progress:
+            progress(unit.block)
+        shape = (batch,) + inputs[unit.block][1:]
+        m = measure(backend.runner(unit.module, shape), policy)
+        row.latency_ms, row.latency_p10_ms, row.latency_p90_ms = m.median_ms, m.p10_ms, m.p90_ms
+    total = sum(r.latency_ms for r in rows)  # type: ignore[misc]
+    for row in rows:
+        row.latency_share = row.latency_ms / total if total else 0.0  # type: ignore[operator]
+    if progress:
+        progress("whole network")
+    profile.whole = measure(backend.runner(model, (batch, 3, resolution, resolution)), whole_policy)
+    return profile
