@@ -1,0 +1,210 @@
+"""The `profile` command: output formats, SPEC resolution, and one clear line (exit 2) per bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from mnv3_search import build_model, load_spec
+from mnv3_search.cli import cli
+from mnv3_search.report import PROFILE_COLUMNS
+from mnv3_search.weights import save_checkpoint
+from reference_weights import reference_state_dict
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+SMALL_TEXT = (SPACES / "small.yaml").read_text()
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def edited(**changes) -> str:
+    """small.yaml with top-level keys replaced (None deletes the key)."""
+    data = yaml.safe_load(SMALL_TEXT)
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key)
+        else:
+            data[key] = value
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def with_row(row: int, value) -> str:
+    data = yaml.safe_load(SMALL_TEXT)
+    data["bneck"][row - 1] = value
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+BAD_SPECS = {
+    "yaml syntax": ("stem: {out: 16\nbneck: [", "YAML syntax error at line"),
+    "empty file": ("", "the file is empty"),
+    "top level not a mapping": ("- 1\n- 2\n", "the top level must be a mapping"),
+    "unknown key": (edited(colour="red"), "unknown key 'colour'"),
+    "missing key": (edited(bneck=None), "missing key 'bneck'"),
+    "wrong type": (with_row(3, [3, "wide", 24, False, "RE", 1]), "bneck row 3, field 'exp': a channel count must be an integer, got 'wide'"),
+    "non-integer channels": (with_row(2, [3, 72.5, 24, False, "RE", 2]), "bneck row 2, field 'exp': a channel count must be an integer, got 72.5"),
+    "zero channels": (with_row(2, [3, 72, 0, False, "RE", 2]), "bneck row 2, field 'out': a channel count must be at least 1, got 0"),
+    "negative channels": (edited(stem={"out": -16}), "stem, field 'out': a channel count must be at least 1, got -16"),
+    "absurd channels": (with_row(4, [5, 1000000, 40, True, "HS", 2]), "bneck row 4, field 'exp': a channel count 1000000 is absurdly large"),
+    "even kernel": (with_row(5, [4, 240, 40, True, "HS", 1]), "bneck row 5, field 'k': kernel must be a positive odd integer"),
+    "negative kernel": (with_row(5, [-3, 240, 40, True, "HS", 1]), "bneck row 5, field 'k': kernel must be a positive odd integer"),
+    "stride 3": (with_row(6, [5, 240, 40, True, "HS", 3]), "bneck row 6, field 's': stride must be 1 or 2, got 3"),
+    "unknown NL": (with_row(7, [5, 120, 48, True, "SWISH", 1]), "bneck row 7, field 'nl': unknown nonlinearity 'SWISH'"),
+    "non-boolean SE": (with_row(8, [5, 144, 48, "maybe", "HS", 1]), "bneck row 8, field 'se': SE must be true or false, got 'maybe'"),
+    "short row": (with_row(1, [3, 16, 16, True, "RE"]), "bneck row 1: a row has 6 values [k, exp, out, SE, NL, s], got 5"),
+    "empty block list": (edited(bneck=[]), "bneck is empty"),
+    "zero width": (edited(width=0), "field 'width': width must be > 0, got 0.0"),
+    "negative width": (edited(width=-0.5), "field 'width': width must be > 0, got -0.5"),
+    "resolution too small": (edited(resolution=16), "resolution 16 is too small for this network, which downsamples by 32"),
+    "unknown row key": (with_row(1, {"k": 3, "exp": 16, "out": 16, "se": True, "nl": "RE", "s": 2, "x": 1}), "bneck row 1: unknown key 'x'"),
+}
+
+
+def assert_one_line_error(result, expected: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("Error: "), result.output
+    assert expected in lines[-1], lines[-1]
+    assert "Traceback" not in result.output
+    assert sum(line.startswith("Error") for line in lines) == 1
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_bad_spec_gives_one_clear_line(tmp_path: Path, case: str) -> None:
+    text, expected = BAD_SPECS[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    result = run("profile", str(path), "--no-latency")
+    assert_one_line_error(result, f"{path}: " if case != "resolution too small" else str(path))
+    assert_one_line_error(result, expected)
+
+
+def test_missing_file() -> None:
+    assert_one_line_error(run("profile", "nowhere/none.yaml", "--no-latency"),
+                          "nowhere/none.yaml: no such file, and not a shipped search space; give a YAML path or one "
+                          "of: large, small")
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe\x00bad")
+    assert_one_line_error(run("profile", str(path), "--no-latency"), f"{path}: cannot read the file")
+    assert_one_line_error(run("profile", str(tmp_path), "--no-latency"), f"{tmp_path}: is a folder")
+
+
+@pytest.mark.parametrize(
+    "option, expected",
+    [(["--resolution", "16"], "resolution 16 is too small for this network, which downsamples by 32; use a "
+                              "resolution of at least 32"),
+     (["--width", "0"], "width must be > 0, got 0.0"),
+     (["--width", "-1"], "width must be > 0, got -1.0"),
+     (["--width", "1000"], "over the limit of 8192")],
+)
+def test_bad_options(option: list[str], expected: str) -> None:
+    assert_one_line_error(run("profile", "small", "--no-latency", *option), expected)
+
+
+def test_checkpoint_that_does_not_fit(tmp_path: Path, small) -> None:
+    path = tmp_path / "small.pt"
+    torch.save(reference_state_dict("small"), path)
+    assert_one_line_error(run("profile", "large", "--no-latency", "--weights", str(path)),
+                          f"{path}: does not fit spec {SPACES / 'large.yaml'}: tensor 'features.1.block.1.0.weight' "
+                          "is missing")
+    assert_one_line_error(run("profile", "small", "--no-latency", "--num-classes", "10", "--weights", str(path)),
+                          "tensor 'classifier.3.weight' has shape (1000, 1024) in the checkpoint but the spec needs "
+                          "(10, 1024)")
+
+
+def test_bad_checkpoint_files(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert_one_line_error(run("profile", "small", "--no-latency", "--weights", str(garbage)),
+                          f"{garbage}: not a readable PyTorch weights file")
+    assert_one_line_error(run("profile", "small", "--no-latency", "--weights", str(tmp_path / "none.pt")),
+                          "no such checkpoint file")
+    listing = tmp_path / "list.pt"
+    torch.save([1, 2, 3], listing)
+    assert_one_line_error(run("profile", "small", "--no-latency", "--weights", str(listing)), "holds no state_dict")
+
+
+def test_weights_torchvision_and_own_checkpoints_load(tmp_path: Path, small) -> None:
+    torchvision_file = tmp_path / "tv.pth"
+    torch.save(reference_state_dict("small"), torchvision_file)
+    assert run("profile", "small", "--no-latency", "--weights", str(torchvision_file)).exit_code == 0
+    own = tmp_path / "own.pt"
+    save_checkpoint(build_model(small), small, own)
+    assert run("profile", "small", "--no-latency", "--weights", str(own)).exit_code == 0
+
+
+def test_json_output(small) -> None:
+    result = run("profile", "small", "--no-latency", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["totals"]["params"] == 2_542_856
+    assert data["totals"]["fvcore_total"] == 59_649_536
+    assert len(data["rows"]) == 14 and data["latency"] is None
+    assert data["spec_file"].endswith("search_spaces/small.yaml")
+
+
+def test_csv_with_latency(tmp_path: Path) -> None:
+    out = tmp_path / "p.csv"
+    result = run("profile", "small", "--resolution", "32", "--num-classes", "10", "--backend", "torch",
+                 "--csv", str(out))
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out)
+    assert list(frame.columns) == PROFILE_COLUMNS
+    assert list(frame["block"])[-3:] == ["last_conv", "classifier", "total"]
+    assert frame["latency_ms"].notna().all()
+    assert "whole network median" in result.stdout and "torch, 1 thread, batch 1" in result.stdout
+    assert "MAdds (conv + linear)" in result.stdout and "fvcore total (also counts BN, pooling)" in result.stdout
+
+
+def test_table_output_names_file_and_totals() -> None:
+    result = run("profile", "large.yaml", "--no-latency")
+    assert result.exit_code == 0, result.output
+    assert "search_spaces/large.yaml" in result.stderr
+    assert "5,483,032" in result.stdout and "216.59M" in result.stdout and "226,033,824" in result.stdout
+    assert "Unsupported operator" not in result.output
+
+
+def test_spec_names_resolve_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for argument in ("large.yaml", "large", "search_spaces/large.yaml"):
+        result = run("profile", argument, "--no-latency", "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["totals"]["params"] == 5_483_032
+    (tmp_path / "large.yaml").write_text(SMALL_TEXT)  # a local file of that name wins over the shipped one
+    result = run("profile", "large.yaml", "--no-latency", "--json")
+    assert json.loads(result.stdout)["totals"]["params"] == 2_542_856
+    assert result.stderr.strip() == "spec: large.yaml"
+
+
+@pytest.mark.parametrize("command", [[], ["profile"]])
+def test_help_shows_examples(command: list[str]) -> None:
+    result = run(*command, "--help")
+    assert result.exit_code == 0
+    assert "Examples:" in result.output and "mnv3-search profile large.yaml" in result.output
+
+
+def test_installed_console_script(tmp_path: Path) -> None:
+    script = shutil.which("mnv3-search", path=str(Path(sys.executable).parent)) or shutil.which("mnv3-search")
+    assert script, "the mnv3-search console script is not installed (pip install -e .)"
+    done = subprocess.run([script, "profile", "small", "--resolution", "64", "--json"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["resolution"] == 64 and data["latency"]["backend"] == "onnxruntime"
+    assert data["latency"]["median_ms"] > 0
+    bad = subprocess.run([script, "profile", "small", "--resolution", "8"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("Error:") and "Traceback" not in bad.stderr
