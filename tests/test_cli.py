@@ -205,6 +205,7 @@ def test_installed_console_script(tmp_path: Path) -> None:
     data = json.loads(done.stdout)
     assert data["resolution"] == 64 and data["latency"]["backend"] == "onnxruntime"
     assert data["latency"]["median_ms"] > 0
+    assert done.stderr.strip() == f"spec: {Path(__file__).resolve().parents[1] / 'search_spaces' / 'small.yaml'}"
     bad = subprocess.run([script, "profile", "small", "--resolution", "8"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("Error:") and "Traceback" not in bad.stderr
