@@ -1,18 +1,32 @@
-"""Measuring latency on this machine: ONNX Runtime on CPU (default) or torch eager.
+"""Measuring latency on this machine: backends, a noise-resistant protocol and what each number was measured on.
 
-A backend turns a module and an input shape into a zero-argument runner; `measure` times any runner
-with warm-up and an adaptive number of repeats and reports robust statistics (median, p10, p90).
+A backend turns a module and an input shape into a zero-argument runner. Two protocols time runners:
+
+- `measure`: one runner, warm-up then an adaptive number of repeats (stops once the median's 95 % confidence
+  interval is narrow enough, or at a time limit). Good for a quick look at one network.
+- `measure_interleaved`: several runners in shuffled round-robin passes of a few runs each. The host here has
+  bursts (~0.3 s) where everything runs up to 2x slower; a hot loop of one runner can sit inside a burst, while
+  interleaving spreads every burst over all runners. This is the protocol for fair comparisons and for the
+  lookup table, whose entries store the 25th percentile (REFERENCE §4).
+
+Every `Measurement` can carry a `MeasurementContext`: backend, versions, threads, batch, input shape and a
+device fingerprint, so a number is never separated from what it was measured on.
 """
 
 from __future__ import annotations
 
 import io
-import statistics
+import math
+import os
+import platform
+import random
 import time
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Protocol
+from functools import lru_cache
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -23,52 +37,222 @@ from .errors import UserError
 Runner = Callable[[], object]
 
 
+# --- what a number was measured on -------------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.lower().startswith(("model name", "hardware", "processor\t: ")) and ":" in line:
+                    value = line.split(":", 1)[1].strip()
+                    if value and not value.isdigit():
+                        return value
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+@lru_cache(maxsize=None)
+def device_fingerprint(cuda: bool = False) -> dict[str, object]:
+    """What makes latency numbers comparable between runs: CPU model, core count, architecture (and GPU)."""
+    fingerprint: dict[str, object] = {
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count() or 0,
+        "machine": platform.machine(),
+        "system": platform.system(),
+    }
+    if cuda:
+        fingerprint["gpu"] = torch.cuda.get_device_name(0)
+    return fingerprint
+
+
+@dataclass(frozen=True)
+class MeasurementContext:
+    """Everything a latency number depends on besides the network itself."""
+
+    backend: str
+    versions: dict
+    threads: int
+    batch: int
+    input_shape: tuple[int, ...]
+    device: dict
+
+
+# --- statistics ----------------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class Measurement:
-    """Robust statistics of repeated timings, in milliseconds."""
+    """Robust statistics of repeated timings, in milliseconds.
+
+    `ci_low_ms`/`ci_high_ms` bound the median with 95 % confidence (distribution-free, from order statistics).
+    """
 
     median_ms: float
     p10_ms: float
     p90_ms: float
     repeats: int
+    p25_ms: float = math.nan
+    min_ms: float = math.nan
+    ci_low_ms: float = math.nan
+    ci_high_ms: float = math.nan
+    context: Optional[MeasurementContext] = None
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def ci_relative(self) -> float:
+        """Width of the median's confidence interval as a share of the median."""
+        return (self.ci_high_ms - self.ci_low_ms) / self.median_ms if self.median_ms else math.inf
+
+
+def summarize(samples_ms: Sequence[float], context: Optional[MeasurementContext] = None) -> Measurement:
+    """Median, p10/p25/p90, minimum and a 95 % confidence interval of the median."""
+    if not samples_ms:
+        raise ValueError("no samples to summarize")
+    values = np.sort(np.asarray(samples_ms, dtype=float))
+    n = len(values)
+    p10, p25, median, p90 = np.percentile(values, [10, 25, 50, 90])
+    half = 1.96 * math.sqrt(n) / 2  # 1-based ranks of the median's 95 % CI (n = 100: 40th and 61st)
+    low = values[min(n - 1, max(0, math.floor(n / 2 - half) - 1))]
+    high = values[min(n - 1, max(0, math.ceil(1 + n / 2 + half) - 1))]
+    return Measurement(float(median), float(p10), float(p90), n, float(p25), float(values[0]), float(low),
+                       float(high), context)
+
+
+# --- protocols -----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class TimingPolicy:
-    """How long to warm up and how many repeats to take; repeats stop at `max_seconds` or `max_repeats`."""
+    """One runner timed alone: warm up, then repeat until the median's 95 % CI is within `target_ci` of it
+    (after `min_repeats`), or `max_seconds` / `max_repeats` is reached."""
 
     warmup_seconds: float = 0.05
     min_repeats: int = 15
     max_repeats: int = 500
     max_seconds: float = 0.3
+    target_ci: float = 0.0  # 0: no early stop, use the time limit
 
 
-def measure(run: Runner, policy: TimingPolicy = TimingPolicy()) -> Measurement:
-    """Warm up, then repeat until enough samples or time; a stable median needs both."""
+def measure(run: Runner, policy: TimingPolicy = TimingPolicy(),
+            context: Optional[MeasurementContext] = None) -> Measurement:
+    """Warm up, then repeat adaptively; a stable median needs both enough samples and enough time."""
     start = time.perf_counter()
     run()
     while time.perf_counter() - start < policy.warmup_seconds:
         run()
     samples: list[float] = []
     start = time.perf_counter()
-    while len(samples) < policy.min_repeats or (
-        len(samples) < policy.max_repeats and time.perf_counter() - start < policy.max_seconds
-    ):
+    while True:
         t0 = time.perf_counter()
         run()
         samples.append((time.perf_counter() - t0) * 1000.0)
-    p10, p90 = np.percentile(samples, [10, 90])
-    return Measurement(statistics.median(samples), float(p10), float(p90), len(samples))
+        n = len(samples)
+        if n < policy.min_repeats:
+            continue
+        if n >= policy.max_repeats or time.perf_counter() - start >= policy.max_seconds:
+            break
+        if policy.target_ci > 0 and n % 10 == 0 and summarize(samples).ci_relative <= policy.target_ci:
+            break
+    return summarize(samples, context)
 
+
+@dataclass(frozen=True)
+class InterleavedPolicy:
+    """Shuffled round-robin passes: in each pass every runner runs `runs_per_pass` times, in a new random order.
+
+    `max_seconds` (if > 0) stops after the pass that crosses it, but never before `min_passes`.
+    """
+
+    passes: int = 30
+    runs_per_pass: int = 5
+    warmup_runs: int = 3
+    min_passes: int = 10
+    max_seconds: float = 0.0
+    seed: int = 0
+
+
+def measure_interleaved(runners: Sequence[Runner], policy: InterleavedPolicy = InterleavedPolicy(),
+                        contexts: Optional[Sequence[Optional[MeasurementContext]]] = None,
+                        on_pass: Optional[Callable[[int, int], None]] = None) -> list[Measurement]:
+    """Time several runners fairly: a noisy burst hits them all alike instead of one of them."""
+    rng = random.Random(policy.seed)
+    for run in runners:
+        for _ in range(policy.warmup_runs):
+            run()
+    samples: list[list[float]] = [[] for _ in runners]
+    order = list(range(len(runners)))
+    start = time.perf_counter()
+    for done in range(1, policy.passes + 1):
+        rng.shuffle(order)
+        for i in order:
+            run, bucket = runners[i], samples[i]
+            for _ in range(policy.runs_per_pass):
+                t0 = time.perf_counter()
+                run()
+                bucket.append((time.perf_counter() - t0) * 1000.0)
+        if on_pass:
+            on_pass(done, policy.passes)
+        if policy.max_seconds > 0 and done >= policy.min_passes and time.perf_counter() - start >= policy.max_seconds:
+            break
+    contexts = contexts or [None] * len(runners)
+    return [summarize(s, c) for s, c in zip(samples, contexts)]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two networks timed interleaved; `ratio` = a / b of their 25th percentiles."""
+
+    a: Measurement
+    b: Measurement
+
+    @property
+    def ratio(self) -> float:
+        return self.a.p25_ms / self.b.p25_ms
+
+
+def compare(a: Runner, b: Runner, policy: InterleavedPolicy = InterleavedPolicy()) -> Comparison:
+    """Paired measurement of two runners (alternating runs), the only fair way to say which is faster here."""
+    ma, mb = measure_interleaved([a, b], policy)
+    return Comparison(ma, mb)
+
+
+# --- backends ------------------------------------------------------------------------------------------------
 
 class Backend(Protocol):
     name: str
     threads: int
 
     def runner(self, module: nn.Module, input_shape: tuple[int, ...]) -> Runner: ...
+
+    def versions(self) -> dict[str, str]: ...
+
+    def fingerprint(self) -> dict[str, object]: ...
+
+
+class _BackendBase:
+    name = "base"
+
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = threads
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__}
+
+    def fingerprint(self) -> dict[str, object]:
+        return dict(device_fingerprint())
+
+    def context(self, input_shape: tuple[int, ...]) -> MeasurementContext:
+        return MeasurementContext(self.name, self.versions(), self.threads, int(input_shape[0]), tuple(input_shape),
+                                  self.fingerprint())
+
+    def time(self, module: nn.Module, input_shape: tuple[int, ...],
+             policy: TimingPolicy = TimingPolicy()) -> Measurement:
+        """Measure one module with the adaptive protocol; the result carries its context."""
+        return measure(self.runner(module, input_shape), policy, self.context(input_shape))
+
+    def runner(self, module: nn.Module, input_shape: tuple[int, ...]) -> Runner:  # pragma: no cover
+        raise NotImplementedError
 
 
 @contextmanager
@@ -81,13 +265,10 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-class TorchEagerBackend:
+class TorchEagerBackend(_BackendBase):
     """torch eager on CPU in inference mode, with the thread count pinned while the runner is called."""
 
     name = "torch"
-
-    def __init__(self, threads: int = 1) -> None:
-        self.threads = threads
 
     def runner(self, module: nn.Module, input_shape: tuple[int, ...]) -> Runner:
         module = module.eval()
@@ -100,23 +281,60 @@ class TorchEagerBackend:
         return run
 
 
+class TorchCudaBackend(_BackendBase):
+    """torch eager on the first CUDA device; each run waits for the GPU so the time is the real latency."""
+
+    name = "torch-cuda"
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__, "cuda": str(torch.version.cuda)}
+
+    def fingerprint(self) -> dict[str, object]:
+        return dict(device_fingerprint(cuda=True))
+
+    def runner(self, module: nn.Module, input_shape: tuple[int, ...]) -> Runner:
+        device = torch.device("cuda")
+        module = module.eval().to(device)
+        x = torch.randn(input_shape, device=device)
+
+        def run() -> object:
+            with torch.inference_mode():
+                out = module(x)
+            torch.cuda.synchronize()
+            return out
+
+        return run
+
+
+_EXPORTS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], bytes]]" = weakref.WeakKeyDictionary()
+
+
 def export_onnx(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
-    """Export with the TorchScript-based exporter: under a second for Large, where dynamo takes ~11 s."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (torch.randn(input_shape),), buffer, dynamo=False,
-                          input_names=["input"], output_names=["output"], opset_version=17)
-    return buffer.getvalue()
+    """Export with the TorchScript-based exporter (under a second for Large, where dynamo takes ~11 s).
+
+    Cached per module object and shape: a network is exported once however often it is timed.
+    """
+    cache = _EXPORTS.setdefault(module, {})
+    key = tuple(int(d) for d in input_shape)
+    if key not in cache:
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module.eval(), (torch.randn(key),), buffer, dynamo=False,
+                              input_names=["input"], output_names=["output"], opset_version=17)
+        cache[key] = buffer.getvalue()
+    return cache[key]
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(_BackendBase):
     """ONNX Runtime CPU execution provider; session options set explicitly, sequential execution."""
 
     name = "onnxruntime"
 
-    def __init__(self, threads: int = 1) -> None:
-        self.threads = threads
+    def versions(self) -> dict[str, str]:
+        import onnxruntime as ort
+
+        return {"onnxruntime": ort.__version__, "torch": torch.__version__}
 
     def session(self, model_bytes: bytes):  # -> onnxruntime.InferenceSession
         import onnxruntime as ort
@@ -135,12 +353,21 @@ class OnnxRuntimeBackend:
         return lambda: session.run(None, feed)
 
 
-BACKENDS: dict[str, type] = {"onnxruntime": OnnxRuntimeBackend, "torch": TorchEagerBackend}
+BACKENDS: dict[str, type] = {"onnxruntime": OnnxRuntimeBackend, "torch": TorchEagerBackend,
+                             "torch-cuda": TorchCudaBackend}
+
+
+def available_backends() -> list[str]:
+    """Backends usable here: torch-cuda only when a GPU is present."""
+    return [name for name in BACKENDS if name != "torch-cuda" or torch.cuda.is_available()]
 
 
 def make_backend(name: str, threads: int = 1) -> Backend:
     if name not in BACKENDS:
         raise UserError(f"unknown latency backend {name!r}; use one of {', '.join(BACKENDS)}")
+    if name == "torch-cuda" and not torch.cuda.is_available():
+        raise UserError("backend torch-cuda needs a CUDA GPU and none is visible to torch here; "
+                        "use --backend onnxruntime or torch")
     if threads < 1:
         raise UserError(f"threads must be at least 1, got {threads}")
     return BACKENDS[name](threads)

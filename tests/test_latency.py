@@ -1,0 +1,143 @@
+"""The measurement engine: statistics, protocols, backends and what each measurement records."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mnv3_search import UserError
+from mnv3_search.latency import (InterleavedPolicy, OnnxRuntimeBackend, TimingPolicy, TorchEagerBackend, compare,
+                                 device_fingerprint, export_onnx, make_backend, measure, measure_interleaved,
+                                 summarize)
+from mnv3_search.model import ConvBNAct
+
+
+def test_summarize_exact_statistics():
+    m = summarize([float(v) for v in range(10, 0, -1)])  # 10 .. 1, unsorted on purpose
+    assert m.repeats == 10
+    assert m.median_ms == 5.5
+    assert m.p25_ms == pytest.approx(3.25)
+    assert m.p10_ms == pytest.approx(1.9)
+    assert m.p90_ms == pytest.approx(9.1)
+    assert m.min_ms == 1.0
+    assert m.ci_low_ms <= m.median_ms <= m.ci_high_ms
+    assert (m.ci_low_ms, m.ci_high_ms) == (1.0, 10.0)  # 1-based ranks floor(5 - 3.1), ceil(6 + 3.1)
+    big = summarize([float(v) for v in range(1, 101)])
+    assert (big.ci_low_ms, big.ci_high_ms) == (40.0, 61.0)  # the textbook ranks for n = 100
+
+
+def test_summarize_refuses_no_samples():
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_measure_respects_repeat_bounds():
+    calls = []
+    m = measure(lambda: calls.append(1), TimingPolicy(warmup_seconds=0.0, min_repeats=7, max_repeats=7,
+                                                      max_seconds=10.0))
+    assert m.repeats == 7
+    assert len(calls) == 8  # one warm-up call + 7 timed
+
+
+def test_measure_stops_early_once_confidence_interval_is_tight():
+    m = measure(lambda: None, TimingPolicy(warmup_seconds=0.0, min_repeats=20, max_repeats=100_000,
+                                           max_seconds=30.0, target_ci=10.0))
+    assert m.repeats == 20  # a 1000 % CI target is met at the first check
+
+
+def test_interleaved_runs_each_runner_in_shuffled_passes():
+    log: list[int] = []
+    runners = [lambda i=i: log.append(i) for i in range(4)]
+    policy = InterleavedPolicy(passes=6, runs_per_pass=2, warmup_runs=1, seed=3)
+    result = measure_interleaved(runners, policy)
+    assert [m.repeats for m in result] == [12, 12, 12, 12]
+    timed = log[4:]  # after one warm-up run each
+    assert log[:4] == [0, 1, 2, 3]
+    passes = [timed[i:i + 8] for i in range(0, len(timed), 8)]
+    assert len(passes) == 6
+    orders = []
+    for p in passes:
+        assert p[0::2] == p[1::2]  # runs_per_pass consecutive runs of one runner
+        assert sorted(p[0::2]) == [0, 1, 2, 3]  # every runner once per pass
+        orders.append(tuple(p[0::2]))
+    assert len(set(orders)) > 1  # the order is reshuffled between passes
+
+
+def test_compare_gives_ratio_of_p25():
+    c = compare(lambda: None, lambda: sum(range(20000)), InterleavedPolicy(passes=5, runs_per_pass=3))
+    assert c.ratio == c.a.p25_ms / c.b.p25_ms
+    assert c.a.repeats == c.b.repeats == 15
+
+
+def test_measurement_records_its_context():
+    backend = OnnxRuntimeBackend(threads=1)
+    m = backend.time(ConvBNAct(3, 8, 3, 2, nl="HS"), (2, 3, 16, 16),
+                     TimingPolicy(warmup_seconds=0.0, min_repeats=3, max_repeats=3))
+    ctx = m.context
+    assert ctx is not None
+    assert (ctx.backend, ctx.threads, ctx.batch, ctx.input_shape) == ("onnxruntime", 1, 2, (2, 3, 16, 16))
+    import onnxruntime
+
+    assert ctx.versions["onnxruntime"] == onnxruntime.__version__
+    assert ctx.versions["torch"] == torch.__version__
+    assert ctx.device == device_fingerprint()
+    with open("/proc/cpuinfo") as handle:
+        models = {line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")}
+    if models:
+        assert ctx.device["cpu_model"] in models
+    assert ctx.device["cpu_cores"] >= 1
+    assert m.as_dict()["context"]["backend"] == "onnxruntime"
+
+
+def test_onnx_export_is_cached_per_module_and_shape():
+    module = ConvBNAct(4, 8, 1, nl="RE")
+    first = export_onnx(module, (1, 4, 8, 8))
+    assert export_onnx(module, (1, 4, 8, 8)) is first
+    assert export_onnx(module, (1, 4, 6, 6)) is not first
+
+
+def test_onnxruntime_runner_computes_the_same_as_torch():
+    torch.manual_seed(0)
+    module = ConvBNAct(4, 8, 3, 1, nl="HS").eval()
+    x = np.random.default_rng(0).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    got = OnnxRuntimeBackend().runner(module, (1, 4, 8, 8))()[0]
+    want = module(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_backend_pins_threads_only_while_running():
+    before = torch.get_num_threads()
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x
+
+    TorchEagerBackend(threads=1).runner(Probe(), (1, 1))()
+    assert seen == [1]
+    assert torch.get_num_threads() == before
+
+
+def test_make_backend_errors_are_user_errors():
+    with pytest.raises(UserError, match="unknown latency backend 'tflite'"):
+        make_backend("tflite")
+    with pytest.raises(UserError, match="threads must be at least 1"):
+        make_backend("onnxruntime", 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_backend_refused_without_gpu():
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        make_backend("torch-cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_backend_measures_on_gpu():  # pragma: no cover - only with a GPU
+    backend = make_backend("torch-cuda")
+    m = backend.time(ConvBNAct(3, 8, 3, 2, nl="HS"), (1, 3, 32, 32), TimingPolicy(min_repeats=3, max_repeats=3))
+    assert m.context.device["gpu"]
+    assert math.isfinite(m.median_ms)
