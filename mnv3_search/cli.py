@@ -162,6 +162,10 @@ def profile(spec: str, resolution: Optional[int], width: Optional[float], num_cl
         _render_profile(result, _stdout_console())
 
 
+from .cli_lut import lut  # noqa: E402
+cli.add_command(lut)
+
+
 def main() -> None:
     cli(prog_name="mnv3-search")
 

@@ -1,0 +1,226 @@
+"""`mnv3-search lut`: build, check and show the per-block latency lookup table. Thin over `lut`."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import click
+import pandas as pd
+from rich import box
+from rich.console import Console
+from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+
+from .latency import BACKENDS, InterleavedPolicy, make_backend
+from .lut import (LatencyTable, build_table, check_variants, default_table_path, summarize_errors)
+from .report import write_csv
+from .spaces import resolve_spec_path
+from .spec import ArchSpec
+from .spec_yaml import load_spec
+
+
+def _console() -> Console:
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+@contextmanager
+def _progress(err: Console, title: str) -> Iterator:
+    """A rich bar with ETA; yields the `progress(done, total, what)` callback the library takes."""
+    with Progress(TextColumn(f"{title} [dim]{{task.description}}[/dim]"), BarColumn(), TaskProgressColumn(),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err,
+                  transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def update(done: float, total: float, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        yield update
+
+
+def _spec(argument: str, resolution: Optional[int], width: Optional[float], err: Console) -> ArchSpec:
+    path = resolve_spec_path(argument)
+    spec = load_spec(path).with_overrides(resolution=resolution, width=width, where=f"{path} with the given options")
+    err.print(f"[dim]spec: {path}[/dim]", highlight=False)
+    return spec
+
+
+def _table_options(f):
+    """Options shared by build and check: where the table is and what it measures."""
+    options = [
+        click.option("--table", "table_path", type=click.Path(dir_okay=False),
+                     help="Table file; default: results/lut/<cpu>-<cores>c-<backend>-t<threads>-b<batch>.json."),
+        click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="onnxruntime", show_default=True,
+                     help="Latency backend (torch-cuda only with a GPU)."),
+        click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Backend threads."),
+        click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size."),
+        click.option("--resolution", type=int, help="Input size in pixels; default: the spec's."),
+        click.option("--width", type=float, help="Width multiplier; default: the spec's."),
+        click.option("--passes", type=click.IntRange(min=1), default=30, show_default=True,
+                     help="Interleaved passes over all entries (a new table only)."),
+        click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True,
+                     help="Runs of each entry per pass (a new table only)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _open(table_path: Optional[str], backend: str, threads: int, batch: int, passes: int, runs: int,
+          err: Console) -> LatencyTable:
+    latency_backend = make_backend(backend, threads)
+    path = Path(table_path) if table_path else default_table_path(latency_backend, batch)
+    table = LatencyTable.open(path, latency_backend, batch,
+                              InterleavedPolicy(passes=passes, runs_per_pass=runs, min_passes=min(10, passes)))
+    err.print(f"[dim]table: {path} ({len(table.entries)} entries)[/dim]", highlight=False)
+    return table
+
+
+@click.group()
+def lut() -> None:
+    """Per-block latency lookup table for this device (build, check, show).
+
+    \b
+    Examples:
+      mnv3-search lut build large
+      mnv3-search lut check large --variants 30 --csv check.csv
+      mnv3-search lut show
+    """
+
+
+@lut.command()
+@click.argument("spec", metavar="SPEC")
+@_table_options
+@click.option("--step", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Channel step of the pre-populated widths.")
+def build(spec: str, table_path: Optional[str], backend: str, threads: int, batch: int, resolution: Optional[int],
+          width: Optional[float], passes: int, runs: int, step: int) -> None:
+    """Measure the entries NetAdapt needs for SPEC and calibrate on SPEC itself.
+
+    Every block of SPEC is timed at its seed widths and with each width NetAdapt shrinks (each block's
+    expansion size, each residual-coupled output group, last conv, classifier hidden) in steps of --step
+    down to the minimum. Entries already in the table are kept, not re-measured: an interrupted build
+    resumes. Large at 224 px needs about 1,000 entries (a few minutes on one thread).
+
+    \b
+    Examples:
+      mnv3-search lut build large
+      mnv3-search lut build small --resolution 160 --table small160.json
+      mnv3-search lut build my_net.yaml --threads 2 --step 16
+    """
+    err = Console(stderr=True)
+    arch = _spec(spec, resolution, width, err)
+    table = _open(table_path, backend, threads, batch, passes, runs, err)
+    with _progress(err, "lut build") as progress:
+        report = build_table(table, arch, step, progress)
+    cal = report.calibration
+    _console().print(
+        f"{report.entries_needed} entries for {arch.name} at {arch.resolution} px: {report.entries_measured} "
+        f"measured, {report.entries_needed - report.entries_measured} already in the table "
+        f"({report.seconds:.1f} s). Calibration: blocks sum {cal.raw_ms:.3f} ms, whole network "
+        f"{cal.measured_ms:.3f} ms (p25), factor {cal.factor:.3f}. Table: {table.path}", highlight=False)
+
+
+@lut.command()
+@click.argument("spec", metavar="SPEC")
+@_table_options
+@click.option("--variants", "n", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Random channel variants of SPEC to check.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random variants.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the rows as CSV to FILE.")
+def check(spec: str, table_path: Optional[str], backend: str, threads: int, batch: int, resolution: Optional[int],
+          width: Optional[float], passes: int, runs: int, n: int, seed: int, csv_path: Optional[str]) -> None:
+    """Predicted vs measured latency of SPEC and N random channel variants of it.
+
+    Whole networks are timed interleaved (p25, the table's protocol); missing entries are measured and
+    cached first. The seed row shows how far this machine drifted since the table was calibrated.
+
+    \b
+    Examples:
+      mnv3-search lut check large --variants 30
+      mnv3-search lut check small --variants 10 --seed 1 --csv small_check.csv
+    """
+    err = Console(stderr=True)
+    arch = _spec(spec, resolution, width, err)
+    table = _open(table_path, backend, threads, batch, passes, runs, err)
+    with _progress(err, "lut check") as progress:
+        rows = check_variants(table, arch, n, seed, progress=progress)
+    out = Table(title=f"{arch.name}: calibrated prediction vs measured (p25, ms)", box=box.SIMPLE_HEAD,
+                header_style="bold")
+    for name in ("network", "blocks sum", "predicted", "measured", "error", "raw error"):
+        out.add_column(name, justify="left" if name == "network" else "right")
+    for r in rows:
+        style = "red" if abs(r.error_pct) > 10 else None
+        out.add_row(r.network, f"{r.raw_ms:.3f}", f"{r.predicted_ms:.3f}", f"{r.measured_ms:.3f}",
+                    f"{r.error_pct:+.1f}%", f"{r.raw_error_pct:+.1f}%", style=style)
+    console = _console()
+    console.print(out)
+    s = summarize_errors(rows)
+    console.print(f"{s.count} variants: mean abs error {s.mape_pct:.1f}% (raw sum {s.raw_mape_pct:.1f}%), "
+                  f"worst {s.worst_pct:.1f}%, {s.within_10_pct:.0f}% within ±10%", highlight=False)
+    if csv_path:
+        frame = pd.DataFrame([{"network": r.network, "raw_ms": r.raw_ms, "predicted_ms": r.predicted_ms,
+                               "measured_ms": r.measured_ms, "measured_median_ms": r.measured_median_ms,
+                               "error_pct": r.error_pct, "raw_error_pct": r.raw_error_pct} for r in rows])
+        write_csv(frame, csv_path)
+        err.print(f"[dim]wrote {csv_path}[/dim]", highlight=False)
+
+
+@lut.command()
+@click.argument("table_path", metavar="[TABLE]", required=False, type=click.Path(dir_okay=False))
+@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="onnxruntime", show_default=True,
+              help="Finds the default table when TABLE is not given.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--kind", type=click.Choice(["stem", "bneck", "last_conv", "classifier"]), help="Only this kind.")
+@click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Entries to print (0: none); --csv always gets all.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write all entries as CSV to FILE.")
+def show(table_path: Optional[str], backend: str, threads: int, batch: int, kind: Optional[str], limit: int,
+         csv_path: Optional[str]) -> None:
+    """What a table holds: device, backend, calibrations and entries.
+
+    \b
+    Examples:
+      mnv3-search lut show
+      mnv3-search lut show results/lut/my.json --kind bneck --limit 50
+      mnv3-search lut show my.json --csv entries.csv
+    """
+    path = Path(table_path) if table_path else default_table_path(BACKENDS[backend](threads), batch)
+    table = LatencyTable.load(path)
+    h = table.header
+    console = _console()
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(h.versions.items()))
+    device = ", ".join(f"{k}: {v}" for k, v in h.device.items())
+    console.print(f"[bold]{path}[/bold]\nbackend {h.backend} ({versions}), {h.threads} thread(s), batch {h.batch}\n"
+                  f"device {device}\nprotocol {h.protocol}\n{len(table.entries)} entries", highlight=False)
+    if table.calibrations:
+        cal = Table(title="calibrations (whole network p25 / sum of blocks)", box=box.SIMPLE_HEAD,
+                    header_style="bold")
+        for name in ("seed", "resolution", "params", "blocks sum ms", "measured ms", "factor"):
+            cal.add_column(name, justify="left" if name == "seed" else "right")
+        for c in table.calibrations.values():
+            cal.add_row(c.spec_name, str(c.resolution), f"{c.params:,}", f"{c.raw_ms:.3f}", f"{c.measured_ms:.3f}",
+                        f"{c.factor:.3f}")
+        console.print(cal)
+    entries = [e for e in sorted(table.entries.values(), key=lambda e: e.key) if kind is None or e.key.kind == kind]
+    records = [{**{f: getattr(e.key, f) for f in ("kind", "resolution", "in_channels", "exp", "out", "kernel",
+                                                  "stride", "se", "nl", "expand")},
+                "latency_ms": e.latency_ms, "median_ms": e.median_ms, "p10_ms": e.p10_ms, "p90_ms": e.p90_ms,
+                "runs": e.runs} for e in entries]
+    if limit and records:
+        out = Table(title=f"entries ({min(limit, len(records))} of {len(records)}; latency = p25)",
+                    box=box.SIMPLE_HEAD, header_style="bold")
+        columns = list(records[0])
+        for name in columns:
+            out.add_column(name, justify="left" if name in ("kind", "nl") else "right")
+        for rec in records[:limit]:
+            out.add_row(*[f"{v:.4f}" if isinstance(v, float) else ("yes" if v is True else "-" if v is False
+                                                                    else str(v)) for v in rec.values()])
+        console.print(out)
+    if csv_path:
+        write_csv(pd.DataFrame(records), csv_path)
+        Console(stderr=True).print(f"[dim]wrote {csv_path}[/dim]", highlight=False)

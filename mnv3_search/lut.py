@@ -1,0 +1,554 @@
+"""A per-block latency lookup table for one device, backend, thread count and batch, with calibration.
+
+Entries are keyed by everything that changes a block's cost (`BlockKey`): block kind, input resolution,
+in/exp/out channels, kernel, stride, SE, nonlinearity and whether the expansion conv exists. Each entry is
+a block timed in isolation; entries are timed in shuffled round-robin passes and store the 25th percentile,
+which survives the host's slow bursts (REFERENCE §4).
+
+The sum of entries under-predicts the whole network (weights fall out of cache between blocks, plus
+per-session overhead), so `predict` multiplies the sum by a factor calibrated on a full measurement of the
+seed network (same protocol, p25) and reports both raw and calibrated figures.
+
+The table is one JSON file written atomically. A file that cannot be read, or was made on another device,
+backend, thread count or batch, is refused with one line and never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+from torch import nn
+
+from .errors import UserError
+from .fileio import PathLike, atomic_write_text
+from .latency import Backend, InterleavedPolicy, Measurement, measure_interleaved
+from .model import Classifier, ConvBNAct, InvertedResidual, build_model, count_params
+from .spec import ArchSpec, BlockConfig, make_divisible
+from .variants import random_variant, single_axis_variants
+
+SCHEMA = "mnv3-search/latency-table"
+SCHEMA_VERSION = 1
+KINDS = ("stem", "bneck", "last_conv", "classifier")
+# Entries are timed in chunks: every session of a chunk is open at once and interleaved.
+CHUNK_ENTRIES = 160
+
+Progress = Callable[[float, float, str], None]  # (done, total, what)
+
+
+# --- keys ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, order=True)
+class BlockKey:
+    """Everything that changes one block's cost. Unused fields are 0 / False / "" for that kind.
+
+    stem: in=3, out, kernel, stride, nl. bneck: all fields. last_conv: in, out, nl (1x1).
+    classifier (pool + Linear in->exp, nl, Linear exp->out): in = last conv width, exp = hidden, out = classes.
+    `resolution` is the block's input height = width.
+    """
+
+    kind: str
+    resolution: int
+    in_channels: int
+    exp: int
+    out: int
+    kernel: int
+    stride: int
+    se: bool
+    nl: str
+    expand: bool
+
+    @property
+    def id(self) -> str:
+        return (f"{self.kind} r{self.resolution} in{self.in_channels} exp{self.exp} out{self.out} "
+                f"k{self.kernel} s{self.stride} se{int(self.se)} {self.nl} x{int(self.expand)}")
+
+    def module(self) -> nn.Module:
+        """A freshly initialised module for this block alone (weights do not change latency)."""
+        if self.kind == "stem":
+            return ConvBNAct(self.in_channels, self.out, self.kernel, self.stride, nl=self.nl)
+        if self.kind == "bneck":
+            return InvertedResidual(BlockConfig(
+                index=0, in_channels=self.in_channels, kernel=self.kernel, exp=self.exp, out=self.out, se=self.se,
+                nl=self.nl, stride=self.stride, expand_conv=self.expand,
+                se_channels=make_divisible(self.exp // 4, 8),
+                residual=self.stride == 1 and self.in_channels == self.out))
+        if self.kind == "last_conv":
+            return ConvBNAct(self.in_channels, self.out, 1, nl=self.nl)
+        if self.kind == "classifier":
+            from .model import activation
+
+            return Classifier(nn.AdaptiveAvgPool2d(1), nn.Sequential(
+                nn.Linear(self.in_channels, self.exp), activation(self.nl)(inplace=True), nn.Dropout(0.2),
+                nn.Linear(self.exp, self.out)))
+        raise ValueError(f"unknown block kind {self.kind!r}")
+
+    def input_shape(self, batch: int) -> tuple[int, int, int, int]:
+        return (batch, self.in_channels, self.resolution, self.resolution)
+
+
+def _conv_out(size: int, stride: int) -> int:
+    """Output size of a k x k conv with padding k // 2 (odd k): ceil(size / stride)."""
+    return (size + stride - 1) // stride
+
+
+def spec_keys(spec: ArchSpec) -> list[tuple[str, BlockKey]]:
+    """(label, key) of every block of `spec`, in order: stem, bneck 1..n, last_conv, classifier.
+
+    Labels match the profile table's block names. Cheap: no module is built.
+    """
+    concrete = spec.scaled()
+    stem = concrete.stem
+    size = concrete.resolution
+    keys = [("stem", BlockKey("stem", size, 3, 0, stem.out, stem.kernel, stem.stride, False, stem.nl, False))]
+    size = _conv_out(size, stem.stride)
+    for c in spec.block_configs():
+        keys.append((f"bneck {c.index}", BlockKey("bneck", size, c.in_channels, c.exp, c.out, c.kernel, c.stride,
+                                                   c.se, c.nl, c.expand_conv)))
+        size = _conv_out(size, c.stride)
+    last_in = concrete.blocks[-1].out
+    keys.append(("last_conv", BlockKey("last_conv", size, last_in, 0, concrete.last_conv, 1, 1, False,
+                                       concrete.last_nl, False)))
+    keys.append(("classifier", BlockKey("classifier", size, concrete.last_conv, concrete.hidden,
+                                        concrete.num_classes, 0, 0, False, concrete.head_nl, False)))
+    return keys
+
+
+def netadapt_keys(spec: ArchSpec, step: int = 8) -> list[BlockKey]:
+    """The entries NetAdapt's first step asks for: the seed's blocks and every single-axis shrink of it
+    (each block's exp, each coupled out group, the last conv and the hidden width) in steps of `step`."""
+    seen: dict[BlockKey, None] = {key: None for _, key in spec_keys(spec)}
+    for child in single_axis_variants(spec, step):
+        for _, key in spec_keys(child):
+            seen.setdefault(key, None)
+    return list(seen)
+
+
+# --- entries and the file ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    """One block's latency (ms) under the table's protocol; `latency_ms` is the 25th percentile."""
+
+    key: BlockKey
+    latency_ms: float
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    min_ms: float
+    runs: int
+
+    def as_json(self) -> dict:
+        return {"key": asdict(self.key), "latency_ms": self.latency_ms, "median_ms": self.median_ms,
+                "p10_ms": self.p10_ms, "p90_ms": self.p90_ms, "min_ms": self.min_ms, "runs": self.runs}
+
+    @staticmethod
+    def from_measurement(key: BlockKey, m: Measurement) -> "Entry":
+        return Entry(key, m.p25_ms, m.median_ms, m.p10_ms, m.p90_ms, m.min_ms, m.repeats)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Whole seed network (p25, interleaved protocol) vs the sum of its entries: factor = measured / raw."""
+
+    spec_name: str
+    raw_ms: float
+    measured_ms: float
+    params: int
+    resolution: int
+
+    @property
+    def factor(self) -> float:
+        return self.measured_ms / self.raw_ms
+
+    def as_json(self) -> dict:
+        return {**asdict(self), "factor": self.factor}
+
+
+@dataclass
+class Header:
+    """What every entry depends on besides the block: refusing a mismatch keeps numbers comparable."""
+
+    backend: str
+    versions: dict
+    threads: int
+    batch: int
+    device: dict
+    protocol: dict
+
+    def mismatch(self, other: "Header") -> Optional[str]:
+        """The first field that differs, phrased for the user; None when compatible."""
+        if self.backend != other.backend:
+            return f"backend {self.backend}, not {other.backend}"
+        if self.threads != other.threads:
+            return f"{self.threads} thread(s), not {other.threads}"
+        if self.batch != other.batch:
+            return f"batch {self.batch}, not {other.batch}"
+        for field_name in sorted(set(self.device) | set(other.device)):
+            if self.device.get(field_name) != other.device.get(field_name):
+                return f"device {field_name} {self.device.get(field_name)!r}, not {other.device.get(field_name)!r}"
+        for package, version in sorted(other.versions.items()):
+            if package != "torch" and self.versions.get(package) != version:
+                return f"{package} {self.versions.get(package)}, not {version}"
+        return None
+
+
+def _bad(path: Path, what: str) -> UserError:
+    return UserError(f"{path}: {what}; it was left untouched: fix or move it, or give another --table path")
+
+
+def _parse_key(raw: object) -> BlockKey:
+    if not isinstance(raw, dict):
+        raise ValueError("key is not an object")
+    names = {f.name: f.type for f in fields(BlockKey)}
+    if set(raw) != set(names):
+        raise ValueError(f"key fields {sorted(raw)} differ from {sorted(names)}")
+    key = BlockKey(**raw)
+    if key.kind not in KINDS:
+        raise ValueError(f"unknown kind {key.kind!r}")
+    for name in ("resolution", "in_channels", "exp", "out", "kernel", "stride"):
+        if not isinstance(getattr(key, name), int) or isinstance(getattr(key, name), bool):
+            raise ValueError(f"{name} is not an integer")
+    if not isinstance(key.se, bool) or not isinstance(key.expand, bool) or not isinstance(key.nl, str):
+        raise ValueError("se/expand must be booleans and nl a string")
+    return key
+
+
+def _number(raw: dict, name: str) -> float:
+    value = raw.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} is {value!r}, not a non-negative number")
+    return float(value)
+
+
+def read_table_file(path: PathLike) -> tuple[Header, dict[str, Entry], dict[str, Calibration]]:
+    """Parse and validate a table file; any problem is one UserError line naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such latency table; build one with `mnv3-search lut build SPEC --table "
+                        f"{path}`") from None
+    except UnicodeDecodeError:
+        raise _bad(path, "is not valid JSON (not even UTF-8 text), not a latency table") from None
+    except OSError as exc:
+        raise _bad(path, f"cannot be read ({exc.strerror or exc.__class__.__name__})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        ended = text.rstrip().endswith("}")
+        what = "is truncated (it stops mid-way)" if text.lstrip().startswith("{") and not ended else \
+            f"is not valid JSON (line {exc.lineno}: {exc.msg})"
+        raise _bad(path, f"{what}, not a latency table") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise _bad(path, f"is not a latency table (no \"schema\": \"{SCHEMA}\")")
+    if data.get("version") != SCHEMA_VERSION:
+        raise _bad(path, f"has table version {data.get('version')!r}; this mnv3-search reads version "
+                         f"{SCHEMA_VERSION}")
+    try:
+        header = Header(str(data["backend"]), dict(data["versions"]), int(data["threads"]), int(data["batch"]),
+                        dict(data["device"]), dict(data["protocol"]))
+        raw_entries = data["entries"]
+        raw_cal = data.get("calibrations", {})
+        if not isinstance(raw_entries, dict) or not isinstance(raw_cal, dict):
+            raise ValueError("entries/calibrations are not objects")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _bad(path, f"has a malformed header ({exc})") from None
+    entries: dict[str, Entry] = {}
+    for entry_id, raw in raw_entries.items():
+        try:
+            if not isinstance(raw, dict):
+                raise ValueError("not an object")
+            key = _parse_key(raw.get("key"))
+            if key.id != entry_id:
+                raise ValueError(f"its key says {key.id!r}")
+            entries[entry_id] = Entry(key, _number(raw, "latency_ms"), _number(raw, "median_ms"),
+                                      _number(raw, "p10_ms"), _number(raw, "p90_ms"), _number(raw, "min_ms"),
+                                      int(_number(raw, "runs")))
+        except (TypeError, ValueError) as exc:
+            raise _bad(path, f"entry {entry_id!r} is malformed ({exc})") from None
+    calibrations: dict[str, Calibration] = {}
+    for name, raw in raw_cal.items():
+        try:
+            calibrations[name] = Calibration(str(raw["spec_name"]), _number(raw, "raw_ms"),
+                                             _number(raw, "measured_ms"), int(raw["params"]),
+                                             int(raw["resolution"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _bad(path, f"calibration {name!r} is malformed ({exc})") from None
+    return header, entries, calibrations
+
+
+# --- the table -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted whole-network latency: raw sum of entries and the calibrated figure."""
+
+    raw_ms: float
+    factor: float
+    calibrated_ms: float
+    calibration: Optional[str]  # the seed whose factor was used; None = uncalibrated (factor 1)
+    blocks: tuple[tuple[str, float], ...]  # (label, entry latency_ms)
+
+
+@dataclass
+class LatencyTable:
+    """Entries for one device/backend/threads/batch; measures what is missing, saves after every chunk."""
+
+    path: Path
+    header: Header
+    entries: dict[str, Entry] = field(default_factory=dict)
+    calibrations: dict[str, Calibration] = field(default_factory=dict)
+    backend: Optional[Backend] = None
+    policy: InterleavedPolicy = InterleavedPolicy()
+    measured: int = 0  # entries measured by this object (each entry is measured once)
+
+    # -- opening and saving --
+
+    @classmethod
+    def open(cls, path: PathLike, backend: Backend, batch: int = 1,
+             policy: InterleavedPolicy = InterleavedPolicy()) -> "LatencyTable":
+        """Open `path` for `backend` (create it on first save); refuse a table made under other conditions."""
+        path = Path(path)
+        wanted = Header(backend.name, backend.versions(), backend.threads, batch, backend.fingerprint(),
+                        {"statistic": "p25", "passes": policy.passes, "runs_per_pass": policy.runs_per_pass})
+        if not path.exists():
+            return cls(path, wanted, backend=backend, policy=policy)
+        header, entries, calibrations = read_table_file(path)
+        problem = header.mismatch(wanted)
+        if problem:
+            raise UserError(f"{path}: this table was measured with {problem} (here); it cannot predict this "
+                            f"machine's latency: give another --table path to build a new one")
+        # entries of one table share one protocol: the file's wins over the caller's
+        protocol = header.protocol
+        policy = replace(policy, passes=int(protocol.get("passes", policy.passes)),
+                         runs_per_pass=int(protocol.get("runs_per_pass", policy.runs_per_pass)))
+        return cls(path, header, entries, calibrations, backend=backend, policy=policy)
+
+    @classmethod
+    def load(cls, path: PathLike) -> "LatencyTable":
+        """Open for reading only (show): no backend, so nothing can be measured."""
+        header, entries, calibrations = read_table_file(path)
+        return cls(Path(path), header, entries, calibrations)
+
+    def to_json(self) -> dict:
+        h = self.header
+        return {"schema": SCHEMA, "version": SCHEMA_VERSION, "backend": h.backend, "versions": h.versions,
+                "threads": h.threads, "batch": h.batch, "device": h.device, "protocol": h.protocol,
+                "calibrations": {n: c.as_json() for n, c in sorted(self.calibrations.items())},
+                "entries": {i: e.as_json() for i, e in sorted(self.entries.items())}}
+
+    def save(self) -> None:
+        """Write atomically, first merging entries another process saved meanwhile (never lose an entry)."""
+        if self.path.exists():
+            header, entries, calibrations = read_table_file(self.path)
+            if header.mismatch(self.header) is None:
+                for entry_id, entry in entries.items():
+                    self.entries.setdefault(entry_id, entry)
+                for name, cal in calibrations.items():
+                    self.calibrations.setdefault(name, cal)
+        atomic_write_text(self.path, json.dumps(self.to_json(), indent=1) + "\n")
+
+    # -- measuring --
+
+    def missing(self, keys: Iterable[BlockKey]) -> list[BlockKey]:
+        seen: dict[BlockKey, None] = {}
+        for key in keys:
+            if key.id not in self.entries:
+                seen.setdefault(key, None)
+        return list(seen)
+
+    def _require_backend(self) -> Backend:
+        if self.backend is None:
+            raise UserError(f"{self.path}: opened read-only; open it with a backend to measure missing entries")
+        return self.backend
+
+    def ensure(self, keys: Iterable[BlockKey], progress: Optional[Progress] = None) -> int:
+        """Measure the entries of `keys` not yet in the table (interleaved, in chunks); returns how many."""
+        todo = self.missing(keys)
+        if not todo:
+            return 0
+        backend = self._require_backend()
+        total = 2.0 * len(todo)
+        done = 0.0
+        rng = random.Random(self.policy.seed)
+        rng.shuffle(todo)  # neighbours in a chunk should not all be the same block
+        for start in range(0, len(todo), CHUNK_ENTRIES):
+            chunk = todo[start:start + CHUNK_ENTRIES]
+            runners = []
+            for key in chunk:
+                runners.append(backend.runner(key.module(), key.input_shape(self.header.batch)))
+                done += 1
+                if progress:
+                    progress(done, total, f"opening {key.kind}")
+            base = done
+
+            def on_pass(passes_done: int, passes: int, base: float = base, n: int = len(chunk)) -> None:
+                if progress:
+                    progress(base + n * passes_done / passes, total, "timing entries")
+
+            measurements = measure_interleaved(runners, self.policy, on_pass=on_pass)
+            done = base + len(chunk)
+            for key, m in zip(chunk, measurements):
+                self.entries[key.id] = Entry.from_measurement(key, m)
+            self.measured += len(chunk)
+            del runners
+            self.save()
+        return len(todo)
+
+    def measure_networks(self, specs: Sequence[ArchSpec],
+                         on_pass: Optional[Callable[[int, int], None]] = None) -> list[Measurement]:
+        """Whole networks under the table's protocol (interleaved, p25): what predictions are compared with."""
+        backend = self._require_backend()
+        runners = [backend.runner(build_model(s), (self.header.batch, 3, s.resolution, s.resolution)) for s in specs]
+        return measure_interleaved(runners, self.policy, on_pass=on_pass)
+
+    def calibrate(self, spec: ArchSpec, measured_ms: Optional[float] = None, companions: int = 4,
+                  on_pass: Optional[Callable[[int, int], None]] = None) -> Calibration:
+        """Set the factor for `spec.name` from a whole-network p25 (measured now unless given).
+
+        The seed is timed interleaved with `companions` random variants of itself, exactly as `check`
+        times networks: a network run alone keeps its weights in cache and looks faster than it will
+        beside others, which would bias the factor.
+        """
+        self.ensure(key for _, key in spec_keys(spec))
+        raw = self.raw_ms(spec)
+        if measured_ms is None:
+            networks = [spec] + variant_specs(spec, companions, seed=-1)
+            measured_ms = self.measure_networks(networks, on_pass)[0].p25_ms
+        cal = Calibration(spec.name, raw, measured_ms, count_params(build_model(spec)), spec.resolution)
+        self.calibrations[spec.name] = cal
+        self.save()
+        return cal
+
+    # -- predicting --
+
+    def raw_ms(self, spec: ArchSpec) -> float:
+        return sum(self.entries[key.id].latency_ms for _, key in spec_keys(spec))
+
+    def calibration_for(self, spec: ArchSpec) -> Optional[Calibration]:
+        """The seed calibration of the same name, else the one nearest in resolution then parameter count."""
+        if spec.name in self.calibrations:
+            return self.calibrations[spec.name]
+        if not self.calibrations:
+            return None
+        params = count_params(build_model(spec))
+        return min(self.calibrations.values(),
+                   key=lambda c: (abs(c.resolution - spec.resolution), abs(math.log(c.params / params))))
+
+    def predict(self, spec: ArchSpec, measure_missing: bool = True) -> Prediction:
+        """Calibrated latency of `spec`; dictionary look-ups only once its entries exist."""
+        keys = spec_keys(spec)
+        missing = [key for _, key in keys if key.id not in self.entries]
+        if missing:
+            if not measure_missing:
+                raise UserError(f"{self.path}: {len(missing)} block(s) of {spec.name} are not in the table "
+                                f"(e.g. {missing[0].id}); run `mnv3-search lut build` for this spec")
+            self.ensure(missing)
+        blocks = tuple((label, self.entries[key.id].latency_ms) for label, key in keys)
+        raw = sum(ms for _, ms in blocks)
+        cal = self.calibration_for(spec)
+        factor = cal.factor if cal else 1.0
+        return Prediction(raw, factor, raw * factor, cal.spec_name if cal else None, blocks)
+
+
+# --- library entry points for the CLI ------------------------------------------------------------------------
+
+def default_table_path(backend: Backend, batch: int = 1, folder: PathLike = "results/lut") -> Path:
+    """Where a table lives unless the user names one: one file per device, backend, threads and batch."""
+    cpu = str(backend.fingerprint().get("cpu_model", "cpu"))
+    slug = "".join(ch if ch.isalnum() else "-" for ch in cpu.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return Path(folder) / f"{slug}-{backend.fingerprint().get('cpu_cores')}c-{backend.name}-t{backend.threads}-b{batch}.json"
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    entries_needed: int
+    entries_measured: int
+    seconds: float
+    calibration: Calibration
+
+
+def build_table(table: LatencyTable, spec: ArchSpec, step: int = 8,
+                progress: Optional[Progress] = None) -> BuildReport:
+    """Pre-populate what NetAdapt needs for `spec` (steps of `step`), then calibrate on the seed network."""
+    start = time.perf_counter()
+    keys = netadapt_keys(spec, step)
+    measured = table.ensure(keys, progress)
+    calibration = table.calibrate(spec)
+    return BuildReport(len(keys), measured, time.perf_counter() - start, calibration)
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    """One network: predicted (raw sum, calibrated) vs measured p25, and the calibrated error."""
+
+    network: str
+    raw_ms: float
+    predicted_ms: float
+    measured_ms: float
+    measured_median_ms: float
+
+    @property
+    def error_pct(self) -> float:
+        return 100.0 * (self.predicted_ms - self.measured_ms) / self.measured_ms
+
+    @property
+    def raw_error_pct(self) -> float:
+        return 100.0 * (self.raw_ms - self.measured_ms) / self.measured_ms
+
+
+def variant_specs(spec: ArchSpec, n: int, seed: int = 0, step: int = 8) -> list[ArchSpec]:
+    """`n` random channel variants of `spec` (multiples of `step`), named variant-1..n, reproducible by seed."""
+    rng = random.Random(seed)
+    return [replace(random_variant(spec, rng, step), name=spec.name) for _ in range(n)]
+
+
+def check_variants(table: LatencyTable, spec: ArchSpec, n: int, seed: int = 0, step: int = 8,
+                   progress: Optional[Progress] = None) -> list[CheckRow]:
+    """Seed plus `n` random variants: calibrated prediction vs whole networks measured interleaved.
+
+    Missing entries are measured first (and cached); the seed is calibrated first if it never was.
+    The first row is the seed itself: its error shows how far the host drifted since calibration.
+    """
+    variants = variant_specs(spec, n, seed, step)
+    networks = [spec.scaled()] + variants
+    table.ensure((key for s in networks for _, key in spec_keys(s)), progress)
+    if spec.name not in table.calibrations:
+        table.calibrate(spec)
+    predictions = [table.predict(s, measure_missing=False) for s in networks]
+
+    def on_pass(done: int, total: int) -> None:
+        if progress:
+            progress(done, total, "timing networks")
+
+    measurements = table.measure_networks(networks, on_pass)
+    names = ["seed"] + [f"variant {i}" for i in range(1, n + 1)]
+    return [CheckRow(name, p.raw_ms, p.calibrated_ms, m.p25_ms, m.median_ms)
+            for name, p, m in zip(names, predictions, measurements)]
+
+
+@dataclass(frozen=True)
+class ErrorSummary:
+    """How good predictions were over variants (the seed row excluded): the figures to quote."""
+
+    count: int
+    mape_pct: float
+    worst_pct: float
+    within_10_pct: float  # share of variants within +-10 %, in percent
+    raw_mape_pct: float
+
+
+def summarize_errors(rows: Sequence[CheckRow]) -> ErrorSummary:
+    variants = [r for r in rows if r.network != "seed"] or list(rows)
+    errors = [abs(r.error_pct) for r in variants]
+    return ErrorSummary(len(variants), sum(errors) / len(errors), max(errors),
+                        100.0 * sum(e <= 10.0 for e in errors) / len(errors),
+                        sum(abs(r.raw_error_pct) for r in variants) / len(variants))

@@ -1,0 +1,326 @@
+"""The per-block lookup table: keys, refusal of foreign tables, caching, calibration, bad files."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mnv3_search import UserError, build_model
+from mnv3_search.cli import cli
+from mnv3_search.latency import InterleavedPolicy, OnnxRuntimeBackend
+from mnv3_search.lut import (BlockKey, LatencyTable, build_table, check_variants, netadapt_keys, read_table_file,
+                             spec_keys, summarize_errors)
+from mnv3_search.model import count_params
+from mnv3_search.variants import Axis, axes, random_variant, with_widths
+
+FAST = InterleavedPolicy(passes=2, runs_per_pass=1, warmup_runs=1, min_passes=1)
+
+
+class CountingBackend(OnnxRuntimeBackend):
+    """The real ONNX Runtime backend, counting how many blocks/networks it opens for timing."""
+
+    def __init__(self) -> None:
+        super().__init__(threads=1)
+        self.opened: list[tuple[int, ...]] = []
+
+    def runner(self, module, input_shape):
+        self.opened.append(tuple(input_shape))
+        return super().runner(module, input_shape)
+
+
+@pytest.fixture(scope="module")
+def tiny(small):
+    """Small at 32 px: 15 blocks, each a fraction of a millisecond."""
+    return replace(small, resolution=32)
+
+
+@pytest.fixture(scope="module")
+def built(tiny, tmp_path_factory) -> Path:
+    """A calibrated table for `tiny`, built once; tests copy it."""
+    path = tmp_path_factory.mktemp("lut") / "table.json"
+    table = LatencyTable.open(path, OnnxRuntimeBackend(), 1, FAST)
+    table.calibrate(tiny, companions=1)
+    return path
+
+
+@pytest.fixture
+def table_file(built, tmp_path) -> Path:
+    path = tmp_path / "table.json"
+    shutil.copy(built, path)
+    return path
+
+
+# --- keys --------------------------------------------------------------------------------------------------
+
+BASE = BlockKey("bneck", 28, 24, 72, 40, 5, 2, True, "RE", True)
+OTHER = {"kind": "stem", "resolution": 14, "in_channels": 32, "exp": 80, "out": 48, "kernel": 3, "stride": 1,
+         "se": False, "nl": "HS", "expand": False}
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(BlockKey)])
+def test_key_id_changes_with_every_field(name):
+    changed = replace(BASE, **{name: OTHER[name]})
+    assert changed != BASE
+    assert changed.id != BASE.id
+
+
+def test_spec_keys_follow_every_cost_field_of_a_block(tiny):
+    base = dict(spec_keys(tiny))["bneck 4"]  # Small row 4: k5, exp 96, out 40, SE, HS, s2
+    assert (base.in_channels, base.exp, base.out, base.kernel, base.stride, base.se, base.nl, base.expand) == \
+        (24, 96, 40, 5, 2, True, "HS", True)
+    assert base.resolution == 4  # 32 / 2 (stem) / 2 / 2
+
+    def key_of(**change):
+        blocks = list(tiny.blocks)
+        blocks[3] = replace(blocks[3], **change)
+        return dict(spec_keys(replace(tiny, blocks=tuple(blocks))))["bneck 4"]
+
+    assert key_of(kernel=3).kernel == 3
+    assert key_of(exp=88).exp == 88
+    assert key_of(se=False).se is False
+    assert key_of(nl="RE").nl == "RE"
+    assert key_of(exp=24, expand=True).expand is True
+    assert key_of(exp=24).expand is False  # exp == in: no expansion conv
+    assert key_of(stride=1).stride == 1
+    assert dict(spec_keys(replace(tiny, resolution=64)))["bneck 4"].resolution == 8
+    keys = dict(spec_keys(tiny))
+    assert keys["bneck 5"].in_channels == 40 and keys["bneck 5"].resolution == 2
+    assert (keys["stem"].kind, keys["stem"].out, keys["stem"].resolution) == ("stem", 16, 32)
+    assert (keys["last_conv"].in_channels, keys["last_conv"].out) == (96, 576)
+    assert (keys["classifier"].in_channels, keys["classifier"].exp, keys["classifier"].out) == (576, 1024, 1000)
+
+
+def test_key_modules_are_the_networks_blocks(tiny, large):
+    """A key builds the same block the network has: same parameters, so the same cost."""
+    for spec in (tiny, replace(large, resolution=32)):
+        model = build_model(spec)
+        modules = [model.features[i] for i in range(len(model.features))] + [model.head()]
+        keys = [key for _, key in spec_keys(spec)]
+        assert len(keys) == len(modules)
+        for key, module in zip(keys, modules):
+            assert count_params(key.module()) == count_params(module), key.id
+
+
+def test_netadapt_keys_cover_every_step_of_every_axis(tiny):
+    keys = set(netadapt_keys(tiny))
+    seed = dict(spec_keys(tiny))
+    exps = {k.exp for k in keys if k.kind == "bneck" and (k.in_channels, k.out, k.resolution) == (40, 48, 2)
+            and k.kernel == 5}
+    assert exps == set(range(120, 0, -8))  # bneck 7: exp 120 shrunk in steps of 8 down to 8
+    hidden = {k.exp for k in keys if k.kind == "classifier" and k.in_channels == 576}
+    assert hidden == set(range(1024, 0, -8))
+    last = {k.out for k in keys if k.kind == "last_conv"}
+    assert last == set(range(576, 0, -8))
+    assert set(seed.values()) <= keys
+
+
+def test_variants_keep_residual_groups_and_expand_convs(large):
+    rng = random.Random(0)
+    for _ in range(20):
+        child = random_variant(large, rng)
+        configs = list(child.block_configs())
+        for seed_c, c in zip(large.block_configs(), configs):
+            assert c.residual == seed_c.residual  # coupled groups shrink together
+            assert c.expand_conv == seed_c.expand_conv
+            assert c.exp % 8 == 0 and c.out % 8 == 0
+    out_axes = [a for a in axes(large) if a.kind == "out"]
+    assert [a.blocks for a in out_axes] == [(0, 1), (2, 3), (4, 5, 6), (7, 8, 9, 10), (11, 12), (13, 14, 15)]
+    child = with_widths(large, {Axis("out", (0, 1), 16): 8})
+    assert (child.stem.out, child.blocks[0].exp, child.blocks[0].out) == (8, 8, 8)
+    assert not list(child.block_configs())[0].expand_conv
+
+
+# --- refusing foreign tables ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field_name, value, words", [
+    (("device", "cpu_model"), "Some Other CPU", "device cpu_model 'Some Other CPU'"),
+    (("device", "cpu_cores"), 64, "device cpu_cores 64"),
+    (("backend",), "torch", "backend torch, not onnxruntime"),
+    (("threads",), 4, "4 thread(s), not 1"),
+    (("versions", "onnxruntime"), "0.0.1", "onnxruntime 0.0.1"),
+])
+def test_table_from_another_device_or_backend_is_refused(table_file, field_name, value, words):
+    data = json.loads(table_file.read_text())
+    target = data
+    for part in field_name[:-1]:
+        target = target[part]
+    target[field_name[-1]] = value
+    table_file.write_text(json.dumps(data))
+    with pytest.raises(UserError) as info:
+        LatencyTable.open(table_file, OnnxRuntimeBackend(), 1, FAST)
+    message = str(info.value)
+    assert words in message and str(table_file) in message and "\n" not in message
+
+
+def test_batch_mismatch_is_refused(table_file):
+    with pytest.raises(UserError, match="batch 1, not 2"):
+        LatencyTable.open(table_file, OnnxRuntimeBackend(), 2, FAST)
+
+
+def test_cli_refuses_foreign_table_in_one_line(table_file, tiny):
+    data = json.loads(table_file.read_text())
+    data["device"]["cpu_model"] = "Some Other CPU"
+    table_file.write_text(json.dumps(data))
+    before = table_file.read_bytes()
+    result = CliRunner().invoke(cli, ["lut", "build", "small", "--resolution", "32", "--table", str(table_file)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith("Error: ")
+    assert "cannot predict this machine's latency" in result.output
+    assert "Traceback" not in result.output
+    assert table_file.read_bytes() == before
+
+
+# --- caching, calibration, prediction ------------------------------------------------------------------------
+
+def test_each_entry_is_measured_once(tiny, tmp_path):
+    backend = CountingBackend()
+    table = LatencyTable.open(tmp_path / "t.json", backend, 1, FAST)
+    keys = [key for _, key in spec_keys(tiny)]
+    unique = len(set(keys))
+    assert table.ensure(keys) == unique
+    assert len(backend.opened) == unique
+    assert table.ensure(keys) == 0
+    table.predict(tiny)
+    assert len(backend.opened) == unique and table.measured == unique
+    child = with_widths(tiny, {axes(tiny)[0]: 64})  # bneck 2 exp 72 -> 64: exactly one new entry
+    table.predict(child)
+    assert len(backend.opened) == unique + 1
+    reopened = LatencyTable.open(tmp_path / "t.json", backend, 1, FAST)  # cached on disk too
+    assert reopened.ensure(keys + [key for _, key in spec_keys(child)]) == 0
+    assert len(backend.opened) == unique + 1
+
+
+def test_calibration_reproduces_the_seed(built, tiny):
+    table = LatencyTable.open(built, OnnxRuntimeBackend(), 1, FAST)
+    cal = table.calibrations[tiny.name]
+    prediction = table.predict(tiny, measure_missing=False)
+    raw = sum(table.entries[key.id].latency_ms for _, key in spec_keys(tiny))
+    assert prediction.raw_ms == pytest.approx(raw, rel=1e-12)
+    assert cal.raw_ms == pytest.approx(raw, rel=1e-12)
+    assert prediction.factor == pytest.approx(cal.measured_ms / raw, rel=1e-12)
+    assert prediction.calibrated_ms == pytest.approx(cal.measured_ms, rel=1e-12)
+    assert prediction.calibration == tiny.name
+    assert [label for label, _ in prediction.blocks][:2] == ["stem", "bneck 1"]
+
+
+def test_calibrate_with_a_given_measurement(table_file, tiny):
+    table = LatencyTable.open(table_file, OnnxRuntimeBackend(), 1, FAST)
+    cal = table.calibrate(tiny, measured_ms=2.0 * table.raw_ms(tiny))
+    assert cal.factor == pytest.approx(2.0)
+    again = LatencyTable.open(table_file, OnnxRuntimeBackend(), 1, FAST)
+    assert again.predict(tiny, measure_missing=False).calibrated_ms == pytest.approx(2.0 * again.raw_ms(tiny))
+
+
+def test_uncalibrated_prediction_reports_factor_one(tiny, tmp_path):
+    table = LatencyTable.open(tmp_path / "t.json", OnnxRuntimeBackend(), 1, FAST)
+    p = table.predict(tiny)
+    assert (p.factor, p.calibration, p.calibrated_ms) == (1.0, None, p.raw_ms)
+
+
+def test_missing_entries_without_measuring_are_a_user_error(tiny, tmp_path):
+    table = LatencyTable.open(tmp_path / "t.json", OnnxRuntimeBackend(), 1, FAST)
+    with pytest.raises(UserError, match="block\\(s\\) of mobilenet_v3_small are not in the table"):
+        table.predict(tiny, measure_missing=False)
+
+
+def test_build_and_check_on_a_tiny_network(tmp_path, tiny):
+    table = LatencyTable.open(tmp_path / "t.json", OnnxRuntimeBackend(), 1, FAST)
+    calls = []
+    report = build_table(table, tiny, step=256, progress=lambda d, t, w: calls.append((d, t)))
+    assert report.entries_measured == report.entries_needed == len(netadapt_keys(tiny, 256))
+    assert calls[-1][0] == pytest.approx(calls[-1][1])  # progress ends at its total
+    rows = check_variants(table, tiny, 3, seed=1)
+    assert [r.network for r in rows] == ["seed", "variant 1", "variant 2", "variant 3"]
+    summary = summarize_errors(rows)
+    assert summary.count == 3
+    assert summary.worst_pct == max(abs(r.error_pct) for r in rows[1:])
+
+
+def test_concurrent_saves_keep_both_processes_entries(tiny, tmp_path):
+    path = tmp_path / "t.json"
+    keys = [key for _, key in spec_keys(tiny)]
+    a = LatencyTable.open(path, OnnxRuntimeBackend(), 1, FAST)
+    b = LatencyTable.open(path, OnnxRuntimeBackend(), 1, FAST)
+    a.ensure(keys[:3])
+    b.ensure(keys[3:6])
+    _, entries, _ = read_table_file(path)
+    assert {k.id for k in keys[:6]} <= set(entries)
+
+
+# --- bad files -----------------------------------------------------------------------------------------------
+
+def _corrupt(path: Path) -> None:
+    path.write_bytes(b"\x00\xffnot json at all\x89PNG")
+
+
+def _truncate(path: Path) -> None:
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+
+
+def _wrong_schema(path: Path) -> None:
+    path.write_text(json.dumps({"entries": {}, "backend": "onnxruntime"}))
+
+
+def _wrong_version(path: Path) -> None:
+    data = json.loads(path.read_text())
+    data["version"] = 99
+    path.write_text(json.dumps(data))
+
+
+def _bad_entry(path: Path) -> None:
+    data = json.loads(path.read_text())
+    first = next(iter(data["entries"]))
+    del data["entries"][first]["latency_ms"]
+    path.write_text(json.dumps(data))
+
+
+def _not_an_object(path: Path) -> None:
+    path.write_text("[1, 2, 3]")
+
+
+BAD_FILES = {"corrupt": (_corrupt, "not valid JSON"), "truncated": (_truncate, "is truncated"),
+             "wrong schema": (_wrong_schema, "is not a latency table"),
+             "wrong version": (_wrong_version, "has table version 99"),
+             "bad entry": (_bad_entry, "latency_ms is None"), "not an object": (_not_an_object, "not a latency table")}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+@pytest.mark.parametrize("command", ["show", "build", "check"])
+def test_bad_table_file_gives_one_line_and_is_left_untouched(table_file, kind, command):
+    spoil, words = BAD_FILES[kind]
+    spoil(table_file)
+    before = table_file.read_bytes()
+    args = {"show": ["lut", "show", str(table_file)],
+            "build": ["lut", "build", "small", "--resolution", "32", "--table", str(table_file)],
+            "check": ["lut", "check", "small", "--resolution", "32", "--variants", "1", "--table", str(table_file)]}
+    result = CliRunner().invoke(cli, args[command])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1
+    assert words in errors[0] and str(table_file) in errors[0]
+    assert "Traceback" not in result.output
+    assert table_file.read_bytes() == before  # never overwritten: the good entries are still there
+
+
+def test_show_prints_header_calibration_and_entries(table_file, tmp_path, tiny):
+    csv = tmp_path / "entries.csv"
+    result = CliRunner().invoke(cli, ["lut", "show", str(table_file), "--limit", "3", "--csv", str(csv)])
+    assert result.exit_code == 0, result.output
+    assert "backend onnxruntime" in result.output and tiny.name in result.output
+    n = len(json.loads(table_file.read_text())["entries"])
+    assert n == len({key for _, key in spec_keys(tiny)}) == 12  # bneck 5 = 6 and 10 = 11: one entry each
+    assert f"entries (3 of {n}" in result.output
+    assert len(csv.read_text().strip().splitlines()) == 1 + n
+
+
+def test_show_missing_table_says_how_to_build_one(tmp_path):
+    result = CliRunner().invoke(cli, ["lut", "show", str(tmp_path / "none.json")])
+    assert result.exit_code == 2
+    assert "no such latency table; build one with `mnv3-search lut build SPEC" in result.output
