@@ -15,8 +15,9 @@ from rich.table import Table
 
 from .errors import UserError
 from .latency import BACKENDS, make_backend
+from .lut import LatencyTable, spec_keys
 from .model import MobileNetV3, build_model
-from .profile import Profile, profile_model
+from .profile import Profile, attach_prediction, profile_model
 from .report import profile_frame, write_csv
 from .spaces import resolve_spec_path
 from .spec import ArchSpec
@@ -81,10 +82,12 @@ def _fmt_macs(value: int) -> str:
 
 def _render_profile(profile: Profile, console: Console) -> None:
     timed = profile.whole is not None
+    predicted = profile.prediction is not None
     table = Table(title=f"{profile.spec_name} at {profile.resolution}x{profile.resolution}, batch {profile.batch}",
                   header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     names = ["block", "in→out", "k", "s", "exp", "SE", "NL", "output", "params", "MAdds"]
     names += ["ms", "share"] if timed else []
+    names += ["lut ms"] if predicted else []
     for name in names:
         table.add_column(name, justify="left" if name == "block" else "right", no_wrap=True)
     for r in profile.rows:
@@ -93,10 +96,14 @@ def _render_profile(profile: Profile, console: Console) -> None:
                  _fmt_int(r.params), _fmt_macs(r.macs)]
         if timed:
             cells += [f"{r.latency_ms:.3f}", f"{100 * (r.latency_share or 0):.1f}%"]
+        if predicted:
+            cells += [f"{r.lut_ms:.3f}"]
         table.add_row(*cells)
     total = ["total", "", "", "", "", "", "", "", _fmt_int(profile.params), _fmt_macs(profile.macs)]
     if timed:
         total += [f"{profile.blocks_latency_ms:.3f}", "100.0%"]
+    if predicted:
+        total += [f"{profile.prediction.raw_ms:.3f}"]  # type: ignore[union-attr]
     table.add_section()
     table.add_row(*total, style="bold")
     console.print(table)
@@ -110,6 +117,12 @@ def _render_profile(profile: Profile, console: Console) -> None:
             f"latency ({profile.backend}, {threads}, batch {profile.batch}): whole network median "
             f"[bold]{w.median_ms:.3f} ms[/bold] (p10–p90 {w.p10_ms:.3f}–{w.p90_ms:.3f}, {w.repeats} runs); "
             f"blocks timed alone sum to {profile.blocks_latency_ms:.3f} ms", highlight=False)
+    if predicted:
+        p = profile.prediction
+        assert p is not None
+        source = f"factor {p.factor:.3f} from seed {p.calibration}" if p.calibration else "uncalibrated (factor 1)"
+        console.print(f"lookup table: blocks (p25) sum to {p.raw_ms:.3f} ms; predicted whole network "
+                      f"[bold]{p.calibrated_ms:.3f} ms[/bold] ({source})", highlight=False)
 
 
 @cli.command()
@@ -126,9 +139,12 @@ def _render_profile(profile: Profile, console: Console) -> None:
 @click.option("--weights", type=click.Path(dir_okay=False), help="Checkpoint to load (torchvision or own).")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the table as CSV to FILE.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
+@click.option("--lut", "lut_path", type=click.Path(dir_okay=False),
+              help="Latency table (see `lut build`): adds each block's predicted latency (missing entries are "
+                   "measured and cached).")
 def profile(spec: str, resolution: Optional[int], width: Optional[float], num_classes: Optional[int], batch: int,
             threads: int, backend: str, no_latency: bool, weights: Optional[str], csv_path: Optional[str],
-            as_json: bool) -> None:
+            as_json: bool, lut_path: Optional[str]) -> None:
     """Params, MAdds (fvcore) and measured latency of every block of SPEC.
 
     SPEC is a YAML file or a shipped search space (large, small, large.yaml).
@@ -139,6 +155,7 @@ def profile(spec: str, resolution: Optional[int], width: Optional[float], num_cl
       mnv3-search profile search_spaces/small.yaml --width 0.75 --no-latency
       mnv3-search profile large --backend torch --threads 2 --csv large.csv
       mnv3-search profile small --resolution 160 --json > small.json
+      mnv3-search profile large --lut results/lut/my_table.json
     """
     err = Console(stderr=True)
     arch, path = _load(spec, resolution, width, num_classes, err)
@@ -153,8 +170,20 @@ def profile(spec: str, resolution: Optional[int], width: Optional[float], num_cl
             result = profile_model(model, batch=batch, backend=latency_backend,
                                    progress=lambda name: bar.update(task, description=name, advance=1))
     result.meta = {"spec_file": str(path), "width": arch.width, "num_classes": arch.num_classes}
+    if lut_path:
+        table = LatencyTable.open(lut_path, make_backend(backend, threads), batch)
+        with Progress(TextColumn("lookup table {task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
+                      transient=True, disable=as_json) as bar:
+            task = bar.add_task("", total=None)
+            table_progress = lambda done, total, what: bar.update(task, completed=done, total=total,  # noqa: E731
+                                                                  description=what)
+            table.ensure((key for _, key in spec_keys(arch)), table_progress)
+        attach_prediction(result, table, arch)
     if csv_path:
-        write_csv(profile_frame(result), csv_path)
+        frame = profile_frame(result)
+        if result.prediction is not None:
+            frame["lut_ms"] = [r.lut_ms for r in result.rows] + [result.prediction.calibrated_ms]
+        write_csv(frame, csv_path)
         err.print(f"[dim]wrote {csv_path}[/dim]", highlight=False)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .latency import Backend, Measurement, TimingPolicy, measure
+from .lut import LatencyTable, Prediction
 from .model import MobileNetV3
 from .spec import ArchSpec
 
@@ -42,6 +43,7 @@ class BlockRow:
     latency_p10_ms: Optional[float] = None
     latency_p90_ms: Optional[float] = None
     latency_share: Optional[float] = None
+    lut_ms: Optional[float] = None  # the lookup table's entry for this block (p25, timed in isolation)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Profile:
     threads: Optional[int] = None
     whole: Optional[Measurement] = None
     meta: dict = field(default_factory=dict)
+    prediction: Optional[Prediction] = None  # from a latency lookup table, when one was given
 
     @property
     def params(self) -> int:
@@ -83,6 +86,9 @@ class Profile:
             "latency": None if self.whole is None else {
                 "backend": self.backend, "threads": self.threads, **self.whole.as_dict()},
             "rows": [asdict(r) for r in self.rows],
+            **({} if self.prediction is None else {"lut": {
+                "raw_ms": self.prediction.raw_ms, "factor": self.prediction.factor,
+                "predicted_ms": self.prediction.calibrated_ms, "calibration": self.prediction.calibration}}),
             **self.meta,
         }
 
@@ -201,3 +207,13 @@ def profile_model(model: MobileNetV3, *, batch: int = 1, backend: Optional[Backe
         progress("whole network")
     profile.whole = measure(backend.runner(model, (batch, 3, resolution, resolution)), whole_policy)
     return profile
+
+
+def attach_prediction(profile: Profile, table: LatencyTable, spec: ArchSpec) -> Prediction:
+    """Put the table's per-block entries beside the measured ones (missing entries are measured first)."""
+    prediction = table.predict(spec)
+    by_label = dict(prediction.blocks)
+    for row in profile.rows:
+        row.lut_ms = by_label[row.block]
+    profile.prediction = prediction
+    return prediction

@@ -324,3 +324,21 @@ def test_show_missing_table_says_how_to_build_one(tmp_path):
     result = CliRunner().invoke(cli, ["lut", "show", str(tmp_path / "none.json")])
     assert result.exit_code == 2
     assert "no such latency table; build one with `mnv3-search lut build SPEC" in result.output
+
+
+# --- profile --lut -------------------------------------------------------------------------------------------
+
+def test_profile_lut_column_shows_each_blocks_entry(table_file, tmp_path, tiny):
+    csv = tmp_path / "profile.csv"
+    result = CliRunner().invoke(cli, ["profile", "small", "--resolution", "32", "--no-latency", "--lut",
+                                      str(table_file), "--csv", str(csv)])
+    assert result.exit_code == 0, result.output
+    assert "lut ms" in result.output and "predicted whole network" in result.output
+    import pandas as pd
+
+    frame = pd.read_csv(csv)
+    table = LatencyTable.load(table_file)
+    entries = [table.entries[key.id].latency_ms for _, key in spec_keys(tiny)]
+    assert frame["lut_ms"].tolist()[:-1] == pytest.approx(entries, rel=1e-9)
+    cal = table.calibrations[tiny.name]
+    assert frame["lut_ms"].tolist()[-1] == pytest.approx(cal.measured_ms, rel=1e-9)  # total = calibrated
