@@ -4,9 +4,12 @@ from .errors import CheckpointError, SpecError, UserError
 from .model import build_model, count_params
 from .spec import ArchSpec, BlockConfig, BneckSpec, StemSpec, make_divisible
 from .spec_yaml import dump_spec, load_spec, spec_from_dict, spec_to_yaml
+from .proposals import ProposalGroup, proposal_groups
+from .surgery import shrink
 
 __all__ = [
     "ArchSpec", "BlockConfig", "BneckSpec", "StemSpec", "CheckpointError", "SpecError", "UserError",
     "build_model", "count_params", "dump_spec", "load_spec", "make_divisible", "spec_from_dict", "spec_to_yaml",
+    "ProposalGroup", "proposal_groups", "shrink",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,53 @@
+"""State_dict key names of `model.py`'s layout, per layer, so surgery never hard-codes indices.
+
+Knowing where each conv and BN sits (features.N.block.M) is model.py's business; this module mirrors it
+in one place: a block with an expansion conv has sub-layers [expand, depthwise, SE?, project], one
+without has [depthwise, SE?, project].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .spec import ArchSpec, BlockConfig
+
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+@dataclass(frozen=True)
+class BlockKeys:
+    """Key prefixes of one bneck's layers. A ConvBNAct prefix P has its conv at P.0, its BN at P.1."""
+
+    expand: Optional[str]
+    depthwise: str
+    se: Optional[str]
+    project: str
+
+
+def stem_prefix() -> str:
+    return "features.0"
+
+
+def last_conv_prefix(spec: ArchSpec) -> str:
+    return f"features.{len(spec.blocks) + 1}"
+
+
+def block_keys(config: BlockConfig) -> BlockKeys:
+    base = f"features.{config.index}.block"
+    i = 0
+    expand = None
+    if config.expand_conv:
+        expand = f"{base}.{i}"
+        i += 1
+    depthwise = f"{base}.{i}"
+    i += 1
+    se = None
+    if config.se:
+        se = f"{base}.{i}"
+        i += 1
+    return BlockKeys(expand=expand, depthwise=depthwise, se=se, project=f"{base}.{i}")
+
+
+HIDDEN_LINEAR = "classifier.0"
+OUTPUT_LINEAR = "classifier.3"
