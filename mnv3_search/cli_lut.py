@@ -120,8 +120,10 @@ def build(spec: str, table_path: Optional[str], backend: str, threads: int, batc
     _console().print(
         f"{report.entries_needed} entries for {arch.name} at {arch.resolution} px: {report.entries_measured} "
         f"measured, {report.entries_needed - report.entries_measured} already in the table "
-        f"({report.seconds:.1f} s). Calibration: blocks sum {cal.raw_ms:.3f} ms, whole network "
-        f"{cal.measured_ms:.3f} ms (p25), factor {cal.factor:.3f}. Table: {table.path}", highlight=False)
+        f"({report.seconds:.1f} s). Calibration on {cal.networks} networks: whole = {cal.a:.3f} x blocks sum + "
+        f"{cal.b_ms_per_mparam:.3f} ms per M params; seed: blocks sum {cal.raw_ms:.3f} ms, measured "
+        f"{cal.measured_ms:.3f} ms (p25), predicted {cal.apply(cal.raw_ms, cal.params):.3f} ms. Table: {table.path}",
+        highlight=False)
 
 
 @lut.command()
@@ -198,13 +200,14 @@ def show(table_path: Optional[str], backend: str, threads: int, batch: int, kind
     console.print(f"[bold]{path}[/bold]\nbackend {h.backend} ({versions}), {h.threads} thread(s), batch {h.batch}\n"
                   f"device {device}\nprotocol {h.protocol}\n{len(table.entries)} entries", highlight=False)
     if table.calibrations:
-        cal = Table(title="calibrations (whole network p25 / sum of blocks)", box=box.SIMPLE_HEAD,
+        cal = Table(title="calibrations: whole = a x blocks sum + b x params (p25)", box=box.SIMPLE_HEAD,
                     header_style="bold")
-        for name in ("seed", "resolution", "params", "blocks sum ms", "measured ms", "factor"):
+        for name in ("seed", "resolution", "params", "blocks sum ms", "measured ms", "a", "b ms/Mparam",
+                     "networks", "seed factor"):
             cal.add_column(name, justify="left" if name == "seed" else "right")
         for c in table.calibrations.values():
             cal.add_row(c.spec_name, str(c.resolution), f"{c.params:,}", f"{c.raw_ms:.3f}", f"{c.measured_ms:.3f}",
-                        f"{c.factor:.3f}")
+                        f"{c.a:.3f}", f"{c.b_ms_per_mparam:.3f}", str(c.networks), f"{c.factor:.3f}")
         console.print(cal)
     entries = [e for e in sorted(table.entries.values(), key=lambda e: e.key) if kind is None or e.key.kind == kind]
     records = [{**{f: getattr(e.key, f) for f in ("kind", "resolution", "in_channels", "exp", "out", "kernel",

@@ -5,9 +5,12 @@ in/exp/out channels, kernel, stride, SE, nonlinearity and whether the expansion 
 a block timed in isolation; entries are timed in shuffled round-robin passes and store the 25th percentile,
 which survives the host's slow bursts (REFERENCE §4).
 
-The sum of entries under-predicts the whole network (weights fall out of cache between blocks, plus
-per-session overhead), so `predict` multiplies the sum by a factor calibrated on a full measurement of the
-seed network (same protocol, p25) and reports both raw and calibrated figures.
+The sum of entries under-predicts the whole network: a block timed alone keeps its weights in cache, the
+whole network streams all of them from memory every run. So `predict` reports the raw sum and a calibrated
+figure, `a * sum + b * params`, fitted on whole networks measured with the same protocol (p25): the seed and a
+few random variants of it, timed interleaved. With the seed alone, b = 0 and a = measured / sum (the plain
+factor of REFERENCE §4); here that factor missed Small's variants (it grows with the parameter count), the
+two-term fit did not.
 
 The table is one JSON file written atomically. A file that cannot be read, or was made on another device,
 backend, thread count or batch, is refused with one line and never overwritten.
@@ -28,7 +31,7 @@ from torch import nn
 from .errors import UserError
 from .fileio import PathLike, atomic_write_text
 from .latency import Backend, InterleavedPolicy, Measurement, measure_interleaved
-from .model import Classifier, ConvBNAct, InvertedResidual, build_model, count_params
+from .model import Classifier, ConvBNAct, InvertedResidual, build_model
 from .spec import ArchSpec, BlockConfig, make_divisible
 from .variants import random_variant, single_axis_variants
 
@@ -88,6 +91,20 @@ class BlockKey:
                 nn.Linear(self.exp, self.out)))
         raise ValueError(f"unknown block kind {self.kind!r}")
 
+    @property
+    def params(self) -> int:
+        """Parameter count of `module()`, by arithmetic (cheap: `predict` sums it for every spec)."""
+        i, e, o, k = self.in_channels, self.exp, self.out, self.kernel
+        if self.kind == "stem":
+            return i * o * k * k + 2 * o
+        if self.kind == "bneck":
+            sq = make_divisible(e // 4, 8)
+            return ((i * e + 2 * e) if self.expand else 0) + e * k * k + 2 * e \
+                + ((e * sq + sq + sq * e + e) if self.se else 0) + e * o + 2 * o
+        if self.kind == "last_conv":
+            return i * o + 2 * o
+        return i * e + e + e * o + o  # classifier
+
     def input_shape(self, batch: int) -> tuple[int, int, int, int]:
         return (batch, self.in_channels, self.resolution, self.resolution)
 
@@ -117,6 +134,11 @@ def spec_keys(spec: ArchSpec) -> list[tuple[str, BlockKey]]:
     keys.append(("classifier", BlockKey("classifier", size, concrete.last_conv, concrete.hidden,
                                         concrete.num_classes, 0, 0, False, concrete.head_nl, False)))
     return keys
+
+
+def spec_params(spec: ArchSpec) -> int:
+    """Parameters of the whole network, from its keys (no model is built)."""
+    return sum(key.params for _, key in spec_keys(spec))
 
 
 def netadapt_keys(spec: ArchSpec, step: int = 8) -> list[BlockKey]:
@@ -154,20 +176,54 @@ class Entry:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Whole seed network (p25, interleaved protocol) vs the sum of its entries: factor = measured / raw."""
+    """whole_ms = a * sum_of_entries_ms + b_ms_per_mparam * params / 1e6, fitted for one seed.
+
+    raw_ms / measured_ms / params are the seed's; `networks` is how many whole networks the fit used.
+    """
 
     spec_name: str
     raw_ms: float
     measured_ms: float
     params: int
     resolution: int
+    a: float
+    b_ms_per_mparam: float
+    networks: int
+
+    def apply(self, raw_ms: float, params: int) -> float:
+        return self.a * raw_ms + self.b_ms_per_mparam * params / 1e6
 
     @property
     def factor(self) -> float:
-        return self.measured_ms / self.raw_ms
+        """The seed's calibrated / raw: the single factor REFERENCE §4 speaks of."""
+        return self.apply(self.raw_ms, self.params) / self.raw_ms
 
     def as_json(self) -> dict:
         return {**asdict(self), "factor": self.factor}
+
+
+def fit_calibration(points: Sequence[tuple[float, int, float]]) -> tuple[float, float]:
+    """(a, b) of measured ~ a * raw + b * params/1e6, minimising relative squared error.
+
+    The first point is the seed. One point, or a fit that is not physical (a <= 0 or b < 0), gives
+    the seed's plain factor: a = measured / raw, b = 0.
+    """
+    raw0, _, measured0 = points[0]
+    plain = (measured0 / raw0, 0.0)
+    if len(points) < 3:
+        return plain
+    rows = [(r / m, p / 1e6 / m) for r, p, m in points]  # each row divided by its measurement
+    s11 = sum(x * x for x, _ in rows)
+    s12 = sum(x * y for x, y in rows)
+    s22 = sum(y * y for _, y in rows)
+    t1 = sum(x for x, _ in rows)
+    t2 = sum(y for _, y in rows)
+    det = s11 * s22 - s12 * s12
+    if abs(det) < 1e-12 * s11 * s22:
+        return plain
+    a = (t1 * s22 - t2 * s12) / det
+    b = (s11 * t2 - s12 * t1) / det
+    return (a, b) if a > 0 and b >= 0 else plain
 
 
 @dataclass
@@ -193,7 +249,8 @@ class Header:
             if self.device.get(field_name) != other.device.get(field_name):
                 return f"device {field_name} {self.device.get(field_name)!r}, not {other.device.get(field_name)!r}"
         for package, version in sorted(other.versions.items()):
-            if package != "torch" and self.versions.get(package) != version:
+            # ONNX Runtime timings do not depend on torch's version (it only exports); torch's do
+            if (package != "torch" or other.backend != "onnxruntime") and self.versions.get(package) != version:
                 return f"{package} {self.versions.get(package)}, not {version}"
         return None
 
@@ -277,7 +334,8 @@ def read_table_file(path: PathLike) -> tuple[Header, dict[str, Entry], dict[str,
         try:
             calibrations[name] = Calibration(str(raw["spec_name"]), _number(raw, "raw_ms"),
                                              _number(raw, "measured_ms"), int(raw["params"]),
-                                             int(raw["resolution"]))
+                                             int(raw["resolution"]), _number(raw, "a"),
+                                             _number(raw, "b_ms_per_mparam"), int(raw["networks"]))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise _bad(path, f"calibration {name!r} is malformed ({exc})") from None
     return header, entries, calibrations
@@ -290,9 +348,10 @@ class Prediction:
     """Predicted whole-network latency: raw sum of entries and the calibrated figure."""
 
     raw_ms: float
-    factor: float
+    factor: float  # calibrated_ms / raw_ms
     calibrated_ms: float
-    calibration: Optional[str]  # the seed whose factor was used; None = uncalibrated (factor 1)
+    calibration: Optional[str]  # the seed whose calibration was used; None = uncalibrated (factor 1)
+    params: int
     blocks: tuple[tuple[str, float], ...]  # (label, entry latency_ms)
 
 
@@ -347,11 +406,14 @@ class LatencyTable:
         """Write atomically, first merging entries another process saved meanwhile (never lose an entry)."""
         if self.path.exists():
             header, entries, calibrations = read_table_file(self.path)
-            if header.mismatch(self.header) is None:
-                for entry_id, entry in entries.items():
-                    self.entries.setdefault(entry_id, entry)
-                for name, cal in calibrations.items():
-                    self.calibrations.setdefault(name, cal)
+            problem = header.mismatch(self.header)
+            if problem:
+                raise UserError(f"{self.path}: another process wrote a table measured with {problem} there "
+                                f"meanwhile; it was left untouched: give another --table path")
+            for entry_id, entry in entries.items():
+                self.entries.setdefault(entry_id, entry)
+            for name, cal in calibrations.items():
+                self.calibrations.setdefault(name, cal)
         atomic_write_text(self.path, json.dumps(self.to_json(), indent=1) + "\n")
 
     # -- measuring --
@@ -408,20 +470,23 @@ class LatencyTable:
         runners = [backend.runner(build_model(s), (self.header.batch, 3, s.resolution, s.resolution)) for s in specs]
         return measure_interleaved(runners, self.policy, on_pass=on_pass)
 
-    def calibrate(self, spec: ArchSpec, measured_ms: Optional[float] = None, companions: int = 4,
+    def calibrate(self, spec: ArchSpec, measured_ms: Optional[float] = None, companions: int = 8,
                   on_pass: Optional[Callable[[int, int], None]] = None) -> Calibration:
-        """Set the factor for `spec.name` from a whole-network p25 (measured now unless given).
+        """Fit the calibration for `spec.name` on whole networks timed with the table's protocol.
 
-        The seed is timed interleaved with `companions` random variants of itself, exactly as `check`
-        times networks: a network run alone keeps its weights in cache and looks faster than it will
-        beside others, which would bias the factor.
+        The seed is timed interleaved with `companions` random variants of itself (as `check` times
+        networks) and (a, b) are fitted on all of them. With `measured_ms` given, or no companions, the
+        seed alone sets a plain factor. Entries the networks need are measured first.
         """
-        self.ensure(key for _, key in spec_keys(spec))
-        raw = self.raw_ms(spec)
+        networks = [spec] if measured_ms is not None else [spec] + variant_specs(spec, companions, seed=-1)
+        self.ensure(key for s in networks for _, key in spec_keys(s))
         if measured_ms is None:
-            networks = [spec] + variant_specs(spec, companions, seed=-1)
-            measured_ms = self.measure_networks(networks, on_pass)[0].p25_ms
-        cal = Calibration(spec.name, raw, measured_ms, count_params(build_model(spec)), spec.resolution)
+            measured = [m.p25_ms for m in self.measure_networks(networks, on_pass)]
+        else:
+            measured = [measured_ms]
+        points = [(self.raw_ms(s), spec_params(s), m) for s, m in zip(networks, measured)]
+        a, b = fit_calibration(points)
+        cal = Calibration(spec.name, points[0][0], points[0][2], points[0][1], spec.resolution, a, b, len(points))
         self.calibrations[spec.name] = cal
         self.save()
         return cal
@@ -437,7 +502,7 @@ class LatencyTable:
             return self.calibrations[spec.name]
         if not self.calibrations:
             return None
-        params = count_params(build_model(spec))
+        params = spec_params(spec)
         return min(self.calibrations.values(),
                    key=lambda c: (abs(c.resolution - spec.resolution), abs(math.log(c.params / params))))
 
@@ -453,8 +518,10 @@ class LatencyTable:
         blocks = tuple((label, self.entries[key.id].latency_ms) for label, key in keys)
         raw = sum(ms for _, ms in blocks)
         cal = self.calibration_for(spec)
-        factor = cal.factor if cal else 1.0
-        return Prediction(raw, factor, raw * factor, cal.spec_name if cal else None, blocks)
+        params = sum(key.params for _, key in keys)
+        calibrated = cal.apply(raw, params) if cal else raw
+        return Prediction(raw, calibrated / raw, calibrated, cal.spec_name if cal else None, params,
+                          blocks)
 
 
 # --- library entry points for the CLI ------------------------------------------------------------------------

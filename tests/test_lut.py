@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from mnv3_search import UserError, build_model
 from mnv3_search.cli import cli
 from mnv3_search.latency import InterleavedPolicy, OnnxRuntimeBackend
-from mnv3_search.lut import (BlockKey, LatencyTable, build_table, check_variants, netadapt_keys, read_table_file,
-                             spec_keys, summarize_errors)
+from mnv3_search.lut import (BlockKey, LatencyTable, build_table, check_variants, fit_calibration, netadapt_keys,
+                             read_table_file, spec_keys, spec_params, summarize_errors)
 from mnv3_search.model import count_params
 from mnv3_search.variants import Axis, axes, random_variant, with_widths
 
@@ -105,6 +105,10 @@ def test_key_modules_are_the_networks_blocks(tiny, large):
         assert len(keys) == len(modules)
         for key, module in zip(keys, modules):
             assert count_params(key.module()) == count_params(module), key.id
+            assert key.params == count_params(module), key.id
+        assert spec_params(spec) == count_params(model)
+    for key in netadapt_keys(tiny, 64):
+        assert key.params == count_params(key.module()), key.id
 
 
 def test_netadapt_keys_cover_every_step_of_every_axis(tiny):
@@ -207,6 +211,33 @@ def test_calibration_reproduces_the_seed(built, tiny):
     assert prediction.calibrated_ms == pytest.approx(cal.measured_ms, rel=1e-12)
     assert prediction.calibration == tiny.name
     assert [label for label, _ in prediction.blocks][:2] == ["stem", "bneck 1"]
+
+
+def test_fit_recovers_compute_and_memory_terms_and_reproduces_the_seed():
+    a, b = 1.1, 0.2  # whole = 1.1 x blocks + 0.2 ms per M params
+    points = [(raw, params, a * raw + b * params / 1e6) for raw, params in
+              [(5.0, 5_400_000), (3.0, 2_000_000), (4.0, 4_500_000), (2.5, 3_000_000)]]
+    got_a, got_b = fit_calibration(points)
+    assert (got_a, got_b) == (pytest.approx(a, rel=1e-9), pytest.approx(b, rel=1e-9))
+    assert got_a * 5.0 + got_b * 5.4 == pytest.approx(points[0][2], rel=1e-9)
+
+
+def test_fit_falls_back_to_the_seeds_plain_factor():
+    assert fit_calibration([(2.0, 1_000_000, 3.0)]) == (1.5, 0.0)
+    assert fit_calibration([(2.0, 1_000_000, 3.0), (1.0, 500_000, 1.5)]) == (1.5, 0.0)
+    # whole networks faster with more parameters: b < 0 is not physical
+    unphysical = [(2.0, 1_000_000, 2.0), (2.0, 3_000_000, 1.0), (1.0, 2_000_000, 2.0)]
+    assert fit_calibration(unphysical) == (1.0, 0.0)
+
+
+def test_calibration_with_companions_is_applied_to_predictions(table_file, tiny):
+    table = LatencyTable.open(table_file, OnnxRuntimeBackend(), 1, FAST)
+    cal = table.calibrate(tiny, companions=3)
+    assert cal.networks == 4 and cal.params == count_params(build_model(tiny))
+    p = table.predict(tiny, measure_missing=False)
+    assert p.calibrated_ms == pytest.approx(cal.a * p.raw_ms + cal.b_ms_per_mparam * p.params / 1e6, rel=1e-12)
+    assert p.factor == pytest.approx(cal.factor, rel=1e-12)
+    assert LatencyTable.load(table_file).calibrations[tiny.name] == cal  # saved and read back exactly
 
 
 def test_calibrate_with_a_given_measurement(table_file, tiny):
@@ -315,7 +346,9 @@ def test_show_prints_header_calibration_and_entries(table_file, tmp_path, tiny):
     assert result.exit_code == 0, result.output
     assert "backend onnxruntime" in result.output and tiny.name in result.output
     n = len(json.loads(table_file.read_text())["entries"])
-    assert n == len({key for _, key in spec_keys(tiny)}) == 12  # bneck 5 = 6 and 10 = 11: one entry each
+    seed_keys = {key for _, key in spec_keys(tiny)}
+    assert len(seed_keys) == 12  # bneck 5 = 6 and 10 = 11: one entry each
+    assert n > 12  # the seed's plus its calibration companion's
     assert f"entries (3 of {n}" in result.output
     assert len(csv.read_text().strip().splitlines()) == 1 + n
 
@@ -342,3 +375,22 @@ def test_profile_lut_column_shows_each_blocks_entry(table_file, tmp_path, tiny):
     assert frame["lut_ms"].tolist()[:-1] == pytest.approx(entries, rel=1e-9)
     cal = table.calibrations[tiny.name]
     assert frame["lut_ms"].tolist()[-1] == pytest.approx(cal.measured_ms, rel=1e-9)  # total = calibrated
+
+
+def test_save_never_overwrites_a_foreign_table_written_meanwhile(tiny, tmp_path, table_file):
+    path = tmp_path / "t.json"
+    ours = LatencyTable.open(path, OnnxRuntimeBackend(), 1, FAST)
+    data = json.loads(table_file.read_text())
+    data["threads"] = 2
+    path.write_text(json.dumps(data))  # another process, another thread count, same path
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="another process wrote a table measured with 2 thread"):
+        ours.ensure([key for _, key in spec_keys(tiny)][:1])
+    assert path.read_bytes() == before
+
+
+def test_torch_version_matters_only_to_torch_tables(table_file):
+    data = json.loads(table_file.read_text())
+    data["versions"]["torch"] = "1.0"
+    table_file.write_text(json.dumps(data))
+    LatencyTable.open(table_file, OnnxRuntimeBackend(), 1, FAST)  # ONNX Runtime timings: torch only exports
