@@ -193,6 +193,8 @@ def profile(spec: str, resolution: Optional[int], width: Optional[float], num_cl
 
 from .cli_lut import lut  # noqa: E402
 cli.add_command(lut)
+from .cli_train import train  # noqa: E402
+cli.add_command(train)
 
 
 def main() -> None:
