@@ -1,0 +1,144 @@
+"""Latency engine benchmark: repeatability, LUT prediction error, table build cost. Prints and writes CSV.
+
+    .venv/bin/python benchmarks/latency.py [--variants 30] [--processes 5] [--out results/benchmarks]
+
+(c) cost: a fresh table for Large at 224 px with everything NetAdapt's first step needs (steps of 8),
+    calibrated on Large; the seconds it took.
+(b) prediction: N random channel variants each of Large and Small; calibrated LUT prediction vs whole
+    networks measured interleaved (p25): mean abs % error, worst error, share within +-10 %.
+(a) repeatability: Large and Small timed in P separate processes (interleaved, 30 passes x 5 runs) on each
+    CPU backend; spread = max/min - 1 of the per-process median and p25.
+
+Everything runs on 1 thread, batch 1. The host is shared: the load average is recorded with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mnv3_search.fileio import atomic_write_text  # noqa: E402
+from mnv3_search.latency import InterleavedPolicy, make_backend, measure_interleaved  # noqa: E402
+from mnv3_search.lut import LatencyTable, build_table, check_variants, summarize_errors  # noqa: E402
+from mnv3_search.model import build_model  # noqa: E402
+from mnv3_search.report import write_csv  # noqa: E402
+from mnv3_search.spaces import resolve_spec_path  # noqa: E402
+from mnv3_search.spec_yaml import load_spec  # noqa: E402
+
+MODELS = ("large", "small")
+BACKENDS = ("onnxruntime", "torch")
+
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def worker() -> None:
+    """One process of (a): both models on each backend, interleaved; JSON on stdout."""
+    policy = InterleavedPolicy(passes=30, runs_per_pass=5, warmup_runs=5)
+    result = {}
+    for backend_name in BACKENDS:
+        backend = make_backend(backend_name, 1)
+        specs = [load_spec(resolve_spec_path(m)) for m in MODELS]
+        runners = [backend.runner(build_model(s), (1, 3, s.resolution, s.resolution)) for s in specs]
+        for model, m in zip(MODELS, measure_interleaved(runners, policy)):
+            result[f"{backend_name}/{model}"] = {"median_ms": m.median_ms, "p25_ms": m.p25_ms}
+    print(json.dumps(result))
+
+
+def repeatability(processes: int) -> list[dict]:
+    runs = []
+    for i in range(processes):
+        out = subprocess.run([sys.executable, __file__, "--worker"], check=True, capture_output=True, text=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  process {i + 1}/{processes}: " + ", ".join(f"{k} {v['median_ms']:.2f}/{v['p25_ms']:.2f}"
+                                                           for k, v in runs[-1].items()), flush=True)
+    rows = []
+    for key in runs[0]:
+        backend, model = key.split("/")
+        for stat in ("median_ms", "p25_ms"):
+            values = [r[key][stat] for r in runs]
+            rows.append({"section": "a_repeatability", "model": model, "backend": backend, "metric": f"spread_{stat}",
+                         "value": max(values) / min(values) - 1, "detail": " ".join(f"{v:.3f}" for v in values)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variants", type=int, default=30)
+    parser.add_argument("--processes", type=int, default=5)
+    parser.add_argument("--out", default="results/benchmarks")
+    args = parser.parse_args()
+    if args.worker:
+        worker()
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    started = time.perf_counter()
+    print(f"load average at start: {_load()}", flush=True)
+
+    # (c) cost of the table NetAdapt needs for Large, from nothing
+    table_path = out / "latency_table.json"
+    table_path.unlink(missing_ok=True)
+    table = LatencyTable.open(table_path, make_backend("onnxruntime", 1), 1, InterleavedPolicy())
+    large = load_spec(resolve_spec_path("large"))
+    report = build_table(table, large, step=8)
+    cal = report.calibration
+    print(f"(c) Large table: {report.entries_needed} entries in {report.seconds:.1f} s; calibration on "
+          f"{cal.networks} networks: a {cal.a:.3f}, b {cal.b_ms_per_mparam:.3f} ms/Mparam; seed blocks "
+          f"{cal.raw_ms:.3f} ms, whole {cal.measured_ms:.3f} ms, seed factor {cal.factor:.3f}", flush=True)
+    rows += [{"section": "c_cost", "model": "large", "backend": "onnxruntime", "metric": "build_seconds",
+              "value": report.seconds, "detail": f"{report.entries_needed} entries"},
+             {"section": "c_cost", "model": "large", "backend": "onnxruntime", "metric": "calibration_factor",
+              "value": cal.factor, "detail": f"raw {cal.raw_ms:.3f} ms, measured {cal.measured_ms:.3f} ms, "
+                                             f"a {cal.a:.3f}, b {cal.b_ms_per_mparam:.3f} ms/Mparam"}]
+
+    # (b) prediction error on random variants
+    for model in MODELS:
+        spec = load_spec(resolve_spec_path(model))
+        t0 = time.perf_counter()
+        before = len(table.entries)
+        check = check_variants(table, spec, args.variants, seed=0)
+        s = summarize_errors(check)
+        write_csv(pd.DataFrame([{**r.__dict__, "error_pct": r.error_pct, "raw_error_pct": r.raw_error_pct}
+                                for r in check]), out / f"latency_check_{model}.csv")
+        seed_row = check[0]
+        print(f"(b) {model}: {s.count} variants, MAPE {s.mape_pct:.2f}% (raw sum {s.raw_mape_pct:.2f}%), worst "
+              f"{s.worst_pct:.2f}%, within ±10% {s.within_10_pct:.0f}%; seed drift {seed_row.error_pct:+.2f}%; "
+              f"{len(table.entries) - before} new entries, {time.perf_counter() - t0:.0f} s", flush=True)
+        for metric, value in (("mape_pct", s.mape_pct), ("worst_pct", s.worst_pct),
+                              ("within_10_pct", s.within_10_pct), ("raw_mape_pct", s.raw_mape_pct),
+                              ("seed_error_pct", seed_row.error_pct),
+                              ("calibration_factor", table.calibrations[spec.name].factor),
+                              ("calibration_a", table.calibrations[spec.name].a),
+                              ("calibration_b_ms_per_mparam", table.calibrations[spec.name].b_ms_per_mparam)):
+            rows.append({"section": "b_prediction", "model": model, "backend": "onnxruntime", "metric": metric,
+                         "value": value, "detail": f"{s.count} variants"})
+
+    # (a) repeatability across processes
+    print(f"(a) repeatability over {args.processes} processes (median/p25 ms):", flush=True)
+    rows += repeatability(args.processes)
+    for r in rows:
+        if r["section"] == "a_repeatability":
+            print(f"    {r['backend']:12s} {r['model']:6s} {r['metric']:16s} {100 * r['value']:.1f}%  ({r['detail']})")
+    rows.append({"section": "meta", "model": "", "backend": "", "metric": "total_seconds",
+                 "value": time.perf_counter() - started, "detail": f"load average at end {_load()}"})
+    frame = pd.DataFrame(rows)
+    write_csv(frame, out / "latency.csv")
+    atomic_write_text(out / "latency.txt", frame.to_string(index=False) + "\n")
+    print(f"wrote {out / 'latency.csv'} (load average at end: {_load()})")
+
+
+if __name__ == "__main__":
+    main()
