@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--variants", type=int, default=30)
     parser.add_argument("--processes", type=int, default=5)
     parser.add_argument("--out", default="results/benchmarks")
+    parser.add_argument("--sections", default="abc", help="Which parts to run, e.g. 'a' for repeatability only.")
     args = parser.parse_args()
     if args.worker:
         worker()
@@ -88,9 +89,29 @@ def main() -> None:
     started = time.perf_counter()
     print(f"load average at start: {_load()}", flush=True)
 
+    if "c" in args.sections or "b" in args.sections:
+        rows += cost_and_prediction(out, args.variants, "c" in args.sections, "b" in args.sections)
+    if "a" in args.sections:
+        print(f"(a) repeatability over {args.processes} processes (median/p25 ms):", flush=True)
+        rows += repeatability(args.processes)
+    for r in rows:
+        if r["section"] == "a_repeatability":
+            print(f"    {r['backend']:12s} {r['model']:6s} {r['metric']:16s} {100 * r['value']:.1f}%  ({r['detail']})")
+    rows.append({"section": "meta", "model": "", "backend": "", "metric": "total_seconds",
+                 "value": time.perf_counter() - started, "detail": f"load average at end {_load()}"})
+    frame = pd.DataFrame(rows)
+    write_csv(frame, out / "latency.csv")
+    atomic_write_text(out / "latency.txt", frame.to_string(index=False) + "\n")
+    print(f"wrote {out / 'latency.csv'} (load average at end: {_load()})")
+
+
+def cost_and_prediction(out: Path, variants: int, cost: bool, prediction: bool) -> list[dict]:
+    """(c) then (b): a fresh Large table (timed), then the variants of Large and Small checked against it."""
+    rows: list[dict] = []
     # (c) cost of the table NetAdapt needs for Large, from nothing
     table_path = out / "latency_table.json"
-    table_path.unlink(missing_ok=True)
+    if cost:
+        table_path.unlink(missing_ok=True)
     table = LatencyTable.open(table_path, make_backend("onnxruntime", 1), 1, InterleavedPolicy())
     large = load_spec(resolve_spec_path("large"))
     report = build_table(table, large, step=8)
@@ -105,11 +126,11 @@ def main() -> None:
                                              f"a {cal.a:.3f}, b {cal.b_ms_per_mparam:.3f} ms/Mparam"}]
 
     # (b) prediction error on random variants
-    for model in MODELS:
+    for model in MODELS if prediction else ():
         spec = load_spec(resolve_spec_path(model))
         t0 = time.perf_counter()
         before = len(table.entries)
-        check = check_variants(table, spec, args.variants, seed=0)
+        check = check_variants(table, spec, variants, seed=0)
         s = summarize_errors(check)
         write_csv(pd.DataFrame([{**r.__dict__, "error_pct": r.error_pct, "raw_error_pct": r.raw_error_pct}
                                 for r in check]), out / f"latency_check_{model}.csv")
@@ -125,19 +146,7 @@ def main() -> None:
                               ("calibration_b_ms_per_mparam", table.calibrations[spec.name].b_ms_per_mparam)):
             rows.append({"section": "b_prediction", "model": model, "backend": "onnxruntime", "metric": metric,
                          "value": value, "detail": f"{s.count} variants"})
-
-    # (a) repeatability across processes
-    print(f"(a) repeatability over {args.processes} processes (median/p25 ms):", flush=True)
-    rows += repeatability(args.processes)
-    for r in rows:
-        if r["section"] == "a_repeatability":
-            print(f"    {r['backend']:12s} {r['model']:6s} {r['metric']:16s} {100 * r['value']:.1f}%  ({r['detail']})")
-    rows.append({"section": "meta", "model": "", "backend": "", "metric": "total_seconds",
-                 "value": time.perf_counter() - started, "detail": f"load average at end {_load()}"})
-    frame = pd.DataFrame(rows)
-    write_csv(frame, out / "latency.csv")
-    atomic_write_text(out / "latency.txt", frame.to_string(index=False) + "\n")
-    print(f"wrote {out / 'latency.csv'} (load average at end: {_load()})")
+    return rows
 
 
 if __name__ == "__main__":
