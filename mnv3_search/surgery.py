@@ -140,6 +140,14 @@ def _child_spec(spec: ArchSpec, group: ProposalGroup, keep: int) -> ArchSpec:
     return replace(spec, stem=stem, blocks=tuple(blocks), last_conv=last_conv, hidden=hidden)
 
 
+def child_spec(spec: ArchSpec, group: Union[str, ProposalGroup], keep: int, step: int = 8) -> ArchSpec:
+    """The child's spec alone (no weights): what NetAdapt prices with the latency table before any surgery."""
+    spec = spec.scaled()
+    group = find_group(spec, group, step)
+    _check_keep(group, keep)
+    return _child_spec(spec, group, keep)
+
+
 def plan_shrink(spec: ArchSpec, state_dict: Mapping[str, torch.Tensor], group: Union[str, ProposalGroup],
                 keep: int, step: int = 8) -> ShrinkPlan:
     """Decide which channels of `group` survive (L2 norm) and how every tensor is sliced."""

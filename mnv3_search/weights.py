@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import yaml
 from torch import nn
 
 from .errors import CheckpointError
 from .fileio import PathLike, atomic_path
 from .spec import ArchSpec
-from .spec_yaml import spec_to_yaml
+from .spec_yaml import spec_from_dict, spec_to_yaml
 
 CHECKPOINT_FORMAT = "mnv3-search/1"
 
@@ -67,8 +68,22 @@ def load_weights(model: nn.Module, path: PathLike, spec_name: str = "the spec") 
     model.load_state_dict(state_dict, strict=True)
 
 
-def save_checkpoint(model: nn.Module, spec: ArchSpec, path: PathLike) -> None:
-    """Write the state_dict together with the spec's YAML, atomically."""
-    payload = {"format": CHECKPOINT_FORMAT, "spec_yaml": spec_to_yaml(spec), "state_dict": model.state_dict()}
+def save_state(state_dict: Mapping[str, torch.Tensor], spec: ArchSpec, path: PathLike) -> None:
+    """Write a state_dict together with the spec's YAML, atomically."""
+    payload = {"format": CHECKPOINT_FORMAT, "spec_yaml": spec_to_yaml(spec), "state_dict": dict(state_dict)}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def save_checkpoint(model: nn.Module, spec: ArchSpec, path: PathLike) -> None:
+    """Write the model's weights together with the spec's YAML, atomically."""
+    save_state(model.state_dict(), spec, path)
+
+
+def read_checkpoint(path: PathLike) -> tuple[ArchSpec, dict[str, torch.Tensor]]:
+    """An own checkpoint: the spec it embeds and its state_dict (already checked to fit each other)."""
+    data: Any = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, Mapping) or data.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not an mnv3-search checkpoint (no embedded spec)")
+    spec = spec_from_dict(yaml.safe_load(data["spec_yaml"]), f"{path} (embedded spec)")
+    return spec, dict(data["state_dict"])
