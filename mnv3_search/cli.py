@@ -195,6 +195,9 @@ from .cli_lut import lut  # noqa: E402
 cli.add_command(lut)
 from .cli_train import train  # noqa: E402
 cli.add_command(train)
+from .cli_netadapt import netadapt, worker  # noqa: E402
+cli.add_command(netadapt)
+cli.add_command(worker)
 
 
 def main() -> None:

@@ -1,0 +1,265 @@
+"""`mnv3-search netadapt` and `mnv3-search worker`: thin over mnv3_search.netadapt, rendered with rich."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Optional
+
+import click
+import torch
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from .data import SOURCES_HELP
+from .errors import UserError
+from .latency import torch_threads
+from .netadapt.config import PRUNERS, SELECT_RULES, RunConfig
+from .netadapt.evaluate import Evaluator, work
+from .netadapt.loop import NetAdapt, RunResult
+from .netadapt.runfolder import RunFolder
+from .netadapt.study import CONFIG_ATTR, claim_lock_path, GROUPS_ATTR, RUN_DIR_ATTR, STATUS_ATTR, load_study, make_pruner
+
+
+class NetAdaptView:
+    """A live panel: iteration, current vs budget, accuracy, proposals done / pruned / remaining, ETA."""
+
+    def __init__(self, console: Console, budget: str) -> None:
+        self.console = console
+        self.budget = budget
+        self.state: dict[str, Any] = {"phase": "starting"}
+        self.started = time.perf_counter()
+        self.iteration_seconds: list[float] = []
+        self.live = Live(self.render(), console=console, refresh_per_second=4, transient=False)
+
+    def __enter__(self) -> "NetAdaptView":
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.live.update(self.render())
+        self.live.__exit__(*exc)
+
+    def __call__(self, kind: str, **info: Any) -> None:
+        s = self.state
+        if kind == "seed_training":
+            s["phase"] = f"training the seed ({info['epochs']} epochs)"
+        elif kind == "seed_step":
+            s["phase"] = f"training the seed: step {info['step']}, loss {info['loss']:.3f}"
+        elif kind == "calibrating":
+            s["phase"] = "measuring the seed and calibrating the latency table"
+        elif kind == "seed":
+            s.update(current=info["value"], target=info["target"])
+        elif kind == "iteration":
+            s.update(phase="fine-tuning proposals", iteration=info["iteration"], goal=info["goal"],
+                     current=info["current"], total=info["proposals"], done=0, pruned=0)
+        elif kind == "progress":
+            s.update(done=info["done"], pruned=info["pruned"], total=info["total"])
+        elif kind == "chosen":
+            self.iteration_seconds.append(info["wall_seconds"])
+            s.update(chosen=info["proposal"], accuracy=info["holdout_accuracy"],
+                     current=info["predicted_latency_ms"] or s.get("current"), phase="choosing")
+            s["history"] = s.get("history", []) + [info]
+        elif kind == "confirm":
+            s["phase"] = (f"measured {info['measured']:.3f} ms (seed {info['seed_measured']:.3f} ms): "
+                          + ("budget met" if info["ok"] else "over budget, going on"))
+        elif kind == "long_finetune":
+            s["phase"] = f"long fine-tune ({info['epochs']} epochs)"
+        elif kind == "long_step":
+            s["phase"] = f"long fine-tune: step {info['step']}, loss {info['loss']:.3f}"
+        elif kind == "finished":
+            s["phase"] = f"done: test accuracy {100 * info['test_accuracy']:.1f}%"
+        elif kind == "retry":
+            s["phase"] = "a worker went silent: its proposal was enqueued again"
+        self.live.update(self.render())
+
+    def _eta(self) -> str:
+        s = self.state
+        if not self.iteration_seconds or "current" not in s or "target" not in s or "goal" not in s:
+            return "-"
+        cut = max(s.get("current", 0) - s["goal"], 1e-9)
+        left = max(0, math.ceil((s["current"] - s["target"]) / cut))
+        seconds = left * sum(self.iteration_seconds) / len(self.iteration_seconds)
+        return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+    def render(self) -> Group:
+        s = self.state
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold")
+        table.add_column()
+        table.add_row("budget", self.budget)
+        if "current" in s:
+            table.add_row("current", f"{s['current']:,.3f}" + (f" → target {s['target']:,.3f}" if "target" in s else ""))
+        if "iteration" in s:
+            table.add_row("iteration", str(s["iteration"]))
+            left = s["total"] - s["done"]
+            table.add_row("proposals", f"{s['done']} done ({s['pruned']} pruned), {left} remaining of {s['total']}")
+        if "accuracy" in s:
+            table.add_row("holdout accuracy", f"{100 * s['accuracy']:.1f}% after {s.get('chosen')}")
+        table.add_row("elapsed", time.strftime("%H:%M:%S", time.gmtime(time.perf_counter() - self.started)))
+        table.add_row("ETA", self._eta())
+        table.add_row("now", s["phase"])
+        return Group(table)
+
+
+def _summary(result: RunResult) -> dict[str, Any]:
+    return {
+        "run_dir": str(result.run_dir), "nothing_to_do": result.nothing_to_do, "seed_resource": result.seed_value,
+        "target": result.target, "final_resource": result.final_value, "iterations": result.iterations,
+        "measured_latency_ms": result.measured_ms, "seed_measured_latency_ms": result.seed_measured_ms,
+        "test_accuracy": result.test_accuracy,
+    }
+
+
+@click.command()
+@click.argument("spec", default="large", metavar="[SPEC]")
+@click.option("--budget", required=True, help="15ms, 800us, 60% (of the seed's latency), 150M-macs, 3M-params.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default results/<spec>-<budget>-seed<N>).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
+              help="Continue the run in this folder with its own settings.")
+@click.option("--data", default="digits", show_default=True, metavar="SOURCE", help=f"Dataset: {SOURCES_HELP}.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Pretrained seed (else one is trained first).")
+@click.option("--schedule", default="netadapt", show_default=True,
+              help="netadapt (2.5% of the seed, x0.96 per iteration), mobilenetv3 (fixed 1%), or FIRST,DECAY.")
+@click.option("--select", type=click.Choice(SELECT_RULES), default="ratio", show_default=True,
+              help="ratio: max dAcc/|dLatency|; accuracy: max holdout accuracy.")
+@click.option("--pruner", type=click.Choice(PRUNERS), default="halving", show_default=True,
+              help="Optuna pruner that stops hopeless proposals (compared within an iteration).")
+@click.option("--storage", help="Optuna storage URL or journal file (default: study.journal in the run folder); "
+              "e.g. postgresql://user@host/db, sqlite:///study.db.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local processes evaluating proposals (this one included).")
+@click.option("--short-steps", type=click.IntRange(min=1), default=40, show_default=True,
+              help="Fine-tune steps per proposal.")
+@click.option("--reports", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Holdout evaluations per proposal (the pruner's rungs).")
+@click.option("--short-lr", type=float, default=0.005, show_default=True, help="Fine-tune learning rate (constant).")
+@click.option("--seed-epochs", type=click.IntRange(min=1), default=15, show_default=True,
+              help="Epochs to train the seed when no --weights.")
+@click.option("--long-epochs", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Final fine-tune epochs.")
+@click.option("--lr", type=float, default=0.1, show_default=True, help="Seed training learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--train-resolution", type=click.IntRange(4, 1024), default=32, show_default=True)
+@click.option("--resolution", type=int, help="Deployment resolution (latency); default: the spec's.")
+@click.option("--limit", type=click.IntRange(min=1), help="Use at most this many training images.")
+@click.option("--step", type=click.IntRange(min=1), default=8, show_default=True, help="Channel step.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--backend", default="onnxruntime", show_default=True, help="Latency backend of the table.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Threads for latency and training.")
+@click.option("--lut", type=click.Path(dir_okay=False), help="Latency table file (default: lut.json in the run).")
+@click.option("--max-iterations", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--stale-after", type=float, default=300.0, show_default=True,
+              help="Seconds without a heartbeat before a worker's proposal is retried.")
+@click.option("--quiet", is_flag=True, help="No live view; one summary line.")
+@click.option("--json", "as_json", is_flag=True, help="No live view; the summary as JSON on stdout.")
+def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[str], data: str,
+             weights: Optional[str], schedule: str, select: str, pruner: str, storage: Optional[str], workers: int,
+             short_steps: int, reports: int, short_lr: float, seed_epochs: int, long_epochs: int, lr: float,
+             batch_size: int, train_resolution: int, resolution: Optional[int], limit: Optional[int], step: int,
+             seed: int, backend: str, threads: int, lut: Optional[str], max_iterations: int, stale_after: float,
+             quiet: bool, as_json: bool) -> None:
+    """Shrink SPEC (default: the shipped Large) step by step until it meets a budget.
+
+    NetAdapt as MobileNetV3 used it: each iteration proposes one smaller network per channel group
+    (expansions, residual-coupled outputs, last conv, classifier hidden), sized by the latency table;
+    Optuna fine-tunes and scores them on the holdout, pruning hopeless ones; the best dAcc/|dLatency| wins.
+    Run the same command again (or --resume DIR) to continue an interrupted run.
+
+    \b
+    Examples:
+      mnv3-search netadapt --budget 90%
+      mnv3-search netadapt search_spaces/large.yaml --budget 15ms --data fashion-mnist
+      mnv3-search netadapt small --budget 40M-macs --out results/small-40m
+      mnv3-search netadapt small --budget 70% --workers 2 --storage postgresql://user@host/db
+      mnv3-search worker --storage postgresql://user@host/db --study small-70pct-seed0
+    """
+    if resume_dir:
+        folder = RunFolder(resume_dir)
+        saved = folder.read_run_json()
+        if saved is None:
+            raise UserError(f"{resume_dir}: no run.json here; --resume needs a run folder made by netadapt")
+        config = RunConfig.from_json(saved["config"], str(folder.run_json))
+        out, storage = resume_dir, storage or saved.get("storage")
+    else:
+        config = RunConfig(spec_path=spec, budget=budget, schedule=schedule, select=select, data=data,
+                           train_resolution=train_resolution, resolution=resolution, batch_size=batch_size,
+                           step=step, short_steps=short_steps, short_lr=short_lr, reports=reports,
+                           seed_epochs=seed_epochs, long_epochs=long_epochs, lr=lr, seed=seed, pruner=pruner,
+                           backend=backend, threads=threads, max_iterations=max_iterations, limit=limit,
+                           weights=weights, lut=lut)
+    err = Console(stderr=True)
+    live = not (quiet or as_json)
+    view = NetAdaptView(err, config.budget) if live else None
+    runner = NetAdapt(config, out=out, storage=storage, workers=workers, stale_seconds=stale_after, on_event=view)
+    err.print(f"[dim]spec: {runner.spec_file} · run folder: {runner.run.path}[/dim]", highlight=False, soft_wrap=True)
+    with torch_threads(config.threads):
+        if view:
+            with view:
+                result = runner.run_all()
+        else:
+            result = runner.run_all()
+    summary = _summary(result)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    elif result.nothing_to_do:
+        click.echo(f"nothing to do: the seed already meets the budget ({result.seed_value:,.3f} <= "
+                   f"{result.target:,.3f}); no network was changed")
+    else:
+        measured = (f", measured {result.measured_ms:.3f} ms vs seed {result.seed_measured_ms:.3f} ms"
+                    if result.measured_ms else "")
+        click.echo(f"budget met after {result.iterations} iterations: {result.final_value:,.3f} (target "
+                   f"{result.target:,.3f}){measured}; test accuracy {100 * (result.test_accuracy or 0):.1f}%; "
+                   f"results in {result.run_dir}")
+
+
+@click.command()
+@click.option("--storage", required=True, help="The run's Optuna storage URL.")
+@click.option("--study", "study_name", required=True, help="The run's study name (its run folder's name).")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="The run folder as mounted here "
+              "(default: the path the run recorded; it must be shared, e.g. over NFS).")
+@click.option("--parent-pid", type=int, hidden=True, help="Exit when this process is gone (local workers).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--quiet", is_flag=True)
+def worker(storage: str, study_name: str, run_dir: Optional[str], parent_pid: Optional[int], threads: int,
+           quiet: bool) -> None:
+    """Join a NetAdapt run: claim its enqueued proposals, fine-tune and score them, until it finishes.
+
+    \b
+    Examples:
+      mnv3-search worker --storage postgresql://user@host/db --study small-70pct-seed0
+      mnv3-search worker --storage sqlite:////shared/results/run/study.db --study run --run-dir /shared/results/run
+    """
+    torch.set_num_threads(threads)
+    study = load_study(storage, study_name)
+    err = Console(stderr=True, quiet=quiet)
+    deadline = time.monotonic() + 600
+    while GROUPS_ATTR not in study.user_attrs:  # the master writes these once its seed exists
+        if time.monotonic() > deadline:
+            raise UserError(f"study {study_name!r} has not started a NetAdapt run; start `mnv3-search netadapt` first")
+        time.sleep(1)
+    attrs = study.user_attrs
+    config = RunConfig.from_json(attrs[CONFIG_ATTR], f"study {study_name}")
+    folder = RunFolder(run_dir or attrs[RUN_DIR_ATTR])
+    if not folder.seed_checkpoint.exists():
+        raise UserError(f"{folder.path}: no seed.pt here; pass --run-dir with the run folder as mounted on this machine")
+    study.pruner = make_pruner(config.pruner)  # type: ignore[misc]
+    names, max_channels = attrs[GROUPS_ATTR]
+    evaluator = Evaluator(folder, config, list(names), int(max_channels))
+
+    def should_stop() -> bool:
+        if parent_pid is not None:
+            try:
+                os.kill(parent_pid, 0)
+            except OSError:
+                return True
+        return study.user_attrs.get(STATUS_ATTR) == "finished"
+
+    err.print(f"worker joined study {study_name!r}; run folder {folder.path}")
+    done = work(study, evaluator, should_stop, claim_lock_path(storage), on_trial=lambda state: err.print(f"proposal {state.name.lower()}"))
+    err.print(f"worker done: {done} proposals evaluated")
+

@@ -1,0 +1,527 @@
+"""NetAdapt (Yang et al. 2018, as used by MobileNetV3) guided and recorded by Optuna.
+
+While the network's resource exceeds the budget: target = current - schedule's cut; for every proposal
+group, the largest channel count whose child meets the target by the latency table (or by exact MAC/param
+counts); each proposal is a trial, fine-tuned briefly and scored on the holdout (pruned early when
+hopeless); keep the one with the best dAcc / |dLatency| (or best accuracy). A predicted success is
+confirmed by measuring the whole network against the seed; a disagreement corrects the prediction and
+the loop goes on. Then the long fine-tune and the test accuracy.
+
+Every iteration ends with its chosen network saved and a row in iterations.csv, so running the same
+command again resumes after the last finished iteration, reusing the study's finished trials.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from ..budget import LATENCY, MACS, PARAMS, Budget, parse_budget, parse_schedule
+from ..counts import spec_macs, spec_params
+from ..errors import UserError
+from ..fileio import atomic_path
+from ..latency import export_onnx, make_backend, torch_threads
+from ..lut import LatencyTable, spec_keys
+from ..model import build_model
+from ..proposals import ProposalGroup, proposal_groups
+from ..spaces import resolve_spec_path
+from ..spec import ArchSpec
+from ..spec_yaml import dump_spec, load_spec
+from ..surgery import child_spec
+from ..train import evaluate, train_epochs
+from ..weights import check_fits, read_state_dict
+from .config import RunConfig
+from .evaluate import Evaluator, load_run_dataset, work
+from .runfolder import RunFolder
+from .study import (CONFIG_ATTR, claim_lock_path, make_storage, GROUPS_ATTR, ITERATION_ATTR, RUN_DIR_ATTR, claim, create_study, enqueue, iteration_trials,
+                    make_pruner, requeue_stale, set_status)
+
+Event = Callable[..., None]
+
+
+class BudgetUnreachable(UserError):
+    """The budget cannot be met by this search space; the run folder keeps what was reached."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    nothing_to_do: bool
+    seed_value: float
+    target: float
+    final_spec: Optional[ArchSpec] = None
+    final_value: Optional[float] = None
+    measured_ms: Optional[float] = None
+    seed_measured_ms: Optional[float] = None
+    test_accuracy: Optional[float] = None
+    iterations: int = 0
+
+
+def default_run_name(config: RunConfig, spec: ArchSpec) -> str:
+    """The same command gives the same folder, so running it again resumes."""
+    budget = "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in config.budget.replace("%", "pct"))
+    return f"{spec.name}-{budget}-seed{config.seed}"
+
+
+def versions() -> dict[str, str]:
+    import onnxruntime
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "optuna": optuna.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+class NetAdapt:
+    """One run: a run folder, its study, its latency table, its data. `run()` does (or resumes) it all."""
+
+    def __init__(self, config: RunConfig, out: Optional[str] = None, storage: Optional[str] = None,
+                 workers: int = 1, stale_seconds: float = 300.0, on_event: Optional[Event] = None,
+                 command: Optional[list[str]] = None) -> None:
+        self.config = config
+        self.budget: Budget = parse_budget(config.budget)
+        self.schedule = parse_schedule(config.schedule)
+        path = resolve_spec_path(config.spec_path)
+        self.spec_file = path
+        base = load_spec(path)
+        self.dataset = load_run_dataset(config)
+        self.seed_spec = base.with_overrides(resolution=config.resolution,
+                                             num_classes=config.num_classes or self.dataset.num_classes,
+                                             where=f"{path} with the given options").scaled()
+        if config.weights:
+            check_fits(read_state_dict(config.weights), build_model(self.seed_spec), config.weights,
+                       f"{path} (with {self.seed_spec.num_classes} classes)")
+        self.run = RunFolder(out or Path("results") / default_run_name(config, self.seed_spec))
+        self.storage_url = storage
+        self.workers = workers
+        self.stale_seconds = stale_seconds
+        self.emit: Event = on_event or (lambda kind, **info: None)
+        self.command = command or sys.argv
+        self.table: Optional[LatencyTable] = None
+        self._worker_procs: list[Any] = []
+        self._seed_value = 0.0
+
+    # -- set-up -----------------------------------------------------------------------------------------
+
+    def _start_run_folder(self) -> None:
+        self.run.prepare()
+        previous = self.run.read_run_json()
+        if previous is not None:
+            old = RunConfig.from_json(previous.get("config", {}), str(self.run.run_json))
+            diffs = self.config.differences(old)
+            if diffs:
+                raise UserError(f"{self.run.path}: holds a run with other settings ({'; '.join(diffs[:3])}); "
+                                f"use another --out or the same options to resume it")
+            self.storage_url = self.storage_url or previous.get("storage")
+            self.emit("resume", run_dir=str(self.run.path))
+        self.storage_url = self.storage_url or self.run.default_storage_url
+        if previous is None:
+            backend = make_backend(self.config.backend, self.config.threads)
+            self.run.write_run_json({
+                "command": self.command, "config": self.config.as_json(), "spec_file": str(self.spec_file),
+                "storage": self.storage_url, "study": self.study_name, "versions": versions(),
+                "device": backend.fingerprint(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            })
+
+    @property
+    def study_name(self) -> str:
+        return self.run.path.resolve().name
+
+    def _seed_network(self) -> tuple[dict[str, torch.Tensor], float]:
+        """The seed's weights (given, or trained on the data once and saved) and its holdout accuracy."""
+        spec = self.seed_spec
+        if self.run.seed_checkpoint.exists():
+            _, state = RunFolder.load(self.run.seed_checkpoint)
+        else:
+            torch.manual_seed(self.config.seed)
+            model = build_model(spec)
+            if self.config.weights:
+                state = read_state_dict(self.config.weights)
+                check_fits(state, model, self.config.weights, str(self.spec_file))
+                model.load_state_dict(state, strict=True)
+            else:
+                self.emit("seed_training", epochs=self.config.seed_epochs)
+                train_epochs(model, self.dataset, self.config.seed_epochs, batch_size=self.config.batch_size,
+                             lr=self.config.lr, seed=self.config.seed,
+                             progress=lambda step, loss: self.emit("seed_step", step=step, loss=loss))
+            state = model.state_dict()
+            RunFolder.save(spec, state, self.run.seed_checkpoint)
+        model = build_model(spec)
+        model.load_state_dict(state, strict=True)
+        return state, evaluate(model, self.dataset, self.dataset.holdout)
+
+    def _open_table(self) -> LatencyTable:
+        backend = make_backend(self.config.backend, self.config.threads)
+        path = Path(self.config.lut) if self.config.lut else self.run.default_lut
+        table = LatencyTable.open(path, backend)
+        if self.seed_spec.name not in table.calibrations:
+            self.emit("calibrating")
+            table.calibrate(self.seed_spec)
+        return table
+
+    # -- resources --------------------------------------------------------------------------------------
+
+    def resource(self, spec: ArchSpec) -> float:
+        if self.budget.resource == MACS:
+            return float(spec_macs(spec))
+        if self.budget.resource == PARAMS:
+            return float(spec_params(spec))
+        assert self.table is not None
+        return self.table.predict(spec).calibrated_ms
+
+    def _prefetch(self, specs: list[ArchSpec]) -> None:
+        """Measure the missing table entries of many candidates at once (interleaved, in chunks)."""
+        if self.budget.resource == LATENCY and self.table is not None:
+            self.table.ensure(key for spec in specs for _, key in spec_keys(spec))
+
+    def _smallest(self, spec: ArchSpec) -> ArchSpec:
+        """Every group at its smallest allowed width: the floor of this search."""
+        for name in [g.name for g in proposal_groups(spec, self.config.step)]:
+            group = next(g for g in proposal_groups(spec, self.config.step) if g.name == name)
+            options = group.keep_options()
+            if options:
+                spec = child_spec(spec, group, options[-1], self.config.step)
+        return spec
+
+    def proposals(self, spec: ArchSpec, target: float) -> list[tuple[ProposalGroup, int, ArchSpec, float]]:
+        """Per group, the largest width whose child meets `target` (binary search over the group's widths,
+        as latency falls monotonically with width; batched so table entries are measured together)."""
+        groups = [g for g in proposal_groups(spec, self.config.step) if g.keep_options()]
+        options = {g.name: g.keep_options() for g in groups}  # largest first
+        children: dict[tuple[str, int], ArchSpec] = {}
+
+        def child(g: ProposalGroup, i: int) -> ArchSpec:
+            key = (g.name, i)
+            if key not in children:
+                children[key] = child_spec(spec, g, options[g.name][i], self.config.step)
+            return children[key]
+
+        # lo: best index known to meet the target; hi: smallest index known to miss it
+        self._prefetch([child(g, len(options[g.name]) - 1) for g in groups])
+        bounds: dict[str, list[int]] = {}
+        for g in groups:
+            last = len(options[g.name]) - 1
+            if self.resource(child(g, last)) <= target:
+                bounds[g.name] = [last, -1]
+        active = [g for g in groups if g.name in bounds]
+        while True:
+            probes = [(g, (bounds[g.name][0] + bounds[g.name][1]) // 2) for g in active
+                      if bounds[g.name][0] - bounds[g.name][1] > 1]
+            if not probes:
+                break
+            self._prefetch([child(g, i) for g, i in probes])
+            for g, i in probes:
+                if self.resource(child(g, i)) <= target:
+                    bounds[g.name][0] = i
+                else:
+                    bounds[g.name][1] = i
+        found = []
+        for g in active:
+            i = bounds[g.name][0]
+            found.append((g, options[g.name][i], child(g, i), self.resource(child(g, i))))
+        return found
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def _start_workers(self) -> None:
+        """`--workers N`: N - 1 extra local processes join this process in evaluating proposals."""
+        import subprocess
+
+        for _ in range(self.workers - 1):
+            cmd = [sys.executable, "-m", "mnv3_search", "worker", "--storage", self.storage_url, "--study",
+                   self.study_name, "--run-dir", str(self.run.path.resolve()), "--parent-pid", str(os.getpid()),
+                   "--quiet"]
+            self._worker_procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
+
+    def _stop_workers(self) -> None:
+        for proc in self._worker_procs:
+            try:
+                proc.wait(timeout=30)
+            except Exception:
+                proc.kill()
+        self._worker_procs = []
+
+    def run_iterations(self, study: optuna.Study, evaluator: Evaluator, rows: list[dict[str, Any]],
+                       seed_value: float, target: float) -> tuple[ArchSpec, dict[str, torch.Tensor]]:
+        config = self.config
+        effective_target = target
+        spec, state = self.seed_spec, None
+        if len(rows) > 1:
+            spec, state = RunFolder.load(self.run.iteration_checkpoint(int(rows[-1]["iteration"])))
+            effective_target = self._corrected_target(rows, target)
+        else:
+            _, state = RunFolder.load(self.run.seed_checkpoint)
+        while True:
+            current = self.resource(spec)
+            if current <= effective_target:
+                confirmed, row_update = self._confirm(spec, target)
+                rows[-1].update(row_update)
+                self.run.write_iterations(rows)
+                if confirmed:
+                    return spec, state
+                effective_target = self._corrected_target(rows, target)
+                self.emit("disagreement", **row_update, corrected_target=effective_target)
+                continue
+            iteration = int(rows[-1]["iteration"]) + 1
+            if iteration > config.max_iterations:
+                raise BudgetUnreachable(f"stopped after --max-iterations {config.max_iterations}; reached "
+                                        f"{self._describe(current)}, budget {self._describe(target)}; the results so "
+                                        f"far are in {self.run.path}")
+            started = time.perf_counter()
+            cut = self.schedule.reduction(iteration - 1, seed_value)
+            goal = max(current - cut, 0.0)
+            found = self.proposals(spec, goal)
+            if not found:
+                raise BudgetUnreachable(
+                    f"budget {config.budget} cannot be reached: no group can shrink enough for the next step; "
+                    f"the smallest reached is {self._describe(current)} (iteration {iteration - 1}); the results so "
+                    f"far are in {self.run.path}")
+            parent_rel = str(self.run.iteration_checkpoint(iteration - 1).relative_to(self.run.path)) \
+                if iteration > 1 else str(self.run.seed_checkpoint.relative_to(self.run.path))
+            groups_before = {g.name: g.channels for g in proposal_groups(spec, config.step)}
+            for g, keep, child, value in found:
+                enqueue(study, iteration, g.name, keep, {
+                    "parent": parent_rel, "kind": g.kind, "channels_before": g.channels,
+                    "predicted_latency_ms": value if self.budget.resource == LATENCY else None,
+                    "macs": spec_macs(child), "params": spec_params(child), "resource": value,
+                })
+            self.emit("iteration", iteration=iteration, current=current, goal=goal, target=target,
+                      proposals=len(found))
+            self._evaluate_iteration(study, evaluator, iteration, len(found))
+            chosen, score = self._select(study, iteration, float(rows[-1]["holdout_accuracy"]), current)
+            group, keep = chosen.params["group"], int(chosen.params["channels"])
+            child_spec_, child_state = RunFolder.load(self.run.trial_checkpoint(chosen.number))
+            RunFolder.save(child_spec_, child_state, self.run.iteration_checkpoint(iteration))
+            trials = iteration_trials(study, iteration)
+            row = {
+                "iteration": iteration, "proposal": f"{group}={keep}", "group": group,
+                "channels_before": groups_before.get(group), "channels": keep, "target_latency_ms":
+                goal if self.budget.resource == LATENCY else None,
+                "predicted_latency_ms": self.table.predict(child_spec_).calibrated_ms if self.table else None,
+                "measured_latency_ms": None, "seed_measured_latency_ms": None, "macs": spec_macs(child_spec_),
+                "params": spec_params(child_spec_), "holdout_accuracy": chosen.value, "score": score,
+                "proposals": len([t for t in trials if t.state != TrialState.FAIL]),
+                "pruned": len([t for t in trials if t.state == TrialState.PRUNED]),
+                "wall_seconds": time.perf_counter() - started,
+            }
+            rows.append(row)
+            self.run.write_iterations(rows)
+            self._write_proposals(study)
+            self._clean_trial_checkpoints(trials)
+            self.emit("chosen", **row)
+            spec, state = child_spec_, child_state
+
+    def _evaluate_iteration(self, study: optuna.Study, evaluator: Evaluator, iteration: int, total: int) -> None:
+        """This process works too; waits for other workers' trials, retrying the ones whose worker died."""
+        while True:
+            trials = iteration_trials(study, iteration)
+            done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+            open_ = [t for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)]
+            self.emit("progress", iteration=iteration, done=len(done),
+                      pruned=len([t for t in done if t.state == TrialState.PRUNED]), total=total)
+            if not open_:
+                return
+            trial = claim(study, claim_lock_path(self.storage_url))
+            if trial is not None:
+                evaluator.evaluate(study, trial)
+                continue
+            if requeue_stale(study, iteration, self.stale_seconds):
+                self.emit("retry", iteration=iteration)
+            time.sleep(0.2)
+
+    def _select(self, study: optuna.Study, iteration: int, parent_accuracy: float, current: float
+                ) -> tuple[optuna.trial.FrozenTrial, float]:
+        """Best completed proposal: max dAcc / |dResource| (NetAdapt, MobileNetV3) or max accuracy."""
+        complete = [t for t in iteration_trials(study, iteration, states=(TrialState.COMPLETE,))]
+        if not complete:
+            raise UserError(f"iteration {iteration}: every proposal was pruned or failed; see {self.run.proposals_csv}")
+
+        def score(t: optuna.trial.FrozenTrial) -> float:
+            if self.config.select == "accuracy":
+                return float(t.value)
+            saved = max(current - float(t.user_attrs["resource"]), 1e-12)
+            return (float(t.value) - parent_accuracy) / saved
+
+        best = max(complete, key=lambda t: (score(t), -t.number))
+        return best, score(best)
+
+    def _confirm(self, spec: ArchSpec, target: float) -> tuple[bool, dict[str, Any]]:
+        """A prediction that meets the budget is checked by measuring the network paired with the seed."""
+        if self.budget.resource != LATENCY or self.table is None:
+            return True, {}
+        child_m, seed_m = self.table.measure_networks([spec, self.seed_spec])
+        measured, seed_measured = child_m.p25_ms, seed_m.p25_ms
+        if self.budget.relative:
+            ok = measured / seed_measured <= self.budget.value
+        else:
+            ok = measured <= self.budget.value
+        self.emit("confirm", measured=measured, seed_measured=seed_measured, ok=ok)
+        return ok, {"measured_latency_ms": measured, "seed_measured_latency_ms": seed_measured}
+
+    def _corrected_target(self, rows: list[dict[str, Any]], target: float) -> float:
+        """After a measurement disagreed with the table, scale the target by predicted / measured."""
+        for row in reversed(rows):
+            measured, seed_measured = row.get("measured_latency_ms"), row.get("seed_measured_latency_ms")
+            predicted = row.get("predicted_latency_ms")
+            if measured and predicted and seed_measured:
+                equivalent = measured / seed_measured * self._seed_value if self.budget.relative else measured
+                return target * predicted / equivalent
+        return target
+
+    def _describe(self, value: float) -> str:
+        return f"{value:.3f} ms" if self.budget.resource == LATENCY else f"{value:,.0f} {self.budget.resource}"
+
+    def _write_proposals(self, study: optuna.Study) -> None:
+        chosen = {}
+        for row in self.run.read_iterations():
+            chosen[int(row["iteration"])] = row.get("proposal")
+        rows = []
+        for t in study.get_trials(deepcopy=False):
+            if ITERATION_ATTR not in t.user_attrs or t.state == TrialState.WAITING:
+                continue
+            group, channels = t.params.get("group"), t.params.get("channels")
+            rows.append({
+                "trial": t.number, "iteration": t.user_attrs[ITERATION_ATTR], "group": group,
+                "channels_before": t.user_attrs.get("channels_before"), "channels": channels,
+                "state": t.state.name, "predicted_latency_ms": t.user_attrs.get("predicted_latency_ms"),
+                "macs": t.user_attrs.get("macs"), "params": t.user_attrs.get("params"),
+                "holdout_accuracy": t.value if t.state == TrialState.COMPLETE else (
+                    t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None),
+                "reports": len(t.intermediate_values), "steps": t.user_attrs.get("steps"),
+                "seconds": t.user_attrs.get("seconds"),
+                "chosen": chosen.get(t.user_attrs[ITERATION_ATTR]) == f"{group}={channels}" and
+                t.state == TrialState.COMPLETE,
+                "worker": t.user_attrs.get("worker"),
+            })
+        self.run.write_proposals(rows)
+
+    def _clean_trial_checkpoints(self, trials: list[optuna.trial.FrozenTrial]) -> None:
+        for t in trials:
+            self.run.trial_checkpoint(t.number).unlink(missing_ok=True)
+
+    # -- the whole run ----------------------------------------------------------------------------------
+
+    def _check_budget(self) -> tuple[float, float, bool]:
+        """Seed figure, target, and whether there is nothing to do; an unreachable budget is refused
+        before any training (the floor is every group at its smallest width)."""
+        seed_value = self.resource(self.seed_spec)
+        target = self.budget.target(seed_value)
+        self._seed_value = seed_value
+        if seed_value <= target:
+            return seed_value, target, True
+        floor = self.resource(self._smallest(self.seed_spec))
+        if floor > target:
+            raise BudgetUnreachable(f"budget {self.config.budget} cannot be reached: the smallest network this "
+                                    f"search can make (every group at its minimum) is {self._describe(floor)}; the "
+                                    f"seed is {self._describe(seed_value)}")
+        return seed_value, target, False
+
+    def _finished_result(self) -> Optional[RunResult]:
+        finished = (self.run.read_run_json() or {}).get("result")
+        if not finished or not (self.run.path / "final.yaml").exists():
+            return None
+        self.emit("already_finished", run_dir=str(self.run.path))
+        return RunResult(self.run.path, False, finished["seed_resource"], finished["target"],
+                         final_spec=load_spec(self.run.path / "final.yaml"), final_value=finished["final_resource"],
+                         measured_ms=finished["measured_latency_ms"],
+                         seed_measured_ms=finished["seed_measured_latency_ms"],
+                         test_accuracy=finished["test_accuracy"], iterations=finished["iterations"])
+
+    def _open_study(self) -> optuna.Study:
+        study = create_study(self.storage_url, self.study_name)
+        study.pruner = make_pruner(self.config.pruner)  # type: ignore[misc]
+        return study
+
+    def run_all(self) -> RunResult:
+        """Validate everything cheap first (budget, storage), then the run folder, seed, loop and finish."""
+        config = self.config
+        if self.storage_url:
+            make_storage(self.storage_url)  # an unreachable server is refused before anything is written
+        if self.budget.resource != LATENCY:
+            seed_value, target, nothing = self._check_budget()
+            if nothing:
+                return self._nothing_to_do(seed_value, target)
+        self._start_run_folder()
+        done = self._finished_result()
+        if done is not None:
+            return done
+        if self.budget.resource == LATENCY:
+            self.table = self._open_table()
+            seed_value, target, nothing = self._check_budget()
+            if nothing:
+                return self._nothing_to_do(seed_value, target)
+        study = self._open_study()
+        self.emit("seed", value=seed_value, target=target)
+        _, seed_accuracy = self._seed_network()
+        rows = self.run.read_iterations()
+        if not rows:
+            rows = [{"iteration": 0, "proposal": "seed", "predicted_latency_ms":
+                     seed_value if self.budget.resource == LATENCY else None, "macs": spec_macs(self.seed_spec),
+                     "params": spec_params(self.seed_spec), "holdout_accuracy": seed_accuracy, "wall_seconds": 0.0}]
+            self.run.write_iterations(rows)
+        groups = proposal_groups(self.seed_spec, config.step)
+        names, widest = [g.name for g in groups], max(g.channels for g in groups)
+        study.set_user_attr(CONFIG_ATTR, config.as_json())
+        study.set_user_attr(RUN_DIR_ATTR, str(self.run.path.resolve()))
+        study.set_user_attr(GROUPS_ATTR, [names, widest])
+        set_status(study, "running")
+        evaluator = Evaluator(self.run, config, names, widest, self.dataset)
+        self._start_workers()
+        try:
+            spec, state = self.run_iterations(study, evaluator, rows, seed_value, target)
+        finally:
+            set_status(study, "finished")
+            self._stop_workers()
+        result = RunResult(self.run.path, False, seed_value, target, final_spec=spec,
+                           final_value=self.resource(spec), iterations=int(rows[-1]["iteration"]),
+                           measured_ms=rows[-1].get("measured_latency_ms"),
+                           seed_measured_ms=rows[-1].get("seed_measured_latency_ms"))
+        result.test_accuracy = self._finish(spec, state)
+        saved = self.run.read_run_json() or {}
+        saved["result"] = {
+            "iterations": result.iterations, "seed_resource": seed_value, "target": target,
+            "final_resource": result.final_value, "measured_latency_ms": result.measured_ms,
+            "seed_measured_latency_ms": result.seed_measured_ms, "test_accuracy": result.test_accuracy,
+            "final_macs": spec_macs(spec), "final_params": spec_params(spec),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        self.run.write_run_json(saved)
+        return result
+
+    def _nothing_to_do(self, seed_value: float, target: float) -> RunResult:
+        self.emit("nothing_to_do", seed=seed_value, target=target)
+        return RunResult(self.run.path, True, seed_value, target)
+
+    def _finish(self, spec: ArchSpec, state: dict[str, torch.Tensor]) -> float:
+        """Long fine-tune of the chosen network, test accuracy, and the deployable files."""
+        model = build_model(spec)
+        model.load_state_dict(state, strict=True)
+        self.emit("long_finetune", epochs=self.config.long_epochs)
+        if self.config.long_epochs > 0:
+            train_epochs(model, self.dataset, self.config.long_epochs, batch_size=self.config.batch_size,
+                         lr=self.config.lr * 0.1, seed=self.config.seed,
+                         progress=lambda step, loss: self.emit("long_step", step=step, loss=loss))
+        accuracy = evaluate(model, self.dataset, self.dataset.test)
+        dump_spec(spec, self.run.path / "final.yaml")
+        RunFolder.save(spec, model.state_dict(), self.run.path / "final.pt")
+        with atomic_path(self.run.path / "final.onnx") as tmp:
+            tmp.write_bytes(export_onnx(model, (1, 3, spec.resolution, spec.resolution)))
+        self.emit("finished", test_accuracy=accuracy)
+        return accuracy
+
+
+def run_netadapt(config: RunConfig, **kwargs: Any) -> RunResult:
+    """Library entry point: `run_netadapt(RunConfig("small", "80%"), out="results/demo")`.
+
+    Training runs on `config.threads` torch threads (default 1: on a small shared machine a second
+    thread spin-waits whenever the other core is busy)."""
+    with torch_threads(config.threads):
+        return NetAdapt(config, **kwargs).run_all()
+

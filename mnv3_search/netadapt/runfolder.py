@@ -1,0 +1,127 @@
+"""The run folder `results/<run>/`: where every file of a run lives, each written atomically.
+
+Layout:
+  run.json                 command, config, versions, device fingerprint, final result
+  study.journal            the Optuna study (default storage; `optuna-dashboard study.journal`)
+  lut.json                 the latency table (unless --lut names another)
+  seed.pt                  the seed network (given or trained), spec embedded
+  iterations/NNN.pt        the network chosen by iteration NNN (fine-tuned), spec embedded
+  trials/NNNNN.pt          each finished proposal's fine-tuned weights (removed once its iteration is done)
+  iterations.csv           one row per finished iteration
+  proposals.csv            one row per proposal (trial), pruned ones included
+  final.yaml, final.pt, final.onnx
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+import torch
+
+from ..errors import UserError
+from ..fileio import atomic_write_text
+from ..report import write_csv
+from ..spec import ArchSpec
+from ..weights import read_checkpoint, save_state
+
+ITERATION_COLUMNS = [
+    "iteration", "proposal", "group", "channels_before", "channels", "target_latency_ms", "predicted_latency_ms",
+    "measured_latency_ms", "seed_measured_latency_ms", "macs", "params", "holdout_accuracy", "score",
+    "proposals", "pruned", "wall_seconds",
+]
+INTEGER_COLUMNS = ["iteration", "channels_before", "channels", "macs", "params", "proposals", "pruned"]
+PROPOSAL_COLUMNS = [
+    "trial", "iteration", "group", "channels_before", "channels", "state", "predicted_latency_ms", "macs",
+    "params", "holdout_accuracy", "reports", "steps", "seconds", "chosen", "worker",
+]
+
+
+class RunFolder:
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    # -- paths --
+    @property
+    def run_json(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def default_storage_url(self) -> str:
+        """A journal file: embedded like SQLite, and safe for several local processes at once."""
+        return str((self.path / "study.journal").resolve())
+
+    @property
+    def default_lut(self) -> Path:
+        return self.path / "lut.json"
+
+    @property
+    def seed_checkpoint(self) -> Path:
+        return self.path / "seed.pt"
+
+    def iteration_checkpoint(self, iteration: int) -> Path:
+        return self.path / "iterations" / f"{iteration:03d}.pt"
+
+    def trial_checkpoint(self, number: int) -> Path:
+        return self.path / "trials" / f"{number:05d}.pt"
+
+    @property
+    def iterations_csv(self) -> Path:
+        return self.path / "iterations.csv"
+
+    @property
+    def proposals_csv(self) -> Path:
+        return self.path / "proposals.csv"
+
+    # -- creation --
+    def prepare(self) -> None:
+        """Create the folder, or say in one line why it cannot be written."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot write the run folder ({exc.strerror or exc}); "
+                            f"choose another --out") from None
+
+    def read_run_json(self) -> Optional[dict[str, Any]]:
+        if not self.run_json.exists():
+            return None
+        try:
+            return json.loads(self.run_json.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{self.run_json}: unreadable run file ({exc}); move the folder away or use another "
+                            f"--out") from None
+
+    def write_run_json(self, data: dict[str, Any]) -> None:
+        atomic_write_text(self.run_json, json.dumps(data, indent=2, default=str) + "\n")
+
+    # -- checkpoints --
+    @staticmethod
+    def save(spec: ArchSpec, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_state(state_dict, spec, path)
+
+    @staticmethod
+    def load(path: Path) -> tuple[ArchSpec, dict[str, torch.Tensor]]:
+        return read_checkpoint(path)
+
+    # -- tables --
+    def read_iterations(self) -> list[dict[str, Any]]:
+        if not self.iterations_csv.exists():
+            return []
+        frame = pd.read_csv(self.iterations_csv)
+        return [{k: (None if pd.isna(v) else v) for k, v in row.items()} for row in frame.to_dict("records")]
+
+    def write_iterations(self, rows: list[dict[str, Any]]) -> None:
+        frame = pd.DataFrame(rows, columns=ITERATION_COLUMNS)
+        for column in INTEGER_COLUMNS:
+            frame[column] = frame[column].astype("Int64")
+        write_csv(frame, self.iterations_csv)
+
+    def write_proposals(self, rows: list[dict[str, Any]]) -> None:
+        write_csv(pd.DataFrame(rows, columns=PROPOSAL_COLUMNS), self.proposals_csv)

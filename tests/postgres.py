@@ -1,0 +1,57 @@
+"""A real, throwaway PostgreSQL server for the scale-out tests (Debian's `postgresql` package).
+
+initdb refuses to run as root, so as root the server runs as the `postgres` user the package creates.
+Trust authentication on 127.0.0.1 and a free port; the cluster lives in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+
+def postgres_bin() -> Optional[Path]:
+    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if (Path(folder) / "initdb").exists():
+            return Path(folder)
+    found = shutil.which("initdb")
+    return Path(found).resolve().parent if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def running_postgres() -> Iterator[str]:
+    """Start a server, create database `mnv3`, yield its SQLAlchemy URL, stop it."""
+    binaries = postgres_bin()
+    assert binaries is not None
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="mnv3-pg-"))
+    os.chmod(folder, 0o777)
+    data, log = folder / "data", folder / "server.log"
+    port = _free_port()
+
+    def run(*cmd: str) -> None:
+        subprocess.run([*as_postgres, *cmd], check=True, capture_output=True, timeout=120)
+
+    try:
+        run(str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-o",
+            f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
+        run(str(binaries / "psql") if (binaries / "psql").exists() else "psql", "-h", "127.0.0.1", "-p", str(port),
+            "-U", "postgres", "-c", "CREATE DATABASE mnv3")
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mnv3"
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run([*as_postgres, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                           capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
