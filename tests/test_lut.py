@@ -17,7 +17,8 @@ from mnv3_search.latency import InterleavedPolicy, OnnxRuntimeBackend
 from mnv3_search.lut import (BlockKey, LatencyTable, build_table, check_variants, fit_calibration, netadapt_keys,
                              read_table_file, spec_keys, spec_params, summarize_errors)
 from mnv3_search.model import count_params
-from mnv3_search.variants import Axis, axes, random_variant, with_widths
+from mnv3_search.surgery import child_spec
+from mnv3_search.variants import random_variant
 
 FAST = InterleavedPolicy(passes=2, runs_per_pass=1, warmup_runs=1, min_passes=1)
 
@@ -133,9 +134,7 @@ def test_variants_keep_residual_groups_and_expand_convs(large):
             assert c.residual == seed_c.residual  # coupled groups shrink together
             assert c.expand_conv == seed_c.expand_conv
             assert c.exp % 8 == 0 and c.out % 8 == 0
-    out_axes = [a for a in axes(large) if a.kind == "out"]
-    assert [a.blocks for a in out_axes] == [(0, 1), (2, 3), (4, 5, 6), (7, 8, 9, 10), (11, 12), (13, 14, 15)]
-    child = with_widths(large, {Axis("out", (0, 1), 16): 8})
+    child = child_spec(large, "out0-1", 8)
     assert (child.stem.out, child.blocks[0].exp, child.blocks[0].out) == (8, 8, 8)
     assert not list(child.block_configs())[0].expand_conv
 
@@ -192,7 +191,7 @@ def test_each_entry_is_measured_once(tiny, tmp_path):
     assert table.ensure(keys) == 0
     table.predict(tiny)
     assert len(backend.opened) == unique and table.measured == unique
-    child = with_widths(tiny, {axes(tiny)[0]: 64})  # bneck 2 exp 72 -> 64: exactly one new entry
+    child = child_spec(tiny, "exp2", 64)  # bneck 2 exp 72 -> 64: exactly one new entry
     table.predict(child)
     assert len(backend.opened) == unique + 1
     reopened = LatencyTable.open(tmp_path / "t.json", backend, 1, FAST)  # cached on disk too
