@@ -21,10 +21,11 @@ from typing import Mapping, Union
 
 import torch
 
-from .errors import CheckpointError, UserError
+from .errors import UserError
 from .layout import BN_TENSORS, HIDDEN_LINEAR, OUTPUT_LINEAR, block_keys, last_conv_prefix, stem_prefix
 from .proposals import COUPLED, EXPANSION, HIDDEN, LAST_CONV, ProposalGroup, find_group
 from .spec import ArchSpec, BlockConfig, make_divisible
+from .weights import check_fits
 
 StateDict = dict[str, torch.Tensor]
 
@@ -216,17 +217,7 @@ def _expected_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
 
 def _check_state_dict(spec: ArchSpec, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Shapes must fit the spec before slicing, or the slices would silently mean something else."""
-    expected = _expected_shapes(spec)
-    where = f"state_dict given to shrink does not fit spec {spec.name}"
-    for key, shape in expected.items():
-        if key not in state_dict:
-            raise CheckpointError(f"{where}: tensor {key!r} is missing")
-        if tuple(state_dict[key].shape) != shape:
-            raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(state_dict[key].shape)}, "
-                                  f"the spec needs {shape}")
-    extra = [key for key in state_dict if key not in expected]
-    if extra:
-        raise CheckpointError(f"{where}: unexpected tensor {extra[0]!r} ({len(extra)} extra in all)")
+    check_fits(state_dict, _expected_shapes(spec), "state_dict given to shrink", spec.name)
 
 
 def shrink(spec: ArchSpec, state_dict: Mapping[str, torch.Tensor], group: Union[str, ProposalGroup], keep: int,

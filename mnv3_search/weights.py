@@ -7,7 +7,7 @@ state_dict and the spec's YAML so the file says what network it belongs to.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 import torch
 import yaml
@@ -41,17 +41,21 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     return dict(data)
 
 
-def check_fits(state_dict: Mapping[str, torch.Tensor], model: nn.Module, source: str, spec_name: str) -> None:
-    """Raise one clear line for the first missing, unexpected or mis-shaped tensor."""
-    expected = model.state_dict()
-    for key, tensor in expected.items():
+def check_fits(state_dict: Mapping[str, torch.Tensor], expected: Union[nn.Module, Mapping[str, tuple[int, ...]]],
+               source: str, spec_name: str) -> None:
+    """Raise one clear line for the first missing, unexpected or mis-shaped tensor.
+
+    `expected` is the model the weights are for, or its state_dict's shapes by key."""
+    if isinstance(expected, nn.Module):
+        expected = {key: tuple(t.shape) for key, t in expected.state_dict().items()}
+    for key, shape in expected.items():
         if key not in state_dict:
             raise CheckpointError(f"{source}: does not fit spec {spec_name}: tensor {key!r} is missing")
         got = tuple(state_dict[key].shape)
-        if got != tuple(tensor.shape):
+        if got != tuple(shape):
             raise CheckpointError(
                 f"{source}: does not fit spec {spec_name}: tensor {key!r} has shape {got} in the checkpoint "
-                f"but the spec needs {tuple(tensor.shape)}"
+                f"but the spec needs {tuple(shape)}"
             )
     extra = [key for key in state_dict if key not in expected]
     if extra:
