@@ -13,15 +13,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .cli_common import load_spec_argument, stdout_console
 from .errors import UserError
 from .latency import BACKENDS, make_backend
 from .lut import LatencyTable, spec_keys
 from .model import MobileNetV3, build_model
 from .profile import Profile, attach_prediction, profile_model
 from .report import profile_frame, write_csv
-from .spaces import resolve_spec_path
 from .spec import ArchSpec
-from .spec_yaml import load_spec
 from .weights import load_weights
 
 
@@ -49,27 +48,11 @@ def cli() -> None:
     """
 
 
-def _load(spec_argument: str, resolution: Optional[int], width: Optional[float], num_classes: Optional[int],
-          err: Console) -> tuple[ArchSpec, Path]:
-    path = resolve_spec_path(spec_argument)
-    spec = load_spec(path)
-    spec = spec.with_overrides(resolution=resolution, width=width, num_classes=num_classes,
-                               where=f"{path} with the given options")
-    err.print(f"[dim]spec: {path}[/dim]", highlight=False)
-    return spec, path
-
-
 def _model(spec: ArchSpec, weights: Optional[str], path: Path) -> MobileNetV3:
     model = build_model(spec)
     if weights:
         load_weights(model, weights, spec_name=str(path))
     return model
-
-
-def _stdout_console() -> Console:
-    """A console on stdout; when piped, wide enough that tables never wrap."""
-    console = Console()
-    return console if console.is_terminal else Console(width=160)
 
 
 def _fmt_int(value: Any) -> str:
@@ -158,7 +141,7 @@ def profile(spec: str, resolution: Optional[int], width: Optional[float], num_cl
       mnv3-search profile large --lut results/lut/my_table.json
     """
     err = Console(stderr=True)
-    arch, path = _load(spec, resolution, width, num_classes, err)
+    arch, path = load_spec_argument(spec, err, resolution=resolution, width=width, num_classes=num_classes)
     model = _model(arch, weights, path)
     latency_backend = None if no_latency else make_backend(backend, threads)
     if latency_backend is None:
@@ -188,7 +171,7 @@ def profile(spec: str, resolution: Optional[int], width: Optional[float], num_cl
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
     else:
-        _render_profile(result, _stdout_console())
+        _render_profile(result, stdout_console())
 
 
 from .cli_lut import lut  # noqa: E402

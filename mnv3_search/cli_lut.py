@@ -14,17 +14,10 @@ from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
+from .cli_common import load_spec_argument, stdout_console
 from .latency import BACKENDS, InterleavedPolicy, make_backend
 from .lut import (LatencyTable, build_table, check_variants, default_table_path, summarize_errors)
 from .report import write_csv
-from .spaces import resolve_spec_path
-from .spec import ArchSpec
-from .spec_yaml import load_spec
-
-
-def _console() -> Console:
-    console = Console()
-    return console if console.is_terminal else Console(width=160)
 
 
 @contextmanager
@@ -39,13 +32,6 @@ def _progress(err: Console, title: str) -> Iterator:
             bar.update(task, completed=done, total=total, description=what)
 
         yield update
-
-
-def _spec(argument: str, resolution: Optional[int], width: Optional[float], err: Console) -> ArchSpec:
-    path = resolve_spec_path(argument)
-    spec = load_spec(path).with_overrides(resolution=resolution, width=width, where=f"{path} with the given options")
-    err.print(f"[dim]spec: {path}[/dim]", highlight=False)
-    return spec
 
 
 def _table_options(f):
@@ -112,12 +98,12 @@ def build(spec: str, table_path: Optional[str], backend: str, threads: int, batc
       mnv3-search lut build my_net.yaml --threads 2 --step 16
     """
     err = Console(stderr=True)
-    arch = _spec(spec, resolution, width, err)
+    arch, _ = load_spec_argument(spec, err, resolution=resolution, width=width)
     table = _open(table_path, backend, threads, batch, passes, runs, err)
     with _progress(err, "lut build") as progress:
         report = build_table(table, arch, step, progress)
     cal = report.calibration
-    _console().print(
+    stdout_console().print(
         f"{report.entries_needed} entries for {arch.name} at {arch.resolution} px: {report.entries_measured} "
         f"measured, {report.entries_needed - report.entries_measured} already in the table "
         f"({report.seconds:.1f} s). Calibration on {cal.networks} networks: whole = {cal.a:.3f} x blocks sum + "
@@ -146,7 +132,7 @@ def check(spec: str, table_path: Optional[str], backend: str, threads: int, batc
       mnv3-search lut check small --variants 10 --seed 1 --csv small_check.csv
     """
     err = Console(stderr=True)
-    arch = _spec(spec, resolution, width, err)
+    arch, _ = load_spec_argument(spec, err, resolution=resolution, width=width)
     table = _open(table_path, backend, threads, batch, passes, runs, err)
     with _progress(err, "lut check") as progress:
         rows = check_variants(table, arch, n, seed, progress=progress)
@@ -158,7 +144,7 @@ def check(spec: str, table_path: Optional[str], backend: str, threads: int, batc
         style = "red" if abs(r.error_pct) > 10 else None
         out.add_row(r.network, f"{r.raw_ms:.3f}", f"{r.predicted_ms:.3f}", f"{r.measured_ms:.3f}",
                     f"{r.error_pct:+.1f}%", f"{r.raw_error_pct:+.1f}%", style=style)
-    console = _console()
+    console = stdout_console()
     console.print(out)
     s = summarize_errors(rows)
     console.print(f"{s.count} variants: mean abs error {s.mape_pct:.1f}% (raw sum {s.raw_mape_pct:.1f}%), "
@@ -194,7 +180,7 @@ def show(table_path: Optional[str], backend: str, threads: int, batch: int, kind
     path = Path(table_path) if table_path else default_table_path(BACKENDS[backend](threads), batch)
     table = LatencyTable.load(path)
     h = table.header
-    console = _console()
+    console = stdout_console()
     versions = ", ".join(f"{k} {v}" for k, v in sorted(h.versions.items()))
     device = ", ".join(f"{k}: {v}" for k, v in h.device.items())
     console.print(f"[bold]{path}[/bold]\nbackend {h.backend} ({versions}), {h.threads} thread(s), batch {h.batch}\n"

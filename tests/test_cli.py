@@ -14,7 +14,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from mnv3_search import build_model, load_spec
+from mnv3_search import build_model
 from mnv3_search.cli import cli
 from mnv3_search.report import PROFILE_COLUMNS
 from mnv3_search.weights import save_checkpoint

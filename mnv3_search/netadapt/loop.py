@@ -40,7 +40,7 @@ from ..surgery import child_spec
 from ..train import evaluate, train_epochs
 from ..weights import check_fits, read_state_dict
 from .config import RunConfig
-from .evaluate import Evaluator, load_run_dataset, work
+from .evaluate import Evaluator, load_run_dataset
 from .runfolder import RunFolder
 from .study import (CONFIG_ATTR, claim_lock_path, make_storage, GROUPS_ATTR, ITERATION_ATTR, RUN_DIR_ATTR, claim, create_study, enqueue, iteration_trials,
                     make_pruner, requeue_stale, set_status)
