@@ -132,14 +132,14 @@ def _summary(result: RunResult) -> dict[str, Any]:
               "e.g. postgresql://user@host/db, sqlite:///study.db.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Local processes evaluating proposals (this one included).")
-@click.option("--short-steps", type=click.IntRange(min=1), default=40, show_default=True,
+@click.option("--short-steps", type=click.IntRange(min=1), default=20, show_default=True,
               help="Fine-tune steps per proposal.")
 @click.option("--reports", type=click.IntRange(min=1), default=4, show_default=True,
               help="Holdout evaluations per proposal (the pruner's rungs).")
 @click.option("--short-lr", type=float, default=0.005, show_default=True, help="Fine-tune learning rate (constant).")
 @click.option("--seed-epochs", type=click.IntRange(min=1), default=15, show_default=True,
               help="Epochs to train the seed when no --weights.")
-@click.option("--long-epochs", type=click.IntRange(min=0), default=10, show_default=True,
+@click.option("--long-epochs", type=click.IntRange(min=0), default=5, show_default=True,
               help="Final fine-tune epochs.")
 @click.option("--lr", type=float, default=0.1, show_default=True, help="Seed training learning rate.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)

@@ -30,11 +30,11 @@ class RunConfig:
     num_classes: Optional[int] = None  # default: the dataset's
     batch_size: int = 64
     step: int = 8
-    short_steps: int = 40
+    short_steps: int = 20
     short_lr: float = 0.005
     reports: int = 4
     seed_epochs: int = 15
-    long_epochs: int = 10
+    long_epochs: int = 5
     lr: float = 0.1
     seed: int = 0
     pruner: str = "halving"

@@ -65,7 +65,7 @@ class Evaluator:
             model = build_model(child_spec)
             model.load_state_dict(child_state, strict=True)
             seed = proposal_seed(config.seed, iteration, group)
-            refresh_bn(model, self.dataset, seed=seed)
+            refresh_bn(model, self.dataset, num_batches=10, seed=seed)
             every = max(1, config.short_steps // config.reports)
 
             def report(step: int, accuracy: float) -> bool:
