@@ -14,6 +14,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from .budget import LATENCY
 from .data import SOURCES_HELP
 from .errors import UserError
 from .latency import torch_threads
@@ -52,7 +53,7 @@ class NetAdaptView:
         elif kind == "calibrating":
             s["phase"] = "measuring the seed and calibrating the latency table"
         elif kind == "seed":
-            s.update(current=info["value"], target=info["target"])
+            s.update(current=info["value"], target=info["target"], unit=info["unit"])
         elif kind == "iteration":
             s.update(phase="fine-tuning proposals", iteration=info["iteration"], goal=info["goal"],
                      current=info["current"], total=info["proposals"], done=0, pruned=0)
@@ -61,7 +62,7 @@ class NetAdaptView:
         elif kind == "chosen":
             self.iteration_seconds.append(info["wall_seconds"])
             s.update(chosen=info["proposal"], accuracy=info["holdout_accuracy"],
-                     current=info["predicted_latency_ms"] or s.get("current"), phase="choosing")
+                     current=info["resource"], phase="choosing")
             s["history"] = s.get("history", []) + [info]
         elif kind == "confirm":
             s["phase"] = (f"measured {info['measured']:.3f} ms (seed {info['seed_measured']:.3f} ms): "
@@ -75,6 +76,10 @@ class NetAdaptView:
         elif kind == "retry":
             s["phase"] = "a worker went silent: its proposal was enqueued again"
         self.live.update(self.render())
+
+    def _amount(self, value: float) -> str:
+        unit = self.state.get("unit", "ms")
+        return f"{value:.3f} ms" if unit == "ms" else f"{value:,.0f} {unit}"
 
     def _eta(self) -> str:
         s = self.state
@@ -91,8 +96,8 @@ class NetAdaptView:
         table.add_column(style="bold")
         table.add_column()
         table.add_row("budget", self.budget)
-        if "current" in s:
-            table.add_row("current", f"{s['current']:,.3f}" + (f" → target {s['target']:,.3f}" if "target" in s else ""))
+        if "current" in s and "target" in s:
+            table.add_row("current", f"{self._amount(s['current'])} → target {self._amount(s['target'])}")
         if "iteration" in s:
             table.add_row("iteration", str(s["iteration"]))
             left = s["total"] - s["done"]
@@ -204,16 +209,20 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
         else:
             result = runner.run_all()
     summary = _summary(result)
+
+    def amount(value: float) -> str:
+        return f"{value:.3f} ms" if runner.budget.resource == LATENCY else f"{value:,.0f} {runner.budget.resource}"
+
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif result.nothing_to_do:
-        click.echo(f"nothing to do: the seed already meets the budget ({result.seed_value:,.3f} <= "
-                   f"{result.target:,.3f}); no network was changed")
+        click.echo(f"nothing to do: the seed already meets the budget ({amount(result.seed_value)} <= "
+                   f"{amount(result.target)}); no network was changed")
     else:
         measured = (f", measured {result.measured_ms:.3f} ms vs seed {result.seed_measured_ms:.3f} ms"
                     if result.measured_ms else "")
-        click.echo(f"budget met after {result.iterations} iterations: {result.final_value:,.3f} (target "
-                   f"{result.target:,.3f}){measured}; test accuracy {100 * (result.test_accuracy or 0):.1f}%; "
+        click.echo(f"budget met after {result.iterations} iterations: {amount(result.final_value or 0)} (target "
+                   f"{amount(result.target)}){measured}; test accuracy {100 * (result.test_accuracy or 0):.1f}%; "
                    f"results in {result.run_dir}")
 
 

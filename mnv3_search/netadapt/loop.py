@@ -315,7 +315,7 @@ class NetAdapt:
             self.run.write_iterations(rows)
             self._write_proposals(study)
             self._clean_trial_checkpoints(trials)
-            self.emit("chosen", **row)
+            self.emit("chosen", **row, resource=self.resource(child_spec_))
             spec, state = child_spec_, child_state
 
     def _evaluate_iteration(self, study: optuna.Study, evaluator: Evaluator, iteration: int, total: int) -> None:
@@ -458,7 +458,8 @@ class NetAdapt:
             if nothing:
                 return self._nothing_to_do(seed_value, target)
         study = self._open_study()
-        self.emit("seed", value=seed_value, target=target)
+        self.emit("seed", value=seed_value, target=target, unit="ms" if self.budget.resource == LATENCY
+                  else self.budget.resource)
         _, seed_accuracy = self._seed_network()
         rows = self.run.read_iterations()
         if not rows:
