@@ -181,6 +181,9 @@ cli.add_command(train)
 from .cli_netadapt import netadapt, worker  # noqa: E402
 cli.add_command(netadapt)
 cli.add_command(worker)
+from .cli_report import compare, export  # noqa: E402
+cli.add_command(compare)
+cli.add_command(export)
 
 
 def main() -> None:

@@ -1,0 +1,145 @@
+"""`mnv3-search compare`, `report` and `export`: thin over compare.py, plots.py and export.py, rendered with rich."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .cli_common import stdout_console
+from .compare import compare_frame, evaluate_variants, load_variant, measure_variants, unique_labels
+from .data import SOURCES_HELP, load_dataset
+from .errors import UserError
+from .export import FORMATS, export_model
+from .latency import BACKENDS, InterleavedPolicy, make_backend, torch_threads
+from .report import write_csv
+
+
+def _num(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, fmt)
+
+
+@click.command()
+@click.argument("variants", nargs=-1, required=True, metavar="SPEC|RUN...")
+@click.option("--weights", "weights", multiple=True, metavar="[N=]PATH",
+              help="Weights for a spec variant: N=PATH for the N-th variant (1-based), or PATH for the first.")
+@click.option("--data", metavar="SOURCE", help=f"Evaluate every variant with weights on this test split "
+              f"({SOURCES_HELP}); run folders otherwise report run.json's test accuracy.")
+@click.option("--data-resolution", type=int, default=32, show_default=True,
+              help="Resolution the --data images are resized to (the training resolution of the runs).")
+@click.option("--resolution", type=int, help="Time every variant at this input size (default: each spec's own).")
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default="onnxruntime", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--passes", type=click.IntRange(min=5), default=30, show_default=True,
+              help="Interleaved passes (each variant runs 5 times per pass, in a new random order).")
+@click.option("--no-latency", is_flag=True, help="Counts and accuracy only.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the table (all columns) as CSV.")
+def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[str], data_resolution: int,
+            resolution: Optional[int], backend: str, threads: int, batch: int, passes: int, no_latency: bool, csv_path: Optional[str]) -> None:
+    """Compare specs and NetAdapt run folders side by side; the first is the baseline.
+
+    \b
+    Latency is measured for all variants together, interleaved in this one process (25th percentile and
+    median), so the ratios are fair even on a busy machine.
+    \b
+    Example:
+      mnv3-search compare small results/small-80pct-seed0 small_075.yaml --csv cmp.csv
+    """
+    err = Console(stderr=True)
+    by_index: dict[int, str] = {}
+    for item in weights:
+        index, sep, path = item.partition("=")
+        if sep and index.isdigit():
+            by_index[int(index)] = path
+        else:
+            by_index[1] = item
+    for index in by_index:
+        if not 1 <= index <= len(variants):
+            raise UserError(f"--weights {index}=...: there are only {len(variants)} variants")
+    loaded = [load_variant(arg, by_index.get(i)) for i, arg in enumerate(variants, start=1)]
+    unique_labels(loaded)
+    if resolution is not None:
+        for v in loaded:
+            v.spec = v.spec.with_overrides(resolution=resolution, where=f"{v.source} with --resolution {resolution}")
+    if data:
+        dataset = load_dataset(data, resolution=data_resolution)
+        evaluate_variants(loaded, dataset)
+    measurements = None
+    if not no_latency:
+        latency_backend = make_backend(backend, threads)
+        with Progress(TextColumn("timing {task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
+                      transient=True) as bar:
+            task = bar.add_task(f"{len(loaded)} networks interleaved", total=passes)
+            measurements = measure_variants(loaded, latency_backend, batch,
+                                            InterleavedPolicy(passes=passes, min_passes=min(10, passes)),
+                                            on_pass=lambda done, total: bar.update(task, completed=done))
+    frame = compare_frame(loaded, measurements)
+    if csv_path:
+        write_csv(frame, csv_path)
+        err.print(f"[dim]wrote {csv_path}[/dim]", highlight=False)
+    table = Table(title="compared with " + loaded[0].label, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("variant", "res", "params", "×", "MACs", "×", "p25 ms", "median ms", "×", "accuracy", "Δ"):
+        table.add_column(name, justify="left" if name == "variant" else "right", no_wrap=True)
+    for row in frame.to_dict("records"):
+        table.add_row(
+            row["variant"], str(row["resolution"]), f"{row['params']:,}", _num(row["params_ratio"], ".3f"),
+            f"{row['macs'] / 1e6:.2f}M", _num(row["macs_ratio"], ".3f"), _num(row["latency_p25_ms"], ".3f"),
+            _num(row["latency_median_ms"], ".3f"), _num(row["latency_ratio"], ".3f"),
+            "-" if row["accuracy"] is None or row["accuracy"] != row["accuracy"] else f"{100 * row['accuracy']:.2f}%",
+            "-" if row["accuracy_delta"] is None or row["accuracy_delta"] != row["accuracy_delta"]
+            else f"{100 * row['accuracy_delta']:+.2f}",
+        )
+    out = stdout_console()
+    out.print(table)
+    if measurements:
+        out.print(f"latency: {backend}, {threads} thread(s), batch {batch}, {measurements[0].repeats} runs each, "
+                  f"interleaved; × = ratio to {loaded[0].label} (latency: of 25th percentiles)", highlight=False)
+
+
+@click.command()
+@click.argument("source", metavar="SPEC|RUN")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="File to write.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Weights for a SPEC (a run folder brings final.pt).")
+@click.option("--resolution", type=int, help="Input size (default: the spec's resolution).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
+def export(source: str, fmt: str, out_path: str, weights: Optional[str], resolution: Optional[int], batch: int,
+           threads: int, no_latency: bool) -> None:
+    """Write SPEC or a run's final network as ONNX or TorchScript with batch norm folded.
+
+    \b
+    The file is reloaded and checked against PyTorch on random inputs (max abs error ≤ 1e-4, scaled by
+    the outputs' magnitude above 1), then timed interleaved with the eager PyTorch model.
+    """
+    err = Console(stderr=True)
+    variant = load_variant(source, weights)
+    spec = variant.spec.with_overrides(resolution=resolution, where=f"{variant.source} with the given options")
+    if variant.state_dict is None:
+        err.print(f"[yellow]{variant.source}: no weights given; exporting freshly initialised weights[/yellow]",
+                  highlight=False, soft_wrap=True)
+    shape = (batch, 3, spec.resolution, spec.resolution)
+    with torch_threads(threads):
+        model = variant.model()
+        result = export_model(model, shape, fmt, out_path, measure=not no_latency, threads=threads)
+    out = stdout_console()
+    out.print(f"wrote {result.path} ({fmt}, input {'x'.join(map(str, shape))}): {result.folded_bn} conv+BN pairs "
+              f"folded, {result.bn_left} batch norms left", highlight=False)
+    out.print(f"outputs vs PyTorch: max abs error {result.max_abs_error:.2e} (tolerance {result.tolerance:.1e}, "
+              f"outputs up to {result.output_scale:.3g})", highlight=False)
+    if result.latency is not None and result.torch_latency is not None:
+        runtime = "ONNX Runtime" if fmt == "onnx" else "TorchScript"
+        out.print(f"latency ({threads} thread(s), batch {batch}, interleaved): {runtime} p25 "
+                  f"{result.latency.p25_ms:.3f} ms, median {result.latency.median_ms:.3f} ms; eager PyTorch "
+                  f"(unfolded) p25 {result.torch_latency.p25_ms:.3f} ms, median "
+                  f"{result.torch_latency.median_ms:.3f} ms", highlight=False)
