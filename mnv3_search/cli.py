@@ -181,9 +181,10 @@ cli.add_command(train)
 from .cli_netadapt import netadapt, worker  # noqa: E402
 cli.add_command(netadapt)
 cli.add_command(worker)
-from .cli_report import compare, export  # noqa: E402
+from .cli_report import compare, export, report  # noqa: E402
 cli.add_command(compare)
 cli.add_command(export)
+cli.add_command(report)
 
 
 def main() -> None:

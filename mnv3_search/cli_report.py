@@ -143,3 +143,52 @@ def export(source: str, fmt: str, out_path: str, weights: Optional[str], resolut
                   f"{result.latency.p25_ms:.3f} ms, median {result.latency.median_ms:.3f} ms; eager PyTorch "
                   f"(unfolded) p25 {result.torch_latency.p25_ms:.3f} ms, median "
                   f"{result.torch_latency.median_ms:.3f} ms", highlight=False)
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False), metavar="RUN|FOLDER")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for the PNGs (default: the run folder, or the folder of runs).")
+def report(path: str, out_dir: Optional[str]) -> None:
+    """Summarise a NetAdapt run folder and plot it; a folder of runs gives one Pareto plot.
+
+    \b
+    A run: iterations.png (resource and holdout accuracy per iteration), proposals.png (every proposal's
+    resource vs accuracy, chosen ones marked), widths.png (channel widths per block, seed vs final).
+    A folder of runs (e.g. results/): pareto.png, final latency vs test accuracy of every finished run.
+    """
+    from .plots import find_runs, is_run_folder, plot_pareto, read_run, report_run, runs_frame
+
+    err = Console(stderr=True)
+    out = stdout_console()
+    folder = Path(path)
+    if is_run_folder(folder):
+        data, written = report_run(folder, out_dir)
+        table = Table(title=f"{data.name}", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+        for name in ("", "seed", "final"):
+            table.add_column(name, justify="left" if not name else "right", no_wrap=True)
+        for row in data.summary:
+            table.add_row(*row)
+        out.print(table)
+    else:
+        runs = find_runs(folder)
+        if not runs:
+            raise UserError(f"{folder}: not a NetAdapt run folder (no run.json and iterations.csv) and holds no run "
+                            f"folders; give results/<run> or a folder of runs")
+        frame = runs_frame([read_run(p) for p in runs])
+        if frame.empty:
+            raise UserError(f"{folder}: none of its {len(runs)} runs has finished (no test accuracy in run.json)")
+        target, column = plot_pareto(frame, Path(out_dir or folder) / "pareto.png")
+        written = [target]
+        table = Table(title=f"{len(frame)} finished runs in {folder}", header_style="bold", box=box.SIMPLE_HEAD,
+                      pad_edge=False)
+        for name in ("run", "budget", "measured ms", "predicted ms", "MACs", "params", "test accuracy"):
+            table.add_column(name, justify="left" if name in ("run", "budget") else "right", no_wrap=True)
+        for row in frame.to_dict("records"):
+            table.add_row(row["run"], str(row["budget"]), _num(row["measured_latency_ms"], ".3f"),
+                          _num(row["predicted_latency_ms"], ".3f"), f"{row['macs'] / 1e6:.2f}M",
+                          f"{int(row['params']):,}", f"{100 * row['test_accuracy']:.2f}%")
+        out.print(table)
+        err.print(f"[dim]Pareto plot on {column}[/dim]", highlight=False)
+    for p in written:
+        err.print(f"[dim]wrote {p}[/dim]", highlight=False)
