@@ -185,6 +185,8 @@ from .cli_report import compare, export, report  # noqa: E402
 cli.add_command(compare)
 cli.add_command(export)
 cli.add_command(report)
+from .cli_explore import explore  # noqa: E402
+cli.add_command(explore)
 
 
 def main() -> None:

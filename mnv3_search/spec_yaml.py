@@ -115,6 +115,38 @@ def _row(raw: Any, where: str) -> BneckSpec:
                      stride=fields["s"], expand=fields.get("expand"))
 
 
+CHOICE_TOP_KEYS = ("resolution", "width", "dropout")
+CHOICE_SECTIONS = ("stem", "last_conv", "classifier")
+
+
+def find_choices(data: Any) -> list[tuple[tuple, str, list]]:
+    """List cells of a search space: (path into the parsed YAML, where in words, the options).
+
+    A cell holding a list is a choice: a top-level resolution/width/dropout, a field of stem, last_conv or
+    classifier, or a cell of a bneck row (list form `[k, exp, out, SE, NL, s]` or mapping form)."""
+    found: list[tuple[tuple, str, list]] = []
+    if not isinstance(data, dict):
+        return found
+    for key in CHOICE_TOP_KEYS:
+        if isinstance(data.get(key), list):
+            found.append(((key,), f"field '{key}'", data[key]))
+    for section in CHOICE_SECTIONS:
+        if isinstance(data.get(section), dict):
+            for key, value in data[section].items():
+                if isinstance(value, list):
+                    found.append(((section, key), f"{section}, field '{key}'", value))
+    rows = data.get("bneck")
+    if isinstance(rows, list):
+        for i, row in enumerate(rows, start=1):
+            cells = (enumerate(row) if isinstance(row, list) and len(row) == len(ROW_FIELDS)
+                     else row.items() if isinstance(row, dict) else ())
+            for key, value in cells:
+                if isinstance(value, list):
+                    name = ROW_FIELDS[key] if isinstance(key, int) else key
+                    found.append((("bneck", i - 1, key), f"bneck row {i}, field '{name}'", value))
+    return found
+
+
 def spec_from_dict(data: Any, source: str = "<spec>") -> ArchSpec:
     """Validate parsed YAML and build the ArchSpec; errors name `source`, the row and the field."""
     if data is None:
@@ -127,6 +159,11 @@ def spec_from_dict(data: Any, source: str = "<spec>") -> ArchSpec:
     missing = [k for k in REQUIRED_TOP_KEYS if k not in data]
     if missing:
         raise SpecError(f"{source}: missing key {missing[0]!r}; a spec needs {', '.join(REQUIRED_TOP_KEYS)}")
+    choices = find_choices(data)
+    if choices:
+        _, where, options = choices[0]
+        raise SpecError(f"{source}: {where} holds a list of choices {options!r}: this is a search space, not one "
+                        f"network; explore it with `mnv3-search explore {source} --budget ...`")
 
     stem = _mapping(data["stem"], f"{source}: stem", {"out": _channels, "k": _kernel, "s": _stride, "nl": _nl},
                     ("out",))

@@ -1,0 +1,84 @@
+"""`mnv3-search explore`: thin over mnv3_search.explore, rendered with rich."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from .cli_common import stdout_console
+from .data import SOURCES_HELP
+from .explore import ExploreConfig, run_explore
+
+
+@click.command()
+@click.argument("spec", metavar="SPACE")
+@click.option("--budget", required=True, help="15ms, 800us, 90% (of the space's first-choice network's predicted "
+              "latency), 50M-macs, 2M-params.")
+@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Trials in the study in all (a resumed study runs only the missing ones).")
+@click.option("--multi-objective", is_flag=True, help="Maximise accuracy and minimise the budgeted figure: "
+              "keep the Pareto front (no pruning: Optuna's pruners are single-objective).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder (default results/explore-<space>).")
+@click.option("--storage", help="Optuna storage URL or *.journal file (default: study.journal in --out).")
+@click.option("--data", default="digits", show_default=True, metavar="SOURCE", help=f"Dataset: {SOURCES_HELP}.")
+@click.option("--steps", type=click.IntRange(min=1), default=60, show_default=True, help="Training steps per trial.")
+@click.option("--reports", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Holdout evaluations per trial (the median pruner's rungs).")
+@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--train-resolution", type=int, default=32, show_default=True)
+@click.option("--resolution", type=int, help="Deployment resolution (latency is predicted there).")
+@click.option("--limit", type=click.IntRange(min=1), help="Use at most this many training images.")
+@click.option("--lut", type=click.Path(dir_okay=False), help="Latency table (default: lut.json in --out).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+def explore(spec: str, budget: str, trials: int, multi_objective: bool, out_dir: Optional[str],
+            storage: Optional[str], data: str, steps: int, reports: int, lr: float, batch_size: int,
+            train_resolution: int, resolution: Optional[int], limit: Optional[int], lut: Optional[str], seed: int,
+            threads: int) -> None:
+    """Search the choices written in a YAML space (cells holding lists) under a budget, with Optuna.
+
+    \b
+    Each trial samples a network; one the latency table predicts over budget is rejected without training
+    (recorded as an Optuna constraint), the others train briefly and are scored on the holdout, pruned early
+    when hopeless. Writes trials.csv, best.yaml (or pareto/trial-NNNN.yaml), explore.json, study.journal.
+    Run the same command again to resume.
+    """
+    err = Console(stderr=True)
+    config = ExploreConfig(spec_path=spec, budget=budget, trials=trials, multi_objective=multi_objective, data=data,
+                           train_resolution=train_resolution, resolution=resolution, steps=steps, reports=reports,
+                           lr=lr, batch_size=batch_size, limit=limit, seed=seed, threads=threads, lut=lut)
+    out = Path(out_dir or Path("results") / f"explore-{Path(spec).stem}")
+
+    def on_trial(info: dict[str, Any]) -> None:
+        acc = info.get("holdout_accuracy")
+        lat = info.get("predicted_latency_ms")
+        err.print(f"trial {info['trial']}: {'REJECTED (over budget)' if info.get('rejected') else info['state']}"
+                  + (f", predicted {lat:.3f} ms" if lat is not None else "")
+                  + f", {info.get('macs', 0) / 1e6:.2f}M MACs" + (f", holdout {100 * acc:.1f}%" if acc is not None else ""),
+                  highlight=False)
+
+    result = run_explore(config, out, storage, on_trial)
+    frame = result.trials
+    chosen = frame[frame["pareto"]]
+    table = Table(title=("Pareto front" if multi_objective else "best feasible trial") + f" of {len(frame)} trials",
+                  header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("trial", "holdout", "predicted ms", "MACs", "params", "YAML"):
+        table.add_column(name, justify="right" if name not in ("YAML",) else "left", no_wrap=True)
+    files = dict(result.chosen)
+    for row in chosen.to_dict("records"):
+        lat = row["predicted_latency_ms"]
+        table.add_row(str(row["trial"]), f"{100 * row['holdout_accuracy']:.1f}%",
+                      "-" if lat is None or lat != lat else f"{lat:.3f}", f"{row['macs'] / 1e6:.2f}M",
+                      f"{int(row['params']):,}", str(files.get(row["trial"], "")))
+    console = stdout_console()
+    console.print(table)
+    rejected = int((frame["state"] == "REJECTED").sum())
+    pruned = int((frame["state"] == "PRUNED").sum())
+    console.print(f"budget {result.budget_value:.4g} ({result.resource}); {rejected} rejected by prediction, "
+                  f"{pruned} pruned early; all trials in {out / 'trials.csv'}", highlight=False)
