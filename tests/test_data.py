@@ -15,14 +15,6 @@ from mnv3_search import UserError
 from mnv3_search.data import FASHION_MNIST_DIR, batches, load_dataset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
     raw = header + array.astype(np.uint8).tobytes()

@@ -26,16 +26,6 @@ SMALL_GROUPS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a 2-core box shared with another process, two OpenMP threads spin-wait
-    and run small convs up to 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny(spec: ArchSpec) -> ArchSpec:
     return replace(spec, num_classes=10, resolution=32)
 

@@ -19,14 +19,6 @@ from mnv3_search.train import evaluate, fine_tune, refresh_bn, train, train_epoc
 from mnv3_search.weights import read_state_dict
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits32():
     return load_dataset("digits", resolution=32, holdout=0.1, seed=0)
