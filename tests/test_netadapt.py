@@ -122,8 +122,8 @@ def test_latency_budget_is_confirmed_by_measurement(tmp_path: Path) -> None:
     assert (out / "lut.json").exists()
 
 
-def cli_command(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "mnv3_search", "netadapt", "small", "--budget", "5.1M-macs", "--out", str(out),
+def cli_command(out: Path, *extra: str, budget: str = "5.1M-macs") -> list[str]:
+    return [sys.executable, "-m", "mnv3_search", "netadapt", "small", "--budget", budget, "--out", str(out),
             *TINY_ARGS, *extra]
 
 
@@ -152,7 +152,7 @@ def test_resume_after_sigkill_gives_the_same_network(tmp_path: Path) -> None:
 
 def _scale_out(out: Path, storage: str | None) -> None:
     args = ["--workers", "2"] + (["--storage", storage] if storage else [])
-    done = subprocess.run(cli_command(out, *args), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cli_command(out, *args, budget="5.3M-macs"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     proposals = pd.read_csv(out / "proposals.csv")
     assert not proposals.duplicated(["iteration", "group"]).any()  # each proposal evaluated exactly once
