@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from ..fileio import atomic_path
 from ..latency import export_onnx, make_backend, torch_threads
 from ..lut import LatencyTable, spec_keys
 from ..model import build_model
-from ..proposals import ProposalGroup, proposal_groups
+from ..proposals import ProposalGroup, find_group, proposal_groups
 from ..spaces import resolve_spec_path
 from ..spec import ArchSpec
 from ..spec_yaml import dump_spec, load_spec
@@ -183,8 +184,8 @@ class NetAdapt:
 
     def _smallest(self, spec: ArchSpec) -> ArchSpec:
         """Every group at its smallest allowed width: the floor of this search."""
-        for name in [g.name for g in proposal_groups(spec, self.config.step)]:
-            group = next(g for g in proposal_groups(spec, self.config.step) if g.name == name)
+        for seed_group in proposal_groups(spec, self.config.step):
+            group = find_group(spec, seed_group.name, self.config.step)  # earlier shrinks change what is allowed
             options = group.keep_options()
             if options:
                 spec = child_spec(spec, group, options[-1], self.config.step)
@@ -232,8 +233,6 @@ class NetAdapt:
 
     def _start_workers(self) -> None:
         """`--workers N`: N - 1 extra local processes join this process in evaluating proposals."""
-        import subprocess
-
         for _ in range(self.workers - 1):
             cmd = [sys.executable, "-m", "mnv3_search", "worker", "--storage", self.storage_url, "--study",
                    self.study_name, "--run-dir", str(self.run.path.resolve()), "--parent-pid", str(os.getpid()),
