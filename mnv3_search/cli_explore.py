@@ -48,6 +48,11 @@ def explore(spec: str, budget: str, trials: int, multi_objective: bool, out_dir:
     (recorded as an Optuna constraint), the others train briefly and are scored on the holdout, pruned early
     when hopeless. Writes trials.csv, best.yaml (or pareto/trial-NNNN.yaml), explore.json, study.journal.
     Run the same command again to resume.
+
+    \b
+    Examples:
+      mnv3-search explore search_spaces/examples/small_choices.yaml --budget 90% --trials 20
+      mnv3-search explore my_space.yaml --budget 40M-macs --trials 50 --multi-objective --out results/pareto
     """
     err = Console(stderr=True)
     config = ExploreConfig(spec_path=spec, budget=budget, trials=trials, multi_objective=multi_objective, data=data,

@@ -51,8 +51,9 @@ def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[
     Latency is measured for all variants together, interleaved in this one process (25th percentile and
     median), so the ratios are fair even on a busy machine.
     \b
-    Example:
+    Examples:
       mnv3-search compare small results/small-80pct-seed0 small_075.yaml --csv cmp.csv
+      mnv3-search compare small.yaml results/run-a results/run-b --weights 1=seed.pt --data digits
     """
     err = Console(stderr=True)
     by_index: dict[int, str] = {}
@@ -121,6 +122,11 @@ def export(source: str, fmt: str, out_path: str, weights: Optional[str], resolut
     \b
     The file is reloaded and checked against PyTorch on random inputs (max abs error ≤ 1e-4, scaled by
     the outputs' magnitude above 1), then timed interleaved with the eager PyTorch model.
+
+    \b
+    Examples:
+      mnv3-search export results/small-80pct-seed0 --format onnx --out small80.onnx
+      mnv3-search export large --weights large.pth --format torchscript --out large.pt
     """
     err = Console(stderr=True)
     variant = load_variant(source, weights)
@@ -156,6 +162,11 @@ def report(path: str, out_dir: Optional[str]) -> None:
     A run: iterations.png (resource and holdout accuracy per iteration), proposals.png (every proposal's
     resource vs accuracy, chosen ones marked), widths.png (channel widths per block, seed vs final).
     A folder of runs (e.g. results/): pareto.png, final latency vs test accuracy of every finished run.
+
+    \b
+    Examples:
+      mnv3-search report results/small-80pct-seed0
+      mnv3-search report results/ --out plots/
     """
     from .plots import find_runs, is_run_folder, plot_pareto, read_run, report_run, runs_frame
 
