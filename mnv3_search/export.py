@@ -12,7 +12,6 @@ load. Folding first makes the file itself the deployable form, whichever runtime
 from __future__ import annotations
 
 import copy
-import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import UserError
 from .fileio import PathLike, atomic_path
-from .latency import InterleavedPolicy, Measurement, make_backend, measure_interleaved, torch_threads
+from .latency import (InterleavedPolicy, Measurement, make_backend, measure_interleaved, onnx_bytes,
+                      torch_threads)
 
 FORMATS = ("onnx", "torchscript")
 ATOL = 1e-4  # on outputs of magnitude <= 1; scaled by the largest |output| above that (float32 rounding)
@@ -51,16 +51,6 @@ def fold_bn(model: nn.Module) -> nn.Module:
 
 def count_bn(model: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], constant_folding: bool = True) -> bytes:
-    """The TorchScript-based exporter (fast, deterministic), opset 17, input `input`, output `output`."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.randn(input_shape),), buffer, dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["output"], do_constant_folding=constant_folding)
-    return buffer.getvalue()
 
 
 def onnx_op_counts(model_bytes: bytes) -> dict[str, int]:
