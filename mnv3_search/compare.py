@@ -9,7 +9,6 @@ to the baseline (the first variant) are fair. Numbers from different processes a
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from .data import Dataset
 from .errors import UserError
 from .latency import Backend, InterleavedPolicy, measure_interleaved
 from .model import build_model
+from .netadapt.runfolder import RunFolder
 from .spaces import resolve_spec_path
 from .spec import ArchSpec
 from .spec_yaml import load_spec
@@ -75,7 +75,7 @@ def load_variant(argument: str, weights: Optional[str] = None, label: Optional[s
             raise UserError(f"{path}: the run has not finished (no final.yaml); resume it with "
                             f"`mnv3-search netadapt --resume {path}` first")
         spec = load_spec(final)
-        run = json.loads((path / "run.json").read_text())
+        run = RunFolder(path).read_run_json() or {}
         checkpoint = Path(weights) if weights else path / "final.pt"
         state = read_state_dict(checkpoint) if checkpoint.is_file() else None
         if state is not None:

@@ -10,7 +10,6 @@ MACs when some run has no latency) vs test accuracy, the non-dominated runs join
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import pandas as pd  # noqa: E402
 from .budget import LATENCY, MACS, PARAMS, parse_budget  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .fileio import PathLike, atomic_path  # noqa: E402
+from .netadapt.runfolder import RunFolder  # noqa: E402
 from .spec import ArchSpec  # noqa: E402
 from .spec_yaml import load_spec  # noqa: E402
 
@@ -66,7 +66,7 @@ def read_run(path: PathLike) -> RunData:
     if not is_run_folder(path):
         raise UserError(f"{path}: not a NetAdapt run folder (needs run.json and iterations.csv) and holds no run "
                         f"folders; give results/<run> or a folder of runs")
-    run = json.loads((path / "run.json").read_text())
+    run = RunFolder(path).read_run_json() or {}
     iterations = pd.read_csv(path / "iterations.csv")
     proposals = pd.read_csv(path / "proposals.csv") if (path / "proposals.csv").is_file() else pd.DataFrame()
     budget = (run.get("config") or {}).get("budget", "")
