@@ -22,7 +22,6 @@ from typing import Any, Callable, Optional
 
 import optuna
 import pandas as pd
-import yaml
 
 from .budget import LATENCY, MACS, parse_budget
 from .counts import spec_macs, spec_params
@@ -36,7 +35,7 @@ from .netadapt.study import make_storage
 from .report import write_csv
 from .spaces import resolve_spec_path
 from .spec import ArchSpec
-from .spec_yaml import dump_spec, find_choices, spec_from_dict
+from .spec_yaml import dump_spec, find_choices, read_yaml, spec_from_dict
 from .train import train
 
 CONSTRAINT = "budget"  # (figure - budget) / budget: feasible when <= 0
@@ -115,16 +114,7 @@ class SearchSpace:
 def load_space(path: PathLike) -> SearchSpace:
     """Read a YAML search space (a spec whose cells may hold lists of choices)."""
     source = str(path)
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecError(f"{source}: no such file; give a path to a YAML search space") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{source}: cannot read the file ({getattr(exc, 'strerror', None) or exc})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise SpecError(f"{source}: YAML syntax error{at}; fix the syntax there") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         spec_from_dict(data, source)  # raises the concrete loader's one-line message
     return SearchSpace(data, source)
@@ -209,10 +199,11 @@ def run_explore(config: ExploreConfig, out: PathLike, storage: Optional[str] = N
                                 pruner=pruner, directions=directions, load_if_exists=True)
     settings = {"config": asdict(config), "space": str(path), "budget_value": limit, "resource": budget.resource}
     stored = study.user_attrs.get("explore")
+    diffs = [] if stored is None else [k for k in settings["config"]
+                                       if k != "trials" and settings["config"][k] != stored["config"].get(k)]
     if stored is None:
         study.set_user_attr("explore", settings)
-    elif [k for k in settings["config"] if k != "trials" and settings["config"][k] != stored["config"].get(k)]:
-        diffs = [k for k in settings["config"] if k != "trials" and settings["config"][k] != stored["config"].get(k)]
+    elif diffs:
         raise UserError(f"{out}: holds an exploration with other settings ({', '.join(diffs[:3])}); use another "
                         f"--out or the same options to resume it")
     else:

@@ -205,8 +205,8 @@ def spec_from_dict(data: Any, source: str = "<spec>") -> ArchSpec:
     return spec
 
 
-def load_spec(path: PathLike) -> ArchSpec:
-    """Read and validate a YAML bneck table."""
+def read_yaml(path: PathLike) -> Any:
+    """Parse a YAML file; a missing, unreadable or malformed file is one line naming it."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -218,13 +218,17 @@ def load_spec(path: PathLike) -> ArchSpec:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise SpecError(f"{source}: cannot read the file ({reason})") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"{source}: YAML syntax error{at}: {problem}; fix the syntax there") from None
-    return spec_from_dict(data, source)
+
+
+def load_spec(path: PathLike) -> ArchSpec:
+    """Read and validate a YAML bneck table."""
+    return spec_from_dict(read_yaml(path), str(path))
 
 
 def _scalar(value: Any) -> str:
