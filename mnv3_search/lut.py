@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 from torch import nn
 
+from .counts import spec_params
 from .errors import UserError
 from .fileio import PathLike, atomic_write_text
 from .latency import Backend, InterleavedPolicy, Measurement, measure_interleaved
@@ -134,11 +135,6 @@ def spec_keys(spec: ArchSpec) -> list[tuple[str, BlockKey]]:
     keys.append(("classifier", BlockKey("classifier", size, concrete.last_conv, concrete.hidden,
                                         concrete.num_classes, 0, 0, False, concrete.head_nl, False)))
     return keys
-
-
-def spec_params(spec: ArchSpec) -> int:
-    """Parameters of the whole network, from its keys (no model is built)."""
-    return sum(key.params for _, key in spec_keys(spec))
 
 
 def netadapt_keys(spec: ArchSpec, step: int = 8) -> list[BlockKey]:

@@ -15,8 +15,9 @@ from mnv3_search import UserError, build_model
 from mnv3_search.cli import cli
 from mnv3_search.latency import InterleavedPolicy, OnnxRuntimeBackend
 from mnv3_search.lut import (BlockKey, LatencyTable, build_table, check_variants, fit_calibration, netadapt_keys,
-                             read_table_file, spec_keys, spec_params, summarize_errors)
+                             read_table_file, spec_keys, summarize_errors)
 from mnv3_search.model import count_params
+from mnv3_search.counts import spec_params
 from mnv3_search.surgery import child_spec
 from mnv3_search.variants import random_variant
 
