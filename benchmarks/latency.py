@@ -27,12 +27,12 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mnv3_search.fileio import atomic_write_text  # noqa: E402
-from mnv3_search.latency import InterleavedPolicy, make_backend, measure_interleaved  # noqa: E402
-from mnv3_search.lut import LatencyTable, build_table, check_variants, summarize_errors  # noqa: E402
-from mnv3_search.model import build_model  # noqa: E402
-from mnv3_search.report import write_csv  # noqa: E402
-from mnv3_search.spaces import resolve_spec_path  # noqa: E402
-from mnv3_search.spec_yaml import load_spec  # noqa: E402
+from mnv3_search.latency.measure import InterleavedPolicy, make_backend, measure_interleaved  # noqa: E402
+from mnv3_search.latency.table import LatencyTable, build_table, check_variants, summarize_errors  # noqa: E402
+from mnv3_search.model.build import build_model  # noqa: E402
+from mnv3_search.report.frames import write_csv  # noqa: E402
+from mnv3_search.spec.spaces import resolve_spec_path  # noqa: E402
+from mnv3_search.spec.yaml_io import load_spec  # noqa: E402
 
 MODELS = ("large", "small")
 BACKENDS = ("onnxruntime", "torch")

@@ -27,15 +27,15 @@ import pandas as pd
 import torch
 
 from mnv3_search import build_model, load_spec
-from mnv3_search.latency import make_backend, torch_threads
-from mnv3_search.lut import LatencyTable
+from mnv3_search.latency.measure import make_backend, torch_threads
+from mnv3_search.latency.table import LatencyTable
 from mnv3_search.netadapt import RunConfig, run_netadapt
 from mnv3_search.netadapt.evaluate import Evaluator, load_run_dataset
 from mnv3_search.netadapt.runfolder import RunFolder
 from mnv3_search.netadapt.study import ITERATION_ATTR, claim
-from mnv3_search.proposals import proposal_groups
-from mnv3_search.report import write_csv
-from mnv3_search.spaces import resolve_spec_path
+from mnv3_search.prune.groups import proposal_groups
+from mnv3_search.report.frames import write_csv
+from mnv3_search.spec.spaces import resolve_spec_path
 from mnv3_search.train import evaluate, train_epochs
 
 OUT = Path("results/benchmarks")

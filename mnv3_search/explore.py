@@ -24,18 +24,18 @@ import optuna
 import pandas as pd
 
 from .budget import LATENCY, MACS, parse_budget
-from .counts import spec_macs, spec_params
+from .model.counts import spec_macs, spec_params
 from .data import load_dataset
 from .errors import SpecError, UserError
 from .fileio import PathLike, atomic_write_text
-from .latency import make_backend, torch_threads
-from .lut import LatencyTable
-from .model import build_model
+from .latency.measure import make_backend, torch_threads
+from .latency.table import LatencyTable
+from .model.build import build_model
 from .netadapt.study import make_storage
-from .report import write_csv
-from .spaces import resolve_spec_path
-from .spec import ArchSpec
-from .spec_yaml import dump_spec, find_choices, read_yaml, spec_from_dict
+from .report.frames import write_csv
+from .spec.spaces import resolve_spec_path
+from .spec.arch import ArchSpec
+from .spec.yaml_io import dump_spec, find_choices, read_yaml, spec_from_dict
 from .train import train
 
 CONSTRAINT = "budget"  # (figure - budget) / budget: feasible when <= 0
@@ -53,7 +53,7 @@ class Choice:
 
 def _choice_name(path: tuple) -> str:
     if path[0] == "bneck":
-        from .spec_yaml import ROW_FIELDS
+        from .spec.yaml_io import ROW_FIELDS
 
         field = ROW_FIELDS[path[2]] if isinstance(path[2], int) else path[2]
         return f"b{path[1] + 1}.{field}"

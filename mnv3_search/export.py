@@ -24,7 +24,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import UserError
 from .fileio import PathLike, atomic_path
-from .latency import (InterleavedPolicy, Measurement, make_backend, measure_interleaved, onnx_bytes,
+from .latency.measure import (InterleavedPolicy, Measurement, make_backend, measure_interleaved, onnx_bytes,
                       torch_threads)
 
 FORMATS = ("onnx", "torchscript")

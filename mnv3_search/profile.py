@@ -14,10 +14,10 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from .latency import Backend, Measurement, TimingPolicy, measure
-from .lut import LatencyTable, Prediction
-from .model import MobileNetV3
-from .spec import ArchSpec
+from .latency.measure import Backend, Measurement, TimingPolicy, measure
+from .latency.table import LatencyTable, Prediction
+from .model.build import MobileNetV3
+from .spec.arch import ArchSpec
 
 MADD_OPERATORS = ("conv", "linear", "matmul", "einsum", "bmm")
 

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 from mnv3_search import build_model
 from mnv3_search.cli import cli
-from mnv3_search.report import PROFILE_COLUMNS
-from mnv3_search.weights import save_checkpoint
+from mnv3_search.report.frames import PROFILE_COLUMNS
+from mnv3_search.model.weights import save_checkpoint
 from reference_weights import reference_state_dict
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from mnv3_search import dump_spec, load_spec
 from mnv3_search.cli import cli
-from mnv3_search.compare import COMPARE_COLUMNS, compare_frame, load_variant
-from mnv3_search.counts import spec_macs, spec_params
+from mnv3_search.report.compare import COMPARE_COLUMNS, compare_frame, load_variant
+from mnv3_search.model.counts import spec_macs, spec_params
 from tiny_run import tiny_run_folder
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"

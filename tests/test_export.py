@@ -13,7 +13,7 @@ from torch import nn
 from mnv3_search import build_model, load_spec
 from mnv3_search.cli import cli
 from mnv3_search.export import ATOL, bn_nodes_unfolded_onnx, count_bn, fold_bn, load_exported, onnx_op_counts
-from mnv3_search.weights import save_checkpoint
+from mnv3_search.model.weights import save_checkpoint
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 

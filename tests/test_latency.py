@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from mnv3_search import UserError
-from mnv3_search.latency import (InterleavedPolicy, OnnxRuntimeBackend, TimingPolicy, TorchEagerBackend, compare,
+from mnv3_search.latency.measure import (InterleavedPolicy, OnnxRuntimeBackend, TimingPolicy, TorchEagerBackend, compare,
                                  device_fingerprint, export_onnx, make_backend, measure, measure_interleaved,
                                  summarize)
-from mnv3_search.model import ConvBNAct
+from mnv3_search.model.build import ConvBNAct
 
 
 def test_summarize_exact_statistics():

@@ -13,13 +13,13 @@ from click.testing import CliRunner
 
 from mnv3_search import UserError, build_model
 from mnv3_search.cli import cli
-from mnv3_search.latency import InterleavedPolicy, OnnxRuntimeBackend
-from mnv3_search.lut import (BlockKey, LatencyTable, build_table, check_variants, fit_calibration, netadapt_keys,
+from mnv3_search.latency.measure import InterleavedPolicy, OnnxRuntimeBackend
+from mnv3_search.latency.table import (BlockKey, LatencyTable, build_table, check_variants, fit_calibration, netadapt_keys,
                              read_table_file, spec_keys, summarize_errors)
-from mnv3_search.model import count_params
-from mnv3_search.counts import spec_params
-from mnv3_search.surgery import child_spec
-from mnv3_search.variants import random_variant
+from mnv3_search.model.build import count_params
+from mnv3_search.model.counts import spec_params
+from mnv3_search.prune.surgery import child_spec
+from mnv3_search.prune.variants import random_variant
 
 FAST = InterleavedPolicy(passes=2, runs_per_pass=1, warmup_runs=1, min_passes=1)
 

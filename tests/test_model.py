@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mnv3_search import ArchSpec, build_model, count_params
-from mnv3_search.spec import BlockConfig
+from mnv3_search.spec.arch import BlockConfig
 
 from reference_weights import reference_state_dict
 

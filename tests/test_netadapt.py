@@ -24,8 +24,8 @@ from mnv3_search.cli import cli
 from mnv3_search.netadapt import RunConfig, run_netadapt
 from mnv3_search.netadapt.runfolder import ITERATION_COLUMNS, PROPOSAL_COLUMNS, RunFolder
 from mnv3_search.netadapt.study import ITERATION_ATTR, create_study, make_storage, requeue_stale
-from mnv3_search.spaces import resolve_spec_path
-from mnv3_search.weights import read_checkpoint
+from mnv3_search.spec.spaces import resolve_spec_path
+from mnv3_search.model.weights import read_checkpoint
 from postgres import postgres_bin, running_postgres
 
 TINY = dict(data="digits", limit=240, batch_size=32, short_steps=4, reports=2, seed_epochs=2, long_epochs=1,
@@ -64,7 +64,7 @@ def test_schedules() -> None:
 
 
 def test_counts_match_fvcore() -> None:
-    from mnv3_search.counts import spec_macs, spec_params
+    from mnv3_search.model.counts import spec_macs, spec_params
     from mnv3_search.profile import profile_model
 
     spec = load_spec(resolve_spec_path("small")).with_overrides(resolution=64, num_classes=10)

@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 
 from mnv3_search import ArchSpec, build_model, count_params
-from mnv3_search.latency import TimingPolicy, make_backend
+from mnv3_search.latency.measure import TimingPolicy, make_backend
 from mnv3_search.profile import profile_model
-from mnv3_search.report import PROFILE_COLUMNS, profile_frame
+from mnv3_search.report.frames import PROFILE_COLUMNS, profile_frame
 
 FAST = TimingPolicy(warmup_seconds=0.0, min_repeats=3, max_repeats=5, max_seconds=0.01)
 

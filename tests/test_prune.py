@@ -10,9 +10,9 @@ import torch
 
 from mnv3_search import (ArchSpec, BneckSpec, StemSpec, UserError, build_model, load_spec, proposal_groups,
                          shrink, spec_to_yaml)
-from mnv3_search.layout import HIDDEN_LINEAR, block_keys, last_conv_prefix, stem_prefix
-from mnv3_search.spec_yaml import dump_spec
-from mnv3_search.surgery import ShrinkPlan, apply_plan, plan_shrink
+from mnv3_search.model.layout import HIDDEN_LINEAR, block_keys, last_conv_prefix, stem_prefix
+from mnv3_search.spec.yaml_io import dump_spec
+from mnv3_search.prune.surgery import ShrinkPlan, apply_plan, plan_shrink
 
 LARGE_GROUPS = {
     "out0-1": 16, "exp2": 64, "out2-3": 24, "exp3": 72, "exp4": 72, "out4-6": 40, "exp5": 120, "exp6": 120,

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from mnv3_search.cli import cli
-from mnv3_search.plots import pareto_mask, read_run, runs_frame
+from mnv3_search.report.plots import pareto_mask, read_run, runs_frame
 from tiny_run import tiny_run_folder
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -16,7 +16,7 @@ from mnv3_search import ArchSpec, build_model, shrink
 from mnv3_search.cli import cli
 from mnv3_search.data import batches, load_dataset
 from mnv3_search.train import evaluate, fine_tune, refresh_bn, train, train_epochs
-from mnv3_search.weights import read_state_dict
+from mnv3_search.model.weights import read_state_dict
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ import optuna
 import torch
 
 from ..data import Dataset, load_dataset
-from ..model import build_model
-from ..spec import ArchSpec
-from ..surgery import shrink
+from ..model.build import build_model
+from ..spec.arch import ArchSpec
+from ..prune.surgery import shrink
 from ..train import fine_tune, refresh_bn
 from .config import RunConfig
 from .runfolder import RunFolder

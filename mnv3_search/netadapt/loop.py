@@ -27,19 +27,19 @@ import torch
 from optuna.trial import TrialState
 
 from ..budget import LATENCY, MACS, PARAMS, Budget, parse_budget, parse_schedule
-from ..counts import spec_macs, spec_params
+from ..model.counts import spec_macs, spec_params
 from ..errors import UserError
 from ..fileio import atomic_path
-from ..latency import export_onnx, make_backend, torch_threads
-from ..lut import LatencyTable, spec_keys
-from ..model import build_model
-from ..proposals import ProposalGroup, find_group, proposal_groups
-from ..spaces import resolve_spec_path
-from ..spec import ArchSpec
-from ..spec_yaml import dump_spec, load_spec
-from ..surgery import child_spec
+from ..latency.measure import export_onnx, make_backend, torch_threads
+from ..latency.table import LatencyTable, spec_keys
+from ..model.build import build_model
+from ..prune.groups import ProposalGroup, find_group, proposal_groups
+from ..spec.spaces import resolve_spec_path
+from ..spec.arch import ArchSpec
+from ..spec.yaml_io import dump_spec, load_spec
+from ..prune.surgery import child_spec
 from ..train import evaluate, train_epochs
-from ..weights import check_fits, read_state_dict
+from ..model.weights import check_fits, read_state_dict
 from .config import RunConfig
 from .evaluate import Evaluator, load_run_dataset
 from .runfolder import RunFolder

@@ -24,9 +24,9 @@ import torch
 
 from ..errors import UserError
 from ..fileio import atomic_write_text
-from ..report import write_csv
-from ..spec import ArchSpec
-from ..weights import read_checkpoint, save_state
+from ..report.frames import write_csv
+from ..spec.arch import ArchSpec
+from ..model.weights import read_checkpoint, save_state
 
 ITERATION_COLUMNS = [
     "iteration", "proposal", "group", "channels_before", "channels", "target_latency_ms", "predicted_latency_ms",

@@ -17,16 +17,16 @@ from typing import Callable, Optional, Sequence
 import pandas as pd
 import torch
 
-from .counts import spec_macs, spec_params
-from .data import Dataset
-from .errors import UserError
-from .latency import Backend, InterleavedPolicy, measure_interleaved
-from .model import build_model
-from .netadapt.runfolder import RunFolder
-from .spaces import resolve_spec_path
-from .spec import ArchSpec
-from .spec_yaml import load_spec
-from .weights import check_fits, read_state_dict
+from ..model.counts import spec_macs, spec_params
+from ..data import Dataset
+from ..errors import UserError
+from ..latency.measure import Backend, InterleavedPolicy, measure_interleaved
+from ..model.build import build_model
+from ..netadapt.runfolder import RunFolder
+from ..spec.spaces import resolve_spec_path
+from ..spec.arch import ArchSpec
+from ..spec.yaml_io import load_spec
+from ..model.weights import check_fits, read_state_dict
 
 # Columns of `compare --csv`, in order. Ratios are variant / baseline (the first variant); accuracy ratios
 # are left empty where either accuracy is unknown.
@@ -105,7 +105,7 @@ def unique_labels(variants: Sequence[Variant]) -> None:
 
 def evaluate_variants(variants: Sequence[Variant], dataset: Dataset) -> None:
     """Test accuracy on `dataset` for every variant with weights whose classifier fits the dataset."""
-    from .train import evaluate
+    from ..train import evaluate
 
     for v in variants:
         if v.state_dict is None:

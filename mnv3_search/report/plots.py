@@ -22,12 +22,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .budget import LATENCY, MACS, PARAMS, parse_budget  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .fileio import PathLike, atomic_path  # noqa: E402
-from .netadapt.runfolder import RunFolder  # noqa: E402
-from .spec import ArchSpec  # noqa: E402
-from .spec_yaml import load_spec  # noqa: E402
+from ..budget import LATENCY, MACS, PARAMS, parse_budget  # noqa: E402
+from ..errors import UserError  # noqa: E402
+from ..fileio import PathLike, atomic_path  # noqa: E402
+from ..netadapt.runfolder import RunFolder  # noqa: E402
+from ..spec.arch import ArchSpec  # noqa: E402
+from ..spec.yaml_io import load_spec  # noqa: E402
 
 RESOURCE_COLUMN = {LATENCY: "predicted_latency_ms", MACS: "macs", PARAMS: "params"}
 RESOURCE_LABEL = {LATENCY: "predicted latency (ms)", MACS: "MACs (M)", PARAMS: "params (M)"}
@@ -73,7 +73,7 @@ def read_run(path: PathLike) -> RunData:
     resource = parse_budget(budget).resource if budget else LATENCY
     data = RunData(path, run, iterations, proposals, resource)
     if (path / "seed.pt").is_file():
-        from .weights import read_checkpoint
+        from ..model.weights import read_checkpoint
 
         data.seed_spec = read_checkpoint(path / "seed.pt")[0]
     if (path / "final.yaml").is_file():

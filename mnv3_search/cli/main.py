@@ -13,15 +13,15 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli_common import load_spec_argument, stdout_console
-from .errors import UserError
-from .latency import BACKENDS, make_backend
-from .lut import LatencyTable, spec_keys
-from .model import MobileNetV3, build_model
-from .profile import Profile, attach_prediction, profile_model
-from .report import profile_frame, write_csv
-from .spec import ArchSpec
-from .weights import load_weights
+from .common import load_spec_argument, stdout_console
+from ..errors import UserError
+from ..latency.measure import BACKENDS, make_backend
+from ..latency.table import LatencyTable, spec_keys
+from ..model.build import MobileNetV3, build_model
+from ..profile import Profile, attach_prediction, profile_model
+from ..report.frames import profile_frame, write_csv
+from ..spec.arch import ArchSpec
+from ..model.weights import load_weights
 
 
 class UserErrorGroup(click.Group):
@@ -174,18 +174,18 @@ def profile(spec: str, resolution: Optional[int], width: Optional[float], num_cl
         _render_profile(result, stdout_console())
 
 
-from .cli_lut import lut  # noqa: E402
+from .lut import lut  # noqa: E402
 cli.add_command(lut)
-from .cli_train import train  # noqa: E402
+from .train import train  # noqa: E402
 cli.add_command(train)
-from .cli_netadapt import netadapt, worker  # noqa: E402
+from .netadapt import netadapt, worker  # noqa: E402
 cli.add_command(netadapt)
 cli.add_command(worker)
-from .cli_report import compare, export, report  # noqa: E402
+from .report import compare, export, report  # noqa: E402
 cli.add_command(compare)
 cli.add_command(export)
 cli.add_command(report)
-from .cli_explore import explore  # noqa: E402
+from .explore import explore  # noqa: E402
 cli.add_command(explore)
 
 

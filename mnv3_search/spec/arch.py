@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
-from .errors import SpecError
+from ..errors import SpecError
 
 NONLINEARITIES = ("RE", "HS")
 MAX_CHANNELS = 8192

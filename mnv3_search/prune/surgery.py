@@ -21,11 +21,11 @@ from typing import Mapping, Union
 
 import torch
 
-from .errors import UserError
-from .layout import BN_TENSORS, HIDDEN_LINEAR, OUTPUT_LINEAR, block_keys, last_conv_prefix, stem_prefix
-from .proposals import COUPLED, EXPANSION, HIDDEN, LAST_CONV, ProposalGroup, find_group
-from .spec import ArchSpec, BlockConfig, make_divisible
-from .weights import check_fits
+from ..errors import UserError
+from ..model.layout import BN_TENSORS, HIDDEN_LINEAR, OUTPUT_LINEAR, block_keys, last_conv_prefix, stem_prefix
+from .groups import COUPLED, EXPANSION, HIDDEN, LAST_CONV, ProposalGroup, find_group
+from ..spec.arch import ArchSpec, BlockConfig, make_divisible
+from ..model.weights import check_fits
 
 StateDict = dict[str, torch.Tensor]
 
@@ -208,7 +208,7 @@ def apply_plan(state_dict: Mapping[str, torch.Tensor], plan: ShrinkPlan) -> Stat
 @lru_cache(maxsize=16)
 def _expected_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
     """Tensor shapes of build_model(spec), built once per spec on the meta device (no memory, no init)."""
-    from .model import build_model
+    from ..model.build import build_model
 
     with torch.device("meta"):
         model = build_model(spec)

@@ -11,9 +11,9 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from .errors import SpecError
-from .fileio import PathLike, atomic_write_text
-from .spec import (
+from ..errors import SpecError
+from ..fileio import PathLike, atomic_write_text
+from .arch import (
     MAX_CHANNELS,
     MAX_CLASSES,
     MAX_KERNEL,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .spec import ArchSpec, BlockConfig
+from ..spec.arch import ArchSpec, BlockConfig
 
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 

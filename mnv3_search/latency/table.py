@@ -28,13 +28,13 @@ from typing import Callable, Iterable, Optional, Sequence
 
 from torch import nn
 
-from .counts import spec_params
-from .errors import UserError
-from .fileio import PathLike, atomic_write_text
-from .latency import Backend, InterleavedPolicy, Measurement, measure_interleaved
-from .model import Classifier, ConvBNAct, InvertedResidual, build_model
-from .spec import ArchSpec, BlockConfig, make_divisible
-from .variants import random_variant, single_axis_variants
+from ..model.counts import spec_params
+from ..errors import UserError
+from ..fileio import PathLike, atomic_write_text
+from .measure import Backend, InterleavedPolicy, Measurement, measure_interleaved
+from ..model.build import Classifier, ConvBNAct, InvertedResidual, build_model
+from ..spec.arch import ArchSpec, BlockConfig, make_divisible
+from ..prune.variants import random_variant, single_axis_variants
 
 SCHEMA = "mnv3-search/latency-table"
 SCHEMA_VERSION = 1
@@ -85,7 +85,7 @@ class BlockKey:
         if self.kind == "last_conv":
             return ConvBNAct(self.in_channels, self.out, 1, nl=self.nl)
         if self.kind == "classifier":
-            from .model import activation
+            from ..model.build import activation
 
             return Classifier(nn.AdaptiveAvgPool2d(1), nn.Sequential(
                 nn.Linear(self.in_channels, self.exp), activation(self.nl)(inplace=True), nn.Dropout(0.2),

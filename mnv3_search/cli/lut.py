@@ -14,10 +14,10 @@ from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
-from .cli_common import load_spec_argument, stdout_console
-from .latency import BACKENDS, InterleavedPolicy, make_backend
-from .lut import (LatencyTable, build_table, check_variants, default_table_path, summarize_errors)
-from .report import write_csv
+from .common import load_spec_argument, stdout_console
+from ..latency.measure import BACKENDS, InterleavedPolicy, make_backend
+from ..latency.table import (LatencyTable, build_table, check_variants, default_table_path, summarize_errors)
+from ..report.frames import write_csv
 
 
 @contextmanager

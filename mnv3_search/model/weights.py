@@ -13,10 +13,10 @@ import torch
 import yaml
 from torch import nn
 
-from .errors import CheckpointError
-from .fileio import PathLike, atomic_path
-from .spec import ArchSpec
-from .spec_yaml import spec_from_dict, spec_to_yaml
+from ..errors import CheckpointError
+from ..fileio import PathLike, atomic_path
+from ..spec.arch import ArchSpec
+from ..spec.yaml_io import spec_from_dict, spec_to_yaml
 
 CHECKPOINT_FORMAT = "mnv3-search/1"
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-from .errors import UserError
-from .spec import ArchSpec, BlockConfig
+from ..errors import UserError
+from ..spec.arch import ArchSpec, BlockConfig
 
 EXPANSION = "expansion"
 COUPLED = "coupled-out"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from .errors import SpecError
+from ..errors import SpecError
 
 
 def shipped_dir() -> Path:

@@ -7,9 +7,9 @@ from typing import Optional
 
 from rich.console import Console
 
-from .spaces import resolve_spec_path
-from .spec import ArchSpec
-from .spec_yaml import load_spec
+from ..spec.spaces import resolve_spec_path
+from ..spec.arch import ArchSpec
+from ..spec.yaml_io import load_spec
 
 
 def load_spec_argument(argument: str, err: Console, *, resolution: Optional[int] = None,

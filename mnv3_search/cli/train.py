@@ -16,14 +16,14 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .data import SOURCES_HELP, load_dataset
-from .fileio import atomic_write_text
-from .model import build_model
-from .report import write_csv
-from .spaces import resolve_spec_path
-from .spec_yaml import dump_spec, load_spec
-from .train import evaluate, steps_per_epoch, train_epochs
-from .weights import load_weights, save_checkpoint
+from ..data import SOURCES_HELP, load_dataset
+from ..fileio import atomic_write_text
+from ..model.build import build_model
+from ..report.frames import write_csv
+from ..spec.spaces import resolve_spec_path
+from ..spec.yaml_io import dump_spec, load_spec
+from ..train import evaluate, steps_per_epoch, train_epochs
+from ..model.weights import load_weights, save_checkpoint
 
 
 @click.command()

@@ -12,13 +12,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli_common import stdout_console
-from .compare import compare_frame, evaluate_variants, load_variant, measure_variants, unique_labels
-from .data import SOURCES_HELP, load_dataset
-from .errors import UserError
-from .export import FORMATS, export_model
-from .latency import BACKENDS, InterleavedPolicy, make_backend, torch_threads
-from .report import write_csv
+from .common import stdout_console
+from ..report.compare import compare_frame, evaluate_variants, load_variant, measure_variants, unique_labels
+from ..data import SOURCES_HELP, load_dataset
+from ..errors import UserError
+from ..export import FORMATS, export_model
+from ..latency.measure import BACKENDS, InterleavedPolicy, make_backend, torch_threads
+from ..report.frames import write_csv
 
 
 def _num(value: Any, fmt: str) -> str:
@@ -168,7 +168,7 @@ def report(path: str, out_dir: Optional[str]) -> None:
       mnv3-search report results/small-80pct-seed0
       mnv3-search report results/ --out plots/
     """
-    from .plots import find_runs, is_run_folder, plot_pareto, read_run, report_run, runs_frame
+    from ..report.plots import find_runs, is_run_folder, plot_pareto, read_run, report_run, runs_frame
 
     err = Console(stderr=True)
     out = stdout_console()

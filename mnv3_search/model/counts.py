@@ -7,7 +7,7 @@ fvcore (the tests check equality on the shipped specs) in microseconds.
 
 from __future__ import annotations
 
-from .spec import ArchSpec
+from ..spec.arch import ArchSpec
 
 
 def _conv_out(size: int, kernel: int, stride: int) -> int:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
-from .proposals import find_group, proposal_groups
-from .spec import ArchSpec
+from .groups import find_group, proposal_groups
+from ..spec.arch import ArchSpec
 from .surgery import child_spec
 
 

@@ -14,15 +14,15 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from .budget import LATENCY
-from .data import SOURCES_HELP
-from .errors import UserError
-from .latency import torch_threads
-from .netadapt.config import PRUNERS, SELECT_RULES, RunConfig
-from .netadapt.evaluate import Evaluator, work
-from .netadapt.loop import NetAdapt, RunResult
-from .netadapt.runfolder import RunFolder
-from .netadapt.study import CONFIG_ATTR, claim_lock_path, GROUPS_ATTR, RUN_DIR_ATTR, STATUS_ATTR, load_study, make_pruner
+from ..budget import LATENCY
+from ..data import SOURCES_HELP
+from ..errors import UserError
+from ..latency.measure import torch_threads
+from ..netadapt.config import PRUNERS, SELECT_RULES, RunConfig
+from ..netadapt.evaluate import Evaluator, work
+from ..netadapt.loop import NetAdapt, RunResult
+from ..netadapt.runfolder import RunFolder
+from ..netadapt.study import CONFIG_ATTR, claim_lock_path, GROUPS_ATTR, RUN_DIR_ATTR, STATUS_ATTR, load_study, make_pruner
 
 
 class NetAdaptView:

@@ -10,9 +10,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .cli_common import stdout_console
-from .data import SOURCES_HELP
-from .explore import ExploreConfig, run_explore
+from .common import stdout_console
+from ..data import SOURCES_HELP
+from ..explore import ExploreConfig, run_explore
 
 
 @click.command()

@@ -6,8 +6,8 @@ from dataclasses import asdict
 
 import pandas as pd
 
-from .fileio import PathLike, atomic_path
-from .profile import Profile
+from ..fileio import PathLike, atomic_path
+from ..profile import Profile
 
 PROFILE_COLUMNS = [
     "block", "module", "in_channels", "out_channels", "kernel", "stride", "exp", "se", "nl", "output_size",

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .spec import ArchSpec, BlockConfig
+from ..spec.arch import ArchSpec, BlockConfig
 
 BN_EPS = 0.001
 BN_MOMENTUM = 0.01

@@ -1,0 +1,1 @@
+"""Outputs for people and scripts: pandas frames and CSV, comparisons of variants, plots of runs."""
