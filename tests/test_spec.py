@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from mnv3_search import ArchSpec, BneckSpec, dump_spec, load_spec, make_divisible, spec_to_yaml
+from mnv3_search import ArchSpec, BneckSpec, SpecError, dump_spec, load_spec, make_divisible, spec_to_yaml
 
 # REFERENCE §1, Tables 1 and 2: (k, exp, out, SE, NL, s) per bneck row.
 PAPER_LARGE = [
@@ -86,3 +87,21 @@ def test_round_trip_keeps_expand_flag_and_odd_names(tmp_path, small: ArchSpec) -
 def test_dump_is_atomic_and_leaves_no_temp_files(tmp_path, large: ArchSpec) -> None:
     dump_spec(large, tmp_path / "out" / "large.yaml")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["large.yaml"]
+
+
+# --- shipped names ------------------------------------------------------------------------------------------
+
+
+def test_load_spec_takes_shipped_names_as_the_cli_does(large: ArchSpec, small: ArchSpec, tmp_path,
+                                                       monkeypatch) -> None:
+    assert load_spec("large") == large
+    assert load_spec("small.yaml") == small
+    assert load_spec("search_spaces/small.yaml") == small
+    assert load_spec(Path("large")) == large
+    with pytest.raises(SpecError) as info:
+        load_spec("medium")
+    assert str(info.value) == ("medium: no such file, and not a shipped search space; give a YAML path or one of: "
+                               "large, small")
+    monkeypatch.chdir(tmp_path)  # an existing file of that name wins
+    dump_spec(replace(small, name="mine"), tmp_path / "large")
+    assert load_spec("large").name == "mine"

@@ -24,6 +24,7 @@ from .arch import (
     StemSpec,
     validate_spec,
 )
+from .spaces import resolve_spec_path
 
 ROW_FIELDS = ("k", "exp", "out", "se", "nl", "s")
 ROW_HELP = "[k, exp, out, SE, NL, s]"
@@ -227,7 +228,9 @@ def read_yaml(path: PathLike) -> Any:
 
 
 def load_spec(path: PathLike) -> ArchSpec:
-    """Read and validate a YAML bneck table."""
+    """Read and validate a YAML bneck table: a path, or a shipped name (`large`, `small.yaml`) as the CLI's
+    SPEC argument accepts it; an existing file of that name wins."""
+    path = resolve_spec_path(str(path))
     return spec_from_dict(read_yaml(path), str(path))
 
 
