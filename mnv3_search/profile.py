@@ -17,7 +17,9 @@ from torch import nn
 from .latency.measure import Backend, Measurement, TimingPolicy, measure
 from .latency.table import LatencyTable, Prediction
 from .model.build import MobileNetV3
+from .model.layout import unit_modules
 from .spec.arch import ArchSpec
+from .spec.units import BneckUnit, ClassifierUnit, Unit, spec_units
 
 MADD_OPERATORS = ("conv", "linear", "matmul", "einsum", "bmm")
 
@@ -95,33 +97,32 @@ class Profile:
 
 @dataclass(frozen=True)
 class _Unit:
-    """A profiled unit of the network: its row label, module path(s) and the module to time."""
+    """A profiled unit of the network (one of `spec_units`): its module path(s) and the module to time."""
 
-    block: str
+    unit: Unit
     module_names: tuple[str, ...]
     module: nn.Module
-    in_channels: int
-    out_channels: int
-    kernel: Optional[int]
-    stride: Optional[int]
-    exp: Optional[int]
-    se: Optional[bool]
-    nl: str
+
+    @property
+    def block(self) -> str:
+        return self.unit.label
 
 
 def _units(model: MobileNetV3) -> Iterator[_Unit]:
-    spec = model.spec.scaled()
-    stem = spec.stem
-    yield _Unit("stem", ("features.0",), model.features[0], 3, stem.out, stem.kernel, stem.stride, None, None,
-                stem.nl)
-    for config in model.spec.block_configs():
-        yield _Unit(f"bneck {config.index}", (f"features.{config.index}",), model.features[config.index],
-                    config.in_channels, config.out, config.kernel, config.stride, config.exp, config.se, config.nl)
-    last = len(spec.blocks) + 1
-    yield _Unit("last_conv", (f"features.{last}",), model.features[last], spec.blocks[-1].out, spec.last_conv, 1, 1,
-                None, None, spec.last_nl)
-    yield _Unit("classifier", ("avgpool", "classifier"), model.head(), spec.last_conv, spec.num_classes, None, None,
-                None, None, spec.head_nl)
+    for unit in spec_units(model.spec):
+        names = unit_modules(unit)
+        module = model.head() if isinstance(unit, ClassifierUnit) else model.get_submodule(names[0])
+        yield _Unit(unit, names, module)
+
+
+def _row_fields(unit: Unit) -> dict:
+    """The profile's descriptive columns of one unit (None where a column means nothing for it)."""
+    if isinstance(unit, BneckUnit):
+        c = unit.config
+        return dict(kernel=c.kernel, stride=c.stride, exp=c.exp, se=c.se)
+    if isinstance(unit, ClassifierUnit):
+        return dict(kernel=None, stride=None, exp=None, se=None)
+    return dict(kernel=unit.kernel, stride=unit.stride, exp=None, se=None)
 
 
 def fvcore_counts(model: nn.Module, resolution: int) -> dict[str, dict[str, int]]:
@@ -141,32 +142,6 @@ def fvcore_counts(model: nn.Module, resolution: int) -> dict[str, dict[str, int]
             logger.setLevel(level)
 
 
-def _input_shapes(model: MobileNetV3, units: list[_Unit], batch: int, resolution: int
-                  ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
-    """Input and output shape of every unit, from one forward pass with hooks."""
-    inputs: dict[str, tuple[int, ...]] = {}
-    outputs: dict[str, tuple[int, ...]] = {}
-    handles = []
-    for unit in units:
-        target = model.classifier if unit.block == "classifier" else unit.module
-        key = unit.block
-
-        def hook(_m: nn.Module, args: tuple, out: torch.Tensor, key: str = key) -> None:
-            inputs.setdefault(key, tuple(args[0].shape))
-            outputs[key] = tuple(out.shape)
-
-        handles.append(target.register_forward_hook(hook))
-    try:
-        with torch.inference_mode():
-            model.eval()(torch.zeros(batch, 3, resolution, resolution))
-    finally:
-        for handle in handles:
-            handle.remove()
-    # the classifier unit starts at the pooled feature map: the last conv's output
-    inputs["classifier"] = outputs["last_conv"]
-    return inputs, outputs
-
-
 def profile_model(model: MobileNetV3, *, batch: int = 1, backend: Optional[Backend] = None,
                   policy: TimingPolicy = TimingPolicy(), whole_policy: TimingPolicy = TimingPolicy(max_seconds=1.5),
                   progress: Optional[Callable[[str], None]] = None) -> Profile:
@@ -175,30 +150,30 @@ def profile_model(model: MobileNetV3, *, batch: int = 1, backend: Optional[Backe
     resolution = spec.resolution
     units = list(_units(model))
     counts = fvcore_counts(model, resolution)
-    inputs, outputs = _input_shapes(model, units, 1, resolution)
     rows = []
-    for unit in units:
+    for item in units:
+        unit = item.unit
         ops: dict[str, int] = {}
-        for name in unit.module_names:
+        for name in item.module_names:
             for op, n in counts.get(name, {}).items():
                 ops[op] = ops.get(op, 0) + n
-        out_shape = outputs[unit.block]
-        size = f"{out_shape[2]}x{out_shape[3]}" if len(out_shape) == 4 else f"{out_shape[1]}"
+        size = str(unit.out_channels) if isinstance(unit, ClassifierUnit) else \
+            f"{unit.out_resolution}x{unit.out_resolution}"
         rows.append(BlockRow(
-            block=unit.block, module="+".join(unit.module_names), in_channels=unit.in_channels,
-            out_channels=unit.out_channels, kernel=unit.kernel, stride=unit.stride, exp=unit.exp, se=unit.se,
-            nl=unit.nl, output_size=size, params=sum(p.numel() for p in unit.module.parameters()),
+            block=unit.label, module="+".join(item.module_names), in_channels=unit.in_channels,
+            out_channels=unit.out_channels, **_row_fields(unit), nl=unit.nl, output_size=size,
+            params=sum(p.numel() for p in item.module.parameters()),
             macs=sum(n for op, n in ops.items() if op in MADD_OPERATORS), fvcore_total=sum(ops.values()),
         ))
     profile = Profile(spec.name, resolution, batch, rows)
     if backend is None:
         return profile
     profile.backend, profile.threads = backend.name, backend.threads
-    for unit, row in zip(units, rows):
+    for item, row in zip(units, rows):
         if progress:
-            progress(unit.block)
-        shape = (batch,) + inputs[unit.block][1:]
-        m = measure(backend.runner(unit.module, shape), policy)
+            progress(item.block)
+        shape = (batch, item.unit.in_channels, item.unit.resolution, item.unit.resolution)
+        m = measure(backend.runner(item.module, shape), policy)
         row.latency_ms, row.latency_p10_ms, row.latency_p90_ms = m.median_ms, m.p10_ms, m.p90_ms
     total = sum(r.latency_ms for r in rows)  # type: ignore[misc]
     for row in rows:

@@ -65,11 +65,25 @@ OTHER = {"kind": "stem", "resolution": 14, "in_channels": 32, "exp": 80, "out": 
          "se": False, "nl": "HS", "expand": False}
 
 
-@pytest.mark.parametrize("name", [f.name for f in fields(BlockKey)])
+@pytest.mark.parametrize("name", [f.name for f in fields(BlockKey) if f.name != "residual"])
 def test_key_id_changes_with_every_field(name):
     changed = replace(BASE, **{name: OTHER[name]})
     assert changed != BASE
     assert changed.id != BASE.id
+
+
+def test_key_residual_flag():
+    """The id names the flag only where it departs from the rule: ids of older tables stay valid."""
+    assert BASE.residual is False and BASE.id == "bneck r28 in24 exp72 out40 k5 s2 se1 RE x1"
+    add = BlockKey("bneck", 14, 40, 120, 40, 5, 1, True, "HS", True)
+    assert add.residual is True and add.id == "bneck r14 in40 exp120 out40 k5 s1 se1 HS x1"
+    plain = replace(add, residual=False)
+    assert plain != add and plain.id == "bneck r14 in40 exp120 out40 k5 s1 se1 HS x1 res0"
+    assert plain.params == add.params == count_params(plain.module())  # an add has no parameters
+    assert plain.module().use_res_connect is False and add.module().use_res_connect is True
+    assert replace(add, residual=None) == add  # None: the rule, resolved at once
+    with pytest.raises(ValueError, match="residual needs a bneck with stride 1 and in == out"):
+        replace(BASE, residual=True)
 
 
 def test_spec_keys_follow_every_cost_field_of_a_block(tiny):
@@ -90,6 +104,11 @@ def test_spec_keys_follow_every_cost_field_of_a_block(tiny):
     assert key_of(exp=24, expand=True).expand is True
     assert key_of(exp=24).expand is False  # exp == in: no expansion conv
     assert key_of(stride=1).stride == 1
+    five = dict(spec_keys(tiny))["bneck 5"]  # Small row 5: 40 -> 40 at stride 1: an add
+    blocks = list(tiny.blocks)
+    blocks[4] = replace(blocks[4], residual=False)
+    plain = dict(spec_keys(replace(tiny, blocks=tuple(blocks))))["bneck 5"]
+    assert five.residual is True and plain.residual is False and plain == replace(five, residual=False)
     assert dict(spec_keys(replace(tiny, resolution=64)))["bneck 4"].resolution == 8
     keys = dict(spec_keys(tiny))
     assert keys["bneck 5"].in_channels == 40 and keys["bneck 5"].resolution == 2
@@ -124,6 +143,8 @@ def test_netadapt_keys_cover_every_step_of_every_axis(tiny):
     last = {k.out for k in keys if k.kind == "last_conv"}
     assert last == set(range(576, 0, -8))
     assert set(seed.values()) <= keys
+    # out7-8 at 40 makes bneck 7 40 -> 40 at stride 1 without an add: its own entry
+    assert BlockKey("bneck", 2, 40, 120, 40, 5, 1, True, "HS", True, residual=False) in keys
 
 
 def test_variants_keep_residual_groups_and_expand_convs(large):
@@ -138,6 +159,21 @@ def test_variants_keep_residual_groups_and_expand_convs(large):
     child = child_spec(large, "out0-1", 8)
     assert (child.stem.out, child.blocks[0].exp, child.blocks[0].out) == (8, 8, 8)
     assert not list(child.block_configs())[0].expand_conv
+
+
+def test_tables_written_before_the_residual_flag_read_the_same(built, table_file):
+    data = json.loads(table_file.read_text())
+    for entry in data["entries"].values():
+        del entry["key"]["residual"]
+    table_file.write_text(json.dumps(data))
+    before = read_table_file(built)[1]
+    after = read_table_file(table_file)[1]
+    assert after == before and any(e.key.residual for e in after.values())
+    entry = next(e for e in data["entries"].values() if e["key"]["kind"] == "bneck" and e["key"]["stride"] == 2)
+    entry["key"]["residual"] = True
+    table_file.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="is malformed .residual needs a bneck with stride 1"):
+        read_table_file(table_file)
 
 
 # --- refusing foreign tables ---------------------------------------------------------------------------------

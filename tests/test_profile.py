@@ -8,6 +8,7 @@ import pytest
 
 from mnv3_search import ArchSpec, build_model, count_params
 from mnv3_search.latency.measure import TimingPolicy, make_backend
+from mnv3_search.model.counts import spec_macs, spec_params
 from mnv3_search.profile import profile_model
 from mnv3_search.report.frames import PROFILE_COLUMNS, profile_frame
 
@@ -15,18 +16,20 @@ FAST = TimingPolicy(warmup_seconds=0.0, min_repeats=3, max_repeats=5, max_second
 
 
 @pytest.mark.parametrize(
-    "variant, width, madds_m, fvcore_total",
-    [("large", 1.0, 216.6, 226_033_824), ("small", 1.0, 56.5, 59_649_536), ("large", 0.75, 154.6, None),
-     ("small", 0.75, 43.4, None)],
+    "variant, width, madds_m, madds, fvcore_total",
+    [("large", 1.0, 216.6, 216_589_760, 226_033_824), ("small", 1.0, 56.5, 56_510_400, 59_649_536),
+     ("large", 0.75, 154.6, 154_560_624, None), ("small", 0.75, 43.4, 43_399_344, None)],
 )
-def test_published_madds_and_fvcore_totals(variant: str, width: float, madds_m: float, fvcore_total, request) -> None:
+def test_published_madds_and_fvcore_totals(variant: str, width: float, madds_m: float, madds: int, fvcore_total,
+                                           request) -> None:
     spec = replace(request.getfixturevalue(variant), width=width)
     model = build_model(spec)
     profile = profile_model(model)
     assert profile.macs == pytest.approx(madds_m * 1e6, rel=1e-3)
+    assert profile.macs == spec_macs(spec) == madds  # fvcore and the arithmetic, exactly
     if fvcore_total is not None:
         assert profile.fvcore_total == fvcore_total
-    assert profile.params == count_params(model)
+    assert profile.params == count_params(model) == spec_params(spec)
 
 
 def test_rows_cover_every_block(large: ArchSpec) -> None:

@@ -85,9 +85,45 @@ def test_large_coupled_sets_follow_residuals(large: ArchSpec) -> None:
     assert groups["out0-1"].producers == (0, 1) and groups["out0-1"].exp_blocks == (1,)
     assert groups["out7-10"].producers == (7, 8, 9, 10)
     assert groups["out7-10"].blocks == (7, 8, 9, 10, 11)  # block 11 consumes the set
-    # block 11 (80 -> 112, stride 1) must not become residual by a shrink
-    assert 80 in groups["out11-12"].forbidden and 112 in groups["out7-10"].forbidden
-    assert 80 not in groups["out11-12"].keep_options()
+    # block 11 (80 -> 112, stride 1) has no add: every width is open to both sets
+    assert 80 in groups["out11-12"].keep_options() and 112 not in groups["out7-10"].keep_options()
+    assert groups["out11-12"].keep_options() == tuple(range(104, 7, -8))
+
+
+def test_a_shrink_to_equal_widths_keeps_the_parent_without_an_add(small: ArchSpec, tmp_path) -> None:
+    """Small's out7-8 (block 7: 40 -> 48, stride 1, no add) can go to 40: block 7 says residual: false."""
+    spec = _tiny(small)
+    sd = build_model(spec).state_dict()
+    child, child_sd = shrink(spec, sd, "out7-8", 40)
+    configs = list(child.block_configs())
+    assert (configs[6].in_channels, configs[6].out, configs[6].stride) == (40, 40, 1)
+    assert child.blocks[6].residual is False and configs[6].residual is False
+    assert [c.residual for c in configs] == [c.residual for c in spec.block_configs()]
+    assert [b.residual for i, b in enumerate(child.blocks) if i != 6] == [None] * 10  # the rule elsewhere
+    text = spec_to_yaml(child)
+    assert text.count("residual") == 1
+    assert "  - {k: 5, exp: 120, out: 40, se: true, nl: HS, s: 1, residual: false}\n" in text
+    dump_spec(child, tmp_path / "child.yaml")
+    assert load_spec(tmp_path / "child.yaml") == child
+    model = build_model(child)
+    model.load_state_dict(child_sd, strict=True)
+    assert [m.use_res_connect for m in model.features[1:12]] == [c.residual for c in configs]
+    assert {g.name for g in proposal_groups(child)} == set(SMALL_GROUPS)  # same sets, same names
+    # shrinking on: widths differ again, so the flag repeats the rule and is dropped
+    grandchild, _ = shrink(child, child_sd, "out7-8", 32)
+    assert grandchild.blocks[6].residual is None and "residual" not in spec_to_yaml(grandchild)
+    # and the input side: out4-6 from 40 to 32 makes block 7 32 -> 40 (no flag needed either)
+    other, _ = shrink(child, child_sd, "out4-6", 32)
+    assert other.blocks[6].residual is None and not list(other.block_configs())[6].residual
+
+
+def test_large_block_11_can_take_its_input_width(large: ArchSpec) -> None:
+    spec = _tiny(large)
+    sd = build_model(spec).state_dict()
+    child, child_sd = shrink(spec, sd, "out11-12", 80)  # block 11: 80 -> 80 without an add, block 12 keeps its
+    assert child.blocks[10].residual is False and child.blocks[11].residual is None
+    assert [c.residual for c in child.block_configs()] == [c.residual for c in spec.block_configs()]
+    _meta_load(child, child_sd)
 
 
 def test_small_block1_expansion_is_coupled_to_the_stem(small: ArchSpec) -> None:
@@ -250,6 +286,7 @@ EQUIVALENCE_CASES = [
     ("small", "exp10", 200),     # SE 144 -> 56
     ("small", "last_conv", 256),
     ("small", "hidden", 200),
+    ("small", "out7-8", 40),     # block 7 becomes 40 -> 40 at stride 1 without an add (residual: false)
     ("large", "out0-1", 8),      # stem + residual block 1 without expansion conv
     ("large", "exp2", 16),       # exp becomes equal to the input: conv kept
     ("large", "out7-10", 48),    # 4-way residual set
@@ -257,6 +294,7 @@ EQUIVALENCE_CASES = [
     ("large", "out13-15", 96),
     ("large", "last_conv", 512),
     ("large", "hidden", 640),
+    ("large", "out11-12", 80),   # block 11 becomes 80 -> 80 at stride 1 without an add
 ]
 
 
@@ -306,7 +344,6 @@ def test_keeping_everything_is_an_exact_copy(small: ArchSpec) -> None:
     ("exp2", 0, "below the step"),
     ("exp2", 80, "keep 80 for group exp2 is more than its current 72 channels"),
     ("exp2", 60, "not a multiple of the step 8"),
-    ("out7-8", 40, "residual add the parent lacks"),
     ("exp2", 8.0, "must be an integer"),
 ])
 def test_surgery_rejections(small: ArchSpec, name: str, keep, message: str) -> None:

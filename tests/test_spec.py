@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from mnv3_search import ArchSpec, BneckSpec, SpecError, dump_spec, load_spec, make_divisible, spec_to_yaml
+from mnv3_search import ArchSpec, BneckSpec, SpecError, StemSpec, build_model, dump_spec, load_spec, make_divisible, \
+    spec_to_yaml
+from mnv3_search.spec.arch import se_width
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
 # REFERENCE §1, Tables 1 and 2: (k, exp, out, SE, NL, s) per bneck row.
 PAPER_LARGE = [
@@ -87,6 +91,82 @@ def test_round_trip_keeps_expand_flag_and_odd_names(tmp_path, small: ArchSpec) -
 def test_dump_is_atomic_and_leaves_no_temp_files(tmp_path, large: ArchSpec) -> None:
     dump_spec(large, tmp_path / "out" / "large.yaml")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["large.yaml"]
+
+
+def test_se_width_is_the_papers_squeeze(large: ArchSpec) -> None:
+    assert [se_width(e) for e in (16, 72, 96, 120, 240, 480, 576, 672, 960)] == [8, 24, 24, 32, 64, 120, 144, 168,
+                                                                                  240]
+    assert all(c.se_channels == se_width(c.exp) for c in large.block_configs())
+
+
+# --- the residual flag ------------------------------------------------------------------------------------
+
+
+def _small_with_row(small: ArchSpec, index: int, **change) -> ArchSpec:
+    blocks = list(small.blocks)
+    blocks[index - 1] = replace(blocks[index - 1], **change)
+    return replace(small, blocks=tuple(blocks))
+
+
+def _small_yaml_with_flag(row: int, value: str) -> str:
+    """The shipped small.yaml with bneck row `row` in mapping form, carrying `residual: value`."""
+    lines = (SPACES / "small.yaml").read_text().splitlines()
+    rows = [i for i, line in enumerate(lines) if line.startswith("  - [")]
+    k, exp, out, se, nl, s = (cell.strip() for cell in lines[rows[row - 1]].strip()[3:-1].split(","))
+    lines[rows[row - 1]] = f"  - {{k: {k}, exp: {exp}, out: {out}, se: {se}, nl: {nl}, s: {s}, residual: {value}}}"
+    return "\n".join(lines) + "\n"
+
+
+def test_residual_false_drops_the_add_and_round_trips(tmp_path, small: ArchSpec) -> None:
+    spec = _small_with_row(small, 8, residual=False)  # row 8: 48 -> 48, stride 1: an add by the rule
+    assert [c.residual for c in spec.block_configs()][5:8] == [True, False, False]
+    text = spec_to_yaml(spec)
+    assert "  - {k: 5, exp: 144, out: 48, se: true, nl: HS, s: 1, residual: false}\n" in text
+    assert text.count("residual") == 1  # written only where it departs from the rule
+    dump_spec(spec, tmp_path / "s.yaml")
+    assert load_spec(tmp_path / "s.yaml") == spec
+    model = build_model(spec)
+    assert [m.use_res_connect for m in model.features[1:12]] == [c.residual for c in spec.block_configs()]
+    assert sum(p.numel() for p in model.parameters()) == 2_542_856  # an add has no parameters
+
+
+def test_a_flag_that_repeats_the_rule_is_dropped(tmp_path, small: ArchSpec) -> None:
+    same = _small_with_row(_small_with_row(small, 8, residual=True), 9, residual=False)  # rule: add; s2: none
+    assert same == small and same.blocks[7].residual is None and same.blocks[8].residual is None
+    text = _small_yaml_with_flag(8, "true")
+    assert "residual: true}" in text
+    (tmp_path / "s.yaml").write_text(text)
+    assert load_spec(tmp_path / "s.yaml") == small
+    assert "residual" not in spec_to_yaml(load_spec(tmp_path / "s.yaml"))
+
+
+@pytest.mark.parametrize("row, value, message", [
+    (9, "true", "bneck row 9, field 'residual': true needs stride 1 and equal input and output widths, but this "
+                "row has stride 2 and 48 -> 96 channels; remove 'residual' or set it to false"),
+    (7, "true", "bneck row 7, field 'residual': true needs stride 1 and equal input and output widths, but this "
+                "row has stride 1 and 40 -> 48 channels; remove 'residual' or set it to false"),
+    (8, "yes-please", "bneck row 8, field 'residual': residual must be true or false, got 'yes-please'"),
+])
+def test_an_impossible_residual_is_one_line_naming_file_row_and_field(tmp_path, row: int, value: str,
+                                                                      message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(_small_yaml_with_flag(row, value))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_width_scaling_never_adds_a_residual(tmp_path) -> None:
+    """44 -> 48 at stride 1 has no add; at width 0.5 both round to 24, and still no add."""
+    spec = ArchSpec(name="toy", stem=StemSpec(out=44), num_classes=10, resolution=32, last_conv=64, hidden=64,
+                    blocks=(BneckSpec(3, 96, 48, False, "RE", 1), BneckSpec(3, 96, 48, False, "RE", 1)),
+                    width=0.5)
+    scaled = spec.scaled()
+    assert (scaled.stem.out, scaled.blocks[0].out) == (24, 24)
+    assert scaled.blocks[0].residual is False and scaled.blocks[1].residual is None
+    assert [c.residual for c in spec.block_configs()] == [False, True]
+    dump_spec(scaled, tmp_path / "s.yaml")
+    assert load_spec(tmp_path / "s.yaml") == scaled
 
 
 # --- shipped names ------------------------------------------------------------------------------------------

@@ -28,12 +28,13 @@ from typing import Callable, Iterable, Optional, Sequence
 
 from torch import nn
 
-from ..model.counts import spec_params
+from ..model.counts import spec_params, unit_params
 from ..errors import UserError
 from ..fileio import PathLike, atomic_write_text
 from .measure import Backend, InterleavedPolicy, Measurement, measure_interleaved
-from ..model.build import Classifier, ConvBNAct, InvertedResidual, build_model
-from ..spec.arch import ArchSpec, BlockConfig, make_divisible
+from ..model.build import build_model, build_unit
+from ..spec.arch import ArchSpec, BlockConfig, default_residual, se_width
+from ..spec.units import BneckUnit, ClassifierUnit, LastConvUnit, StemUnit, Unit, spec_units
 from ..prune.variants import random_variant, single_axis_variants
 
 SCHEMA = "mnv3-search/latency-table"
@@ -49,11 +50,14 @@ Progress = Callable[[float, float, str], None]  # (done, total, what)
 
 @dataclass(frozen=True, order=True)
 class BlockKey:
-    """Everything that changes one block's cost. Unused fields are 0 / False / "" for that kind.
+    """Everything that changes one unit's cost (a unit of `spec_units`). Unused fields are 0 / False / "".
 
     stem: in=3, out, kernel, stride, nl. bneck: all fields. last_conv: in, out, nl (1x1).
     classifier (pool + Linear in->exp, nl, Linear exp->out): in = last conv width, exp = hidden, out = classes.
-    `resolution` is the block's input height = width.
+    `resolution` is the unit's input height = width. `residual` (bneck only) is whether the block adds its
+    input; None when constructing means the paper's rule (stride 1 and in == out) and is resolved at once.
+    The id names `residual` only where it departs from the rule, so ids of tables written before the flag
+    existed stay valid.
     """
 
     kind: str
@@ -66,75 +70,76 @@ class BlockKey:
     se: bool
     nl: str
     expand: bool
+    residual: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        if self.residual is None:
+            object.__setattr__(self, "residual", self._rule_residual)
+        elif self.residual is True and not self._rule_residual:
+            raise ValueError(f"residual needs a bneck with stride 1 and in == out, not {self.id}")
+
+    @property
+    def _rule_residual(self) -> bool:
+        return self.kind == "bneck" and default_residual(self.stride, self.in_channels, self.out)
 
     @property
     def id(self) -> str:
+        flag = "" if self.residual == self._rule_residual else f" res{int(bool(self.residual))}"
         return (f"{self.kind} r{self.resolution} in{self.in_channels} exp{self.exp} out{self.out} "
-                f"k{self.kernel} s{self.stride} se{int(self.se)} {self.nl} x{int(self.expand)}")
+                f"k{self.kernel} s{self.stride} se{int(self.se)} {self.nl} x{int(self.expand)}{flag}")
+
+    @staticmethod
+    def of(unit: Unit) -> "BlockKey":
+        """The key of one unit of `spec_units`."""
+        if isinstance(unit, StemUnit):
+            return BlockKey("stem", unit.resolution, unit.in_channels, 0, unit.out_channels, unit.kernel,
+                            unit.stride, False, unit.nl, False, False)
+        if isinstance(unit, BneckUnit):
+            c = unit.config
+            return BlockKey("bneck", unit.resolution, c.in_channels, c.exp, c.out, c.kernel, c.stride, c.se, c.nl,
+                            c.expand_conv, c.residual)
+        if isinstance(unit, LastConvUnit):
+            return BlockKey("last_conv", unit.resolution, unit.in_channels, 0, unit.out_channels, 1, 1, False,
+                            unit.nl, False, False)
+        if isinstance(unit, ClassifierUnit):
+            return BlockKey("classifier", unit.resolution, unit.in_channels, unit.hidden, unit.out_channels, 0, 0,
+                            False, unit.nl, False, False)
+        raise TypeError(f"not a unit: {unit!r}")
+
+    def unit(self) -> Unit:
+        """The unit this key stands for (index 0 and dropout 0.2: neither changes the cost)."""
+        if self.kind == "stem":
+            return StemUnit(self.resolution, self.out, self.kernel, self.stride, self.nl, self.in_channels)
+        if self.kind == "bneck":
+            return BneckUnit(self.resolution, BlockConfig(
+                index=0, in_channels=self.in_channels, kernel=self.kernel, exp=self.exp, out=self.out, se=self.se,
+                nl=self.nl, stride=self.stride, expand_conv=self.expand, se_channels=se_width(self.exp),
+                residual=bool(self.residual)))
+        if self.kind == "last_conv":
+            return LastConvUnit(self.resolution, self.in_channels, self.out, self.nl, index=0)
+        if self.kind == "classifier":
+            return ClassifierUnit(self.resolution, self.in_channels, self.exp, self.out, self.nl, dropout=0.2)
+        raise ValueError(f"unknown block kind {self.kind!r}")
 
     def module(self) -> nn.Module:
-        """A freshly initialised module for this block alone (weights do not change latency)."""
-        if self.kind == "stem":
-            return ConvBNAct(self.in_channels, self.out, self.kernel, self.stride, nl=self.nl)
-        if self.kind == "bneck":
-            return InvertedResidual(BlockConfig(
-                index=0, in_channels=self.in_channels, kernel=self.kernel, exp=self.exp, out=self.out, se=self.se,
-                nl=self.nl, stride=self.stride, expand_conv=self.expand,
-                se_channels=make_divisible(self.exp // 4, 8),
-                residual=self.stride == 1 and self.in_channels == self.out))
-        if self.kind == "last_conv":
-            return ConvBNAct(self.in_channels, self.out, 1, nl=self.nl)
-        if self.kind == "classifier":
-            from ..model.build import activation
-
-            return Classifier(nn.AdaptiveAvgPool2d(1), nn.Sequential(
-                nn.Linear(self.in_channels, self.exp), activation(self.nl)(inplace=True), nn.Dropout(0.2),
-                nn.Linear(self.exp, self.out)))
-        raise ValueError(f"unknown block kind {self.kind!r}")
+        """A freshly constructed module for this unit alone (weights do not change latency)."""
+        return build_unit(self.unit())
 
     @property
     def params(self) -> int:
-        """Parameter count of `module()`, by arithmetic (cheap: `predict` sums it for every spec)."""
-        i, e, o, k = self.in_channels, self.exp, self.out, self.kernel
-        if self.kind == "stem":
-            return i * o * k * k + 2 * o
-        if self.kind == "bneck":
-            sq = make_divisible(e // 4, 8)
-            return ((i * e + 2 * e) if self.expand else 0) + e * k * k + 2 * e \
-                + ((e * sq + sq + sq * e + e) if self.se else 0) + e * o + 2 * o
-        if self.kind == "last_conv":
-            return i * o + 2 * o
-        return i * e + e + e * o + o  # classifier
+        """Parameter count of `module()`, by the counts' arithmetic (cheap: `predict` sums it per spec)."""
+        return unit_params(self.unit())
 
     def input_shape(self, batch: int) -> tuple[int, int, int, int]:
         return (batch, self.in_channels, self.resolution, self.resolution)
 
 
-def _conv_out(size: int, stride: int) -> int:
-    """Output size of a k x k conv with padding k // 2 (odd k): ceil(size / stride)."""
-    return (size + stride - 1) // stride
-
-
 def spec_keys(spec: ArchSpec) -> list[tuple[str, BlockKey]]:
-    """(label, key) of every block of `spec`, in order: stem, bneck 1..n, last_conv, classifier.
+    """(label, key) of every unit of `spec`, in order: stem, bneck 1..n, last_conv, classifier.
 
     Labels match the profile table's block names. Cheap: no module is built.
     """
-    concrete = spec.scaled()
-    stem = concrete.stem
-    size = concrete.resolution
-    keys = [("stem", BlockKey("stem", size, 3, 0, stem.out, stem.kernel, stem.stride, False, stem.nl, False))]
-    size = _conv_out(size, stem.stride)
-    for c in spec.block_configs():
-        keys.append((f"bneck {c.index}", BlockKey("bneck", size, c.in_channels, c.exp, c.out, c.kernel, c.stride,
-                                                   c.se, c.nl, c.expand_conv)))
-        size = _conv_out(size, c.stride)
-    last_in = concrete.blocks[-1].out
-    keys.append(("last_conv", BlockKey("last_conv", size, last_in, 0, concrete.last_conv, 1, 1, False,
-                                       concrete.last_nl, False)))
-    keys.append(("classifier", BlockKey("classifier", size, concrete.last_conv, concrete.hidden,
-                                        concrete.num_classes, 0, 0, False, concrete.head_nl, False)))
-    return keys
+    return [(unit.label, BlockKey.of(unit)) for unit in spec_units(spec)]
 
 
 def netadapt_keys(spec: ArchSpec, step: int = 8) -> list[BlockKey]:
@@ -259,7 +264,7 @@ def _parse_key(raw: object) -> BlockKey:
     if not isinstance(raw, dict):
         raise ValueError("key is not an object")
     names = {f.name: f.type for f in fields(BlockKey)}
-    if set(raw) != set(names):
+    if set(raw) not in (set(names), set(names) - {"residual"}):  # tables from before the flag: the rule
         raise ValueError(f"key fields {sorted(raw)} differ from {sorted(names)}")
     key = BlockKey(**raw)
     if key.kind not in KINDS:
@@ -267,8 +272,9 @@ def _parse_key(raw: object) -> BlockKey:
     for name in ("resolution", "in_channels", "exp", "out", "kernel", "stride"):
         if not isinstance(getattr(key, name), int) or isinstance(getattr(key, name), bool):
             raise ValueError(f"{name} is not an integer")
-    if not isinstance(key.se, bool) or not isinstance(key.expand, bool) or not isinstance(key.nl, str):
-        raise ValueError("se/expand must be booleans and nl a string")
+    if not all(isinstance(flag, bool) for flag in (key.se, key.expand, key.residual)) or \
+            not isinstance(key.nl, str):
+        raise ValueError("se/expand/residual must be booleans and nl a string")
     return key
 
 

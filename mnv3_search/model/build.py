@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..spec.arch import ArchSpec, BlockConfig
+from ..spec.units import BneckUnit, ClassifierUnit, LastConvUnit, StemUnit, Unit, spec_units
 
 BN_EPS = 0.001
 BN_MOMENTUM = 0.01
@@ -58,6 +59,9 @@ class InvertedResidual(nn.Module):
 
     def __init__(self, config: BlockConfig) -> None:
         super().__init__()
+        if config.residual and not (config.stride == 1 and config.in_channels == config.out):
+            raise ValueError(f"bneck {config.index}: a residual add needs stride 1 and in == out, got stride "
+                             f"{config.stride} and {config.in_channels} -> {config.out}")
         self.config = config
         layers: list[nn.Module] = []
         if config.expand_conv:
@@ -88,24 +92,37 @@ class Classifier(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(x), 1))
 
 
+def build_unit(unit: Unit) -> nn.Module:
+    """A freshly constructed (not initialised) module for one unit; the classifier as a `Classifier`."""
+    if isinstance(unit, StemUnit):
+        return ConvBNAct(unit.in_channels, unit.out_channels, unit.kernel, unit.stride, nl=unit.nl)
+    if isinstance(unit, BneckUnit):
+        return InvertedResidual(unit.config)
+    if isinstance(unit, LastConvUnit):
+        return ConvBNAct(unit.in_channels, unit.out_channels, 1, nl=unit.nl)
+    if isinstance(unit, ClassifierUnit):
+        return Classifier(nn.AdaptiveAvgPool2d(1), nn.Sequential(
+            nn.Linear(unit.in_channels, unit.hidden),
+            activation(unit.nl)(inplace=True),
+            nn.Dropout(p=unit.dropout, inplace=True),
+            nn.Linear(unit.hidden, unit.out_channels),
+        ))
+    raise TypeError(f"not a unit: {unit!r}")
+
+
 class MobileNetV3(nn.Module):
+    """`features` = stem, bnecks, last conv; then `avgpool` and `classifier`: one module per unit of
+    `spec_units(spec)`, named as torchvision names them."""
+
     def __init__(self, spec: ArchSpec) -> None:
         super().__init__()
-        concrete = spec.scaled()
         self.spec = spec
-        stem = concrete.stem
-        layers: list[nn.Module] = [ConvBNAct(3, stem.out, stem.kernel, stem.stride, nl=stem.nl)]
-        layers += [InvertedResidual(config) for config in spec.block_configs()]
-        last_in = concrete.blocks[-1].out
-        layers.append(ConvBNAct(last_in, concrete.last_conv, 1, nl=concrete.last_nl))
-        self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(
-            nn.Linear(concrete.last_conv, concrete.hidden),
-            activation(concrete.head_nl)(inplace=True),
-            nn.Dropout(p=concrete.dropout, inplace=True),
-            nn.Linear(concrete.hidden, concrete.num_classes),
-        )
+        *body, head_unit = spec_units(spec)
+        self.features = nn.Sequential(*(build_unit(unit) for unit in body))
+        head = build_unit(head_unit)  # after the features: construction draws from the RNG in the same order
+        assert isinstance(head, Classifier)
+        self.avgpool = head.avgpool
+        self.classifier = head.classifier
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""State_dict key names of `model.py`'s layout, per layer, so surgery never hard-codes indices.
+"""State_dict key names of `build.py`'s layout, per unit and per layer, so surgery never hard-codes indices.
 
-Knowing where each conv and BN sits (features.N.block.M) is model.py's business; this module mirrors it
-in one place: a block with an expansion conv has sub-layers [expand, depthwise, SE?, project], one
-without has [depthwise, SE?, project].
+Knowing where each conv and BN sits (features.N.block.M) is build.py's business; this module mirrors it
+in one place: each unit of `spec_units` owns the submodules `unit_modules` names, and within a bneck,
+a block with an expansion conv has sub-layers [expand, depthwise, SE?, project], one without has
+[depthwise, SE?, project].
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..spec.arch import ArchSpec, BlockConfig
+from ..spec.units import BneckUnit, ClassifierUnit, LastConvUnit, StemUnit, Unit
 
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
@@ -23,6 +25,19 @@ class BlockKeys:
     depthwise: str
     se: Optional[str]
     project: str
+
+
+def unit_modules(unit: Unit) -> tuple[str, ...]:
+    """Names of the model's submodules that make up `unit` (state_dict keys start with them)."""
+    if isinstance(unit, StemUnit):
+        return (stem_prefix(),)
+    if isinstance(unit, BneckUnit):
+        return (f"features.{unit.config.index}",)
+    if isinstance(unit, LastConvUnit):
+        return (f"features.{unit.index}",)
+    if isinstance(unit, ClassifierUnit):
+        return ("avgpool", "classifier")
+    raise TypeError(f"not a unit: {unit!r}")
 
 
 def stem_prefix() -> str:

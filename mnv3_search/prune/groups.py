@@ -7,6 +7,11 @@ block adds its input to its output, and a block with no expansion conv runs its 
 input channels, so its expansion belongs to its input's set. The last 1x1 conv and the classifier's
 hidden width are groups of their own.
 
+Only blocks that really add their input couple their output to it: a stride-1 block whose input and
+output happen to be equal in width but that has no add (`residual: false`, e.g. after a shrink) leaves
+the two sets apart. So every multiple of the step is a width a set may take: when a shrink makes a
+stride-1 block's input equal its output, the child says `residual: false` and keeps the parent's structure.
+
 Names are stable while a network shrinks (a shrink never adds or removes a residual add):
 `exp4` the expansion of bneck 4, `out4-6` the set produced by bneck 4..6 (`out0-1`: the stem and
 bneck 1), `last_conv`, `hidden`.
@@ -35,8 +40,6 @@ class ProposalGroup:
     projection (coupled-out) or expansion conv (expansion); empty for last_conv and hidden.
     `exp_blocks` are the blocks without expansion conv whose expansion is this set.
     `blocks` are all bneck rows whose weights a shrink of this group slices (producers and consumers).
-    `forbidden` are widths the set may not take because a stride-1 block would then have equal input
-    and output widths, which means a residual add the parent does not have.
     """
 
     name: str
@@ -45,13 +48,12 @@ class ProposalGroup:
     blocks: tuple[int, ...]
     producers: tuple[int, ...] = ()
     exp_blocks: tuple[int, ...] = ()
-    forbidden: tuple[int, ...] = ()
     step: int = 8
 
     def keep_options(self) -> tuple[int, ...]:
         """Widths a shrink may choose, largest first: multiples of `step` below the current width."""
         top = (self.channels - 1) // self.step * self.step
-        return tuple(k for k in range(top, self.step - 1, -self.step) if k not in self.forbidden)
+        return tuple(range(top, self.step - 1, -self.step))
 
 
 def _check_step(step: int) -> None:
@@ -60,7 +62,8 @@ def _check_step(step: int) -> None:
 
 
 def coupled_sets(configs: list[BlockConfig]) -> list[list[int]]:
-    """Producers (0 = stem, i = bneck i) grouped by residual adds; each set is a run of consecutive rows."""
+    """Producers (0 = stem, i = bneck i) grouped by residual adds (the blocks' own flags, not their widths);
+    each set is a run of consecutive rows."""
     sets: list[list[int]] = [[0]]
     for config in configs:
         if config.residual:
@@ -84,13 +87,6 @@ def proposal_groups(spec: ArchSpec, step: int = 8) -> list[ProposalGroup]:
     set_of: dict[int, int] = {p: n for n, producers in enumerate(sets) for p in producers}
     widths = [spec.stem.out if producers[0] == 0 else configs[producers[0] - 1].out for producers in sets]
 
-    forbidden: dict[int, set[int]] = {n: set() for n in range(len(sets))}
-    for c in configs:
-        if c.stride == 1 and not c.residual:
-            a, b = set_of[c.index - 1], set_of[c.index]
-            forbidden[a].add(widths[b])
-            forbidden[b].add(widths[a])
-
     groups: list[ProposalGroup] = []
     for n, producers in enumerate(sets):
         consumers = [c for c in configs if set_of[c.index - 1] == n]
@@ -98,7 +94,7 @@ def proposal_groups(spec: ArchSpec, step: int = 8) -> list[ProposalGroup]:
         touched = sorted({p for p in producers if p > 0} | {c.index for c in consumers})
         groups.append(ProposalGroup(
             name=_set_name(producers), kind=COUPLED, channels=widths[n], blocks=tuple(touched),
-            producers=tuple(producers), exp_blocks=exp_blocks, forbidden=tuple(sorted(forbidden[n])), step=step,
+            producers=tuple(producers), exp_blocks=exp_blocks, step=step,
         ))
         for c in configs:
             if c.expand_conv and set_of[c.index - 1] == n:

@@ -6,8 +6,10 @@ rebuilds with `build_model` and loads its weights with strict=True.
 Which channels survive: the largest L2 norms of the producing filters (NetAdapt), summed over every
 producer of a coupled set (the stem conv and each member's projection conv). Every consumer is sliced
 with the same indices: the next 1x1 convs, depthwise convs, BN parameters and running statistics, SE
-convs, the classifier. When SE's squeeze width make_divisible(exp // 4, 8) drops, the squeeze channels
-with the largest fc1 rows (over the kept inputs) are carried.
+convs, the classifier. When SE's squeeze width (`se_width`: make_divisible(exp // 4, 8)) drops, the squeeze
+channels with the largest fc1 rows (over the kept inputs) are carried. A child keeps its parent's structure:
+every expansion conv and every residual add, and no new add (flags made explicit where the widths alone
+would say otherwise).
 
 Planning (which indices) and applying (slicing tensors) are separate, so callers and tests can see the
 plan: `plan_shrink` returns a `ShrinkPlan` holding the kept indices and the slicing operations.
@@ -24,7 +26,7 @@ import torch
 from ..errors import UserError
 from ..model.layout import BN_TENSORS, HIDDEN_LINEAR, OUTPUT_LINEAR, block_keys, last_conv_prefix, stem_prefix
 from .groups import COUPLED, EXPANSION, HIDDEN, LAST_CONV, ProposalGroup, find_group
-from ..spec.arch import ArchSpec, BlockConfig, make_divisible
+from ..spec.arch import ArchSpec, BlockConfig, se_width
 from ..model.weights import check_fits
 
 StateDict = dict[str, torch.Tensor]
@@ -75,7 +77,7 @@ def _exp_space(config: BlockConfig, new_exp: int, index: torch.Tensor, sd: Mappi
     slices = _conv_bn_out(keys.depthwise, index)
     if keys.se is not None:
         fc1_w = sd[f"{keys.se}.fc1.weight"].index_select(1, index)
-        squeeze = make_divisible(new_exp // 4, 8)
+        squeeze = se_width(new_exp)
         if squeeze < fc1_w.shape[0]:
             se_index = _top(_filter_norms(fc1_w), squeeze)
         else:
@@ -106,15 +108,12 @@ def _check_keep(group: ProposalGroup, keep: int) -> None:
     if keep != group.channels and keep % step:
         raise UserError(f"keep {keep} for group {group.name} is not a multiple of the step {step}; "
                         f"choose one of {', '.join(map(str, group.keep_options()[:6]))}, ...")
-    if keep in group.forbidden:
-        raise UserError(f"keep {keep} for group {group.name} would give a stride-1 block equal input and output "
-                        f"widths, i.e. a residual add the parent lacks; choose another count "
-                        f"({', '.join(map(str, group.keep_options()[:6]))}, ...)")
 
 
 def _child_spec(spec: ArchSpec, group: ProposalGroup, keep: int) -> ArchSpec:
     """The parent with the group's width set to `keep`; expand flags made explicit where exp == in so a
-    block never loses (or gains) its trained expansion conv."""
+    block never loses (or gains) its trained expansion conv, and residual flags carried over so no block
+    gains an add when its input and output become equal (ArchSpec drops a flag that repeats the rule)."""
     configs = list(spec.block_configs())
     stem, blocks = spec.stem, list(spec.blocks)
     last_conv, hidden = spec.last_conv, spec.hidden
@@ -136,7 +135,8 @@ def _child_spec(spec: ArchSpec, group: ProposalGroup, keep: int) -> ArchSpec:
     in_channels = stem.out
     for n, (block, config) in enumerate(zip(blocks, configs)):
         has = config.expand_conv
-        blocks[n] = replace(block, expand=None if has == (block.exp != in_channels) else has)
+        blocks[n] = replace(block, expand=None if has == (block.exp != in_channels) else has,
+                            residual=config.residual)
         in_channels = block.out
     return replace(spec, stem=stem, blocks=tuple(blocks), last_conv=last_conv, hidden=hidden)
 

@@ -2,9 +2,9 @@
 
 The lookup table uses `single_axis_variants` to know which entries NetAdapt will ask for, and
 `random_variant` to make test networks for checking predictions. Both go through
-`proposals.proposal_groups` and `surgery.child_spec`, so they obey exactly the rules surgery obeys:
-coupled residual sets shrink together, an expansion conv is kept (or stays absent), and no width may give a
-stride-1 block equal input and output (a residual add the parent does not have).
+`groups.proposal_groups` and `surgery.child_spec`, so they obey exactly the rules surgery obeys:
+coupled residual sets shrink together, an expansion conv is kept (or stays absent), and a residual add is
+kept (or stays absent: a stride-1 block whose widths become equal says `residual: false`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def random_variant(spec: ArchSpec, rng: random.Random, step: int = 8, keep: floa
     for seed_group in proposal_groups(child, step):
         if rng.random() < keep:
             continue
-        group = find_group(child, seed_group.name, step)  # earlier shrinks may change what is allowed
+        group = find_group(child, seed_group.name, step)  # as this child has it (find_group checks)
         options = [k for k in group.keep_options() if k >= min_fraction * seed_group.channels]
         if options:
             child = child_spec(child, group, rng.choice(options), step)

@@ -28,6 +28,16 @@ def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = No
     return rounded
 
 
+def se_width(exp: int) -> int:
+    """Squeeze width of a block's SE module: make_divisible(exp // 4, 8), as torchvision and the paper."""
+    return make_divisible(exp // 4, 8)
+
+
+def default_residual(stride: int, in_channels: int, out_channels: int) -> bool:
+    """The paper's rule, used when a row does not say: a block adds its input exactly when it can."""
+    return stride == 1 and in_channels == out_channels
+
+
 @dataclass(frozen=True)
 class StemSpec:
     """The first conv: k x k, stride s, 3 -> out channels, BN, NL."""
@@ -45,6 +55,11 @@ class BneckSpec:
     `expand` says whether the 1x1 expansion conv exists. None means the paper's rule: present exactly
     when exp differs from the block's input channels. Pruning may shrink exp to equal the input while
     keeping the trained expansion conv, and then says so with expand=True.
+
+    `residual` says whether the block adds its input to its output. None means the paper's rule: exactly
+    when stride is 1 and the input width equals the output width. Pruning may make a stride-1 block's
+    input and output equal without the parent's add, and then says so with residual=False. An ArchSpec
+    stores None wherever the flag would repeat the rule, so equal networks compare equal.
     """
 
     kernel: int
@@ -54,9 +69,13 @@ class BneckSpec:
     nl: str
     stride: int
     expand: Optional[bool] = None
+    residual: Optional[bool] = None
 
     def has_expand_conv(self, in_channels: int) -> bool:
         return self.exp != in_channels if self.expand is None else self.expand
+
+    def has_residual(self, in_channels: int) -> bool:
+        return default_residual(self.stride, in_channels, self.out) if self.residual is None else self.residual
 
 
 @dataclass(frozen=True)
@@ -92,6 +111,17 @@ class ArchSpec:
     resolution: int = 224
     width: float = 1.0
 
+    def __post_init__(self) -> None:
+        # a residual flag that repeats the rule is dropped: one network, one spec (and one YAML form)
+        blocks, in_channels = list(self.blocks), self.stem.out
+        for n, block in enumerate(blocks):
+            if block.residual is not None and block.residual == default_residual(block.stride, in_channels,
+                                                                                 block.out):
+                blocks[n] = replace(block, residual=None)
+            in_channels = block.out
+        if blocks != list(self.blocks):
+            object.__setattr__(self, "blocks", tuple(blocks))
+
     @property
     def total_stride(self) -> int:
         stride = self.stem.stride
@@ -116,7 +146,9 @@ class ArchSpec:
             out = make_divisible(block.out * m)
             exp = make_divisible(block.exp / in_orig * in_scaled)
             expand = block.expand if block.expand is not None else (block.exp != in_orig)
-            blocks.append(replace(block, exp=exp, out=out, expand=None if expand == (exp != in_scaled) else expand))
+            residual = block.has_residual(in_orig)
+            blocks.append(replace(block, exp=exp, out=out, expand=None if expand == (exp != in_scaled) else expand,
+                                  residual=residual))  # __post_init__ drops it where the rule agrees
             in_orig, in_scaled = block.out, out
         return replace(
             self, stem=stem, blocks=tuple(blocks), last_conv=make_divisible(self.last_conv * m), width=1.0
@@ -137,8 +169,8 @@ class ArchSpec:
                 nl=block.nl,
                 stride=block.stride,
                 expand_conv=block.has_expand_conv(in_channels),
-                se_channels=make_divisible(block.exp // 4, 8),
-                residual=block.stride == 1 and in_channels == block.out,
+                se_channels=se_width(block.exp),
+                residual=block.has_residual(in_channels),
             )
             in_channels = block.out
 
@@ -160,6 +192,15 @@ def validate_spec(spec: ArchSpec, where: str) -> None:
     """Whole-network checks that single fields cannot make: width, resolution vs strides, scaled widths."""
     if not spec.width > 0:
         raise SpecError(f"{where}: width must be > 0, got {spec.width}; use e.g. 1.0 or 0.75")
+    in_channels = spec.stem.out
+    for index, block in enumerate(spec.blocks, start=1):
+        if block.residual and not default_residual(block.stride, in_channels, block.out):
+            raise SpecError(
+                f"{where}: bneck row {index}, field 'residual': true needs stride 1 and equal input and output "
+                f"widths, but this row has stride {block.stride} and {in_channels} -> {block.out} channels; "
+                f"remove 'residual' or set it to false"
+            )
+        in_channels = block.out
     if spec.resolution < spec.total_stride:
         raise SpecError(
             f"{where}: resolution {spec.resolution} is too small for this network, which downsamples by "

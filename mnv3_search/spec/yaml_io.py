@@ -1,5 +1,9 @@
 """The YAML form of an ArchSpec: a bneck table readable like Tables 1-2 of the MobileNetV3 paper.
 
+A row is a list `[k, exp, out, SE, NL, s]`, or a mapping with those keys plus the optional flags `expand`
+(whether the 1x1 expansion conv exists) and `residual` (whether the block adds its input), each defaulting
+to the paper's rule and written by `dump_spec` only where a pruned network departs from it.
+
 Every mistake is reported as one line naming the file, the row and the field, with how to fix it.
 """
 
@@ -103,6 +107,7 @@ def _row(raw: Any, where: str) -> BneckSpec:
         "nl": _nl,
         "s": _stride,
         "expand": lambda v, w: _boolean(v, w, "expand"),
+        "residual": lambda v, w: _boolean(v, w, "residual"),
     }
     if isinstance(raw, list):
         if len(raw) != len(ROW_FIELDS):
@@ -113,7 +118,7 @@ def _row(raw: Any, where: str) -> BneckSpec:
                         f"{', '.join(ROW_FIELDS)}, got {raw!r}")
     fields = _mapping(raw, where, checks, ROW_FIELDS)
     return BneckSpec(kernel=fields["k"], exp=fields["exp"], out=fields["out"], se=fields["se"], nl=fields["nl"],
-                     stride=fields["s"], expand=fields.get("expand"))
+                     stride=fields["s"], expand=fields.get("expand"), residual=fields.get("residual"))
 
 
 CHOICE_TOP_KEYS = ("resolution", "width", "dropout")
@@ -260,12 +265,16 @@ def spec_to_yaml(spec: ArchSpec) -> str:
     ]
     for b in spec.blocks:
         cells = [f"{b.kernel}", f"{b.exp:>4}", f"{b.out:>4}", f"{_scalar(b.se):<5}", b.nl, f"{b.stride}"]
-        if b.expand is None:
+        # the flags are written only where they depart from the paper's rule (ArchSpec keeps None otherwise
+        # for residual; expand is kept as given)
+        flags = [(name, value) for name, value in (("expand", b.expand), ("residual", b.residual))
+                 if value is not None]
+        if not flags:
             lines.append(f"  - [{', '.join(cells)}]")
         else:
-            names = ("k", "exp", "out", "se", "nl", "s")
-            pairs = ", ".join(f"{n}: {c.strip()}" for n, c in zip(names, cells))
-            lines.append(f"  - {{{pairs}, expand: {_scalar(b.expand)}}}")
+            pairs = ", ".join(f"{n}: {c.strip()}" for n, c in zip(ROW_FIELDS, cells))
+            extra = "".join(f", {name}: {_scalar(value)}" for name, value in flags)
+            lines.append(f"  - {{{pairs}{extra}}}")
     lines += [
         "",
         f"last_conv: {{out: {spec.last_conv}, nl: {spec.last_nl}}}",
