@@ -197,7 +197,7 @@ def show(table_path: Optional[str], backend: str, threads: int, batch: int, kind
         console.print(cal)
     entries = [e for e in sorted(table.entries.values(), key=lambda e: e.key) if kind is None or e.key.kind == kind]
     records = [{**{f: getattr(e.key, f) for f in ("kind", "resolution", "in_channels", "exp", "out", "kernel",
-                                                  "stride", "se", "nl", "expand")},
+                                                  "stride", "se", "nl", "expand", "residual")},
                 "latency_ms": e.latency_ms, "median_ms": e.median_ms, "p10_ms": e.p10_ms, "p90_ms": e.p90_ms,
                 "runs": e.runs} for e in entries]
     if limit and records:
