@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..spec.arch import ArchSpec, BlockConfig
-from ..spec.units import BneckUnit, ClassifierUnit, LastConvUnit, StemUnit, Unit
+from ..spec.units import BneckUnit, ClassifierUnit, LastConvUnit, StemUnit, Unit, spec_units
 
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
@@ -45,7 +45,9 @@ def stem_prefix() -> str:
 
 
 def last_conv_prefix(spec: ArchSpec) -> str:
-    return f"features.{len(spec.blocks) + 1}"
+    last = spec_units(spec)[-2]
+    assert isinstance(last, LastConvUnit)
+    return unit_modules(last)[0]
 
 
 def block_keys(config: BlockConfig) -> BlockKeys:
