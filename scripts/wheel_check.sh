@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Build the wheel, install it into a fresh venv with every dependency at its declared floor, and run the
+# CLI from outside the checkout: proves the wheel holds every subpackage and data file, and that the
+# floors in pyproject.toml are versions that work. Leaves nothing behind (a temp dir, removed on exit).
+# Usage: bash scripts/wheel_check.sh        (PYTHON=python3.11 to pick the interpreter)
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+python=${PYTHON:-python3}
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/mnv3-wheel-check.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+start=$SECONDS
+step() { echo "wheel check [$((SECONDS - start))s]: $*"; }
+
+step "fresh venv in $tmp"
+"$python" -m venv "$tmp/venv"
+# pip's chatter goes to a log shown only on failure; --no-compile skips byte-compiling torch (minutes here)
+pip() { "$tmp/venv/bin/python" -m pip --disable-pip-version-check "$@" --no-compile >>"$tmp/pip.log" 2>&1 ||
+    { tail -n 40 "$tmp/pip.log" >&2; echo "wheel check: pip $1 failed" >&2; exit 1; }; }
+# torch first: torch==2.13.0 is a CPU build on local disk here; a bare `torch` would pull CUDA builds.
+pip install "torch==2.13.0"
+
+step "building the wheel"
+"$tmp/venv/bin/python" -m pip --disable-pip-version-check wheel --quiet --no-deps --wheel-dir "$tmp/dist" "$repo" \
+    >>"$tmp/pip.log" 2>&1 || { tail -n 40 "$tmp/pip.log" >&2; exit 1; }
+wheel=$(ls "$tmp"/dist/mnv3_search-*.whl)
+
+step "installing $(basename "$wheel") with every dependency pinned to its floor"
+"$tmp/venv/bin/python" - "$repo/pyproject.toml" >"$tmp/floors.txt" <<'PY'
+import re, sys, tomllib
+deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+for dep in deps:
+    m = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([^,;\s]+)", dep.strip())
+    if not m:
+        sys.exit(f"pyproject.toml: dependency {dep!r} has no plain >= floor")
+    print(f"{m[1]}=={m[2]}")
+PY
+pip install --constraint "$tmp/floors.txt" "$wheel"
+
+step "running the installed CLI from $tmp/work (outside the checkout)"
+mkdir "$tmp/work"
+cd "$tmp/work"
+unset PYTHONPATH
+export MNV3_SEARCH_LUT_DIR="$tmp/lut"
+bin="$tmp/venv/bin"
+where=$("$bin/python" -c "import mnv3_search, os; print(os.path.dirname(mnv3_search.__file__))")
+case "$where" in
+    "$tmp/venv/"*) ;;
+    *) echo "wheel check: mnv3_search was imported from $where, not from the fresh venv" >&2; exit 1 ;;
+esac
+run() { echo "+ mnv3-search $*"; "$bin/mnv3-search" "$@" >"$tmp/out.txt" 2>&1 || { cat "$tmp/out.txt"; exit 1; }; }
+run --help
+"$bin/python" - >"$tmp/commands.txt" <<'PY'
+import click
+from mnv3_search.cli.main import cli
+def walk(cmd, path):
+    yield path
+    if isinstance(cmd, click.Group):
+        for name, sub in sorted(cmd.commands.items()):
+            yield from walk(sub, path + [name])
+for path in walk(cli, []):
+    if path:
+        print(" ".join(path))
+PY
+while read -r command; do
+    # shellcheck disable=SC2086
+    run $command --help
+done <"$tmp/commands.txt"
+run profile large --no-latency
+run profile small --resolution 64 --json   # latency with ONNX Runtime from the installed wheel
+# a tiny NetAdapt run on the bundled digits data; a MACs budget keeps it to seconds (latency budgets are
+# covered by the test suite)
+run netadapt small --budget 5.3M-macs --resolution 64 --limit 120 --batch-size 16 --short-steps 2 --reports 1 \
+    --seed-epochs 1 --long-epochs 1 --out "$tmp/work/run" --quiet
+tail -n 1 "$tmp/out.txt"
+for f in run.json final.yaml final.pt final.onnx iterations.csv; do
+    [ -s "$tmp/work/run/$f" ] || { echo "wheel check: netadapt wrote no $f" >&2; exit 1; }
+done
+step "ok: $(wc -l <"$tmp/commands.txt") subcommands' --help, profile and a tiny netadapt ran from the installed wheel"
