@@ -19,8 +19,13 @@ pip() { "$tmp/venv/bin/python" -m pip --disable-pip-version-check "$@" --no-comp
 # torch first: torch==2.13.0 is a CPU build on local disk here; a bare `torch` would pull CUDA builds.
 pip install "torch==2.13.0"
 
-step "building the wheel"
-"$tmp/venv/bin/python" -m pip --disable-pip-version-check wheel --quiet --no-deps --wheel-dir "$tmp/dist" "$repo" \
+step "building the wheel from a clean copy of the working tree (no stale build/ can hide a missing file)"
+"$tmp/venv/bin/python" - "$repo" "$tmp/src" <<'PY'
+import shutil, sys
+skip = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "results", "__pycache__", ".pytest_cache")
+shutil.copytree(sys.argv[1], sys.argv[2], symlinks=True, ignore=skip)
+PY
+"$tmp/venv/bin/python" -m pip --disable-pip-version-check wheel --quiet --no-deps --wheel-dir "$tmp/dist" "$tmp/src" \
     >>"$tmp/pip.log" 2>&1 || { tail -n 40 "$tmp/pip.log" >&2; exit 1; }
 wheel=$(ls "$tmp"/dist/mnv3_search-*.whl)
 
@@ -52,23 +57,24 @@ run --help
 "$bin/python" - >"$tmp/commands.txt" <<'PY'
 import click
 from mnv3_search.cli.main import cli
+ctx = click.Context(cli)
 def walk(cmd, path):
     yield path
     if isinstance(cmd, click.Group):
-        for name, sub in sorted(cmd.commands.items()):
-            yield from walk(sub, path + [name])
-for path in walk(cli, []):
-    if path:
-        print(" ".join(path))
+        for name in cmd.list_commands(ctx):  # loads the lazily imported commands too
+            yield from walk(cmd.get_command(ctx, name), path + [name])
+paths = [" ".join(p) for p in walk(cli, []) if p]
+assert len(paths) >= 12, paths
+print("\n".join(paths))
 PY
 while read -r command; do
     # shellcheck disable=SC2086
     run $command --help
 done <"$tmp/commands.txt"
 run profile large --no-latency
-run profile small --resolution 64 --json   # latency with ONNX Runtime from the installed wheel
-# a tiny NetAdapt run on the bundled digits data; a MACs budget keeps it to seconds (latency budgets are
-# covered by the test suite)
+run profile small --resolution 64 --json  # latency with ONNX Runtime, from the installed wheel
+# a tiny NetAdapt run on the bundled digits data; a MACs budget keeps it to seconds: latency budgets
+# are covered by the test suite
 run netadapt small --budget 5.3M-macs --resolution 64 --limit 120 --batch-size 16 --short-steps 2 --reports 1 \
     --seed-epochs 1 --long-epochs 1 --out "$tmp/work/run" --quiet
 tail -n 1 "$tmp/out.txt"
