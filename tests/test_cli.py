@@ -246,7 +246,8 @@ CANONICAL_HELP = {"--resolution": shared.RESOLUTION_HELP, "--train-resolution": 
 # (command, option) that share a name but not the shared text, and why
 EXCEPTIONS = {("compare", "--weights"): "N=PATH per variant, repeatable",
               ("export", "--weights"): "a SPEC's weights, exported as they are",
-              ("profile", "--lut"): "an optional value: --lut alone means the machine's table"}
+              ("profile", "--lut"): "an optional value: --lut alone means the machine's table",
+              ("compare", "--lut"): "an optional value: --lut alone means the machine's table"}
 
 
 def _kind(option) -> tuple:
@@ -368,3 +369,21 @@ def test_device_cuda_without_a_gpu_is_one_line(command: list[str], tmp_path: Pat
     assert_one_line_error(run(*command, "--device", "cuda"),
                           "--device cuda: no CUDA GPU is visible to PyTorch here (torch.cuda.is_available() is False")
     assert not (tmp_path / "unused").exists()
+
+
+def test_compare_predicts_from_the_machines_table(tmp_path: Path) -> None:
+    import io
+    import os
+
+    from mnv3_search.latency.measure import make_backend
+    from mnv3_search.latency.table import LatencyTable, default_table_path
+
+    result = run("compare", "small", "small", "--resolution", "64", "--no-latency", "--lut", "--csv", "-")
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(io.StringIO(result.stdout))
+    table_path = default_table_path(make_backend("onnxruntime", 1))
+    assert str(table_path).startswith(os.environ["MNV3_SEARCH_LUT_DIR"])  # conftest: never the real home
+    table = LatencyTable.load(table_path)
+    spec = __import__("mnv3_search").load_spec(SPACES / "small.yaml").with_overrides(resolution=64)
+    assert frame["predicted_p25_ms"].tolist() == pytest.approx([table.predict(spec, measure_missing=False)
+                                                                .calibrated_ms] * 2, rel=1e-9)

@@ -13,7 +13,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .common import stdout_console
-from .options import BATCH_HELP, CSV_HELP, RESOLUTION_HELP, THREADS_HELP, TRAIN_RESOLUTION_HELP, backend_option
+from .options import (BATCH_HELP, CSV_HELP, LUT_HELP, RESOLUTION_HELP, THREADS_HELP, TRAIN_RESOLUTION_HELP,
+                      backend_option)
 from ..report.compare import compare_frame, evaluate_variants, load_variant, measure_variants, unique_labels
 from ..data import SOURCES_HELP, load_dataset
 from ..errors import UserError
@@ -45,11 +46,14 @@ def _num(value: Any, fmt: str) -> str:
 @click.option("--passes", type=click.IntRange(min=5), default=30, show_default=True,
               help="Interleaved passes (each variant runs 5 times per pass, in a new random order).")
 @click.option("--no-latency", is_flag=True, help="Counts and accuracy only.")
+@click.option("--lut", "lut_path", is_flag=False, flag_value="", default=None, type=click.Path(dir_okay=False),
+              metavar="[FILE]", help=LUT_HELP + " Adds each variant's predicted latency (calibrated p25); "
+              "--lut alone: the machine's table. Missing entries are measured and kept.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, allow_dash=True),
               help=CSV_HELP + " All columns; with '-', the CSV replaces the table on stdout.")
 def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[str], train_resolution: int,
             data_resolution: Optional[int], resolution: Optional[int], backend: str, threads: int, batch: int,
-            passes: int, no_latency: bool, csv_path: Optional[str]) -> None:
+            passes: int, no_latency: bool, lut_path: Optional[str], csv_path: Optional[str]) -> None:
     """Compare specs and NetAdapt run folders side by side; the first is the baseline.
 
     \b
@@ -88,14 +92,24 @@ def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[
             measurements = measure_variants(loaded, latency_backend, batch,
                                             InterleavedPolicy(passes=passes, min_passes=min(10, passes)),
                                             on_pass=lambda done, total: bar.update(task, completed=done))
-    frame = compare_frame(loaded, measurements)
+    predicted = None
+    if lut_path is not None:
+        from ..latency.table import LatencyTable, default_table_path
+
+        lut_backend = make_backend(backend, threads)
+        table = LatencyTable.open(lut_path or default_table_path(lut_backend, batch), lut_backend, batch)
+        err.print(f"[dim]table: {table.path} ({len(table.entries)} entries)[/dim]", highlight=False)
+        predicted = [table.predict(v.spec).calibrated_ms for v in loaded]
+    frame = compare_frame(loaded, measurements, predicted)
     if csv_path:
         write_csv(frame, csv_path)
         if csv_path == "-":
             return  # stdout carries the CSV alone
         err.print(f"[dim]wrote {csv_path}[/dim]", highlight=False)
     table = Table(title="compared with " + loaded[0].label, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
-    for name in ("variant", "res", "params", "×", "MACs", "×", "p25 ms", "median ms", "×", "accuracy", "Δ"):
+    columns = ["variant", "res", "params", "×", "MACs", "×", "p25 ms", "median ms", "×", "accuracy", "Δ"]
+    columns += ["lut p25 ms"] if predicted else []
+    for name in columns:
         table.add_column(name, justify="left" if name == "variant" else "right", no_wrap=True)
     for row in frame.to_dict("records"):
         table.add_row(
@@ -105,6 +119,7 @@ def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[
             "-" if row["accuracy"] is None or row["accuracy"] != row["accuracy"] else f"{100 * row['accuracy']:.2f}%",
             "-" if row["accuracy_delta"] is None or row["accuracy_delta"] != row["accuracy_delta"]
             else f"{100 * row['accuracy_delta']:+.2f}",
+            *([_num(row["predicted_p25_ms"], ".3f")] if predicted else []),
         )
     out = stdout_console()
     out.print(table)
