@@ -93,6 +93,36 @@ def test_train_command_seeds_10_classes_from_1000_class_torchvision_weights(tmp_
                      "the final classifier layer classifier.3, which starts fresh (N(0, 0.01), bias 0)"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == summary["train_images"] // 16 > 0 and summary["weights_from"] == str(weights)
+    assert summary["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     trained = torch.load(out / "weights.pt", weights_only=True)["state_dict"]
     assert trained["classifier.3.weight"].shape == (10, 1280)
     assert not torch.equal(trained["features.16.0.weight"], source["features.16.0.weight"])  # it trained
+
+
+def test_netadapt_seed_from_1000_class_torchvision_weights(tmp_path: Path) -> None:
+    """netadapt --weights with ImageNet-layout Small on digits: the seed keeps every tensor but classifier.3,
+    and the run says so once (the CLI prints the event even with --quiet)."""
+    from mnv3_search.netadapt import RunConfig
+    from mnv3_search.netadapt.loop import NetAdapt
+
+    weights = tmp_path / "mobilenet_v3_small.pth"
+    source = reference_state_dict("small")
+    torch.save(source, weights)
+    events: list[tuple[str, dict]] = []
+    config = RunConfig(spec_path="small", budget="5.3M-macs", data="digits", limit=120, batch_size=16,
+                       resolution=64, short_steps=2, reports=1, long_epochs=1, weights=str(weights))
+    runner = NetAdapt(config, out=str(tmp_path / "run"), on_event=lambda kind, **info: events.append((kind, info)))
+    runner.run.prepare()
+    state, accuracy = runner._seed_network()
+    assert [info["note"] for kind, info in events if kind == "transfer"] == [
+        f"{weights}: made for 1000 classes, {SPACES / 'small.yaml'} has 10: loaded every tensor but the final "
+        "classifier layer classifier.3, which starts fresh (N(0, 0.01), bias 0)"]
+    assert state["classifier.3.weight"].shape == (10, 1024)
+    assert all(torch.equal(state[k], v) for k, v in source.items() if not k.startswith("classifier.3."))
+    assert 0.0 <= accuracy <= 1.0
+    # a checkpoint of another network is still refused before anything runs, naming the tensor
+    large = tmp_path / "large.pth"
+    torch.save(reference_state_dict("large"), large)
+    with pytest.raises(CheckpointError, match=r"^\S+large\.pth: does not fit spec \S+small\.yaml \(with 10 classes\): "
+                                              r"tensor 'features\.1\.block\.1\.fc1\.weight' is missing$"):
+        NetAdapt(RunConfig(**{**config.__dict__, "weights": str(large)}), out=str(tmp_path / "other"))

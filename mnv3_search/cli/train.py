@@ -29,7 +29,7 @@ from ..model.weights import load_weights, save_checkpoint
 
 
 @click.command()
-@click.argument("spec", default="small", metavar="SPEC")
+@click.argument("spec", default="small", metavar="[SPEC]")
 @click.option("--data", "data_source", default="digits", show_default=True, metavar="SOURCE",
               help=f"Dataset: {SOURCES_HELP}.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Passes over the training split.")
@@ -56,10 +56,10 @@ def train(spec: str, data_source: str, epochs: int, out_dir: str, train_resoluti
           device: str) -> None:
     """Train SPEC on a dataset and write a run folder with weights and metrics.
 
-    SPEC is a YAML file or a shipped search space (small, large). The classifier gets as many outputs
-    as the dataset has classes (--weights made for another class count, e.g. torchvision's ImageNet
-    weights, load all but the final layer, which starts fresh); the holdout accuracy is shown after every epoch and the test accuracy
-    once at the end.
+    SPEC is a YAML file or a shipped search space (small, large); default: small. The classifier gets
+    as many outputs as the dataset has classes (--weights made for another class count, e.g. torchvision's
+    ImageNet weights, load all but the final layer, which starts fresh); the holdout accuracy is shown
+    after every epoch and the test accuracy once at the end.
 
     \b
     Examples:
