@@ -29,7 +29,7 @@ from .data import load_dataset
 from .errors import SpecError, UserError
 from .fileio import PathLike, atomic_write_text
 from .latency.measure import make_backend, torch_threads
-from .latency.table import LatencyTable
+from .latency.table import LatencyTable, open_for_run, table_record
 from .model.build import build_model
 from .netadapt.study import make_storage
 from .report.frames import write_csv
@@ -178,10 +178,7 @@ def run_explore(config: ExploreConfig, out: PathLike, storage: Optional[str] = N
     table: Optional[LatencyTable] = None
     base = finish(space.base())
     if budget.resource == LATENCY:
-        table = LatencyTable.open(Path(config.lut) if config.lut else out / "lut.json",
-                                  make_backend(config.backend, config.threads))
-        if base.name not in table.calibrations:
-            table.calibrate(base)
+        table = open_for_run(config.lut, make_backend(config.backend, config.threads), base)
 
     def figure(spec: ArchSpec) -> tuple[float, dict[str, Any]]:
         attrs: dict[str, Any] = {"macs": spec_macs(spec), "params": spec_params(spec)}
@@ -247,11 +244,15 @@ def run_explore(config: ExploreConfig, out: PathLike, storage: Optional[str] = N
     if remaining > 0:
         with torch_threads(config.threads):
             study.optimize(objective, n_trials=remaining, callbacks=[callback], catch=())
-    return _write_outputs(study, space, finish, out, limit, budget.resource, config.multi_objective)
+    used = None
+    if table is not None:
+        used = table_record(table)
+        used["entries_measured"] = table.measured  # by this invocation: 0 when the machine's table had them all
+    return _write_outputs(study, space, finish, out, limit, budget.resource, config.multi_objective, used)
 
 
 def _write_outputs(study: optuna.Study, space: SearchSpace, finish: Callable[[ArchSpec], ArchSpec], out: Path,
-                   limit: float, resource: str, multi: bool) -> ExploreResult:
+                   limit: float, resource: str, multi: bool, table: Optional[dict] = None) -> ExploreResult:
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
     feasible = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE
                 and not t.user_attrs.get("rejected") and t.constraints.get(CONSTRAINT, 1.0) <= 0]
@@ -281,7 +282,8 @@ def _write_outputs(study: optuna.Study, space: SearchSpace, finish: Callable[[Ar
         written.append((t.number, target))
     atomic_write_text(out / "explore.json", json.dumps({
         "space": space.source, "budget_value": limit, "resource": resource, "multi_objective": multi,
-        "trials": len(trials), "chosen": [{"trial": n, "yaml": str(p)} for n, p in written]}, indent=2) + "\n")
+        "trials": len(trials), "chosen": [{"trial": n, "yaml": str(p)} for n, p in written],
+        "latency_table": table}, indent=2) + "\n")
     return ExploreResult(out, frame, written, limit, resource)
 
 

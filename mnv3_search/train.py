@@ -12,11 +12,16 @@ BatchNorm: the model's BN momentum (0.01, for ImageNet-length runs) barely moves
 in a few hundred steps, so training uses `bn_momentum` (0.1) and puts the model's value back afterwards.
 After surgery the statistics of the surviving channels still describe the parent: `refresh_bn`
 re-estimates them from training batches before the child is scored.
+
+Device: training runs on `device` (cpu, cuda or auto); when not given, on $MNV3_SEARCH_DEVICE, which the
+CLI's --device sets so that worker processes it starts train where it does (else cpu). The model goes back
+to the CPU afterwards: checkpoints, surgery and latency (on the table's backend) never see a GPU tensor.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -26,6 +31,9 @@ from torch import nn
 
 from .data import Dataset, Split, batches
 from .errors import UserError
+
+DEVICE_ENV = "MNV3_SEARCH_DEVICE"
+DEVICES = ("auto", "cpu", "cuda")
 
 Report = Callable[[int, float], Optional[bool]]
 Progress = Callable[[int, float], None]  # (step, loss) after every step
@@ -51,6 +59,24 @@ class TrainResult:
         return self.history[-1]["holdout_accuracy"] if self.history else None
 
 
+def resolve_device(device: Optional[str] = None) -> torch.device:
+    """`device` (or $MNV3_SEARCH_DEVICE, else cpu) as a torch.device; cuda without a GPU is a UserError."""
+    name = device or os.environ.get(DEVICE_ENV) or "cpu"
+    if name not in DEVICES:
+        raise UserError(f"device {name!r} is not one of {', '.join(DEVICES)}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch here (torch.cuda.is_available() is "
+                        f"False; torch {torch.__version__}); use --device cpu or --device auto")
+    return torch.device(name)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -61,8 +87,9 @@ def evaluate(model: nn.Module, dataset: Dataset, split: Split, batch_size: int =
     was_training = model.training
     model.eval()
     correct = 0
+    device = _device_of(model)
     for x, y in batches(dataset, split, batch_size):
-        correct += int((model(x).argmax(dim=1) == y).sum())
+        correct += int((model(x.to(device)).argmax(dim=1).cpu() == y).sum())
     model.train(was_training)
     return correct / max(1, len(split))
 
@@ -80,11 +107,12 @@ def refresh_bn(model: nn.Module, dataset: Dataset, num_batches: int = 20, batch_
     was_training = model.training
     model.train()
     generator = torch.Generator().manual_seed(seed)
+    device = _device_of(model)
     for n, (x, _) in enumerate(batches(dataset, dataset.train, batch_size, shuffle=True, generator=generator,
                                        drop_last=len(dataset.train) >= batch_size)):
         if n >= num_batches:
             break
-        model(x)
+        model(x.to(device))
     for m, momentum in zip(layers, saved):
         m.momentum = momentum
     model.train(was_training)
@@ -114,9 +142,10 @@ def _lr_at(step: int, steps: int, lr: float, schedule: str, warmup: int) -> floa
 def train(model: nn.Module, dataset: Dataset, steps: int, *, lr: float = 0.1, batch_size: int = 128, seed: int = 0,
           schedule: str = "cosine", warmup: int = 0, weight_decay: float = 4e-5, momentum: float = 0.9,
           label_smoothing: float = 0.1, eval_every: Optional[int] = None, report: Optional[Report] = None,
-          progress: Optional[Progress] = None, bn_momentum: Optional[float] = 0.1) -> TrainResult:
-    """SGD (Nesterov) for `steps` steps; evaluates the holdout every `eval_every` steps and at the end,
-    passing each accuracy to `report`, which stops the run by returning True."""
+          progress: Optional[Progress] = None, bn_momentum: Optional[float] = 0.1,
+          device: Optional[str] = None) -> TrainResult:
+    """SGD (Nesterov) for `steps` steps on `device`; evaluates the holdout every `eval_every` steps and at
+    the end, passing each accuracy to `report`, which stops the run by returning True."""
     if steps < 0:
         raise UserError(f"steps must be >= 0, got {steps}")
     if batch_size < 2:
@@ -126,7 +155,9 @@ def train(model: nn.Module, dataset: Dataset, steps: int, *, lr: float = 0.1, ba
     if not lr > 0:
         raise UserError(f"learning rate must be > 0, got {lr}")
     warmup = min(warmup, steps // 4)  # a short run still reaches its peak learning rate
+    target = resolve_device(device)
     torch.manual_seed(seed)
+    model.to(target)
     generator = torch.Generator().manual_seed(seed)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -150,6 +181,7 @@ def train(model: nn.Module, dataset: Dataset, steps: int, *, lr: float = 0.1, ba
         for step in range(steps):
             t0 = time.perf_counter()
             epoch, x, y = next(batches_iter)
+            x, y = x.to(target, non_blocking=True), y.to(target, non_blocking=True)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, steps, lr, schedule, warmup)
             loss = loss_fn(model(x), y)
@@ -178,6 +210,7 @@ def train(model: nn.Module, dataset: Dataset, steps: int, *, lr: float = 0.1, ba
     finally:
         for m, value in zip(layers, saved):
             m.momentum = value
+        model.to("cpu")
         model.eval()
         result.seconds = time.perf_counter() - start
     return result

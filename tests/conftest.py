@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from mnv3_search import ArchSpec, load_spec
+
+# The machine's latency table lives in ~/.cache/mnv3-search/lut unless $MNV3_SEARCH_LUT_DIR says otherwise:
+# tests (and the processes they start) share one table in a temp folder, never the real home.
+LUT_DIR = Path(tempfile.mkdtemp(prefix="mnv3-test-lut-"))
+atexit.register(shutil.rmtree, LUT_DIR, True)
+os.environ["MNV3_SEARCH_LUT_DIR"] = str(LUT_DIR)
 
 REPO = Path(__file__).resolve().parents[1]
 SPACES = REPO / "search_spaces"

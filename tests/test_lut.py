@@ -403,15 +403,15 @@ def test_profile_lut_column_shows_each_blocks_entry(table_file, tmp_path, tiny):
     result = CliRunner().invoke(cli, ["profile", "small", "--resolution", "32", "--no-latency", "--lut",
                                       str(table_file), "--csv", str(csv)])
     assert result.exit_code == 0, result.output
-    assert "lut ms" in result.output and "predicted whole network" in result.output
+    assert "lut p25 ms" in result.output and "predicted whole network" in result.output
     import pandas as pd
 
     frame = pd.read_csv(csv)
     table = LatencyTable.load(table_file)
     entries = [table.entries[key.id].latency_ms for _, key in spec_keys(tiny)]
-    assert frame["lut_ms"].tolist()[:-1] == pytest.approx(entries, rel=1e-9)
+    assert frame["lut_p25_ms"].tolist()[:-1] == pytest.approx(entries, rel=1e-9)
     cal = table.calibrations[tiny.name]
-    assert frame["lut_ms"].tolist()[-1] == pytest.approx(cal.measured_ms, rel=1e-9)  # total = calibrated
+    assert frame["lut_p25_ms"].tolist()[-1] == pytest.approx(cal.measured_ms, rel=1e-9)  # total = calibrated
 
 
 def test_save_never_overwrites_a_foreign_table_written_meanwhile(tiny, tmp_path, table_file):

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .common import stdout_console
+from .options import (LIMIT_HELP, LUT_HELP, RESOLUTION_HELP, SEED_HELP, THREADS_HELP, TRAIN_RESOLUTION_HELP,
+                      backend_option, device_option, use_device)
 from ..data import SOURCES_HELP
 from ..explore import ExploreConfig, run_explore
 
@@ -29,18 +31,22 @@ from ..explore import ExploreConfig, run_explore
 @click.option("--steps", type=click.IntRange(min=1), default=60, show_default=True, help="Training steps per trial.")
 @click.option("--reports", type=click.IntRange(min=1), default=3, show_default=True,
               help="Holdout evaluations per trial (the median pruner's rungs).")
-@click.option("--lr", type=float, default=0.05, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--train-resolution", type=int, default=32, show_default=True)
-@click.option("--resolution", type=int, help="Deployment resolution (latency is predicted there).")
-@click.option("--limit", type=click.IntRange(min=1), help="Use at most this many training images.")
-@click.option("--lut", type=click.Path(dir_okay=False), help="Latency table (default: lut.json in --out).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--lr", type=float, default=0.05, show_default=True, help="Learning rate of each trial's training.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Images per training step.")
+@click.option("--train-resolution", type=click.IntRange(4, 1024), default=32, show_default=True,
+              help=TRAIN_RESOLUTION_HELP)
+@click.option("--resolution", type=click.IntRange(min=1), help=RESOLUTION_HELP)
+@click.option("--limit", type=click.IntRange(min=1), help=LIMIT_HELP)
+@click.option("--lut", type=click.Path(dir_okay=False), help=LUT_HELP)
+@backend_option()
+@click.option("--seed", type=int, default=0, show_default=True, help=SEED_HELP)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
+@device_option()
 def explore(spec: str, budget: str, trials: int, multi_objective: bool, out_dir: Optional[str],
             storage: Optional[str], data: str, steps: int, reports: int, lr: float, batch_size: int,
-            train_resolution: int, resolution: Optional[int], limit: Optional[int], lut: Optional[str], seed: int,
-            threads: int) -> None:
+            train_resolution: int, resolution: Optional[int], limit: Optional[int], lut: Optional[str],
+            backend: str, seed: int, threads: int, device: str) -> None:
     """Search the choices written in a YAML space (cells holding lists) under a budget, with Optuna.
 
     \b
@@ -55,9 +61,11 @@ def explore(spec: str, budget: str, trials: int, multi_objective: bool, out_dir:
       mnv3-search explore my_space.yaml --budget 40M-macs --trials 50 --multi-objective --out results/pareto
     """
     err = Console(stderr=True)
+    use_device(device)  # each trial's training
     config = ExploreConfig(spec_path=spec, budget=budget, trials=trials, multi_objective=multi_objective, data=data,
                            train_resolution=train_resolution, resolution=resolution, steps=steps, reports=reports,
-                           lr=lr, batch_size=batch_size, limit=limit, seed=seed, threads=threads, lut=lut)
+                           lr=lr, batch_size=batch_size, limit=limit, seed=seed, backend=backend, threads=threads,
+                           lut=lut)
     out = Path(out_dir or Path("results") / f"explore-{Path(spec).stem}")
 
     def on_trial(info: dict[str, Any]) -> None:

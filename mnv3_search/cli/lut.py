@@ -15,8 +15,10 @@ from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, 
 from rich.table import Table
 
 from .common import load_spec_argument, stdout_console
-from ..latency.measure import BACKENDS, InterleavedPolicy, make_backend
-from ..latency.table import (LatencyTable, build_table, check_variants, default_table_path, summarize_errors)
+from .options import BATCH_HELP, CSV_HELP, LUT_HELP, RESOLUTION_HELP, SEED_HELP, THREADS_HELP, backend_option
+from ..errors import UserError
+from ..latency.measure import InterleavedPolicy, make_backend
+from ..latency.table import LatencyTable, build_table, check_variants, default_table_path, summarize_errors
 from ..report.frames import write_csv
 
 
@@ -37,13 +39,13 @@ def _progress(err: Console, title: str) -> Iterator:
 def _table_options(f):
     """Options shared by build and check: where the table is and what it measures."""
     options = [
-        click.option("--table", "table_path", type=click.Path(dir_okay=False),
-                     help="Table file; default: results/lut/<cpu>-<cores>c-<backend>-t<threads>-b<batch>.json."),
-        click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="onnxruntime", show_default=True,
-                     help="Latency backend (torch-cuda only with a GPU)."),
-        click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Backend threads."),
-        click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size."),
-        click.option("--resolution", type=int, help="Input size in pixels; default: the spec's."),
+        click.option("--lut", "table_path", type=click.Path(dir_okay=False), help=LUT_HELP),
+        click.option("--table", "table_alias", type=click.Path(dir_okay=False), hidden=True,
+                     help="Old name of --lut."),
+        backend_option(),
+        click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP),
+        click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help=BATCH_HELP),
+        click.option("--resolution", type=click.IntRange(min=1), help=RESOLUTION_HELP),
         click.option("--width", type=float, help="Width multiplier; default: the spec's."),
         click.option("--passes", type=click.IntRange(min=1), default=30, show_default=True,
                      help="Interleaved passes over all entries (a new table only)."),
@@ -82,7 +84,7 @@ def lut() -> None:
 @_table_options
 @click.option("--step", type=click.IntRange(min=1), default=8, show_default=True,
               help="Channel step of the pre-populated widths.")
-def build(spec: str, table_path: Optional[str], backend: str, threads: int, batch: int, resolution: Optional[int],
+def build(spec: str, table_path: Optional[str], table_alias: Optional[str], backend: str, threads: int, batch: int, resolution: Optional[int],
           width: Optional[float], passes: int, runs: int, step: int) -> None:
     """Measure the entries NetAdapt needs for SPEC and calibrate on SPEC itself.
 
@@ -94,12 +96,12 @@ def build(spec: str, table_path: Optional[str], backend: str, threads: int, batc
     \b
     Examples:
       mnv3-search lut build large
-      mnv3-search lut build small --resolution 160 --table small160.json
+      mnv3-search lut build small --resolution 160 --lut small160.json
       mnv3-search lut build my_net.yaml --threads 2 --step 16
     """
     err = Console(stderr=True)
     arch, _ = load_spec_argument(spec, err, resolution=resolution, width=width)
-    table = _open(table_path, backend, threads, batch, passes, runs, err)
+    table = _open(table_path or table_alias, backend, threads, batch, passes, runs, err)
     with _progress(err, "lut build") as progress:
         report = build_table(table, arch, step, progress)
     cal = report.calibration
@@ -117,9 +119,10 @@ def build(spec: str, table_path: Optional[str], backend: str, threads: int, batc
 @_table_options
 @click.option("--variants", "n", type=click.IntRange(min=1), default=30, show_default=True,
               help="Random channel variants of SPEC to check.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random variants.")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the rows as CSV to FILE.")
-def check(spec: str, table_path: Optional[str], backend: str, threads: int, batch: int, resolution: Optional[int],
+@click.option("--seed", type=int, default=0, show_default=True, help=SEED_HELP)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, allow_dash=True),
+              help=CSV_HELP + " With '-', the CSV replaces the table on stdout.")
+def check(spec: str, table_path: Optional[str], table_alias: Optional[str], backend: str, threads: int, batch: int, resolution: Optional[int],
           width: Optional[float], passes: int, runs: int, n: int, seed: int, csv_path: Optional[str]) -> None:
     """Predicted vs measured latency of SPEC and N random channel variants of it.
 
@@ -133,7 +136,7 @@ def check(spec: str, table_path: Optional[str], backend: str, threads: int, batc
     """
     err = Console(stderr=True)
     arch, _ = load_spec_argument(spec, err, resolution=resolution, width=width)
-    table = _open(table_path, backend, threads, batch, passes, runs, err)
+    table = _open(table_path or table_alias, backend, threads, batch, passes, runs, err)
     with _progress(err, "lut check") as progress:
         rows = check_variants(table, arch, n, seed, progress=progress)
     out = Table(title=f"{arch.name}: calibrated prediction vs measured (p25, ms)", box=box.SIMPLE_HEAD,
@@ -158,27 +161,52 @@ def check(spec: str, table_path: Optional[str], backend: str, threads: int, batc
 
 
 @lut.command()
-@click.argument("table_path", metavar="[TABLE]", required=False, type=click.Path(dir_okay=False))
-@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="onnxruntime", show_default=True,
-              help="Finds the default table when TABLE is not given.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.argument("table_arg", metavar="[TABLE]", required=False, type=click.Path(dir_okay=False))
+@click.option("--lut", "table_path", type=click.Path(dir_okay=False), help=LUT_HELP + " Same as TABLE.")
+@backend_option()
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help=THREADS_HELP + " Picks the default table.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help=BATCH_HELP + " Picks the default table.")
 @click.option("--kind", type=click.Choice(["stem", "bneck", "last_conv", "classifier"]), help="Only this kind.")
-@click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
+@click.option("--rows", type=click.IntRange(min=0), default=20, show_default=True,
               help="Entries to print (0: none); --csv always gets all.")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write all entries as CSV to FILE.")
-def show(table_path: Optional[str], backend: str, threads: int, batch: int, kind: Optional[str], limit: int,
-         csv_path: Optional[str]) -> None:
+@click.option("--limit", "rows_alias", type=click.IntRange(min=0), hidden=True, help="Old name of --rows.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, allow_dash=True),
+              help=CSV_HELP + " All entries; with '-', the CSV replaces the text on stdout.")
+def show(table_arg: Optional[str], table_path: Optional[str], backend: str, threads: int, batch: int,
+         kind: Optional[str], rows: int, rows_alias: Optional[int], csv_path: Optional[str]) -> None:
     """What a table holds: device, backend, calibrations and entries.
+
+    Without TABLE: this machine's table for --backend, --threads and --batch (the one netadapt, explore
+    and profile --lut use).
 
     \b
     Examples:
       mnv3-search lut show
-      mnv3-search lut show results/lut/my.json --kind bneck --limit 50
-      mnv3-search lut show my.json --csv entries.csv
+      mnv3-search lut show my_table.json --kind bneck --rows 50
+      mnv3-search lut show --csv - | head
     """
-    path = Path(table_path) if table_path else default_table_path(BACKENDS[backend](threads), batch)
+    from ..latency.measure import BACKENDS
+
+    chosen = table_arg or table_path
+    path = Path(chosen) if chosen else default_table_path(BACKENDS[backend](threads), batch)
+    if not path.exists():  # the library's message names lut build's --lut; say what `show` itself takes
+        raise UserError(f"{path}: no such latency table; build one with `mnv3-search lut build SPEC"
+                        + (f" --lut {path}`" if chosen else "` (this machine's table), or name one: "
+                           "`mnv3-search lut show TABLE`"))
     table = LatencyTable.load(path)
+    limit = rows if rows_alias is None else rows_alias
+    entries = [e for e in sorted(table.entries.values(), key=lambda e: e.key) if kind is None or e.key.kind == kind]
+    records = [{**{f: getattr(e.key, f) for f in ("kind", "resolution", "in_channels", "exp", "out", "kernel",
+                                                  "stride", "se", "nl", "expand", "residual")},
+                "latency_p25_ms": e.latency_ms, "median_ms": e.median_ms, "p10_ms": e.p10_ms, "p90_ms": e.p90_ms,
+                "runs": e.runs} for e in entries]
+    if csv_path:
+        write_csv(pd.DataFrame(records), csv_path)
+        if csv_path == "-":
+            return  # stdout carries the CSV alone
+        Console(stderr=True).print(f"[dim]wrote {csv_path}[/dim]", highlight=False)
     h = table.header
     console = stdout_console()
     versions = ", ".join(f"{k} {v}" for k, v in sorted(h.versions.items()))
@@ -188,18 +216,13 @@ def show(table_path: Optional[str], backend: str, threads: int, batch: int, kind
     if table.calibrations:
         cal = Table(title="calibrations: whole = a x blocks sum + b x params (p25)", box=box.SIMPLE_HEAD,
                     header_style="bold")
-        for name in ("seed", "resolution", "params", "blocks sum ms", "measured ms", "a", "b ms/Mparam",
+        for name in ("seed", "resolution", "params", "blocks sum p25 ms", "measured p25 ms", "a", "b ms/Mparam",
                      "networks", "seed factor"):
             cal.add_column(name, justify="left" if name == "seed" else "right")
         for c in table.calibrations.values():
             cal.add_row(c.spec_name, str(c.resolution), f"{c.params:,}", f"{c.raw_ms:.3f}", f"{c.measured_ms:.3f}",
                         f"{c.a:.3f}", f"{c.b_ms_per_mparam:.3f}", str(c.networks), f"{c.factor:.3f}")
         console.print(cal)
-    entries = [e for e in sorted(table.entries.values(), key=lambda e: e.key) if kind is None or e.key.kind == kind]
-    records = [{**{f: getattr(e.key, f) for f in ("kind", "resolution", "in_channels", "exp", "out", "kernel",
-                                                  "stride", "se", "nl", "expand", "residual")},
-                "latency_ms": e.latency_ms, "median_ms": e.median_ms, "p10_ms": e.p10_ms, "p90_ms": e.p90_ms,
-                "runs": e.runs} for e in entries]
     if limit and records:
         out = Table(title=f"entries ({min(limit, len(records))} of {len(records)}; latency = p25)",
                     box=box.SIMPLE_HEAD, header_style="bold")
@@ -210,6 +233,3 @@ def show(table_path: Optional[str], backend: str, threads: int, batch: int, kind
             out.add_row(*[f"{v:.4f}" if isinstance(v, float) else ("yes" if v is True else "-" if v is False
                                                                     else str(v)) for v in rec.values()])
         console.print(out)
-    if csv_path:
-        write_csv(pd.DataFrame(records), csv_path)
-        Console(stderr=True).print(f"[dim]wrote {csv_path}[/dim]", highlight=False)

@@ -1,31 +1,48 @@
-"""The `mnv3-search` command: parse options, call the library, render with rich. Nothing imports it."""
+"""The `mnv3-search` command: parse options, call the library, render with rich. Nothing imports it.
+
+`--help` stays fast: this module imports neither torch nor the command modules; each command's module
+(and with it torch) is imported when that command runs or shows its own help.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import click
-from rich import box
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from .common import load_spec_argument, stdout_console
+from .options import (BACKEND_NAMES, BATCH_HELP, CSV_HELP, RESOLUTION_HELP, THREADS_HELP, WEIGHTS_HELP,
+                      backend_option)
 from ..errors import UserError
-from ..latency.measure import BACKENDS, make_backend
-from ..latency.table import LatencyTable, spec_keys
-from ..model.build import MobileNetV3, build_model
-from ..profile import Profile, attach_prediction, profile_model
-from ..report.frames import profile_frame, write_csv
-from ..spec.arch import ArchSpec
-from ..model.weights import load_weights
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ..model.build import MobileNetV3
+    from ..profile import Profile
+    from ..spec.arch import ArchSpec
+
+# name: (module, attribute, the command's first help line); tests/test_cli.py keeps the line equal to the real one
+LAZY_COMMANDS = {
+    "compare": (".report", "compare", "Compare specs and NetAdapt run folders side by side; the first is the baseline."),
+    "explore": (".explore", "explore",
+                "Search the choices written in a YAML space (cells holding lists) under a budget, with Optuna."),
+    "export": (".report", "export", "Write SPEC or a run's final network as ONNX or TorchScript with batch norm folded."),
+    "lut": (".lut", "lut", "Per-block latency lookup table for this device (build, check, show)."),
+    "netadapt": (".netadapt", "netadapt", "Shrink SPEC (default: the shipped Large) step by step until it meets a budget."),
+    "report": (".report", "report", "Summarise a NetAdapt run folder and plot it; a folder of runs gives one Pareto plot."),
+    "train": (".train", "train", "Train SPEC on a dataset and write a run folder with weights and metrics."),
+    "worker": (".netadapt", "worker",
+               "Join a NetAdapt run: claim its enqueued proposals, fine-tune and score them, until it finishes."),
+}
 
 
 class UserErrorGroup(click.Group):
-    """Turns a UserError anywhere below into one line on stderr and exit status 2 (no traceback)."""
+    """Turns a UserError anywhere below into one line on stderr and exit status 2 (no traceback), and
+    imports a command's module only when that command is used."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -34,6 +51,28 @@ class UserErrorGroup(click.Group):
             error = click.ClickException(str(exc))
             error.exit_code = 2
             raise error from None
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
+        if name not in self.commands and name in LAZY_COMMANDS:
+            module, attribute, _ = LAZY_COMMANDS[name]
+            self.add_command(getattr(importlib.import_module(module, __package__), attribute), name)
+        return self.commands.get(name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list from the static first lines, so `mnv3-search --help` imports no command module."""
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.commands.get(name)
+            if command is not None and command.hidden:
+                continue
+            text = command.get_short_help_str(formatter.width) if command is not None else LAZY_COMMANDS[name][2]
+            rows.append((name, text))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 @click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,10 +87,15 @@ def cli() -> None:
     """
 
 
-def _model(spec: ArchSpec, weights: Optional[str], path: Path) -> MobileNetV3:
+def _model(spec: "ArchSpec", weights: Optional[str], path: Path, err: "Console") -> "MobileNetV3":
+    from ..model.build import build_model
+    from ..model.weights import load_weights
+
     model = build_model(spec)
     if weights:
-        load_weights(model, weights, spec_name=str(path))
+        note = load_weights(model, weights, spec_name=str(path))
+        if note:
+            err.print(note, highlight=False, soft_wrap=True)
     return model
 
 
@@ -63,14 +107,17 @@ def _fmt_macs(value: int) -> str:
     return f"{value / 1e6:.2f}M"
 
 
-def _render_profile(profile: Profile, console: Console) -> None:
+def _render_profile(profile: "Profile", console: "Console") -> None:
+    from rich import box
+    from rich.table import Table
+
     timed = profile.whole is not None
     predicted = profile.prediction is not None
     table = Table(title=f"{profile.spec_name} at {profile.resolution}x{profile.resolution}, batch {profile.batch}",
                   header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     names = ["block", "in→out", "k", "s", "exp", "SE", "NL", "output", "params", "MAdds"]
-    names += ["ms", "share"] if timed else []
-    names += ["lut ms"] if predicted else []
+    names += ["median ms", "share"] if timed else []
+    names += ["lut p25 ms"] if predicted else []
     for name in names:
         table.add_column(name, justify="left" if name == "block" else "right", no_wrap=True)
     for r in profile.rows:
@@ -109,28 +156,28 @@ def _render_profile(profile: Profile, console: Console) -> None:
 
 
 @cli.command()
-@click.argument("spec", default="large", metavar="SPEC")
-@click.option("--resolution", type=int, help="Input size in pixels (square); default: the spec's.")
+@click.argument("spec", default="large", metavar="[SPEC]")
+@click.option("--resolution", type=click.IntRange(min=1), help=RESOLUTION_HELP)
 @click.option("--width", type=float, help="Width multiplier (paper/TF/timm semantics); default: the spec's.")
-@click.option("--num-classes", type=int, help="Classifier outputs; default: the spec's.")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size for latency.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="CPU threads for the latency backend.")
-@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="onnxruntime", show_default=True,
-              help="Latency backend.")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Classifier outputs; default: the spec's.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help=BATCH_HELP)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
+@backend_option()
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement (params and MACs only).")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Checkpoint to load (torchvision or own).")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the table as CSV to FILE.")
+@click.option("--weights", type=click.Path(dir_okay=False), help=WEIGHTS_HELP)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, allow_dash=True),
+              help=CSV_HELP + " With '-', the CSV replaces the table on stdout.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
-@click.option("--lut", "lut_path", type=click.Path(dir_okay=False),
-              help="Latency table (see `lut build`): adds each block's predicted latency (missing entries are "
-                   "measured and cached).")
+@click.option("--lut", "lut_path", is_flag=False, flag_value="", default=None, type=click.Path(dir_okay=False),
+              metavar="[FILE]", help="Add each block's predicted latency (p25) from a latency table: FILE, or "
+              "with no FILE this machine's table (see `lut show`); missing entries are measured and kept.")
 def profile(spec: str, resolution: Optional[int], width: Optional[float], num_classes: Optional[int], batch: int,
             threads: int, backend: str, no_latency: bool, weights: Optional[str], csv_path: Optional[str],
             as_json: bool, lut_path: Optional[str]) -> None:
     """Params, MAdds (fvcore) and measured latency of every block of SPEC.
 
-    SPEC is a YAML file or a shipped search space (large, small, large.yaml).
+    SPEC is a YAML file or a shipped search space (large, small, large.yaml); default: large. Latency
+    is the median of the runs (the lookup table's column is the 25th percentile, as the table stores).
 
     \b
     Examples:
@@ -138,25 +185,39 @@ def profile(spec: str, resolution: Optional[int], width: Optional[float], num_cl
       mnv3-search profile search_spaces/small.yaml --width 0.75 --no-latency
       mnv3-search profile large --backend torch --threads 2 --csv large.csv
       mnv3-search profile small --resolution 160 --json > small.json
-      mnv3-search profile large --lut results/lut/my_table.json
+      mnv3-search profile large --lut
+      mnv3-search profile small --no-latency --csv - | head
     """
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .common import load_spec_argument, stdout_console
+    from ..latency.measure import make_backend
+    from ..latency.table import LatencyTable, default_table_path, spec_keys
+    from ..profile import attach_prediction, profile_model
+    from ..report.frames import profile_frame, write_csv
+
     err = Console(stderr=True)
+    quiet_stdout = as_json or csv_path == "-"  # stdout carries data: no table, no progress bars
     arch, path = load_spec_argument(spec, err, resolution=resolution, width=width, num_classes=num_classes)
-    model = _model(arch, weights, path)
+    model = _model(arch, weights, path, err)
     latency_backend = None if no_latency else make_backend(backend, threads)
     if latency_backend is None:
         result = profile_model(model, batch=batch)
     else:
         with Progress(TextColumn("timing {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=err, transient=True, disable=as_json) as bar:
+                      TimeElapsedColumn(), console=err, transient=True, disable=quiet_stdout) as bar:
             task = bar.add_task("", total=len(arch.blocks) + 4)
             result = profile_model(model, batch=batch, backend=latency_backend,
                                    progress=lambda name: bar.update(task, description=name, advance=1))
-    result.meta = {"spec_file": str(path), "width": arch.width, "num_classes": arch.num_classes}
-    if lut_path:
-        table = LatencyTable.open(lut_path, make_backend(backend, threads), batch)
+    result.meta = {"spec_file": str(path), "width": arch.width, "num_classes": arch.num_classes,
+                   "latency_statistic": "median"}
+    if lut_path is not None:
+        lut_backend = make_backend(backend, threads)
+        table = LatencyTable.open(lut_path or default_table_path(lut_backend, batch), lut_backend, batch)
+        err.print(f"[dim]table: {table.path} ({len(table.entries)} entries)[/dim]", highlight=False)
         with Progress(TextColumn("lookup table {task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
-                      transient=True, disable=as_json) as bar:
+                      transient=True, disable=quiet_stdout) as bar:
             task = bar.add_task("", total=None)
             table_progress = lambda done, total, what: bar.update(task, completed=done, total=total,  # noqa: E731
                                                                   description=what)
@@ -165,28 +226,25 @@ def profile(spec: str, resolution: Optional[int], width: Optional[float], num_cl
     if csv_path:
         frame = profile_frame(result)
         if result.prediction is not None:
-            frame["lut_ms"] = [r.lut_ms for r in result.rows] + [result.prediction.calibrated_ms]
+            frame["lut_p25_ms"] = [r.lut_ms for r in result.rows] + [result.prediction.calibrated_ms]
         write_csv(frame, csv_path)
-        err.print(f"[dim]wrote {csv_path}[/dim]", highlight=False)
+        if csv_path != "-":
+            err.print(f"[dim]wrote {csv_path}[/dim]", highlight=False)
     if as_json:
-        click.echo(json.dumps(result.as_dict(), indent=2))
-    else:
+        click.echo(json.dumps(_profile_json(result.as_dict()), indent=2))
+    elif csv_path != "-":
         _render_profile(result, stdout_console())
 
 
-from .lut import lut  # noqa: E402
-cli.add_command(lut)
-from .train import train  # noqa: E402
-cli.add_command(train)
-from .netadapt import netadapt, worker  # noqa: E402
-cli.add_command(netadapt)
-cli.add_command(worker)
-from .report import compare, export, report  # noqa: E402
-cli.add_command(compare)
-cli.add_command(export)
-cli.add_command(report)
-from .explore import explore  # noqa: E402
-cli.add_command(explore)
+def _profile_json(data: dict[str, Any]) -> dict[str, Any]:
+    """Numbers as numbers: a row's output_size "112x112" becomes [112, 112] (the classifier's "1000": [1000])."""
+    for row in data.get("rows", []):
+        size = row.get("output_size")
+        if isinstance(size, str):
+            row["output_size"] = [int(v) for v in size.split("x")]
+    if data.get("lut") is not None:
+        data["lut"]["statistic"] = "p25"
+    return data
 
 
 def main() -> None:

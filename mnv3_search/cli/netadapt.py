@@ -14,6 +14,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from .options import (LIMIT_HELP, LUT_HELP, RESOLUTION_HELP, SEED_HELP, THREADS_HELP, TRAIN_RESOLUTION_HELP,
+                      WEIGHTS_HELP, backend_option, device_option, use_device)
 from ..budget import LATENCY
 from ..data import SOURCES_HELP
 from ..errors import UserError
@@ -126,7 +128,7 @@ def _summary(result: RunResult) -> dict[str, Any]:
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
               help="Continue the run in this folder with its own settings.")
 @click.option("--data", default="digits", show_default=True, metavar="SOURCE", help=f"Dataset: {SOURCES_HELP}.")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Pretrained seed (else one is trained first).")
+@click.option("--weights", type=click.Path(dir_okay=False), help=WEIGHTS_HELP + " Else a seed is trained first.")
 @click.option("--schedule", default="netadapt", show_default=True,
               help="netadapt (2.5% of the seed, x0.96 per iteration), mobilenetv3 (fixed 1%), or FIRST,DECAY.")
 @click.option("--select", type=click.Choice(SELECT_RULES), default="ratio", show_default=True,
@@ -147,17 +149,21 @@ def _summary(result: RunResult) -> dict[str, Any]:
 @click.option("--long-epochs", type=click.IntRange(min=0), default=5, show_default=True,
               help="Final fine-tune epochs.")
 @click.option("--lr", type=float, default=0.1, show_default=True, help="Seed training learning rate.")
-@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--train-resolution", type=click.IntRange(4, 1024), default=32, show_default=True)
-@click.option("--resolution", type=int, help="Deployment resolution (latency); default: the spec's.")
-@click.option("--limit", type=click.IntRange(min=1), help="Use at most this many training images.")
-@click.option("--step", type=click.IntRange(min=1), default=8, show_default=True, help="Channel step.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--backend", default="onnxruntime", show_default=True, help="Latency backend of the table.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Threads for latency and training.")
-@click.option("--lut", type=click.Path(dir_okay=False), help="Latency table file (default: lut.json in the run).")
-@click.option("--max-iterations", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Images per training step.")
+@click.option("--train-resolution", type=click.IntRange(4, 1024), default=32, show_default=True,
+              help=TRAIN_RESOLUTION_HELP)
+@click.option("--resolution", type=click.IntRange(min=1), help=RESOLUTION_HELP)
+@click.option("--limit", type=click.IntRange(min=1), help=LIMIT_HELP)
+@click.option("--step", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Channel step of the proposals' widths.")
+@click.option("--seed", type=int, default=0, show_default=True, help=SEED_HELP)
+@backend_option()
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
+@click.option("--lut", type=click.Path(dir_okay=False), help=LUT_HELP)
+@device_option()
+@click.option("--max-iterations", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Stop with an error when the budget is not met after this many iterations.")
 @click.option("--stale-after", type=float, default=300.0, show_default=True,
               help="Seconds without a heartbeat before a worker's proposal is retried.")
 @click.option("--quiet", is_flag=True, help="No live view; one summary line.")
@@ -166,8 +172,8 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
              weights: Optional[str], schedule: str, select: str, pruner: str, storage: Optional[str], workers: int,
              short_steps: int, reports: int, short_lr: float, seed_epochs: int, long_epochs: int, lr: float,
              batch_size: int, train_resolution: int, resolution: Optional[int], limit: Optional[int], step: int,
-             seed: int, backend: str, threads: int, lut: Optional[str], max_iterations: int, stale_after: float,
-             quiet: bool, as_json: bool) -> None:
+             seed: int, backend: str, threads: int, lut: Optional[str], device: str, max_iterations: int,
+             stale_after: float, quiet: bool, as_json: bool) -> None:
     """Shrink SPEC (default: the shipped Large) step by step until it meets a budget.
 
     NetAdapt as MobileNetV3 used it: each iteration proposes one smaller network per channel group
@@ -183,6 +189,7 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
       mnv3-search netadapt small --budget 70% --workers 2 --storage postgresql://user@host/db
       mnv3-search worker --storage postgresql://user@host/db --study small-70pct-seed0
     """
+    use_device(device)  # seed training, proposal fine-tunes (workers too) and the long fine-tune
     if resume_dir:
         folder = RunFolder(resume_dir)
         saved = folder.read_run_json()
@@ -200,7 +207,15 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
     err = Console(stderr=True)
     live = not (quiet or as_json)
     view = NetAdaptView(err, config.budget) if live else None
-    runner = NetAdapt(config, out=out, storage=storage, workers=workers, stale_seconds=stale_after, on_event=view)
+
+    def on_event(kind: str, **info: Any) -> None:
+        if kind == "transfer":  # --weights made for another class count: say so even when quiet
+            err.print(info["note"], highlight=False, soft_wrap=True)
+        if view:
+            view(kind, **info)
+
+    runner = NetAdapt(config, out=out, storage=storage, workers=workers, stale_seconds=stale_after,
+                      on_event=on_event)
     err.print(f"[dim]spec: {runner.spec_file} · run folder: {runner.run.path}[/dim]", highlight=False, soft_wrap=True)
     with torch_threads(config.threads):
         if view:
@@ -232,10 +247,11 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
 @click.option("--run-dir", type=click.Path(file_okay=False), help="The run folder as mounted here "
               "(default: the path the run recorded; it must be shared, e.g. over NFS).")
 @click.option("--parent-pid", type=int, hidden=True, help="Exit when this process is gone (local workers).")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--quiet", is_flag=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
+@device_option(inherit=True)
+@click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 def worker(storage: str, study_name: str, run_dir: Optional[str], parent_pid: Optional[int], threads: int,
-           quiet: bool) -> None:
+           device: Optional[str], quiet: bool) -> None:
     """Join a NetAdapt run: claim its enqueued proposals, fine-tune and score them, until it finishes.
 
     \b
@@ -244,6 +260,7 @@ def worker(storage: str, study_name: str, run_dir: Optional[str], parent_pid: Op
       mnv3-search worker --storage sqlite:////shared/results/run/study.db --study run --run-dir /shared/results/run
     """
     torch.set_num_threads(threads)
+    use_device(device)
     study = load_study(storage, study_name)
     err = Console(stderr=True, quiet=quiet)
     deadline = time.monotonic() + 600

@@ -13,11 +13,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .common import stdout_console
+from .options import (BATCH_HELP, CSV_HELP, LUT_HELP, RESOLUTION_HELP, THREADS_HELP, TRAIN_RESOLUTION_HELP,
+                      backend_option)
 from ..report.compare import compare_frame, evaluate_variants, load_variant, measure_variants, unique_labels
 from ..data import SOURCES_HELP, load_dataset
 from ..errors import UserError
 from ..export import FORMATS, export_model
-from ..latency.measure import BACKENDS, InterleavedPolicy, make_backend, torch_threads
+from ..latency.measure import InterleavedPolicy, make_backend, torch_threads
 from ..report.frames import write_csv
 
 
@@ -33,18 +35,25 @@ def _num(value: Any, fmt: str) -> str:
               help="Weights for a spec variant: N=PATH for the N-th variant (1-based), or PATH for the first.")
 @click.option("--data", metavar="SOURCE", help=f"Evaluate every variant with weights on this test split "
               f"({SOURCES_HELP}); run folders otherwise report run.json's test accuracy.")
-@click.option("--data-resolution", type=int, default=32, show_default=True,
-              help="Resolution the --data images are resized to (the training resolution of the runs).")
-@click.option("--resolution", type=int, help="Time every variant at this input size (default: each spec's own).")
-@click.option("--backend", type=click.Choice(list(BACKENDS)), default="onnxruntime", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--train-resolution", type=click.IntRange(4, 1024), default=32, show_default=True,
+              help=TRAIN_RESOLUTION_HELP + " The --data images are resized to it: the size the runs trained at.")
+@click.option("--data-resolution", "data_resolution", type=click.IntRange(4, 1024), hidden=True,
+              help="Old name of --train-resolution.")
+@click.option("--resolution", type=click.IntRange(min=1), help=RESOLUTION_HELP)
+@backend_option()
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help=BATCH_HELP)
 @click.option("--passes", type=click.IntRange(min=5), default=30, show_default=True,
               help="Interleaved passes (each variant runs 5 times per pass, in a new random order).")
 @click.option("--no-latency", is_flag=True, help="Counts and accuracy only.")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the table (all columns) as CSV.")
-def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[str], data_resolution: int,
-            resolution: Optional[int], backend: str, threads: int, batch: int, passes: int, no_latency: bool, csv_path: Optional[str]) -> None:
+@click.option("--lut", "lut_path", is_flag=False, flag_value="", default=None, type=click.Path(dir_okay=False),
+              metavar="[FILE]", help=LUT_HELP + " Adds each variant's predicted latency (calibrated p25); "
+              "--lut alone: the machine's table. Missing entries are measured and kept.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, allow_dash=True),
+              help=CSV_HELP + " All columns; with '-', the CSV replaces the table on stdout.")
+def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[str], train_resolution: int,
+            data_resolution: Optional[int], resolution: Optional[int], backend: str, threads: int, batch: int,
+            passes: int, no_latency: bool, lut_path: Optional[str], csv_path: Optional[str]) -> None:
     """Compare specs and NetAdapt run folders side by side; the first is the baseline.
 
     \b
@@ -72,7 +81,7 @@ def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[
         for v in loaded:
             v.spec = v.spec.with_overrides(resolution=resolution, where=f"{v.source} with --resolution {resolution}")
     if data:
-        dataset = load_dataset(data, resolution=data_resolution)
+        dataset = load_dataset(data, resolution=data_resolution or train_resolution)
         evaluate_variants(loaded, dataset)
     measurements = None
     if not no_latency:
@@ -83,12 +92,24 @@ def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[
             measurements = measure_variants(loaded, latency_backend, batch,
                                             InterleavedPolicy(passes=passes, min_passes=min(10, passes)),
                                             on_pass=lambda done, total: bar.update(task, completed=done))
-    frame = compare_frame(loaded, measurements)
+    predicted = None
+    if lut_path is not None:
+        from ..latency.table import LatencyTable, default_table_path
+
+        lut_backend = make_backend(backend, threads)
+        table = LatencyTable.open(lut_path or default_table_path(lut_backend, batch), lut_backend, batch)
+        err.print(f"[dim]table: {table.path} ({len(table.entries)} entries)[/dim]", highlight=False)
+        predicted = [table.predict(v.spec).calibrated_ms for v in loaded]
+    frame = compare_frame(loaded, measurements, predicted)
     if csv_path:
         write_csv(frame, csv_path)
+        if csv_path == "-":
+            return  # stdout carries the CSV alone
         err.print(f"[dim]wrote {csv_path}[/dim]", highlight=False)
     table = Table(title="compared with " + loaded[0].label, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
-    for name in ("variant", "res", "params", "×", "MACs", "×", "p25 ms", "median ms", "×", "accuracy", "Δ"):
+    columns = ["variant", "res", "params", "×", "MACs", "×", "p25 ms", "median ms", "×", "accuracy", "Δ"]
+    columns += ["lut p25 ms"] if predicted else []
+    for name in columns:
         table.add_column(name, justify="left" if name == "variant" else "right", no_wrap=True)
     for row in frame.to_dict("records"):
         table.add_row(
@@ -98,6 +119,7 @@ def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[
             "-" if row["accuracy"] is None or row["accuracy"] != row["accuracy"] else f"{100 * row['accuracy']:.2f}%",
             "-" if row["accuracy_delta"] is None or row["accuracy_delta"] != row["accuracy_delta"]
             else f"{100 * row['accuracy_delta']:+.2f}",
+            *([_num(row["predicted_p25_ms"], ".3f")] if predicted else []),
         )
     out = stdout_console()
     out.print(table)
@@ -108,12 +130,14 @@ def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[
 
 @click.command()
 @click.argument("source", metavar="SPEC|RUN")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
+              help="onnx (checked with ONNX Runtime) or torchscript.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="File to write.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Weights for a SPEC (a run folder brings final.pt).")
-@click.option("--resolution", type=int, help="Input size (default: the spec's resolution).")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--resolution", type=click.IntRange(min=1), help=RESOLUTION_HELP)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help=BATCH_HELP + " Also the exported input's batch.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
 def export(source: str, fmt: str, out_path: str, weights: Optional[str], resolution: Optional[int], batch: int,
            threads: int, no_latency: bool) -> None:

@@ -16,6 +16,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .options import (LIMIT_HELP, RESOLUTION_HELP, SEED_HELP, THREADS_HELP, TRAIN_RESOLUTION_HELP, WEIGHTS_HELP,
+                      device_option, use_device)
 from ..data import SOURCES_HELP, load_dataset
 from ..fileio import atomic_write_text
 from ..model.build import build_model
@@ -27,52 +29,62 @@ from ..model.weights import load_weights, save_checkpoint
 
 
 @click.command()
-@click.argument("spec", default="small", metavar="SPEC")
+@click.argument("spec", default="small", metavar="[SPEC]")
 @click.option("--data", "data_source", default="digits", show_default=True, metavar="SOURCE",
               help=f"Dataset: {SOURCES_HELP}.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Passes over the training split.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Run folder for weights.pt, spec.yaml, metrics.csv, summary.json.")
-@click.option("--resolution", type=click.IntRange(4, 1024), default=32, show_default=True,
-              help="Training image size; independent of the spec's deployment resolution.")
-@click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--train-resolution", type=click.IntRange(4, 1024), default=32, show_default=True,
+              help=TRAIN_RESOLUTION_HELP)
+@click.option("--resolution", type=click.IntRange(min=1), help=RESOLUTION_HELP)
+@click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Images per training step.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
               help="Peak learning rate (SGD, Nesterov, cosine schedule).")
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True, help="Linear warm-up steps.")
 @click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
               help="Fraction of the training images set aside (by seed) for evaluation.")
-@click.option("--limit", type=click.IntRange(min=1), help="Use at most this many training images (quick runs).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for init, holdout split, batch order.")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Start from this checkpoint instead of scratch.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="CPU threads. On a small shared box keep 1: two threads spin-wait when the other core is busy.")
-def train(spec: str, data_source: str, epochs: int, out_dir: str, resolution: int, batch_size: int, lr: float,
-          warmup: int, holdout: float, limit: Optional[int], seed: int, weights: Optional[str], threads: int) -> None:
+@click.option("--limit", type=click.IntRange(min=1), help=LIMIT_HELP)
+@click.option("--seed", type=int, default=0, show_default=True, help=SEED_HELP)
+@click.option("--weights", type=click.Path(dir_okay=False), help=WEIGHTS_HELP)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
+@device_option()
+def train(spec: str, data_source: str, epochs: int, out_dir: str, train_resolution: int, resolution: Optional[int],
+          batch_size: int, lr: float,
+          warmup: int, holdout: float, limit: Optional[int], seed: int, weights: Optional[str], threads: int,
+          device: str) -> None:
     """Train SPEC on a dataset and write a run folder with weights and metrics.
 
-    SPEC is a YAML file or a shipped search space (small, large). The classifier gets as many outputs
-    as the dataset has classes; the holdout accuracy is shown after every epoch and the test accuracy
-    once at the end.
+    SPEC is a YAML file or a shipped search space (small, large); default: small. The classifier gets
+    as many outputs as the dataset has classes (--weights made for another class count, e.g. torchvision's
+    ImageNet weights, load all but the final layer, which starts fresh); the holdout accuracy is shown
+    after every epoch and the test accuracy once at the end.
 
     \b
     Examples:
       mnv3-search train small --data digits --epochs 20 --out results/seed-digits
       mnv3-search train small --data fashion-mnist --epochs 3 --limit 20000 --out results/seed-fm
-      mnv3-search train large --data imagefolder:~/photos --resolution 64 --out results/photos
+      mnv3-search train large --data imagefolder:~/photos --train-resolution 64 --out results/photos
+      mnv3-search train large --data imagefolder:~/photos --weights mobilenet_v3_large.pth --out results/tv
       mnv3-search train results/seed-fm/spec.yaml --weights results/seed-fm/weights.pt --epochs 2 --out results/more
     """
     err = Console(stderr=True)
+    on = use_device(device)
     torch.set_num_threads(threads)
     path = resolve_spec_path(spec)
-    err.print(f"[dim]spec: {path} · data: {data_source}[/dim]", highlight=False)
-    dataset = load_dataset(data_source, resolution=resolution, holdout=holdout, seed=seed, limit=limit)
-    arch = load_spec(path).with_overrides(num_classes=dataset.num_classes, where=f"{path} with the dataset's classes")
+    err.print(f"[dim]spec: {path} · data: {data_source} · training on {on}[/dim]", highlight=False)
+    dataset = load_dataset(data_source, resolution=train_resolution, holdout=holdout, seed=seed, limit=limit)
+    arch = load_spec(path).with_overrides(resolution=resolution, num_classes=dataset.num_classes,
+                                          where=f"{path} with the dataset's classes")
     torch.manual_seed(seed)
     model = build_model(arch)
     if weights:
-        load_weights(model, weights, spec_name=str(path))
+        note = load_weights(model, weights, spec_name=str(path))
+        if note:
+            err.print(note, highlight=False, soft_wrap=True)
     err.print(f"[dim]{dataset.name}: {len(dataset.train)} train, {len(dataset.holdout)} holdout, "
-              f"{len(dataset.test)} test images at {resolution}x{resolution}, {dataset.num_classes} classes[/dim]",
+              f"{len(dataset.test)} test images at {train_resolution}x{train_resolution}, {dataset.num_classes} classes[/dim]",
               highlight=False)
 
     per_epoch = steps_per_epoch(dataset, batch_size)
@@ -96,10 +108,11 @@ def train(spec: str, data_source: str, epochs: int, out_dir: str, resolution: in
     dump_spec(arch, out / "spec.yaml")
     write_csv(pd.DataFrame(result.history), out / "metrics.csv")
     summary = {
-        "spec": str(path), "data": data_source, "resolution": resolution, "epochs": epochs, "steps": result.steps,
+        "spec": str(path), "data": data_source, "train_resolution": train_resolution,
+        "resolution": arch.resolution, "epochs": epochs, "steps": result.steps,
         "batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads, "train_images": len(dataset.train),
         "holdout_accuracy": result.accuracy, "test_accuracy": test_accuracy, "seconds": round(result.seconds, 2),
-        "images_per_s": round(result.images_per_s, 1), "weights_from": weights,
+        "images_per_s": round(result.images_per_s, 1), "weights_from": weights, "device": on,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     click.echo(f"test accuracy {100 * test_accuracy:.2f}% · holdout {100 * (result.accuracy or 0):.2f}% · "

@@ -18,8 +18,10 @@ backend, thread count or batch, is refused with one line and never overwritten.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -257,7 +259,7 @@ class Header:
 
 
 def _bad(path: Path, what: str) -> UserError:
-    return UserError(f"{path}: {what}; it was left untouched: fix or move it, or give another --table path")
+    return UserError(f"{path}: {what}; it was left untouched: fix or move it, or give another --lut path")
 
 
 def _parse_key(raw: object) -> BlockKey:
@@ -291,7 +293,7 @@ def read_table_file(path: PathLike) -> tuple[Header, dict[str, Entry], dict[str,
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"{path}: no such latency table; build one with `mnv3-search lut build SPEC --table "
+        raise UserError(f"{path}: no such latency table; build one with `mnv3-search lut build SPEC --lut "
                         f"{path}`") from None
     except UnicodeDecodeError:
         raise _bad(path, "is not valid JSON (not even UTF-8 text), not a latency table") from None
@@ -384,7 +386,7 @@ class LatencyTable:
         problem = header.mismatch(wanted)
         if problem:
             raise UserError(f"{path}: this table was measured with {problem} (here); it cannot predict this "
-                            f"machine's latency: give another --table path to build a new one")
+                            f"machine's latency: give another --lut path to build a new one")
         # entries of one table share one protocol: the file's wins over the caller's
         protocol = header.protocol
         policy = replace(policy, passes=int(protocol.get("passes", policy.passes)),
@@ -411,7 +413,7 @@ class LatencyTable:
             problem = header.mismatch(self.header)
             if problem:
                 raise UserError(f"{self.path}: another process wrote a table measured with {problem} there "
-                                f"meanwhile; it was left untouched: give another --table path")
+                                f"meanwhile; it was left untouched: give another --lut path")
             for entry_id, entry in entries.items():
                 self.entries.setdefault(entry_id, entry)
             for name, cal in calibrations.items():
@@ -528,13 +530,48 @@ class LatencyTable:
 
 # --- library entry points for the CLI ------------------------------------------------------------------------
 
-def default_table_path(backend: Backend, batch: int = 1, folder: PathLike = "results/lut") -> Path:
-    """Where a table lives unless the user names one: one file per device, backend, threads and batch."""
+LUT_DIR_ENV = "MNV3_SEARCH_LUT_DIR"
+
+
+def default_table_dir() -> Path:
+    """The one folder for this machine's tables: $MNV3_SEARCH_LUT_DIR, else $XDG_CACHE_HOME/mnv3-search/lut,
+    else ~/.cache/mnv3-search/lut. Every command and run reads and extends the same file there."""
+    if os.environ.get(LUT_DIR_ENV):
+        return Path(os.environ[LUT_DIR_ENV]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "mnv3-search" / "lut"
+
+
+def default_table_path(backend: Backend, batch: int = 1, folder: Optional[PathLike] = None) -> Path:
+    """Where a table lives unless the user names one: one file per device, backend, threads and batch,
+    in `default_table_dir()` unless `folder` is given."""
     cpu = str(backend.fingerprint().get("cpu_model", "cpu"))
     slug = "".join(ch if ch.isalnum() else "-" for ch in cpu.lower()).strip("-")
     while "--" in slug:
         slug = slug.replace("--", "-")
-    return Path(folder) / f"{slug}-{backend.fingerprint().get('cpu_cores')}c-{backend.name}-t{backend.threads}-b{batch}.json"
+    name = f"{slug}-{backend.fingerprint().get('cpu_cores')}c-{backend.name}-t{backend.threads}-b{batch}.json"
+    return Path(folder if folder is not None else default_table_dir()) / name
+
+
+def open_for_run(path: Optional[PathLike], backend: Backend, seed: ArchSpec,
+                 on_calibrate: Optional[Callable[[], None]] = None) -> LatencyTable:
+    """The table a run predicts with: `path`, or the machine's default table. Entries it holds are never
+    measured again; the seed is calibrated only when the table has no calibration for this very network
+    (same name, resolution and parameter count), so runs on one machine share and extend one file."""
+    table = LatencyTable.open(Path(path) if path else default_table_path(backend), backend)
+    cal = table.calibrations.get(seed.name)
+    if cal is None or (cal.resolution, cal.params) != (seed.resolution, spec_params(seed)):
+        if on_calibrate:
+            on_calibrate()
+        table.calibrate(seed)
+    return table
+
+
+def table_record(table: LatencyTable) -> dict:
+    """What a run writes down about the table it used: where it is and a hash of its content then."""
+    data = table.path.read_bytes() if table.path.exists() else b""
+    return {"path": str(table.path.resolve()), "sha256": hashlib.sha256(data).hexdigest(),
+            "entries": len(table.entries)}
 
 
 @dataclass(frozen=True)

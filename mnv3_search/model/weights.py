@@ -2,12 +2,16 @@
 
 Accepts a bare state_dict (torchvision's format) or this tool's own checkpoint, a dict holding the
 state_dict and the spec's YAML so the file says what network it belongs to.
+
+Transfer: a checkpoint made for another class count (ImageNet's 1000, say) still seeds a network for the
+user's classes. Only the final classifier layer may differ, and only in its output count; it then starts
+fresh with torchvision's init and the caller is told so in one line. Any other mismatch is refused.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import yaml
@@ -19,6 +23,7 @@ from ..spec.arch import ArchSpec
 from ..spec.yaml_io import spec_from_dict, spec_to_yaml
 
 CHECKPOINT_FORMAT = "mnv3-search/1"
+FINAL_LAYER = "classifier.3"  # the Linear hidden -> classes, in torchvision's layout and ours
 
 
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
@@ -65,11 +70,39 @@ def check_fits(state_dict: Mapping[str, torch.Tensor], expected: Union[nn.Module
         )
 
 
-def load_weights(model: nn.Module, path: PathLike, spec_name: str = "the spec") -> None:
-    """Check then load a checkpoint into `model` with strict=True."""
-    state_dict = read_state_dict(path)
-    check_fits(state_dict, model, str(path), spec_name)
+def transfer_state_dict(state_dict: Mapping[str, torch.Tensor],
+                        expected: Union[nn.Module, Mapping[str, tuple[int, ...]]], source: str,
+                        spec_name: str) -> tuple[dict[str, torch.Tensor], Optional[str]]:
+    """`state_dict` made to fit `expected`, and a one-line note when its final layer was replaced.
+
+    When the final classifier layer differs only in its number of classes, it is replaced by a fresh one
+    (torchvision's init: weight N(0, 0.01), bias 0, drawn from torch's global generator, so a seeded run
+    repeats). Everything else must fit exactly: `check_fits` names the first tensor that does not."""
+    if isinstance(expected, nn.Module):
+        expected = {key: tuple(t.shape) for key, t in expected.state_dict().items()}
+    weight, bias = f"{FINAL_LAYER}.weight", f"{FINAL_LAYER}.bias"
+    result = dict(state_dict)
+    note = None
+    if all(k in result and k in expected for k in (weight, bias)):
+        got, want = tuple(result[weight].shape), tuple(expected[weight])
+        if (len(got) == len(want) == 2 and got[1] == want[1] and got[0] != want[0]
+                and tuple(result[bias].shape) == (got[0],) and tuple(expected[bias]) == (want[0],)):
+            fresh = torch.empty(want, dtype=result[weight].dtype)
+            nn.init.normal_(fresh, 0.0, 0.01)
+            result[weight] = fresh
+            result[bias] = torch.zeros(want[0], dtype=result[bias].dtype)
+            note = (f"{source}: made for {got[0]} classes, {spec_name} has {want[0]}: loaded every tensor but the "
+                    f"final classifier layer {FINAL_LAYER}, which starts fresh (N(0, 0.01), bias 0)")
+    check_fits(result, expected, source, spec_name)
+    return result, note
+
+
+def load_weights(model: nn.Module, path: PathLike, spec_name: str = "the spec") -> Optional[str]:
+    """Check then load a checkpoint into `model` with strict=True; a checkpoint for another class count
+    loads all but its final layer (see `transfer_state_dict`), and the returned note says so."""
+    state_dict, note = transfer_state_dict(read_state_dict(path), model, str(path), spec_name)
     model.load_state_dict(state_dict, strict=True)
+    return note
 
 
 def save_state(state_dict: Mapping[str, torch.Tensor], spec: ArchSpec, path: PathLike) -> None:

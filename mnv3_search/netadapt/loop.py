@@ -31,7 +31,7 @@ from ..model.counts import spec_macs, spec_params
 from ..errors import UserError
 from ..fileio import atomic_path
 from ..latency.measure import export_onnx, make_backend, torch_threads
-from ..latency.table import LatencyTable, spec_keys
+from ..latency.table import LatencyTable, open_for_run, spec_keys, table_record
 from ..model.build import build_model
 from ..prune.groups import ProposalGroup, find_group, proposal_groups
 from ..spec.spaces import resolve_spec_path
@@ -39,7 +39,7 @@ from ..spec.arch import ArchSpec
 from ..spec.yaml_io import dump_spec, load_spec
 from ..prune.surgery import child_spec
 from ..train import evaluate, train_epochs
-from ..model.weights import check_fits, read_state_dict
+from ..model.weights import read_state_dict, transfer_state_dict
 from .config import RunConfig
 from .evaluate import Evaluator, load_run_dataset
 from .runfolder import RunFolder
@@ -97,8 +97,8 @@ class NetAdapt:
                                              num_classes=config.num_classes or self.dataset.num_classes,
                                              where=f"{path} with the given options").scaled()
         if config.weights:
-            check_fits(read_state_dict(config.weights), build_model(self.seed_spec), config.weights,
-                       f"{path} (with {self.seed_spec.num_classes} classes)")
+            transfer_state_dict(read_state_dict(config.weights), build_model(self.seed_spec), config.weights,
+                                f"{path} (with {self.seed_spec.num_classes} classes)")
         self.run = RunFolder(out or Path("results") / default_run_name(config, self.seed_spec))
         self.storage_url = storage
         self.workers = workers
@@ -144,9 +144,11 @@ class NetAdapt:
             torch.manual_seed(self.config.seed)
             model = build_model(spec)
             if self.config.weights:
-                state = read_state_dict(self.config.weights)
-                check_fits(state, model, self.config.weights, str(self.spec_file))
+                state, note = transfer_state_dict(read_state_dict(self.config.weights), model, self.config.weights,
+                                                  str(self.spec_file))
                 model.load_state_dict(state, strict=True)
+                if note:
+                    self.emit("transfer", note=note)
             else:
                 self.emit("seed_training", epochs=self.config.seed_epochs)
                 train_epochs(model, self.dataset, self.config.seed_epochs, batch_size=self.config.batch_size,
@@ -159,12 +161,12 @@ class NetAdapt:
         return state, evaluate(model, self.dataset, self.dataset.holdout)
 
     def _open_table(self) -> LatencyTable:
+        """The machine's table (or --lut), shared with other runs; run.json records which, and its hash."""
         backend = make_backend(self.config.backend, self.config.threads)
-        path = Path(self.config.lut) if self.config.lut else self.run.default_lut
-        table = LatencyTable.open(path, backend)
-        if self.seed_spec.name not in table.calibrations:
-            self.emit("calibrating")
-            table.calibrate(self.seed_spec)
+        table = open_for_run(self.config.lut, backend, self.seed_spec, lambda: self.emit("calibrating"))
+        saved = self.run.read_run_json() or {}
+        saved["latency_table"] = table_record(table)
+        self.run.write_run_json(saved)
         return table
 
     # -- resources --------------------------------------------------------------------------------------
@@ -490,6 +492,7 @@ class NetAdapt:
             "final_resource": result.final_value, "measured_latency_ms": result.measured_ms,
             "seed_measured_latency_ms": result.seed_measured_ms, "test_accuracy": result.test_accuracy,
             "final_macs": spec_macs(spec), "final_params": spec_params(spec),
+            "latency_table_entries_measured": self.table.measured if self.table else None,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         self.run.write_run_json(saved)

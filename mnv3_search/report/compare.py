@@ -33,7 +33,7 @@ from ..model.weights import check_fits, read_state_dict
 COMPARE_COLUMNS = [
     "variant", "source", "kind", "resolution", "num_classes", "params", "macs", "latency_p25_ms",
     "latency_median_ms", "latency_p10_ms", "latency_p90_ms", "accuracy", "accuracy_source",
-    "params_ratio", "macs_ratio", "latency_ratio", "accuracy_delta",
+    "params_ratio", "macs_ratio", "latency_ratio", "accuracy_delta", "predicted_p25_ms",
 ]
 
 
@@ -131,8 +131,10 @@ def _ratio(value: Optional[float], base: Optional[float]) -> Optional[float]:
     return value / base
 
 
-def compare_frame(variants: Sequence[Variant], measurements: Optional[Sequence] = None) -> pd.DataFrame:
-    """One row per variant with COMPARE_COLUMNS; ratios relative to the first row (the baseline)."""
+def compare_frame(variants: Sequence[Variant], measurements: Optional[Sequence] = None,
+                  predicted_ms: Optional[Sequence[float]] = None) -> pd.DataFrame:
+    """One row per variant with COMPARE_COLUMNS; ratios relative to the first row (the baseline).
+    `predicted_ms`: each variant's latency by the machine's table (calibrated p25), when asked for."""
     if not variants:
         raise UserError("nothing to compare: give at least one spec or run folder")
     rows = []
@@ -144,6 +146,7 @@ def compare_frame(variants: Sequence[Variant], measurements: Optional[Sequence] 
             "latency_p25_ms": m.p25_ms if m else None, "latency_median_ms": m.median_ms if m else None,
             "latency_p10_ms": m.p10_ms if m else None, "latency_p90_ms": m.p90_ms if m else None,
             "accuracy": v.accuracy, "accuracy_source": v.accuracy_source,
+            "predicted_p25_ms": predicted_ms[i] if predicted_ms else None,
         })
     base = rows[0]
     for row in rows:

@@ -10,7 +10,7 @@ from ..errors import SpecError
 
 def shipped_dir() -> Path:
     """The folder of YAML search spaces installed with the package (the repo's search_spaces/)."""
-    return Path(str(resources.files("mnv3_search.search_spaces")))
+    return Path(str(resources.files("mnv3_search.search_spaces"))).resolve()  # in a checkout: search_spaces/
 
 
 def shipped_names() -> list[str]:

@@ -1,0 +1,53 @@
+"""The shared vocabulary of the commands: one name, one meaning, one help text for every option that
+several commands take (tests/test_cli.py walks all commands and holds them to it).
+
+No library imports here: `--help` must not pay for torch.
+"""
+
+from __future__ import annotations
+
+import click
+
+# latency.measure.BACKENDS, spelled out so that building the commands imports no torch (a test keeps them equal)
+BACKEND_NAMES = ["onnxruntime", "torch", "torch-cuda"]
+DEVICES = ["auto", "cpu", "cuda"]
+
+RESOLUTION_HELP = "Deployment input size in pixels (latency and MACs are for this size); default: the spec's."
+TRAIN_RESOLUTION_HELP = "Size the training images are resized to (independent of --resolution)."
+BACKEND_HELP = "Latency backend (torch-cuda only with a GPU)."
+THREADS_HELP = "CPU threads (latency and training); on a small shared box keep 1: a second thread spin-waits."
+BATCH_HELP = "Batch size for latency."
+SEED_HELP = "Random seed (init, holdout split, batch order, sampling): the same seed repeats a run."
+LIMIT_HELP = "Use at most this many training images (quick runs)."
+LUT_HELP = ("Latency table file; default: the machine's table in $MNV3_SEARCH_LUT_DIR or "
+            "~/.cache/mnv3-search/lut/ (see `mnv3-search lut show`).")
+CSV_HELP = "Write the rows as CSV to FILE ('-': stdout)."
+DEVICE_HELP = "Where training runs: auto (cuda when available), cpu or cuda. Latency stays on the table's backend."
+WEIGHTS_HELP = ("Checkpoint to start from (torchvision or own); one made for another class count loads all but "
+                "the final layer, which starts fresh.")
+
+
+def backend_option(default: str = "onnxruntime"):
+    return click.option("--backend", type=click.Choice(BACKEND_NAMES), default=default, show_default=True,
+                        help=BACKEND_HELP)
+
+
+def device_option(inherit: bool = False):
+    """--device; with `inherit`, no default: a local worker trains where the netadapt that started it does."""
+    if inherit:
+        return click.option("--device", type=click.Choice(DEVICES), default=None,
+                            help=DEVICE_HELP + " Default: the starting netadapt's device, else auto.")
+    return click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help=DEVICE_HELP)
+
+
+def use_device(device: "str | None") -> str:
+    """Check --device now (one line, exit 2, before any work) and make it the default of every training in
+    this process and the worker processes it starts; returns the device training will use."""
+    import os
+
+    from ..train import DEVICE_ENV, resolve_device
+
+    device = device or os.environ.get(DEVICE_ENV) or "auto"
+    resolved = resolve_device(device)
+    os.environ[DEVICE_ENV] = device
+    return str(resolved)

@@ -1,0 +1,63 @@
+"""What the wheel will hold, checked from pyproject.toml without building it (scripts/wheel_check.sh builds
+and installs the real wheel in CI): every subpackage, the shipped YAML, py.typed, the licence, the floors."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+from setuptools.config.pyprojecttoml import read_configuration
+from setuptools.discovery import PEP420PackageFinder
+
+REPO = Path(__file__).resolve().parents[1]
+PYPROJECT = REPO / "pyproject.toml"
+
+
+def _packages() -> list[str]:
+    """The package list setuptools computes from pyproject.toml (its `packages.find`)."""
+    config = read_configuration(PYPROJECT, expand=False)["tool"]["setuptools"]
+    find = dict(config["packages"]["find"])
+    return sorted(PEP420PackageFinder.find(str(REPO / find.pop("where", ["."])[0]), **find))
+
+
+def test_every_folder_of_python_code_is_a_package_of_the_wheel() -> None:
+    on_disk = sorted(".".join(p.parent.relative_to(REPO).parts)
+                     for p in (REPO / "mnv3_search").rglob("*.py") if "__pycache__" not in p.parts)
+    packages = _packages()
+    assert set(on_disk) <= set(packages), sorted(set(on_disk) - set(packages))
+    assert {"mnv3_search.netadapt", "mnv3_search.cli", "mnv3_search.search_spaces",
+            "mnv3_search.search_spaces.examples"} <= set(packages)
+    assert not [p for p in packages if not p.startswith("mnv3_search")]  # nothing else lands in site-packages
+
+
+def test_package_data_covers_the_shipped_spaces_and_py_typed() -> None:
+    data = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]["package-data"]
+    spaces = REPO / "mnv3_search" / "search_spaces"
+    assert spaces.resolve() == (REPO / "search_spaces").resolve()  # the link the wheel is built through
+    shipped = sorted(str(p.relative_to(spaces)) for p in spaces.rglob("*.yaml"))
+    covered = sorted(str(p.relative_to(spaces)) for pattern in data["mnv3_search.search_spaces"]
+                     for p in spaces.glob(pattern))
+    assert shipped == covered and "examples/small_choices.yaml" in shipped
+    assert "py.typed" in data["mnv3_search"] and (REPO / "mnv3_search" / "py.typed").is_file()
+
+
+def test_licence_and_floors() -> None:
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    assert project["license"] == "MIT" and "mnv3-search developers" in (REPO / "LICENSE").read_text()
+    floors = {}
+    for dep in project["dependencies"]:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)>=(\S+)", dep)
+        assert m, f"{dep!r}: wheel_check.sh needs a plain >= floor"
+        floors[m[1].lower()] = m[2]
+    assert floors["optuna"].startswith("5.")  # Trial.set_constraint; JournalFileBackend (4)
+    assert floors["torch"] == "2.13.0"
+    # the floors are what this suite runs on: never above the installed versions
+    for name, floor in floors.items():
+        installed = metadata.version(name).split("+")[0]
+        assert tuple(int(v) for v in re.findall(r"\d+", installed)[:3]) >= \
+            tuple(int(v) for v in re.findall(r"\d+", floor)[:3]), (name, installed, floor)
+    extras = project["optional-dependencies"]
+    assert set(extras) == {"postgres", "dashboard", "test"}
+    assert extras["dashboard"][0].startswith("optuna-dashboard")
