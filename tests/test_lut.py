@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from mnv3_search import UserError, build_model
 from mnv3_search.cli import cli
 from mnv3_search.latency.measure import InterleavedPolicy, OnnxRuntimeBackend
-from mnv3_search.latency.table import (BlockKey, LatencyTable, build_table, check_variants, fit_calibration, netadapt_keys,
+from mnv3_search.latency.table import (BlockKey, Entry, LatencyTable, build_table, check_variants, fit_calibration, netadapt_keys,
                              read_table_file, spec_keys, summarize_errors)
 from mnv3_search.model.build import count_params
 from mnv3_search.model.counts import spec_params
@@ -273,7 +273,49 @@ def test_build_and_check_on_a_tiny_network(tmp_path, tiny):
     assert summary.worst_pct == max(abs(r.error_pct) for r in rows[1:])
 
 
-def test_concurrent_saves_keep_both_processes_entries(tiny, tmp_path):
+def _writer_key(writer: int, i: int) -> BlockKey:
+    return BlockKey("bneck", 8, 16 + writer, 8 * (i + 1), 16, 3, 1, False, "RE", True)
+
+
+def _write_entries(path: Path, writer: int, count: int, barrier) -> None:
+    """One writer process: open the table, wait for the others, then save once per new entry."""
+    table = LatencyTable.open(path, OnnxRuntimeBackend(), 1)
+    barrier.wait(timeout=60)
+    for i in range(count):
+        key = _writer_key(writer, i)
+        table.entries[key.id] = Entry(key, 0.01 * writer + 1e-4 * i, 0.0, 0.0, 0.0, 0.0, 1)
+        table.save()
+
+
+def test_concurrent_writer_processes_lose_no_entry(tmp_path):
+    """Real processes saving at once: every entry each of them wrote is in the file at the end.
+
+    Each save is a read-merge-rename; without the table's lock two writers that read the same version
+    each rename their own merge into place and the earlier one's new entries vanish (seen: 4 writers x 25
+    saves lost entries every time with the lock disabled).
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # real processes, without re-importing torch in each
+    path, writers, count = tmp_path / "t.json", 4, 25
+    barrier = context.Barrier(writers)
+    procs = [context.Process(target=_write_entries, args=(path, w, count, barrier)) for w in range(writers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * writers
+    _, entries, _ = read_table_file(path)
+    want = {_writer_key(w, i).id for w in range(writers) for i in range(count)}
+    assert len(want) == writers * count
+    assert sorted(want - set(entries)) == []
+    assert len(entries) == writers * count
+    assert entries[_writer_key(3, 24).id].latency_ms == pytest.approx(0.03 + 24e-4)
+    assert (tmp_path / "t.json.lock").exists() and not list(tmp_path.glob(".t.json.*.tmp"))
+
+
+def test_two_tables_open_on_one_file_keep_each_others_entries(tiny, tmp_path):
+    """Sequential: the second save merges what the first wrote (the read-merge part of `save`)."""
     path = tmp_path / "t.json"
     keys = [key for _, key in spec_keys(tiny)]
     a = LatencyTable.open(path, OnnxRuntimeBackend(), 1, FAST)

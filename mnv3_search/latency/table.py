@@ -18,13 +18,15 @@ backend, thread count or batch, is refused with one line and never overwritten.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from torch import nn
 
@@ -398,8 +400,35 @@ class LatencyTable:
                 "calibrations": {n: c.as_json() for n, c in sorted(self.calibrations.items())},
                 "entries": {i: e.as_json() for i, e in sorted(self.entries.items())}}
 
+    @property
+    def lock_path(self) -> Path:
+        """The lock file beside the table that serialises every process's read-merge-write."""
+        return self.path.with_name(self.path.name + ".lock")
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold an exclusive `fcntl` lock on `lock_path` (blocking): two writers never merge at once.
+
+        Without it, two processes that both read the file before either renamed its copy into place would
+        each write back only their own new entries, and the first rename would be lost.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
     def save(self) -> None:
-        """Write atomically, first merging entries another process saved meanwhile (never lose an entry)."""
+        """Write atomically, first merging entries another process saved meanwhile (never lose an entry).
+
+        The read, merge and rename happen under the table's lock file, so concurrent writers serialise.
+        """
+        with self._locked():
+            self._merge_and_write()
+
+    def _merge_and_write(self) -> None:
         if self.path.exists():
             header, entries, calibrations = read_table_file(self.path)
             problem = header.mismatch(self.header)
