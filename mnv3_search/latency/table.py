@@ -568,7 +568,7 @@ class LatencyTable:
         networks = [spec] if measured_ms is not None else [spec] + variant_specs(spec, companions, seed=-1)
         self.ensure(key for s in networks for _, key in spec_keys(s))
         if measured_ms is None:
-            measured = [m.p25_ms for m in self.measure_together(networks, on_pass=on_pass).measurements]
+            measured = [m.p25_ms for m in self.measure_networks(networks, on_pass)]
         else:
             measured = [measured_ms]
         points = [(self.raw_ms(s), spec_params(s), m) for s, m in zip(networks, measured)]
