@@ -335,13 +335,15 @@ def test_table_predicts_variants_relative_to_the_seed_timed_beside_them(small, t
     table.calibrate(seed, measured_ms=1.7 * table.raw_ms(seed))
     table.calibrate(replace(seed, resolution=64, name="other"), measured_ms=9.9)  # wrong if ever chosen
     assert {table.predict(v, measure_missing=False).calibration for v in variants} == {seed.name}
-    together = table.measure_together(networks)
+    together = table.measure_together(networks, tolerance=0.15)  # halves of 5 passes are noisier than the whole
     if not together.reliable:
         pytest.skip(f"host too busy: ratios moved {100 * together.ratio_shift:.0f}% within the measurement, "
                     f"twice (the measurement marks itself unreliable; no decision is made on it)")
     ratios = [together.ratio(i) for i in range(1, len(networks))]
     assert all(0.3 < r < 1.0 for r in ratios), ratios  # the variants are really smaller and really faster
     errors = _relative_errors(table, networks, together)
+    print(f"seed-relative errors {', '.join(f'{e:+.1f}%' for e in errors)}; ratio shift "
+          f"{100 * together.ratio_shift:.1f}%")
     assert sum(abs(e) for e in errors) / len(errors) <= ACCURACY_TOLERANCE_PCT, errors
     assert max(abs(e) for e in errors) <= ACCURACY_WORST_PCT, errors
     ids = sorted(table.entries, key=lambda i: table.entries[i].latency_ms)
