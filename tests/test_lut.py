@@ -337,8 +337,9 @@ def test_table_predicts_variants_relative_to_the_seed_timed_beside_them(small, t
     assert {table.predict(v, measure_missing=False).calibration for v in variants} == {seed.name}
     together = table.measure_together(networks, tolerance=0.15)  # halves of 5 passes are noisier than the whole
     if not together.reliable:
-        pytest.skip(f"host too busy: ratios moved {100 * together.ratio_shift:.0f}% within the measurement, "
-                    f"twice (the measurement marks itself unreliable; no decision is made on it)")
+        pytest.skip(f"host too busy: ratios moved {100 * together.ratio_shift:.0f}% within the measurement and "
+                    f"p25 sat {100 * together.spread:.0f}% above the fastest run, after a re-measurement (the "
+                    f"measurement marks itself unreliable; no decision is made on it)")
     ratios = [together.ratio(i) for i in range(1, len(networks))]
     assert all(0.3 < r < 1.0 for r in ratios), ratios  # the variants are really smaller and really faster
     errors = _relative_errors(table, networks, together)
@@ -435,7 +436,7 @@ def test_relative_to_reference_judges_through_the_reference_measured_now(table_f
     assert not relative_to_reference(table, tiny, child, budget_ratio=0.01).ok
     half = relative_to_reference(table, tiny, child, budget_ratio=0.5)
     assert half.budget_ratio == 0.5 and half.ok == (half.measured_ratio <= 0.5)
-    assert half.attempts in (1, 2) and half.reliable == (not half.ratio_shift > 0.05)
+    assert half.attempts in (1, 2) and half.reliable == (not half.ratio_shift > 0.05 and not half.spread > 0.5)
     with pytest.raises(ValueError, match="exactly one of budget_ms or budget_ratio"):
         relative_to_reference(table, tiny, child, budget_ms=1.0, budget_ratio=0.5)
 

@@ -163,7 +163,8 @@ def check(spec: str, table_path: Optional[str], backend: str, threads: int, batc
         highlight=False)
     if not report.reliable:
         console.print(f"[yellow]unreliable: ratios to the seed moved {100 * report.ratio_shift:.0f}% within the "
-                      f"measurement ({report.attempts} attempts); the host is busy, run the check again[/yellow]",
+                      f"measurement and p25 sat {100 * report.spread:.0f}% above the fastest run "
+                      f"({report.attempts} attempts); the host is busy, run the check again[/yellow]",
                       highlight=False)
     if csv_path:
         frame = pd.DataFrame([{"network": r.network, "raw_ms": r.raw_ms, "predicted_ms": r.predicted_ms,

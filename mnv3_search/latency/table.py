@@ -696,6 +696,7 @@ class CheckReport:
     ratio_shift: float
     reliable: bool
     attempts: int
+    spread: float = 0.0  # largest p25 / min - 1 of the networks (see `measure_together`)
 
 
 def check_table(table: LatencyTable, spec: ArchSpec, n: int, seed: int = 0, step: int = 8,
@@ -726,7 +727,7 @@ def check_table(table: LatencyTable, spec: ArchSpec, n: int, seed: int = 0, step
             for name, p, m in zip(names, predictions, measurements)]
     cal = table.calibrations[spec.name] if spec.name in table.calibrations else table.calibration_for(spec)
     return CheckReport(rows, cal, 100.0 * (m0.p25_ms / cal.measured_ms - 1.0), together.ratio_shift,
-                       together.reliable, together.attempts)
+                       together.reliable, together.attempts, together.spread)
 
 
 def check_variants(table: LatencyTable, spec: ArchSpec, n: int, seed: int = 0, step: int = 8,
@@ -787,6 +788,7 @@ class RelativeVerdict:
     reliable: bool
     ratio_shift: float
     attempts: int
+    spread: float = 0.0  # largest p25 / min - 1 of the two (see `measure_together`)
 
     @property
     def table_budget_ms(self) -> float:
@@ -819,4 +821,4 @@ def relative_to_reference(table: LatencyTable, reference: ArchSpec, candidate: A
     limit = budget_ratio if budget_ratio is not None else budget_ms / ref_m.p25_ms
     return RelativeVerdict(ref_m.p25_ms, cand_m.p25_ms, ratio, p_cand.calibrated_ms / p_ref.calibrated_ms,
                            p_ref.calibrated_ms, limit, ratio <= limit, together.reliable, together.ratio_shift,
-                           together.attempts)
+                           together.attempts, together.spread)
