@@ -221,7 +221,7 @@ def run_explore(config: ExploreConfig, out: PathLike, storage: Optional[str] = N
         def report(step: int, accuracy: float) -> bool:
             if not config.multi_objective:
                 trial.report(accuracy, -(-step // every))
-                if trial.should_prune():
+                if step < config.steps and trial.should_prune():  # at the last step the work is done: keep it
                     raise optuna.TrialPruned()
             return False
 

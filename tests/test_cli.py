@@ -139,13 +139,44 @@ def test_bad_checkpoint_files(tmp_path: Path) -> None:
     assert_one_line_error(run("profile", "small", "--no-latency", "--weights", str(listing)), "holds no state_dict")
 
 
+def test_checkpoint_with_extra_tensors_names_the_first(tmp_path: Path) -> None:
+    state = reference_state_dict("small")
+    state["extra.weight"] = torch.zeros(3)
+    path = tmp_path / "extra.pt"
+    torch.save(state, path)
+    result = run("profile", "small", "--no-latency", "--weights", str(path))
+    assert_one_line_error(result, "small.yaml: unexpected tensor 'extra.weight' (1 extra in all); is it a checkpoint "
+                                  "of another network?")
+    assert f"Error: {path}: does not fit spec " in result.output
+    state["extra.bias"] = torch.zeros(3)
+    torch.save(state, path)
+    assert_one_line_error(run("profile", "small", "--no-latency", "--weights", str(path)),
+                          "unexpected tensor 'extra.weight' (2 extra in all)")
+
+
 def test_weights_torchvision_and_own_checkpoints_load(tmp_path: Path, small) -> None:
+    """Both kinds are accepted by the CLI (which then profiles the right network) and really loaded: every
+    tensor of the model equals the checkpoint's afterwards."""
+    from mnv3_search.model.weights import load_weights
+
+    reference = reference_state_dict("small")
     torchvision_file = tmp_path / "tv.pth"
-    torch.save(reference_state_dict("small"), torchvision_file)
-    assert run("profile", "small", "--no-latency", "--weights", str(torchvision_file)).exit_code == 0
+    torch.save(reference, torchvision_file)
+    torch.manual_seed(1)
+    trained = build_model(small)
     own = tmp_path / "own.pt"
-    save_checkpoint(build_model(small), small, own)
-    assert run("profile", "small", "--no-latency", "--weights", str(own)).exit_code == 0
+    save_checkpoint(trained, small, own)
+    for checkpoint, want in ((torchvision_file, reference), (own, trained.state_dict())):
+        result = run("profile", "small", "--no-latency", "--json", "--weights", str(checkpoint))
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        assert data["totals"]["params"] == 2_542_856 and data["spec_file"].endswith("search_spaces/small.yaml")
+        torch.manual_seed(2)  # a fresh model whose own initialisation differs from the checkpoint's
+        model = build_model(small)
+        load_weights(model, checkpoint)
+        got = model.state_dict()
+        assert set(got) == set(want)
+        assert all(torch.equal(got[key], want[key]) for key in want), checkpoint
 
 
 def test_json_output(small) -> None:

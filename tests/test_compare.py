@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -54,9 +55,51 @@ def test_compare_accuracy_delta_and_data(run_dir: Path) -> None:
     frame = compare_frame([a, b])
     assert frame["accuracy_delta"].iloc[1] == pytest.approx(-0.1)
     assert frame["latency_ratio"].isna().all()  # not measured
-    result = CliRunner().invoke(cli, ["compare", str(run_dir), "--data", "digits", "--no-latency"])
+
+
+
+def test_compare_data_evaluates_the_weights_instead_of_reading_run_json(tmp_path: Path, run_dir: Path) -> None:
+    """--data digits --data-resolution 48: the accuracy is the final weights' on that test split (computed
+    here independently), not run.json's figure, and the source column says so."""
+    from mnv3_search.data import load_dataset
+    from mnv3_search.train import evaluate
+
+    plain, evaluated = tmp_path / "plain.csv", tmp_path / "data.csv"
+    result = CliRunner().invoke(cli, ["compare", str(run_dir), "--no-latency", "--csv", str(plain)])
     assert result.exit_code == 0, result.output
-    assert "%" in result.output
+    result = CliRunner().invoke(cli, ["compare", str(run_dir), "--data", "digits", "--data-resolution", "48",
+                                      "--no-latency", "--csv", str(evaluated)])
+    assert result.exit_code == 0, result.output
+    before, after = pd.read_csv(plain).iloc[0], pd.read_csv(evaluated).iloc[0]
+    assert before["accuracy_source"] == "run.json test"
+    run_json = json.loads((run_dir / "run.json").read_text())
+    assert before["accuracy"] == pytest.approx(run_json["result"]["test_accuracy"], abs=1e-12)
+    assert after["accuracy_source"] == "digits test"
+    variant = load_variant(str(run_dir))
+    expected = evaluate(variant.model(), load_dataset("digits", resolution=48), load_dataset(
+        "digits", resolution=48).test)
+    assert after["accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert f"{100 * expected:.2f}%" in result.output
+
+
+@pytest.mark.parametrize("group, keep", [("out0", 8), ("exp2", 40), ("exp2", 16), ("out2-3", 16), ("out4-6", 24), ("exp5", 120),
+                                         ("exp10", 200), ("last_conv", 136), ("hidden", 256)])
+def test_spec_counts_match_fvcore_for_shrunk_children(group: str, keep: int) -> None:
+    """spec_macs / spec_params are arithmetic on the spec; fvcore traces the built child: they must agree on
+    children NetAdapt makes (expansion shrinks, coupled output groups, the head), not just on the seed.
+    exp2 = 16 equals its input width: the child keeps its expansion conv, which the counts must still see."""
+    from mnv3_search import build_model
+    from mnv3_search.prune.surgery import child_spec
+    from mnv3_search.profile import profile_model
+
+    seed = load_spec(SPACES / "small.yaml").with_overrides(resolution=64, num_classes=10)
+    child = child_spec(seed, group, keep)
+    if group == "out4-6":  # and a child of a child: two groups shrunk
+        child = child_spec(child, "exp9", 96)
+    assert spec_macs(child) < spec_macs(seed)
+    model = build_model(child)
+    assert spec_macs(child) == profile_model(model).macs
+    assert spec_params(child) == sum(p.numel() for p in model.parameters())
 
 
 def test_compare_errors(tmp_path: Path) -> None:

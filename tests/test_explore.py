@@ -86,3 +86,41 @@ def test_explore_multi_objective_cli(tmp_path: Path) -> None:
     for path in pareto:
         assert load_spec(path).resolution == 64
     assert (frame[frame["pareto"]]["macs"] <= 4.5e6).all()
+
+
+def test_explore_median_pruner_stops_trials_and_best_yaml_is_the_best_feasible_trial(tmp_path: Path) -> None:
+    """Single objective, MACs budget: the median pruner must stop some trials after their first reports
+    (deterministic here: seeded sampler and training), best.yaml is the best feasible completed trial, and
+    the same folder refuses other settings."""
+    import optuna
+
+    from mnv3_search import UserError, dump_spec
+    from mnv3_search.netadapt.study import make_storage
+
+    out = tmp_path / "so"
+    config = ExploreConfig(spec_path=str(EXAMPLE), budget="1.9M-macs", trials=8, resolution=32, steps=6, reports=3,
+                           limit=240, batch_size=32)
+    result = run_explore(config, out)
+    study = optuna.load_study(study_name=out.resolve().name, storage=make_storage(str(out / "study.journal")))
+    trials = [t for t in study.get_trials() if t.state.is_finished()]
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert len(trials) == 8 and len(pruned) > 0
+    for t in pruned:  # stopped before the last report: fewer steps than --steps
+        assert 1 <= len(t.intermediate_values) < config.reports and "steps" not in t.user_attrs
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("rejected")]
+    assert all(t.user_attrs["steps"] == config.steps for t in complete)
+    frame = pd.read_csv(out / "trials.csv")
+    assert int((frame["state"] == "PRUNED").sum()) == len(pruned)
+    assert result.budget_value == 1.9e6 and result.resource == "macs"
+    best = max((t for t in complete if t.user_attrs["macs"] <= 1.9e6), key=lambda t: t.value)
+    assert result.chosen == [(best.number, out / "best.yaml")]
+    assert list(frame[frame["pareto"]]["trial"]) == [best.number]
+    expected = tmp_path / "expected.yaml"
+    space = load_space(EXAMPLE)
+    dump_spec(space.concrete(best.params).with_overrides(resolution=32, num_classes=10), expected)
+    assert (out / "best.yaml").read_text() == expected.read_text()
+    assert load_spec(out / "best.yaml").resolution == 32 and not (out / "pareto").exists()
+    with pytest.raises(UserError, match=r"holds an exploration with other settings \(steps, lr\); use another "
+                                        r"--out or the same options to resume it"):
+        run_explore(ExploreConfig(**{**config.__dict__, "steps": 8, "lr": 0.1}), out)
+    assert len(study.get_trials()) == 8  # refused before any trial ran

@@ -81,5 +81,7 @@ def test_torch_onnx_exporter_folds_bn_only_with_constant_folding() -> None:
 def test_export_bad_format_and_bad_source(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["export", "small", "--format", "tflite", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2
+    assert "Invalid value for '--format': 'tflite' is not one of 'onnx', 'torchscript'." in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "x").exists()
     result = CliRunner().invoke(cli, ["export", str(tmp_path), "--format", "onnx", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "not a run folder" in result.output

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from mnv3_search import UserError
-from mnv3_search.latency.measure import (InterleavedPolicy, OnnxRuntimeBackend, TimingPolicy, TorchEagerBackend, compare,
-                                 device_fingerprint, export_onnx, make_backend, measure, measure_interleaved,
-                                 summarize)
+from mnv3_search.latency.measure import (Comparison, InterleavedPolicy, OnnxRuntimeBackend, TimingPolicy,
+                                         TorchEagerBackend, compare, device_fingerprint, export_onnx, make_backend,
+                                         measure, measure_interleaved, measure_together, ratio_shift, summarize)
 from mnv3_search.model.build import ConvBNAct
 
 
@@ -48,6 +49,25 @@ def test_measure_stops_early_once_confidence_interval_is_tight():
     assert m.repeats == 20  # a 1000 % CI target is met at the first check
 
 
+def _sleeper(*ms: float):
+    """A runner that sleeps the given milliseconds in turn: its timing distribution is known in advance."""
+    calls = []
+
+    def run() -> None:
+        time.sleep(ms[len(calls) % len(ms)] / 1000.0)
+        calls.append(1)
+
+    return run
+
+
+def test_measure_keeps_going_while_the_confidence_interval_is_wide():
+    """Alternating 1 ms / 3 ms runs: the median's CI spans both levels (about 100 % of the median), so a 5 %
+    target is never met and the time/repeat limit ends it (the 1000 % target above is met at once)."""
+    wide = measure(_sleeper(1.0, 3.0), TimingPolicy(warmup_seconds=0.0, min_repeats=20, max_repeats=60,
+                                                    max_seconds=30.0, target_ci=0.05))
+    assert wide.repeats == 60 and wide.ci_relative > 0.3
+
+
 def test_interleaved_runs_each_runner_in_shuffled_passes():
     log: list[int] = []
     runners = [lambda i=i: log.append(i) for i in range(4)]
@@ -66,10 +86,66 @@ def test_interleaved_runs_each_runner_in_shuffled_passes():
     assert len(set(orders)) > 1  # the order is reshuffled between passes
 
 
-def test_compare_gives_ratio_of_p25():
-    c = compare(lambda: None, lambda: sum(range(20000)), InterleavedPolicy(passes=5, runs_per_pass=3))
-    assert c.ratio == c.a.p25_ms / c.b.p25_ms
+def test_comparison_ratio_is_a_over_b_of_the_25th_percentiles():
+    a = summarize([1.0, 2.0, 3.0, 4.0, 100.0])  # p25 2, median 3
+    b = summarize([4.0, 5.0, 20.0, 30.0, 40.0])  # p25 5, median 20
+    assert Comparison(a, b).ratio == pytest.approx(0.4)  # medians would give 0.15, b / a 2.5
+
+
+def test_compare_times_two_runners_in_the_same_passes():
+    c = compare(_sleeper(2.0), _sleeper(4.0), InterleavedPolicy(passes=5, runs_per_pass=3, warmup_runs=1))
     assert c.a.repeats == c.b.repeats == 15
+    assert 0.3 < c.ratio < 0.7  # 2 ms over 4 ms of sleep, whatever the load (sleeping needs no CPU)
+
+
+def test_ratio_shift_compares_the_first_and_second_half_of_the_passes():
+    reference = [1.0, 1.0, 1.0, 1.0]
+    assert ratio_shift([reference, [2.0, 2.0, 4.0, 4.0]], passes=2, runs_per_pass=2) == pytest.approx(0.5)
+    assert ratio_shift([[2.0, 2.0, 4.0, 4.0], [3.0, 3.0, 6.0, 6.0]], passes=2, runs_per_pass=2) == 0.0
+    assert ratio_shift([reference, [1.0] * 4, [1.0, 1.0, 1.5, 1.5]], passes=2, runs_per_pass=2) == \
+        pytest.approx(1 / 3)  # the largest over runners
+    assert math.isnan(ratio_shift([reference, reference], passes=1, runs_per_pass=4))
+
+
+def test_measure_together_remeasures_once_when_a_probe_moved():
+    """A runner that turns 3x slower half-way through the first measurement: the ratio to the reference
+    moved, so it is measured again; the second measurement is steady and is the one kept."""
+    state = {"calls": 0}
+
+    def jumps() -> None:
+        state["calls"] += 1
+        time.sleep((1.0 if state["calls"] <= 13 else 6.0) / 1000.0)  # 1 warm-up + 12 timed, then slow
+
+    policy = InterleavedPolicy(passes=8, runs_per_pass=3, warmup_runs=1)
+    together = measure_together([_sleeper(1.0), jumps], policy, tolerance=0.6, max_spread=math.inf)
+    assert together.attempts == 2 and together.reliable
+    assert together.ratio_shift <= 0.6
+    assert together.ratio(1) > 3.0  # the second measurement's: 6 ms over 1 ms (the first one's was ~3.5)
+    assert together.measurements[1].repeats == 24
+
+
+def test_measure_together_marks_a_disturbed_measurement_unreliable():
+    """A runner that keeps slowing down: both measurements are disturbed; the result says so."""
+    state = {"calls": 0}
+
+    def drifts() -> None:
+        state["calls"] += 1
+        time.sleep(0.5 * (1 + state["calls"] / 4) / 1000.0)
+
+    policy = InterleavedPolicy(passes=6, runs_per_pass=2, warmup_runs=1)
+    together = measure_together([_sleeper(1.0), drifts], policy, tolerance=0.1, retries=1, max_spread=math.inf)
+    assert together.attempts == 2 and not together.reliable and together.ratio_shift > 0.1
+    steady = measure_together([_sleeper(2.0), _sleeper(4.0)], policy, tolerance=0.8, max_spread=math.inf)
+    assert steady.attempts == 1 and steady.reliable
+
+
+def test_measure_together_marks_mostly_preempted_runs_unreliable():
+    """A steady competitor: three runs in four take 5x longer, in both halves alike (no ratio shift), so the
+    p25 is the slow level, 5x the minimum: unreliable after one re-measurement."""
+    policy = InterleavedPolicy(passes=4, runs_per_pass=4, warmup_runs=0)
+    together = measure_together([_sleeper(1.0), _sleeper(1.0, 5.0, 5.0, 5.0)], policy, tolerance=math.inf)
+    assert together.spread > 2.0
+    assert together.attempts == 2 and not together.reliable
 
 
 def test_measurement_records_its_context():

@@ -18,7 +18,7 @@ from .common import load_spec_argument, stdout_console
 from .options import BATCH_HELP, CSV_HELP, LUT_HELP, RESOLUTION_HELP, SEED_HELP, THREADS_HELP, backend_option
 from ..errors import UserError
 from ..latency.measure import InterleavedPolicy, make_backend
-from ..latency.table import LatencyTable, build_table, check_variants, default_table_path, summarize_errors
+from ..latency.table import LatencyTable, build_table, check_table, default_table_path, summarize_errors
 from ..report.frames import write_csv
 
 
@@ -108,8 +108,8 @@ def build(spec: str, table_path: Optional[str], table_alias: Optional[str], back
     stdout_console().print(
         f"{report.entries_needed} entries for {arch.name} at {arch.resolution} px: {report.entries_measured} "
         f"measured, {report.entries_needed - report.entries_measured} already in the table "
-        f"({report.seconds:.1f} s). Calibration on {cal.networks} networks: whole = {cal.a:.3f} x blocks sum + "
-        f"{cal.b_ms_per_mparam:.3f} ms per M params; seed: blocks sum {cal.raw_ms:.3f} ms, measured "
+        f"({report.seconds:.1f} s). Calibration on {cal.networks} networks ({cal.model}): whole = {cal.a:.3f} x "
+        f"blocks sum + {cal.b_ms_per_mparam:.3f} ms per M params; seed: blocks sum {cal.raw_ms:.3f} ms, measured "
         f"{cal.measured_ms:.3f} ms (p25), predicted {cal.apply(cal.raw_ms, cal.params):.3f} ms. Table: {table.path}",
         highlight=False)
 
@@ -126,8 +126,10 @@ def check(spec: str, table_path: Optional[str], table_alias: Optional[str], back
           width: Optional[float], passes: int, runs: int, n: int, seed: int, csv_path: Optional[str]) -> None:
     """Predicted vs measured latency of SPEC and N random channel variants of it.
 
-    Whole networks are timed interleaved (p25, the table's protocol); missing entries are measured and
-    cached first. The seed row shows how far this machine drifted since the table was calibrated.
+    Whole networks are timed together, interleaved (p25, the table's protocol); missing entries are
+    measured and cached first. Errors are shown absolute and relative to the seed timed in the same
+    measurement (what NetAdapt's decisions use: on a shared host the absolute level drifts, ratios hold).
+    The summary gives the host's drift since calibration and flags a measurement the load disturbed.
 
     \b
     Examples:
@@ -138,24 +140,43 @@ def check(spec: str, table_path: Optional[str], table_alias: Optional[str], back
     arch, _ = load_spec_argument(spec, err, resolution=resolution, width=width)
     table = _open(table_path or table_alias, backend, threads, batch, passes, runs, err)
     with _progress(err, "lut check") as progress:
-        rows = check_variants(table, arch, n, seed, progress=progress)
-    out = Table(title=f"{arch.name}: calibrated prediction vs measured (p25, ms)", box=box.SIMPLE_HEAD,
-                header_style="bold")
-    for name in ("network", "blocks sum", "predicted", "measured", "error", "raw error"):
+        report = check_table(table, arch, n, seed, progress=progress)
+    rows = report.rows
+    out = Table(title=f"{arch.name}: prediction vs measured (p25, ms); ratios to the seed timed beside them",
+                box=box.SIMPLE_HEAD, header_style="bold")
+    for name in ("network", "blocks sum", "predicted", "measured", "error", "raw error", "predicted ratio",
+                 "measured ratio", "ratio error", "raw ratio error"):
         out.add_column(name, justify="left" if name == "network" else "right")
     for r in rows:
-        style = "red" if abs(r.error_pct) > 10 else None
+        style = "red" if abs(r.relative_error_pct) > 10 else None
         out.add_row(r.network, f"{r.raw_ms:.3f}", f"{r.predicted_ms:.3f}", f"{r.measured_ms:.3f}",
-                    f"{r.error_pct:+.1f}%", f"{r.raw_error_pct:+.1f}%", style=style)
+                    f"{r.error_pct:+.1f}%", f"{r.raw_error_pct:+.1f}%", f"{r.predicted_ratio:.3f}",
+                    f"{r.measured_ratio:.3f}", f"{r.relative_error_pct:+.1f}%", f"{r.raw_relative_error_pct:+.1f}%",
+                    style=style)
     console = stdout_console()
     console.print(out)
     s = summarize_errors(rows)
-    console.print(f"{s.count} variants: mean abs error {s.mape_pct:.1f}% (raw sum {s.raw_mape_pct:.1f}%), "
-                  f"worst {s.worst_pct:.1f}%, {s.within_10_pct:.0f}% within ±10%", highlight=False)
+    cal = report.calibration
+    console.print(
+        f"{s.count} variants relative to the seed (what NetAdapt decides on): mean abs error {s.rel_mape_pct:.1f}% "
+        f"(raw sum {s.raw_rel_mape_pct:.1f}%), worst {s.rel_worst_pct:.1f}%, {s.rel_within_10_pct:.0f}% within "
+        f"±10%\nabsolute: mean abs error {s.mape_pct:.1f}% (raw sum {s.raw_mape_pct:.1f}%), worst {s.worst_pct:.1f}%, "
+        f"{s.within_10_pct:.0f}% within ±10%\nhost drift since calibration: seed {rows[0].measured_ms:.3f} ms now vs "
+        f"{cal.measured_ms:.3f} ms then ({report.drift_pct:+.1f}%); calibration model: {cal.model}",
+        highlight=False)
+    if not report.reliable:
+        console.print(f"[yellow]unreliable: ratios to the seed moved {100 * report.ratio_shift:.0f}% within the "
+                      f"measurement and p25 sat {100 * report.spread:.0f}% above the fastest run "
+                      f"({report.attempts} attempts); the host is busy, run the check again[/yellow]",
+                      highlight=False)
     if csv_path:
         frame = pd.DataFrame([{"network": r.network, "raw_ms": r.raw_ms, "predicted_ms": r.predicted_ms,
                                "measured_ms": r.measured_ms, "measured_median_ms": r.measured_median_ms,
-                               "error_pct": r.error_pct, "raw_error_pct": r.raw_error_pct} for r in rows])
+                               "error_pct": r.error_pct, "raw_error_pct": r.raw_error_pct,
+                               "predicted_ratio": r.predicted_ratio, "raw_ratio": r.raw_ratio,
+                               "measured_ratio": r.measured_ratio, "relative_error_pct": r.relative_error_pct,
+                               "raw_relative_error_pct": r.raw_relative_error_pct,
+                               "reliable": report.reliable} for r in rows])
         write_csv(frame, csv_path)
         err.print(f"[dim]wrote {csv_path}[/dim]", highlight=False)
 
@@ -217,11 +238,13 @@ def show(table_arg: Optional[str], table_path: Optional[str], backend: str, thre
         cal = Table(title="calibrations: whole = a x blocks sum + b x params (p25)", box=box.SIMPLE_HEAD,
                     header_style="bold")
         for name in ("seed", "resolution", "params", "blocks sum p25 ms", "measured p25 ms", "a", "b ms/Mparam",
-                     "networks", "seed factor"):
+                     "networks", "seed factor", "model", "held-out ratio error two-term / plain"):
             cal.add_column(name, justify="left" if name == "seed" else "right")
         for c in table.calibrations.values():
             cal.add_row(c.spec_name, str(c.resolution), f"{c.params:,}", f"{c.raw_ms:.3f}", f"{c.measured_ms:.3f}",
-                        f"{c.a:.3f}", f"{c.b_ms_per_mparam:.3f}", str(c.networks), f"{c.factor:.3f}")
+                        f"{c.a:.3f}", f"{c.b_ms_per_mparam:.3f}", str(c.networks), f"{c.factor:.3f}", c.model,
+                        "-" if c.heldout_plain_pct is None else
+                        f"{c.heldout_two_term_pct:.1f}% / {c.heldout_plain_pct:.1f}%")
         console.print(cal)
     if limit and records:
         out = Table(title=f"entries ({min(limit, len(records))} of {len(records)}; latency = p25)",

@@ -8,6 +8,10 @@ A backend turns a module and an input shape into a zero-argument runner. Two pro
   bursts (~0.3 s) where everything runs up to 2x slower; a hot loop of one runner can sit inside a burst, while
   interleaving spreads every burst over all runners. This is the protocol for fair comparisons and for the
   lookup table, whose entries store the 25th percentile (REFERENCE §4).
+- `measure_together`: the same, checked for interference. The absolute level of a shared host drifts by tens
+  of percent within a minute while the ratio of two networks timed together holds (REFERENCE §4), so
+  decisions use ratios to a reference timed in the same measurement; when those ratios moved between the
+  first and second half of the passes, the measurement is repeated once and otherwise marked unreliable.
 
 Every `Measurement` can carry a `MeasurementContext`: backend, versions, threads, batch, input shape and a
 device fingerprint, so a number is never separated from what it was measured on.
@@ -24,7 +28,7 @@ import time
 import warnings
 import weakref
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from typing import Callable, Iterator, Optional, Protocol, Sequence
 
@@ -172,10 +176,9 @@ class InterleavedPolicy:
     seed: int = 0
 
 
-def measure_interleaved(runners: Sequence[Runner], policy: InterleavedPolicy = InterleavedPolicy(),
-                        contexts: Optional[Sequence[Optional[MeasurementContext]]] = None,
-                        on_pass: Optional[Callable[[int, int], None]] = None) -> list[Measurement]:
-    """Time several runners fairly: a noisy burst hits them all alike instead of one of them."""
+def _interleaved_samples(runners: Sequence[Runner], policy: InterleavedPolicy,
+                         on_pass: Optional[Callable[[int, int], None]] = None) -> tuple[list[list[float]], int]:
+    """Raw samples (ms) of each runner in pass order, and how many passes were done."""
     rng = random.Random(policy.seed)
     for run in runners:
         for _ in range(policy.warmup_runs):
@@ -183,6 +186,7 @@ def measure_interleaved(runners: Sequence[Runner], policy: InterleavedPolicy = I
     samples: list[list[float]] = [[] for _ in runners]
     order = list(range(len(runners)))
     start = time.perf_counter()
+    done = 0
     for done in range(1, policy.passes + 1):
         rng.shuffle(order)
         for i in order:
@@ -195,8 +199,97 @@ def measure_interleaved(runners: Sequence[Runner], policy: InterleavedPolicy = I
             on_pass(done, policy.passes)
         if policy.max_seconds > 0 and done >= policy.min_passes and time.perf_counter() - start >= policy.max_seconds:
             break
+    return samples, done
+
+
+def measure_interleaved(runners: Sequence[Runner], policy: InterleavedPolicy = InterleavedPolicy(),
+                        contexts: Optional[Sequence[Optional[MeasurementContext]]] = None,
+                        on_pass: Optional[Callable[[int, int], None]] = None) -> list[Measurement]:
+    """Time several runners fairly: a noisy burst hits them all alike instead of one of them."""
+    samples, _ = _interleaved_samples(runners, policy, on_pass)
     contexts = contexts or [None] * len(runners)
     return [summarize(s, c) for s, c in zip(samples, contexts)]
+
+
+def ratio_shift(samples: Sequence[Sequence[float]], passes: int, runs_per_pass: int, reference: int = 0) -> float:
+    """How far the ratios to the reference moved within one interleaved measurement.
+
+    The passes are split into a first and a second half; for each runner, ratio = its p25 / the reference's
+    p25 in each half, and the shift is |first / second - 1|. The largest shift over the runners is returned
+    (nan with fewer than 2 passes or a single runner: nothing to compare). A load that slows everything alike
+    leaves ratios alone (that is why decisions use them); a shift means something hit some runners and not
+    others, e.g. a burst that lasted only part of the measurement or a probe that changed speed.
+    """
+    if passes < 2 or len(samples) < 2:
+        return math.nan
+    cut = (passes // 2) * runs_per_pass
+
+    def p25(values: Sequence[float]) -> float:
+        return float(np.percentile(np.asarray(values, dtype=float), 25))
+
+    ref_first, ref_second = p25(samples[reference][:cut]), p25(samples[reference][cut:])
+    shifts = []
+    for i, bucket in enumerate(samples):
+        if i == reference:
+            continue
+        first = p25(bucket[:cut]) / ref_first
+        second = p25(bucket[cut:]) / ref_second
+        shifts.append(abs(first / second - 1.0))
+    return max(shifts)
+
+
+@dataclass(frozen=True)
+class Together:
+    """Runners timed in one interleaved measurement, with a verdict on whether it was disturbed.
+
+    `ratio_shift` is `ratio_shift(...)` of the measurement kept; `reliable` is False when it stayed above
+    the tolerance even after the re-measurements (`attempts` counts them all). Decide only on reliable ones.
+    """
+
+    measurements: list[Measurement]
+    reference: int
+    ratio_shift: float
+    tolerance: float
+    attempts: int
+    spread: float = 0.0  # largest p25 / min - 1 over the runners
+    max_spread: float = math.inf
+
+    @property
+    def reliable(self) -> bool:
+        # nan shift (too few passes to tell) counts as not disturbed
+        return not self.ratio_shift > self.tolerance and not self.spread > self.max_spread
+
+    def ratio(self, i: int) -> float:
+        """Runner i's p25 over the reference's p25, both from this one measurement."""
+        return self.measurements[i].p25_ms / self.measurements[self.reference].p25_ms
+
+
+def measure_together(runners: Sequence[Runner], policy: InterleavedPolicy = InterleavedPolicy(),
+                     reference: int = 0, tolerance: float = 0.05, retries: int = 1, max_spread: float = 0.5,
+                     contexts: Optional[Sequence[Optional[MeasurementContext]]] = None,
+                     on_pass: Optional[Callable[[int, int], None]] = None) -> Together:
+    """`measure_interleaved`, checked for interference, two ways:
+
+    - the ratios to `reference` moved by more than `tolerance` between the first and second half of the
+      passes (a burst that hit part of the measurement);
+    - some runner's p25 is more than `max_spread` above its minimum (a steady competitor: most runs were
+      preempted, so the p25 measures waiting, not the network; seen here under a load of 11 on 2 cores:
+      p25 = 3x the minimum, and ratios compressed or stretched by 20-40 % while both halves agreed).
+
+    Either one: measure again (up to `retries` times) and keep the last; if it is still disturbed, the result
+    says so (`reliable` False) instead of hiding it.
+    """
+    contexts = contexts or [None] * len(runners)
+    attempts = 0
+    while True:
+        attempts += 1
+        samples, passes = _interleaved_samples(runners, replace(policy, seed=policy.seed + attempts - 1), on_pass)
+        shift = ratio_shift(samples, passes, policy.runs_per_pass, reference)
+        measurements = [summarize(s, c) for s, c in zip(samples, contexts)]
+        spread = max(m.p25_ms / m.min_ms - 1.0 if m.min_ms > 0 else 0.0 for m in measurements)
+        together = Together(measurements, reference, shift, tolerance, attempts, spread, max_spread)
+        if together.reliable or attempts > retries:
+            return together
 
 
 @dataclass(frozen=True)

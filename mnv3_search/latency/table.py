@@ -10,7 +10,14 @@ whole network streams all of them from memory every run. So `predict` reports th
 figure, `a * sum + b * params`, fitted on whole networks measured with the same protocol (p25): the seed and a
 few random variants of it, timed interleaved. With the seed alone, b = 0 and a = measured / sum (the plain
 factor of REFERENCE §4); here that factor missed Small's variants (it grows with the parameter count), the
-two-term fit did not.
+two-term fit did not. The fit earns its place only by predicting held-out companions relative to the seed
+better than the raw block sum (leave-one-out); otherwise the plain factor stays, and `Calibration.model` says
+which.
+
+Absolute levels drift on a shared host (tens of percent within a minute) while ratios of networks timed
+together hold, so `check_table` reports errors relative to the seed timed beside the variants as well as
+absolute ones, plus the drift since calibration; `relative_to_reference` judges a candidate against a budget
+through the seed measured now.
 
 The table is one JSON file written atomically. A file that cannot be read, or was made on another device,
 backend, thread count or batch, is refused with one line and never overwritten.
@@ -18,22 +25,24 @@ backend, thread count or batch, is refused with one line and never overwritten.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from torch import nn
 
 from ..model.counts import spec_params, unit_params
 from ..errors import UserError
 from ..fileio import PathLike, atomic_write_text
-from .measure import Backend, InterleavedPolicy, Measurement, measure_interleaved
+from .measure import Backend, InterleavedPolicy, Measurement, Together, measure_interleaved, measure_together
 from ..model.build import build_model, build_unit
 from ..spec.arch import ArchSpec, BlockConfig, default_residual, se_width
 from ..spec.units import BneckUnit, ClassifierUnit, LastConvUnit, StemUnit, Unit, spec_units
@@ -42,6 +51,7 @@ from ..prune.variants import random_variant, single_axis_variants
 SCHEMA = "mnv3-search/latency-table"
 SCHEMA_VERSION = 1
 KINDS = ("stem", "bneck", "last_conv", "classifier")
+MODELS = ("two-term", "plain")
 # Entries are timed in chunks: every session of a chunk is open at once and interleaved.
 CHUNK_ENTRIES = 160
 
@@ -192,6 +202,11 @@ class Calibration:
     a: float
     b_ms_per_mparam: float
     networks: int
+    # which model earned its place: "two-term" (a, b fitted) or "plain" (a = measured / raw, b = 0, i.e. the raw
+    # block sum scaled by the seed's factor), chosen by seed-relative error on held-out networks
+    model: str = "plain"
+    heldout_two_term_pct: Optional[float] = None  # leave-one-out seed-relative MAPE of the two-term fit
+    heldout_plain_pct: Optional[float] = None  # the same for the raw block sum (plain factor)
 
     def apply(self, raw_ms: float, params: int) -> float:
         return self.a * raw_ms + self.b_ms_per_mparam * params / 1e6
@@ -227,6 +242,39 @@ def fit_calibration(points: Sequence[tuple[float, int, float]]) -> tuple[float, 
     a = (t1 * s22 - t2 * s12) / det
     b = (s11 * t2 - s12 * t1) / det
     return (a, b) if a > 0 and b >= 0 else plain
+
+
+def _relative_error_pct(predicted: Sequence[float], measured: Sequence[float]) -> list[float]:
+    """Seed-relative errors (%) of points 1.. : predicted / predicted seed vs measured / measured seed."""
+    return [100.0 * ((p / predicted[0]) / (m / measured[0]) - 1.0) for p, m in zip(predicted[1:], measured[1:])]
+
+
+def choose_calibration(points: Sequence[tuple[float, int, float]]) -> tuple[float, float, str, Optional[float],
+                                                                            Optional[float]]:
+    """(a, b, model, two-term held-out MAPE %, plain held-out MAPE %) for points (raw, params, measured).
+
+    The first point is the seed. Each companion is held out in turn: the two-term model is fitted on the
+    seed and the other companions and predicts the held-out one relative to the seed (what NetAdapt's
+    decisions depend on); the plain model's relative prediction is the raw sum's ratio. The two-term fit is
+    kept only if its mean abs seed-relative error is lower; otherwise the plain factor (b = 0) is.
+    With fewer than 4 points nothing can be held out and the fit rules alone decide (`fit_calibration`).
+    """
+    a, b = fit_calibration(points)
+    plain = (points[0][2] / points[0][0], 0.0)
+    if len(points) < 4:
+        return (*plain, "plain", None, None) if (a, b) == plain else (a, b, "two-term", None, None)
+    seed = points[0]
+    two_term, raw_only = [], []
+    for i in range(1, len(points)):
+        fit_a, fit_b = fit_calibration([p for j, p in enumerate(points) if j != i])
+        held = points[i]
+        predicted = [fit_a * r + fit_b * q / 1e6 for r, q, _ in (seed, held)]
+        two_term.append(abs(_relative_error_pct(predicted, [seed[2], held[2]])[0]))
+        raw_only.append(abs(_relative_error_pct([seed[0], held[0]], [seed[2], held[2]])[0]))
+    two_term_pct, plain_pct = sum(two_term) / len(two_term), sum(raw_only) / len(raw_only)
+    if (a, b) != plain and two_term_pct < plain_pct:
+        return a, b, "two-term", two_term_pct, plain_pct
+    return (*plain, "plain", two_term_pct, plain_pct)
 
 
 @dataclass
@@ -336,10 +384,16 @@ def read_table_file(path: PathLike) -> tuple[Header, dict[str, Entry], dict[str,
     calibrations: dict[str, Calibration] = {}
     for name, raw in raw_cal.items():
         try:
+            b = _number(raw, "b_ms_per_mparam")
+            model = raw.get("model", "two-term" if b > 0 else "plain")  # tables from before the choice
+            if model not in MODELS:
+                raise ValueError(f"model is {model!r}, not one of {', '.join(MODELS)}")
+            heldout = [None if raw.get(k) is None else _number(raw, k)
+                       for k in ("heldout_two_term_pct", "heldout_plain_pct")]
             calibrations[name] = Calibration(str(raw["spec_name"]), _number(raw, "raw_ms"),
                                              _number(raw, "measured_ms"), int(raw["params"]),
-                                             int(raw["resolution"]), _number(raw, "a"),
-                                             _number(raw, "b_ms_per_mparam"), int(raw["networks"]))
+                                             int(raw["resolution"]), _number(raw, "a"), b,
+                                             int(raw["networks"]), model, *heldout)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise _bad(path, f"calibration {name!r} is malformed ({exc})") from None
     return header, entries, calibrations
@@ -406,8 +460,35 @@ class LatencyTable:
                 "calibrations": {n: c.as_json() for n, c in sorted(self.calibrations.items())},
                 "entries": {i: e.as_json() for i, e in sorted(self.entries.items())}}
 
+    @property
+    def lock_path(self) -> Path:
+        """The lock file beside the table that serialises every process's read-merge-write."""
+        return self.path.with_name(self.path.name + ".lock")
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold an exclusive `fcntl` lock on `lock_path` (blocking): two writers never merge at once.
+
+        Without it, two processes that both read the file before either renamed its copy into place would
+        each write back only their own new entries, and the first rename would be lost.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
     def save(self) -> None:
-        """Write atomically, first merging entries another process saved meanwhile (never lose an entry)."""
+        """Write atomically, first merging entries another process saved meanwhile (never lose an entry).
+
+        The read, merge and rename happen under the table's lock file, so concurrent writers serialise.
+        """
+        with self._locked():
+            self._merge_and_write()
+
+    def _merge_and_write(self) -> None:
         if self.path.exists():
             header, entries, calibrations = read_table_file(self.path)
             problem = header.mismatch(self.header)
@@ -474,13 +555,23 @@ class LatencyTable:
         runners = [backend.runner(build_model(s), (self.header.batch, 3, s.resolution, s.resolution)) for s in specs]
         return measure_interleaved(runners, self.policy, on_pass=on_pass)
 
+    def measure_together(self, specs: Sequence[ArchSpec], tolerance: float = 0.05,
+                         on_pass: Optional[Callable[[int, int], None]] = None) -> Together:
+        """Whole networks in one interleaved measurement, ratios to `specs[0]` checked for interference
+        (re-measured once when disturbed, then marked unreliable)."""
+        backend = self._require_backend()
+        runners = [backend.runner(build_model(s), (self.header.batch, 3, s.resolution, s.resolution)) for s in specs]
+        return measure_together(runners, self.policy, reference=0, tolerance=tolerance, on_pass=on_pass)
+
     def calibrate(self, spec: ArchSpec, measured_ms: Optional[float] = None, companions: int = 8,
                   on_pass: Optional[Callable[[int, int], None]] = None) -> Calibration:
         """Fit the calibration for `spec.name` on whole networks timed with the table's protocol.
 
         The seed is timed interleaved with `companions` random variants of itself (as `check` times
-        networks) and (a, b) are fitted on all of them. With `measured_ms` given, or no companions, the
-        seed alone sets a plain factor. Entries the networks need are measured first.
+        networks) and (a, b) are fitted on all of them; the fit is kept only if it predicts held-out
+        companions relative to the seed better than the raw block sum does (`choose_calibration`), and
+        `Calibration.model` records which. With `measured_ms` given, or no companions, the seed alone sets a
+        plain factor. Entries the networks need are measured first.
         """
         networks = [spec] if measured_ms is not None else [spec] + variant_specs(spec, companions, seed=-1)
         self.ensure(key for s in networks for _, key in spec_keys(s))
@@ -489,8 +580,9 @@ class LatencyTable:
         else:
             measured = [measured_ms]
         points = [(self.raw_ms(s), spec_params(s), m) for s, m in zip(networks, measured)]
-        a, b = fit_calibration(points)
-        cal = Calibration(spec.name, points[0][0], points[0][2], points[0][1], spec.resolution, a, b, len(points))
+        a, b, model, two_term_pct, plain_pct = choose_calibration(points)
+        cal = Calibration(spec.name, points[0][0], points[0][2], points[0][1], spec.resolution, a, b, len(points),
+                          model, two_term_pct, plain_pct)
         self.calibrations[spec.name] = cal
         self.save()
         return cal
@@ -594,13 +686,20 @@ def build_table(table: LatencyTable, spec: ArchSpec, step: int = 8,
 
 @dataclass(frozen=True)
 class CheckRow:
-    """One network: predicted (raw sum, calibrated) vs measured p25, and the calibrated error."""
+    """One network: predicted (raw sum, calibrated) vs measured p25, absolute and relative to the seed.
+
+    The `*_ratio` fields are this network over the seed: predicted from the table, measured in the same
+    interleaved measurement. The seed's own row has ratios 1 and relative errors 0.
+    """
 
     network: str
     raw_ms: float
     predicted_ms: float
     measured_ms: float
     measured_median_ms: float
+    predicted_ratio: float = 1.0
+    raw_ratio: float = 1.0
+    measured_ratio: float = 1.0
 
     @property
     def error_pct(self) -> float:
@@ -610,6 +709,15 @@ class CheckRow:
     def raw_error_pct(self) -> float:
         return 100.0 * (self.raw_ms - self.measured_ms) / self.measured_ms
 
+    @property
+    def relative_error_pct(self) -> float:
+        """Calibrated prediction relative to the seed vs measured relative to the seed timed beside it."""
+        return 100.0 * (self.predicted_ratio / self.measured_ratio - 1.0)
+
+    @property
+    def raw_relative_error_pct(self) -> float:
+        return 100.0 * (self.raw_ratio / self.measured_ratio - 1.0)
+
 
 def variant_specs(spec: ArchSpec, n: int, seed: int = 0, step: int = 8) -> list[ArchSpec]:
     """`n` random channel variants of `spec` (multiples of `step`), named variant-1..n, reproducible by seed."""
@@ -617,12 +725,30 @@ def variant_specs(spec: ArchSpec, n: int, seed: int = 0, step: int = 8) -> list[
     return [replace(random_variant(spec, rng, step), name=spec.name) for _ in range(n)]
 
 
-def check_variants(table: LatencyTable, spec: ArchSpec, n: int, seed: int = 0, step: int = 8,
-                   progress: Optional[Progress] = None) -> list[CheckRow]:
-    """Seed plus `n` random variants: calibrated prediction vs whole networks measured interleaved.
+@dataclass(frozen=True)
+class CheckReport:
+    """`check_table`'s answer: rows (seed first), how far the host drifted since calibration, reliability.
 
-    Missing entries are measured first (and cached); the seed is calibrated first if it never was.
-    The first row is the seed itself: its error shows how far the host drifted since calibration.
+    `drift_pct` = seed measured now / seed measured at calibration - 1: the absolute level moved by that much,
+    so every absolute prediction is off by about as much, while ratios to the seed are not.
+    """
+
+    rows: list[CheckRow]
+    calibration: Calibration
+    drift_pct: float
+    ratio_shift: float
+    reliable: bool
+    attempts: int
+    spread: float = 0.0  # largest p25 / min - 1 of the networks (see `measure_together`)
+
+
+def check_table(table: LatencyTable, spec: ArchSpec, n: int, seed: int = 0, step: int = 8,
+                progress: Optional[Progress] = None) -> CheckReport:
+    """Seed plus `n` random variants: prediction vs whole networks measured together (interleaved, p25).
+
+    Missing entries are measured first (and cached); the seed is calibrated first if it never was. Errors
+    are reported absolute (against the calibration's absolute level, which drifts) and relative to the seed
+    timed in the same measurement (what NetAdapt's decisions depend on).
     """
     variants = variant_specs(spec, n, seed, step)
     networks = [spec.scaled()] + variants
@@ -635,26 +761,107 @@ def check_variants(table: LatencyTable, spec: ArchSpec, n: int, seed: int = 0, s
         if progress:
             progress(done, total, "timing networks")
 
-    measurements = table.measure_networks(networks, on_pass)
+    together = table.measure_together(networks, on_pass=on_pass)
+    measurements = together.measurements
     names = ["seed"] + [f"variant {i}" for i in range(1, n + 1)]
-    return [CheckRow(name, p.raw_ms, p.calibrated_ms, m.p25_ms, m.median_ms)
+    p0, m0 = predictions[0], measurements[0]
+    rows = [CheckRow(name, p.raw_ms, p.calibrated_ms, m.p25_ms, m.median_ms, p.calibrated_ms / p0.calibrated_ms,
+                     p.raw_ms / p0.raw_ms, m.p25_ms / m0.p25_ms)
             for name, p, m in zip(names, predictions, measurements)]
+    cal = table.calibrations[spec.name] if spec.name in table.calibrations else table.calibration_for(spec)
+    return CheckReport(rows, cal, 100.0 * (m0.p25_ms / cal.measured_ms - 1.0), together.ratio_shift,
+                       together.reliable, together.attempts, together.spread)
+
+
+def check_variants(table: LatencyTable, spec: ArchSpec, n: int, seed: int = 0, step: int = 8,
+                   progress: Optional[Progress] = None) -> list[CheckRow]:
+    """The rows of `check_table`: the seed first, then `n` random variants."""
+    return check_table(table, spec, n, seed, step, progress).rows
 
 
 @dataclass(frozen=True)
 class ErrorSummary:
-    """How good predictions were over variants (the seed row excluded): the figures to quote."""
+    """How good predictions were over variants (the seed row excluded): the figures to quote.
+
+    Absolute figures (`mape_pct`...) compare with the calibration's level; `rel_*` compare ratios to the seed
+    timed in the same measurement.
+    """
 
     count: int
     mape_pct: float
     worst_pct: float
     within_10_pct: float  # share of variants within +-10 %, in percent
     raw_mape_pct: float
+    rel_mape_pct: float = math.nan
+    rel_worst_pct: float = math.nan
+    rel_within_10_pct: float = math.nan
+    raw_rel_mape_pct: float = math.nan
 
 
 def summarize_errors(rows: Sequence[CheckRow]) -> ErrorSummary:
     variants = [r for r in rows if r.network != "seed"] or list(rows)
     errors = [abs(r.error_pct) for r in variants]
+    relative = [abs(r.relative_error_pct) for r in variants]
     return ErrorSummary(len(variants), sum(errors) / len(errors), max(errors),
                         100.0 * sum(e <= 10.0 for e in errors) / len(errors),
-                        sum(abs(r.raw_error_pct) for r in variants) / len(variants))
+                        sum(abs(r.raw_error_pct) for r in variants) / len(variants),
+                        sum(relative) / len(relative), max(relative),
+                        100.0 * sum(e <= 10.0 for e in relative) / len(relative),
+                        sum(abs(r.raw_relative_error_pct) for r in variants) / len(variants))
+
+
+# --- judging a network against a budget through a reference timed now --------------------------------------
+
+@dataclass(frozen=True)
+class RelativeVerdict:
+    """A candidate judged against a budget through a reference network timed in the same measurement.
+
+    `budget_ratio` is the budget as a share of the reference *now*: a relative budget as given, an absolute
+    one divided by `reference_ms` (the reference measured in this measurement, not at calibration). `ok` is
+    `measured_ratio <= budget_ratio`; decide on it only when `reliable`.
+    """
+
+    reference_ms: float  # reference p25, this measurement
+    candidate_ms: float  # candidate p25, this measurement
+    measured_ratio: float  # candidate / reference, timed together
+    predicted_ratio: float  # the table's prediction of the same ratio
+    predicted_reference_ms: float  # the table's (calibrated) prediction for the reference
+    budget_ratio: float
+    ok: bool
+    reliable: bool
+    ratio_shift: float
+    attempts: int
+    spread: float = 0.0  # largest p25 / min - 1 of the two (see `measure_together`)
+
+    @property
+    def table_budget_ms(self) -> float:
+        """The budget on the table's scale (what predictions should be aimed at): the budget's share of the
+        reference now, times the table's prediction for the reference."""
+        return self.budget_ratio * self.predicted_reference_ms
+
+    @property
+    def disagreement_pct(self) -> float:
+        """How far the table's ratio missed the measured one (positive: the table predicted too slow)."""
+        return 100.0 * (self.predicted_ratio / self.measured_ratio - 1.0)
+
+
+def relative_to_reference(table: LatencyTable, reference: ArchSpec, candidate: ArchSpec, *,
+                          budget_ms: Optional[float] = None, budget_ratio: Optional[float] = None,
+                          tolerance: float = 0.05) -> RelativeVerdict:
+    """Judge `candidate` against a budget by timing it beside `reference` (e.g. the seed) now.
+
+    Give exactly one of `budget_ms` (absolute: converted through the reference measured in this same
+    measurement) or `budget_ratio` (share of the reference). The measurement is repeated once when the
+    ratio moved within it (`measure_together`); if it is still disturbed the verdict says `reliable` False.
+    """
+    if (budget_ms is None) == (budget_ratio is None):
+        raise ValueError("give exactly one of budget_ms or budget_ratio")
+    together = table.measure_together([reference, candidate], tolerance)
+    ref_m, cand_m = together.measurements
+    p_ref = table.predict(reference)
+    p_cand = table.predict(candidate)
+    ratio = together.ratio(1)
+    limit = budget_ratio if budget_ratio is not None else budget_ms / ref_m.p25_ms
+    return RelativeVerdict(ref_m.p25_ms, cand_m.p25_ms, ratio, p_cand.calibrated_ms / p_ref.calibrated_ms,
+                           p_ref.calibrated_ms, limit, ratio <= limit, together.reliable, together.ratio_shift,
+                           together.attempts, together.spread)
