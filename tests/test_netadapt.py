@@ -21,20 +21,21 @@ from click.testing import CliRunner
 from mnv3_search import build_model, load_spec
 from mnv3_search.budget import LATENCY, MACS, PARAMS, Schedule, parse_budget, parse_schedule
 from mnv3_search.cli import cli
-from mnv3_search.netadapt import BudgetUnreachable, RunConfig, RunResult, run_netadapt
+from mnv3_search.netadapt import BudgetUnreachable, RunConfig, run_netadapt
 from mnv3_search.netadapt.selection import Candidate, rank
 from mnv3_search.netadapt.runfolder import ITERATION_COLUMNS, PROPOSAL_COLUMNS, RunFolder
 from mnv3_search.netadapt.study import ITERATION_ATTR, create_study, make_storage, requeue_stale
 from mnv3_search.spec.spaces import resolve_spec_path
 from mnv3_search.model.weights import read_checkpoint
 from postgres import postgres_bin, running_postgres
+from tiny_run import tiny_run_folder
 
 TINY = dict(data="digits", limit=240, batch_size=32, short_steps=4, seed_epochs=2, long_epochs=1,
             resolution=64, threads=1)
 TINY_ARGS = ["--limit", "240", "--batch-size", "32", "--short-steps", "4", "--seed-epochs", "2",
              "--long-epochs", "1", "--resolution", "64", "--threads", "1", "--quiet"]
 SMALL_MACS_64 = 5_502_720  # Small at 64 px, 10 classes (checked against fvcore in the tests below)
-HALVING_BUDGET = "5.2M-macs"
+HALVING_BUDGET = "5.3M-macs"  # tiny_run.py's run
 
 
 @pytest.mark.parametrize("text, resource, value, relative", [
@@ -98,23 +99,26 @@ def study_of(folder: Path) -> optuna.Study:
 
 
 @pytest.fixture(scope="module")
-def halving_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, "RunResult"]:
-    """A tiny MACs-budget run (3 iterations) with the default evaluation, shared by the tests below."""
-    out = tmp_path_factory.mktemp("halving") / "macs"
-    return out, run_netadapt(RunConfig(spec_path="small", budget=HALVING_BUDGET, **TINY), out=str(out))
+def halving_run() -> tuple[Path, dict]:
+    """The session's tiny MACs-budget run (2 iterations, default evaluation; settings = TINY, HALVING_BUDGET)
+    and its run.json result."""
+    out = tiny_run_folder()
+    assert RunFolder(out).read_run_json()["config"] == RunConfig(spec_path="small", budget=HALVING_BUDGET,
+                                                                 **TINY).as_json()
+    return out, RunFolder(out).read_run_json()["result"]
 
 
 def test_macs_budget_met_one_row_per_proposal(halving_run) -> None:
     out, result = halving_run
-    assert result.final_value <= 5.2e6 < result.seed_value == SMALL_MACS_64
+    assert result["final_resource"] <= 5.3e6 < result["seed_resource"] == SMALL_MACS_64
     iterations = check_run_folder(out, SMALL_MACS_64)
-    assert iterations["macs"].iloc[-1] == result.final_value
+    assert len(iterations) == 3 and iterations["macs"].iloc[-1] == result["final_resource"]
     proposals = pd.read_csv(out / "proposals.csv")
     assert len(proposals) == iterations["proposals"].sum()
     assert not proposals.duplicated(["iteration", "group"]).any()
     assert set(proposals["state"]) == {"COMPLETE", "PRUNED"}
     assert proposals["chosen"].sum() == len(iterations) - 1
-    assert 0.0 <= result.test_accuracy <= 1.0
+    assert 0.0 <= result["test_accuracy"] <= 1.0
     run_json = RunFolder(out).read_run_json()
     assert run_json["holdout_images"] == 359  # a quarter of digits' 1,438 training images
     assert iterations["tie_tolerance"].iloc[0] == pytest.approx(1 / 359)
@@ -275,7 +279,7 @@ def test_resume_in_the_middle_of_a_rung_loses_nothing(halving_run, tmp_path: Pat
     assert load_spec(killed / "final.yaml") == load_spec(reference / "final.yaml")
     for key, value in read_checkpoint(reference / "final.pt")[1].items():
         assert torch.equal(value, read_checkpoint(killed / "final.pt")[1][key]), key
-    assert RunFolder(killed).read_run_json()["result"]["test_accuracy"] == result.test_accuracy
+    assert RunFolder(killed).read_run_json()["result"]["test_accuracy"] == result["test_accuracy"]
     first = pd.read_csv(reference / "iterations.csv")
     again = pd.read_csv(killed / "iterations.csv")
     assert first["proposal"].tolist() == again["proposal"].tolist()

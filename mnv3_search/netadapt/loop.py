@@ -156,10 +156,11 @@ class NetAdapt:
                 model.load_state_dict(state, strict=True)
             else:
                 self.emit("seed_training", epochs=self.config.seed_epochs)
+                model.to(memory_format=torch.channels_last)  # ~1.6x faster training on CPU
                 train_epochs(model, self.dataset, self.config.seed_epochs, batch_size=self.config.batch_size,
                              lr=self.config.lr, seed=self.config.seed,
                              progress=lambda step, loss: self.emit("seed_step", step=step, loss=loss))
-            state = model.state_dict()
+            state = {k: v.contiguous() for k, v in model.state_dict().items()}
             RunFolder.save(spec, state, self.run.seed_checkpoint)
         model = build_model(spec)
         model.load_state_dict(state, strict=True)
@@ -346,11 +347,14 @@ class NetAdapt:
         return [(start, stop, [stop]) for start, stop in zip([0] + steps[:-1], steps)]
 
     @staticmethod
-    def _rung_trials(study: optuna.Study, iteration: int, rung: int) -> dict[str, optuna.trial.FrozenTrial]:
-        """The finished trial of each proposal at `rung` (the first one, should a retry also have finished)."""
+    def _rung_trials(study: optuna.Study, iteration: int, rung: int,
+                     trials: Optional[list[optuna.trial.FrozenTrial]] = None) -> dict[str, optuna.trial.FrozenTrial]:
+        """The finished trial of each proposal at `rung` (the first one, should a retry also have finished);
+        `trials`: the study's trials when the caller already read them."""
         done: dict[str, optuna.trial.FrozenTrial] = {}
-        for t in iteration_trials(study, iteration, states=(TrialState.COMPLETE,)):
-            if t.user_attrs.get(RUNG_ATTR, 0) == rung and trial_group(t) not in done:
+        for t in iteration_trials(study, iteration, states=(TrialState.COMPLETE,)) if trials is None else trials:
+            if t.state == TrialState.COMPLETE and t.user_attrs.get(ITERATION_ATTR) == iteration and \
+                    t.user_attrs.get(RUNG_ATTR, 0) == rung and trial_group(t) not in done:
                 done[str(trial_group(t))] = t
         return done
 
@@ -365,10 +369,12 @@ class NetAdapt:
         ranked: list[Ranked] = []
         plan = self._rung_plan()
         for rung, (start, stop, scored) in enumerate(plan):
+            existing = iteration_trials(study, iteration)
             for name in entrants:
                 channels, attrs = proposals[name]
                 enqueue(study, iteration, name, channels, {**attrs, START_ATTR: start, STOP_ATTR: stop,
-                                                           EVAL_ATTR: scored, FROM_ATTR: previous.get(name)}, rung)
+                                                           EVAL_ATTR: scored, FROM_ATTR: previous.get(name)}, rung,
+                        existing)
             finished = self._wait_rung(study, evaluator, iteration, rung, entrants, len(proposals))
             if not finished:
                 raise UserError(f"iteration {iteration}: every proposal failed at rung {rung}; see "
@@ -387,9 +393,10 @@ class NetAdapt:
         left out."""
         wanted = set(names)
         while True:
-            finished = {k: v for k, v in self._rung_trials(study, iteration, rung).items() if k in wanted}
-            open_ = [t for t in iteration_trials(study, iteration, states=(TrialState.WAITING, TrialState.RUNNING))
-                     if t.user_attrs.get(RUNG_ATTR, 0) == rung and trial_group(t) in wanted]
+            trials = iteration_trials(study, iteration)
+            finished = {k: v for k, v in self._rung_trials(study, iteration, rung, trials).items() if k in wanted}
+            open_ = [t for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)
+                     and t.user_attrs.get(RUNG_ATTR, 0) == rung and trial_group(t) in wanted]
             self.emit("progress", iteration=iteration, rung=rung, rungs=len(self._rung_plan()), done=len(finished),
                       running=len(wanted), pruned=total - len(wanted), total=total)
             if not open_:
@@ -433,7 +440,8 @@ class NetAdapt:
         selection rule, whether it was stopped (PRUNED) before the last rung, steps over all its trials."""
         chosen = {int(row["iteration"]): row.get("proposal") for row in self.run.read_iterations()}
         by_proposal: dict[tuple[int, str], list[optuna.trial.FrozenTrial]] = {}
-        for t in study.get_trials(deepcopy=False):
+        everything = study.get_trials(deepcopy=False)
+        for t in everything:
             if ITERATION_ATTR in t.user_attrs and t.state != TrialState.WAITING:
                 by_proposal.setdefault((int(t.user_attrs[ITERATION_ATTR]), str(trial_group(t))), []).append(t)
         ranks: dict[tuple[int, int], dict[str, Ranked]] = {}
@@ -441,7 +449,7 @@ class NetAdapt:
             for t in trials:
                 rung = int(t.user_attrs.get(RUNG_ATTR, 0))
                 if t.state == TrialState.COMPLETE and (iteration, rung) not in ranks:
-                    done = self._rung_trials(study, iteration, rung).values()
+                    done = self._rung_trials(study, iteration, rung, everything).values()
                     a = t.user_attrs
                     ranked = rank([Candidate(str(trial_group(d)), float(d.user_attrs["holdout_accuracy"]),
                                              float(d.user_attrs["holdout_loss"]), float(d.user_attrs["resource"]))
@@ -576,7 +584,7 @@ class NetAdapt:
 
     def _finish(self, spec: ArchSpec, state: dict[str, torch.Tensor]) -> float:
         """Long fine-tune of the chosen network, test accuracy, and the deployable files."""
-        model = build_model(spec)
+        model = build_model(spec).to(memory_format=torch.channels_last)  # ~1.6x faster training on CPU
         model.load_state_dict(state, strict=True)
         self.emit("long_finetune", epochs=self.config.long_epochs)
         if self.config.long_epochs > 0:
@@ -584,6 +592,7 @@ class NetAdapt:
                          lr=self.config.lr * 0.1, seed=self.config.seed,
                          progress=lambda step, loss: self.emit("long_step", step=step, loss=loss))
         accuracy = evaluate(model, self.dataset, self.dataset.test)
+        model.to(memory_format=torch.contiguous_format)
         dump_spec(spec, self.run.path / "final.yaml")
         RunFolder.save(spec, model.state_dict(), self.run.path / "final.pt")
         with atomic_path(self.run.path / "final.onnx") as tmp:

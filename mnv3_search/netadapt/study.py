@@ -1,8 +1,8 @@
 """The run's Optuna study: one trial per rung of each proposal, enqueued by the master, claimed by workers.
 
 Proposals are enqueued as WAITING trials with fixed params (group, channels); the master decides which
-proposals go on to the next rung (successive halving, see loop.py), so no Optuna pruner is involved. A worker claims one by
-moving it WAITING -> RUNNING in the storage, which the storage does atomically (Optuna's own mechanism for
+proposals go on to the next rung (successive halving, see loop.py), so no Optuna pruner is involved.
+A worker claims one by moving it WAITING -> RUNNING in the storage, which the storage does atomically (Optuna's own mechanism for
 enqueued trials), so no proposal is evaluated twice. A claimed trial stamps a heartbeat at every report;
 the master fails a RUNNING trial whose heartbeat went stale and enqueues it again, so a dead worker's
 proposal is retried, never lost. Any Optuna storage URL works: SQLite (default), PostgreSQL, MySQL, or a
@@ -85,10 +85,11 @@ def trial_group(t: FrozenTrial) -> Optional[str]:
 
 
 def enqueue(study: optuna.Study, iteration: int, group: str, channels: int, attrs: dict[str, Any],
-            rung: int = 0) -> None:
+            rung: int = 0, trials: Optional[Sequence[FrozenTrial]] = None) -> None:
     """One rung of one proposal as a WAITING trial with fixed params; skipped if this iteration already has
-    it (not failed), so a resumed master reuses what was enqueued or finished before."""
-    for t in iteration_trials(study, iteration):
+    it (not failed), so a resumed master reuses what was enqueued or finished before. `trials`: the
+    iteration's trials when the caller already has them (one storage read for many proposals)."""
+    for t in (iteration_trials(study, iteration) if trials is None else trials):
         if trial_group(t) == group and t.user_attrs.get(RUNG_ATTR, 0) == rung and t.state != TrialState.FAIL:
             return
     study.enqueue_trial({"group": group, "channels": channels},
