@@ -31,7 +31,7 @@ from mnv3_search import load_spec
 from mnv3_search.model.counts import spec_macs
 from mnv3_search.netadapt import BudgetUnreachable, RunConfig, run_netadapt
 from mnv3_search.netadapt.runfolder import RunFolder
-from mnv3_search.netadapt.selection import Candidate, rank, survivors
+from mnv3_search.netadapt.selection import Candidate, rank, survivors, tolerance
 from mnv3_search.netadapt.study import make_storage
 from mnv3_search.report.frames import write_csv
 from mnv3_search.spec.spaces import resolve_spec_path
@@ -78,20 +78,23 @@ def replay_run(run: RunFolder, recorded: list[int], args: argparse.Namespace) ->
     """One row per finished iteration of `run` and rung setting."""
     study = optuna.load_study(study_name=run.path.resolve().name, storage=make_storage(run.default_storage_url))
     iterations: dict[int, list[dict]] = {}
+    images = int(run.read_run_json()["holdout_images"])
+    same_rule = True  # a run made with an earlier tie tolerance is replayed with today's rule
     for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
         a = t.user_attrs
+        tie = tolerance(a["parent_accuracy"], images)
+        same_rule = same_rule and abs(tie - a["tie_tolerance"]) < 1e-12
         iterations.setdefault(int(a["iteration"]), []).append({
             "group": t.params["group"], "resource": float(a["resource"]),
             "metrics": {int(step): (acc, loss) for step, acc, loss in a["metrics"]},
-            "parent_accuracy": a["parent_accuracy"], "parent_resource": a["parent_resource"],
-            "tie_tolerance": a["tie_tolerance"]})
+            "parent_accuracy": a["parent_accuracy"], "parent_resource": a["parent_resource"], "tie_tolerance": tie})
     chosen = {int(r["iteration"]): r["group"] for r in run.read_iterations()[1:]}
     rows = []
     for it, proposals in sorted(iterations.items()):
         if it not in chosen:
             continue  # an iteration the run did not finish
         full_choice, full_steps = replay(proposals, recorded[-1:], args.select)
-        assert full_choice == chosen[it], (it, full_choice, chosen[it])
+        assert full_choice == chosen[it] or not same_rule, (it, full_choice, chosen[it])
         final = {p["group"]: p["metrics"][recorded[-1]][0] for p in proposals}
         for rungs in range(2, len(recorded) + 1):
             choice, steps = replay(proposals, recorded[-rungs:], args.select)

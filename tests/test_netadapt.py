@@ -100,7 +100,7 @@ def study_of(folder: Path) -> optuna.Study:
 
 @pytest.fixture(scope="module")
 def halving_run() -> tuple[Path, dict]:
-    """The session's tiny MACs-budget run (2 iterations, default evaluation; settings = TINY, HALVING_BUDGET)
+    """The session's tiny MACs-budget run (1-2 iterations, default evaluation; settings = TINY, HALVING_BUDGET)
     and its run.json result."""
     out = tiny_run_folder()
     assert RunFolder(out).read_run_json()["config"] == RunConfig(spec_path="small", budget=HALVING_BUDGET,
@@ -112,7 +112,7 @@ def test_macs_budget_met_one_row_per_proposal(halving_run) -> None:
     out, result = halving_run
     assert result["final_resource"] <= 5.3e6 < result["seed_resource"] == SMALL_MACS_64
     iterations = check_run_folder(out, SMALL_MACS_64)
-    assert len(iterations) == 3 and iterations["macs"].iloc[-1] == result["final_resource"]
+    assert len(iterations) >= 2 and iterations["macs"].iloc[-1] == result["final_resource"]
     proposals = pd.read_csv(out / "proposals.csv")
     assert len(proposals) == iterations["proposals"].sum()
     assert not proposals.duplicated(["iteration", "group"]).any()
@@ -121,7 +121,9 @@ def test_macs_budget_met_one_row_per_proposal(halving_run) -> None:
     assert 0.0 <= result["test_accuracy"] <= 1.0
     run_json = RunFolder(out).read_run_json()
     assert run_json["holdout_images"] == 359  # a quarter of digits' 1,438 training images
-    assert iterations["tie_tolerance"].iloc[0] == pytest.approx(1 / 359)
+    seed_accuracy = iterations["holdout_accuracy"].iloc[0]
+    assert iterations["tie_tolerance"].iloc[0] == pytest.approx(
+        max(1 / 359, (seed_accuracy * (1 - seed_accuracy) / 359) ** 0.5))
 
 
 def test_halving_every_proposal_reaches_the_first_rung_and_stopped_ones_stop_there(halving_run) -> None:
@@ -149,7 +151,8 @@ def test_halving_every_proposal_reaches_the_first_rung_and_stopped_ones_stop_the
             if rung:
                 ranked = rank([Candidate(g, t.user_attrs["holdout_accuracy"], t.user_attrs["holdout_loss"],
                                          t.user_attrs["resource"]) for g, t in by_rung[rung - 1].items()],
-                              "ratio", t.user_attrs["parent_accuracy"], t.user_attrs["parent_resource"], 1 / 359)
+                              "ratio", t.user_attrs["parent_accuracy"], t.user_attrs["parent_resource"],
+                              t.user_attrs["tie_tolerance"])
                 assert set(by_rung[rung]) == {r.candidate.group for r in ranked[:len(ranked) // 2]}
                 assert all(t.user_attrs["resume_from"] == by_rung[rung - 1][g].number for g, t in by_rung[rung].items())
         stopped = mine[mine["state"] == "PRUNED"]
@@ -408,7 +411,11 @@ def test_a_tie_goes_to_the_lower_loss_then_the_larger_saving() -> None:
     assert _choice([b, d]).candidate == d and _choice([b, d]).decided_by == "name"
 
 
-def test_differences_within_one_holdout_image_tie() -> None:
+def test_differences_within_the_holdout_standard_error_tie() -> None:
+    from mnv3_search.netadapt.selection import tolerance
+
+    assert tolerance(0.76, 1000) == pytest.approx(0.0135, abs=1e-4)  # 13.5 images
+    assert tolerance(1.0, 359) == pytest.approx(1 / 359)  # never below one image
     one_image = 1 / 1000
     a = Candidate("a", accuracy=0.901, loss=0.30, resource=9.5)
     b = Candidate("b", accuracy=0.900, loss=0.29, resource=9.5)  # one image less, better loss

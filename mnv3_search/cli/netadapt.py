@@ -146,8 +146,8 @@ def _summary(result: RunResult) -> dict[str, Any]:
               help="netadapt (2.5% of the seed, x0.96 per iteration), mobilenetv3 (fixed 1%), or FIRST,DECAY.")
 @click.option("--select", type=click.Choice(SELECT_RULES), default="ratio", show_default=True,
               help="ratio: max dAcc/|dLatency| (a gain scores the gain); accuracy: max holdout accuracy. Either "
-              "way, differences up to one holdout image tie; ties go to the lower holdout loss, then the "
-              "larger saving.")
+              "way, accuracy differences within the holdout's standard error tie; ties go to the lower "
+              "holdout loss, then the larger saving.")
 @click.option("--evaluation", type=click.Choice(EVALUATIONS), default="halving", show_default=True,
               help="halving: every proposal is scored after short-steps/2^(rungs-1) steps, the better half "
               "trains on, rung by rung (about half the steps); full: every proposal trains all short-steps.")

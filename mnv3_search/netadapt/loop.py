@@ -5,8 +5,8 @@ group, the largest channel count whose child meets the target by the latency tab
 counts); the proposals are fine-tuned briefly and scored on the holdout by synchronous successive halving
 (every proposal reaches the first rung, the better half by the selection rule goes on; each rung of each
 proposal is one Optuna trial that continues the previous rung's checkpoint); the selection rule
-(selection.py: dAcc / |dLatency| or accuracy, ties within one holdout image broken by holdout loss, then the
-larger saving, then the group name) picks the winner among the last rung. A predicted success is
+(selection.py: dAcc / |dLatency| or accuracy; differences within the holdout's standard error tie and go to
+the lower holdout loss, then the larger saving, then the group name) picks the winner among the last rung. A predicted success is
 confirmed by measuring the whole network against the seed; a disagreement corrects the prediction and
 the loop goes on. Then the long fine-tune and the test accuracy.
 
@@ -48,7 +48,7 @@ from .config import RunConfig
 from .evaluate import (EVAL_ATTR, FROM_ATTR, START_ATTR, STOP_ATTR, Evaluator, holdout_metrics,
                        load_run_dataset)
 from .runfolder import RunFolder
-from .selection import Candidate, Ranked, rank, survivors
+from .selection import Candidate, Ranked, rank, survivors, tolerance
 from .study import (CONFIG_ATTR, claim_lock_path, make_storage, GROUPS_ATTR, ITERATION_ATTR, RUN_DIR_ATTR, RUNG_ATTR,
                     claim, create_study, enqueue, iteration_trials, requeue_stale, set_status, trial_group)
 
@@ -298,7 +298,8 @@ class NetAdapt:
                 "parent": parent_rel, "kind": g.kind, "channels_before": g.channels,
                 "predicted_latency_ms": value if self.budget.resource == LATENCY else None,
                 "macs": spec_macs(child), "params": spec_params(child), "resource": value,
-                "parent_resource": current, "parent_accuracy": parent_accuracy, "tie_tolerance": self.tolerance,
+                "parent_resource": current, "parent_accuracy": parent_accuracy,
+                "tie_tolerance": self.tolerance(parent_accuracy),
                 "last_rung": len(self._rung_plan()) - 1}) for g, keep, child, value in found}
             self.emit("iteration", iteration=iteration, current=current, goal=goal, target=target,
                       proposals=len(found))
@@ -319,7 +320,7 @@ class NetAdapt:
                 "measured_latency_ms": None, "seed_measured_latency_ms": None, "macs": spec_macs(child_spec_),
                 "params": spec_params(child_spec_), "holdout_accuracy": best.candidate.accuracy,
                 "holdout_loss": best.candidate.loss, "saving": best.saving, "score": best.score,
-                "tie_tolerance": self.tolerance, "tied": best.tied, "decided_by": best.decided_by,
+                "tie_tolerance": self.tolerance(parent_accuracy), "tied": best.tied, "decided_by": best.decided_by,
                 "proposals": len({trial_group(t) for t in finished}),
                 "pruned": len({trial_group(t) for t in finished} - reached_last),
                 "steps": sum(int(t.user_attrs.get("steps", 0)) for t in finished),
@@ -333,10 +334,9 @@ class NetAdapt:
             self.emit("chosen", **row, resource=self.resource(child_spec_))
             spec, state = child_spec_, child_state
 
-    @property
-    def tolerance(self) -> float:
-        """Accuracy differences up to one holdout image are below what the holdout resolves: ties."""
-        return 1.0 / max(1, len(self.dataset.holdout))
+    def tolerance(self, parent_accuracy: float) -> float:
+        """Accuracy differences below the holdout's standard error (selection.tolerance) are ties."""
+        return tolerance(parent_accuracy, len(self.dataset.holdout))
 
     def _rung_plan(self) -> list[tuple[int, int, list[int]]]:
         """(start step, stop step, steps scored at) per rung: halving scores each rung's end; `full` is one
@@ -381,7 +381,7 @@ class NetAdapt:
                                 f"{self.run.proposals_csv}")
             ranked = rank([Candidate(name, float(t.user_attrs["holdout_accuracy"]), float(t.user_attrs["holdout_loss"]),
                                      float(t.user_attrs["resource"])) for name, t in finished.items()],
-                          self.config.select, parent_accuracy, current, self.tolerance)
+                          self.config.select, parent_accuracy, current, self.tolerance(parent_accuracy))
             previous = {name: t.number for name, t in finished.items()}
             entrants = sorted(r.candidate.group for r in survivors(ranked))
         return ranked
@@ -547,7 +547,7 @@ class NetAdapt:
             rows = [{"iteration": 0, "proposal": "seed", "predicted_latency_ms":
                      seed_value if self.budget.resource == LATENCY else None, "macs": spec_macs(self.seed_spec),
                      "params": spec_params(self.seed_spec), "holdout_accuracy": seed_accuracy,
-                     "holdout_loss": seed_loss, "tie_tolerance": self.tolerance, "wall_seconds": 0.0}]
+                     "holdout_loss": seed_loss, "tie_tolerance": self.tolerance(seed_accuracy), "wall_seconds": 0.0}]
             self.run.write_iterations(rows)
         groups = proposal_groups(self.seed_spec, config.step)
         names, widest = [g.name for g in groups], max(g.channels for g in groups)
