@@ -22,18 +22,21 @@ from click.testing import CliRunner
 from mnv3_search import build_model, load_spec
 from mnv3_search.budget import LATENCY, MACS, PARAMS, Schedule, parse_budget, parse_schedule
 from mnv3_search.cli import cli
-from mnv3_search.netadapt import RunConfig, run_netadapt
+from mnv3_search.netadapt import BudgetUnreachable, RunConfig, run_netadapt
+from mnv3_search.netadapt.selection import Candidate, rank
 from mnv3_search.netadapt.runfolder import ITERATION_COLUMNS, PROPOSAL_COLUMNS, RunFolder
 from mnv3_search.netadapt.study import ITERATION_ATTR, create_study, make_storage, requeue_stale
 from mnv3_search.spec.spaces import resolve_spec_path
 from mnv3_search.model.weights import read_checkpoint
 from postgres import postgres_bin, running_postgres
+from tiny_run import tiny_run_folder
 
-TINY = dict(data="digits", limit=240, batch_size=32, short_steps=4, reports=2, seed_epochs=2, long_epochs=1,
+TINY = dict(data="digits", limit=240, batch_size=32, short_steps=4, seed_epochs=2, long_epochs=1,
             resolution=64, threads=1)
-TINY_ARGS = ["--limit", "240", "--batch-size", "32", "--short-steps", "4", "--reports", "2", "--seed-epochs", "2",
+TINY_ARGS = ["--limit", "240", "--batch-size", "32", "--short-steps", "4", "--seed-epochs", "2",
              "--long-epochs", "1", "--resolution", "64", "--threads", "1", "--quiet"]
 SMALL_MACS_64 = 5_502_720  # Small at 64 px, 10 classes (checked against fvcore in the tests below)
+HALVING_BUDGET = "5.3M-macs"  # tiny_run.py's run
 
 
 @pytest.mark.parametrize("text, resource, value, relative", [
@@ -96,19 +99,130 @@ def study_of(folder: Path) -> optuna.Study:
     return optuna.load_study(study_name=folder.resolve().name, storage=make_storage(RunFolder(folder).default_storage_url))
 
 
-def test_macs_budget_met_one_trial_per_proposal(tmp_path: Path) -> None:
-    out = tmp_path / "macs"
-    result = run_netadapt(RunConfig(spec_path="small", budget="5.2M-macs", **TINY), out=str(out))
-    assert result.final_value <= 5.2e6 < result.seed_value == SMALL_MACS_64
+@pytest.fixture(scope="module")
+def halving_run() -> tuple[Path, dict]:
+    """The session's tiny MACs-budget run (1-2 iterations, default evaluation; settings = TINY, HALVING_BUDGET)
+    and its run.json result."""
+    out = tiny_run_folder()
+    assert RunFolder(out).read_run_json()["config"] == RunConfig(spec_path="small", budget=HALVING_BUDGET,
+                                                                 **TINY).as_json()
+    return out, RunFolder(out).read_run_json()["result"]
+
+
+def test_macs_budget_met_one_row_per_proposal(halving_run) -> None:
+    out, result = halving_run
+    assert result["final_resource"] <= 5.3e6 < result["seed_resource"] == SMALL_MACS_64
     iterations = check_run_folder(out, SMALL_MACS_64)
-    assert iterations["macs"].iloc[-1] == result.final_value
-    trials = study_of(out).get_trials()
+    assert len(iterations) >= 2 and iterations["macs"].iloc[-1] == result["final_resource"]
     proposals = pd.read_csv(out / "proposals.csv")
-    assert len(trials) == len(proposals) == iterations["proposals"].sum()
+    assert len(proposals) == iterations["proposals"].sum()
     assert not proposals.duplicated(["iteration", "group"]).any()
-    assert {t.state for t in trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert set(proposals["state"]) == {"COMPLETE", "PRUNED"}
     assert proposals["chosen"].sum() == len(iterations) - 1
-    assert 0.0 <= result.test_accuracy <= 1.0
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+    run_json = RunFolder(out).read_run_json()
+    assert run_json["holdout_images"] == 359  # a quarter of digits' 1,438 training images
+    seed_accuracy = iterations["holdout_accuracy"].iloc[0]
+    assert iterations["tie_tolerance"].iloc[0] == pytest.approx(
+        max(1 / 359, (seed_accuracy * (1 - seed_accuracy) / 359) ** 0.5))
+
+
+def test_halving_every_proposal_reaches_the_first_rung_and_stopped_ones_stop_there(halving_run) -> None:
+    """Synchronous successive halving, checked trial by trial in the study: every proposal is scored at rung
+    0; exactly the better half by the selection rule (recomputed here) goes on; nothing trains past the rung
+    it was stopped at; a comparison never mixes iterations."""
+    out, _ = halving_run
+    config = RunConfig(spec_path="small", budget=HALVING_BUDGET, **TINY)
+    boundaries = config.rung_steps()
+    assert boundaries == [1, 2, 4]
+    study = study_of(out)
+    assert {t.state for t in study.get_trials()} == {optuna.trial.TrialState.COMPLETE}
+    iterations = pd.read_csv(out / "iterations.csv")
+    proposals = pd.read_csv(out / "proposals.csv")
+    for it in iterations["iteration"].iloc[1:]:
+        trials = [t for t in study.get_trials() if t.user_attrs["iteration"] == it]
+        assert len({t.user_attrs["parent"] for t in trials}) == 1
+        mine = proposals[proposals["iteration"] == it].set_index("group")
+        by_rung = {r: {t.params["group"]: t for t in trials if t.user_attrs["rung"] == r} for r in range(3)}
+        assert set(by_rung[0]) == set(mine.index)  # every proposal reported at the first rung
+        for rung in range(3):
+            for t in by_rung[rung].values():  # steps recorded per trial: exactly its rung's share
+                assert t.user_attrs["steps"] == boundaries[rung] - (boundaries[rung - 1] if rung else 0)
+                assert [m[0] for m in t.user_attrs["metrics"]] == [boundaries[rung]]
+            if rung:
+                ranked = rank([Candidate(g, t.user_attrs["holdout_accuracy"], t.user_attrs["holdout_loss"],
+                                         t.user_attrs["resource"]) for g, t in by_rung[rung - 1].items()],
+                              "ratio", t.user_attrs["parent_accuracy"], t.user_attrs["parent_resource"],
+                              t.user_attrs["tie_tolerance"])
+                assert set(by_rung[rung]) == {r.candidate.group for r in ranked[:len(ranked) // 2]}
+                assert all(t.user_attrs["resume_from"] == by_rung[rung - 1][g].number for g, t in by_rung[rung].items())
+        stopped = mine[mine["state"] == "PRUNED"]
+        assert len(stopped) > 0 and len(stopped) == len(mine) - len(by_rung[2])
+        for group, row in stopped.iterrows():
+            assert row["steps"] == boundaries[row["rung"]] < config.short_steps
+            assert all(r <= row["rung"] for r in range(3) if group in by_rung[r])
+            assert group not in by_rung[row["rung"] + 1]
+        assert (mine.loc[mine["state"] == "COMPLETE", "steps"] == config.short_steps).all()
+        row = iterations[iterations["iteration"] == it].iloc[0]
+        n = len(mine)
+        assert row["steps"] == mine["steps"].sum() == n * 1 + max(1, n // 2) * 1 + max(1, n // 2 // 2) * 2
+        assert row["full_steps"] == n * config.short_steps and row["steps"] <= row["full_steps"] / 2
+        assert row["pruned"] == len(stopped)
+        chosen = mine[mine["chosen"]]
+        assert len(chosen) == 1 and chosen["rank"].iloc[0] == 1 and chosen["state"].iloc[0] == "COMPLETE"
+        assert row["proposal"] == f"{chosen.index[0]}={chosen['channels'].iloc[0]}"
+
+
+def test_halving_sees_what_full_evaluation_sees(halving_run, tmp_path: Path) -> None:
+    """Rung trials continue from checkpoints (weights, momentum, data order, RNG): iteration 1 evaluated in
+    full, from the same seed, scores every proposal exactly as the halving run did at each rung."""
+    out, _ = halving_run
+    full = tmp_path / "full"
+    config = RunConfig(spec_path="small", budget=HALVING_BUDGET, evaluation="full", max_iterations=1,
+                       weights=str(out / "seed.pt"), **TINY)
+    with pytest.raises(BudgetUnreachable, match="stopped after --max-iterations 1"):
+        run_netadapt(config, out=str(full))
+    halving = {(t.params["group"], t.user_attrs["stop_step"]): t.user_attrs["metrics"][0]
+               for t in study_of(out).get_trials() if t.user_attrs["iteration"] == 1}
+    seen = 0
+    for t in study_of(full).get_trials():
+        assert t.user_attrs["steps"] == 4 and [m[0] for m in t.user_attrs["metrics"]] == [1, 2, 4]
+        for step, accuracy, loss in t.user_attrs["metrics"]:
+            if (t.params["group"], step) in halving:
+                assert halving[(t.params["group"], step)] == [step, accuracy, loss]
+                seen += 1
+    assert seen == len(halving)
+    first = pd.read_csv(out / "iterations.csv")
+    assert pd.read_csv(full / "iterations.csv")["proposal"].iloc[1] == first["proposal"].iloc[1]
+
+
+def test_short_tune_resumes_exactly() -> None:
+    """4 steps in one go equal 2 steps, a save of the training state, and 2 more in a fresh object."""
+    from mnv3_search.data import load_dataset
+    from mnv3_search.netadapt.evaluate import ShortTune
+
+    data = load_dataset("digits", resolution=16, holdout=0.1, limit=200)
+    spec = load_spec(resolve_spec_path("small")).with_overrides(num_classes=10, resolution=64)
+    torch.manual_seed(1)
+    start = {k: v.clone() for k, v in build_model(spec).state_dict().items()}
+
+    def tune(state):
+        model = build_model(spec)
+        model.load_state_dict(state)
+        return ShortTune(model, data, lr=0.05, batch_size=32, seed=3)
+
+    straight = tune(start)
+    straight.run_to(4)
+    half = tune(start)
+    half.run_to(2)
+    saved, weights = half.state(), {k: v.clone() for k, v in half.model.state_dict().items()}
+    torch.manual_seed(99)  # whatever ran in between
+    resumed = tune(weights)
+    resumed.restore(saved)
+    resumed.run_to(4)
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert not torch.equal(start["classifier.3.weight"], straight.model.state_dict()["classifier.3.weight"])
 
 
 def test_latency_budget_is_confirmed_by_measurement(tmp_path: Path) -> None:
@@ -128,27 +242,52 @@ def cli_command(out: Path, *extra: str, budget: str = "5.1M-macs") -> list[str]:
             *TINY_ARGS, *extra]
 
 
-def test_resume_after_sigkill_gives_the_same_network(tmp_path: Path) -> None:
-    reference = tmp_path / "reference"
-    subprocess.run(cli_command(reference), check=True, capture_output=True, timeout=600)
+def _complete_trials(folder: Path) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study_of(folder).get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def test_resume_in_the_middle_of_a_rung_loses_nothing(halving_run, tmp_path: Path) -> None:
+    """SIGKILL while iteration 1's first rung is half done; the resumed run reuses every finished trial
+    (trial and step counts equal the uninterrupted run's), retries only the one in flight and ends with the
+    same network, weights and test accuracy."""
+    reference, result = halving_run
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cli_command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
+    proc = subprocess.Popen(cli_command(killed, budget=HALVING_BUDGET), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        csv = killed / "iterations.csv"
-        if csv.exists() and len(pd.read_csv(csv)) >= 2:  # the seed row and iteration 1
+        if (killed / "study.journal").exists() and len([
+                t for t in _complete_trials(killed) if t.user_attrs["iteration"] == 1]) >= 3:
             break
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (killed / "final.yaml").exists()
-    done = subprocess.run(cli_command(killed), capture_output=True, text=True, timeout=600)
+    before = {t.number: t for t in _complete_trials(killed)}
+    reference_trials = _complete_trials(reference)
+    first_rung = [t for t in reference_trials if t.user_attrs["iteration"] == 1 and t.user_attrs["rung"] == 0]
+    assert 3 <= len(before) < len(first_rung), "the kill did not land in the middle of iteration 1's first rung"
+    assert len(pd.read_csv(killed / "iterations.csv")) == 1 and not (killed / "final.yaml").exists()
+
+    done = subprocess.run(cli_command(killed, budget=HALVING_BUDGET), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
+    after = study_of(killed).get_trials()
+    complete = [t for t in after if t.state == optuna.trial.TrialState.COMPLETE]
+    for number, t in before.items():  # reused, not run again
+        assert after[number].state == optuna.trial.TrialState.COMPLETE
+        assert after[number].user_attrs["metrics"] == t.user_attrs["metrics"]
+    assert len(complete) == len(reference_trials)
+    assert sum(t.user_attrs["steps"] for t in complete) == sum(t.user_attrs["steps"] for t in reference_trials)
+    failed = [t for t in after if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) <= 1 and len(after) == len(complete) + len(failed)  # at most the one in flight again
     assert load_spec(killed / "final.yaml") == load_spec(reference / "final.yaml")
+    for key, value in read_checkpoint(reference / "final.pt")[1].items():
+        assert torch.equal(value, read_checkpoint(killed / "final.pt")[1][key]), key
+    assert RunFolder(killed).read_run_json()["result"]["test_accuracy"] == result["test_accuracy"]
     first = pd.read_csv(reference / "iterations.csv")
     again = pd.read_csv(killed / "iterations.csv")
     assert first["proposal"].tolist() == again["proposal"].tolist()
+    assert first["steps"].tolist()[1:] == again["steps"].tolist()[1:]
 
 
 def _scale_out(out: Path, storage: str | None) -> None:
@@ -156,9 +295,13 @@ def _scale_out(out: Path, storage: str | None) -> None:
     done = subprocess.run(cli_command(out, *args, budget="5.3M-macs"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     proposals = pd.read_csv(out / "proposals.csv")
-    assert not proposals.duplicated(["iteration", "group"]).any()  # each proposal evaluated exactly once
-    assert set(proposals["state"]) <= {"COMPLETE", "PRUNED"}
-    assert proposals["worker"].nunique() == 2  # both processes evaluated proposals
+    assert not proposals.duplicated(["iteration", "group"]).any()
+    assert set(proposals["state"]) == {"COMPLETE", "PRUNED"}
+    trials = optuna.load_study(study_name=out.resolve().name, storage=make_storage(
+        storage or RunFolder(out).default_storage_url)).get_trials()
+    assert not pd.Series([(t.user_attrs["iteration"], t.params["group"], t.user_attrs["rung"]) for t in trials
+                          if t.state == optuna.trial.TrialState.COMPLETE]).duplicated().any()
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes evaluated proposals
     iterations = pd.read_csv(out / "iterations.csv")
     assert len(proposals) == iterations["proposals"].sum()
 
@@ -243,3 +386,99 @@ def test_help_has_examples() -> None:
         result = run_cli(command, "--help")
         assert result.exit_code == 0 and "Examples:" in result.output
 
+
+
+# --- the selection rule ------------------------------------------------------------------------------------
+
+def _choice(candidates: list[Candidate], rule: str = "ratio", parent: float = 0.90, current: float = 10.0,
+            tolerance: float = 0.001):
+    """The winner must not depend on the order the proposals come in (trial numbers, finishing order)."""
+    import itertools
+
+    winners = {rank(list(order), rule, parent, current, tolerance)[0] for order in itertools.permutations(candidates)}
+    assert len(winners) == 1
+    return winners.pop()
+
+
+def test_a_tie_goes_to_the_lower_loss_then_the_larger_saving() -> None:
+    a = Candidate("out11-12", accuracy=0.9907, loss=0.050, resource=9.9)  # the issue's tie: same accuracy ...
+    b = Candidate("out13-15", accuracy=0.9907, loss=0.050, resource=9.7)  # ... b saves more
+    best = _choice([a, b])
+    assert (best.candidate, best.decided_by, best.tied) == (b, "saving", 2)
+    c = Candidate("exp5", accuracy=0.9907, loss=0.049, resource=9.9)  # smaller saving, better loss
+    best = _choice([a, b, c])
+    assert (best.candidate, best.decided_by, best.tied) == (c, "loss", 3)
+    d = Candidate("exp9", accuracy=0.9907, loss=0.050, resource=9.7)  # equal in every signal: the name
+    assert _choice([b, d]).candidate == d and _choice([b, d]).decided_by == "name"
+
+
+def test_differences_within_the_holdout_standard_error_tie() -> None:
+    from mnv3_search.netadapt.selection import tolerance
+
+    assert tolerance(0.76, 1000) == pytest.approx(0.0135, abs=1e-4)  # 13.5 images
+    assert tolerance(1.0, 359) == pytest.approx(1 / 359)  # never below one image
+    one_image = 1 / 1000
+    a = Candidate("a", accuracy=0.901, loss=0.30, resource=9.5)
+    b = Candidate("b", accuracy=0.900, loss=0.29, resource=9.5)  # one image less, better loss
+    assert _choice([a, b], tolerance=one_image).candidate == b
+    c = Candidate("c", accuracy=0.899, loss=0.28, resource=9.5)  # two images less: accuracy decides
+    assert _choice([a, c], tolerance=one_image).candidate == a
+    assert _choice([a, c], tolerance=one_image).decided_by == "accuracy"
+    assert _choice([a, b], tolerance=0.0).candidate == a
+
+
+def test_a_gain_never_loses_to_an_equal_gain_with_a_smaller_saving() -> None:
+    # dAcc/|dLat| would score small = 0.02/0.5 = 0.04 above large = 0.02/2.0 = 0.01
+    small = Candidate("small", accuracy=0.92, loss=0.30, resource=9.5)
+    large = Candidate("large", accuracy=0.92, loss=0.30, resource=8.0)
+    assert _choice([small, large]).candidate == large
+    bigger_gain = Candidate("more", accuracy=0.93, loss=0.31, resource=9.8)
+    assert _choice([small, large, bigger_gain]).candidate == bigger_gain  # a larger gain still counts
+    loses = Candidate("loses", accuracy=0.80, loss=0.60, resource=5.0)
+    assert _choice([loses, small]).candidate == small  # any gain beats any loss
+
+
+def test_ratio_rule_trades_accuracy_for_saving_and_accuracy_rule_does_not() -> None:
+    # parent 0.90 at 10 ms: a loses 1 point for 1 ms, b loses 1.5 points for 3 ms (0.5 point per ms)
+    a = Candidate("a", accuracy=0.89, loss=0.35, resource=9.0)
+    b = Candidate("b", accuracy=0.885, loss=0.36, resource=7.0)
+    ratio = _choice([a, b])
+    assert ratio.candidate == b and ratio.score == pytest.approx(-0.015 / 3)
+    assert ratio.saving == pytest.approx(3.0)
+    assert _choice([a, b], rule="accuracy").candidate == a
+    ranked = rank([a, b], "accuracy", 0.9, 10.0, 0.001)
+    assert [r.candidate.group for r in ranked] == ["a", "b"]
+
+
+def test_real_trials_in_any_order_give_the_same_choice() -> None:
+    """Two studies holding the same finished proposals with opposite trial numbers pick the same one."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    evidence = [("out11-12", 0.9907, 0.051, 9.9), ("out13-15", 0.9907, 0.051, 9.7), ("exp3", 0.9861, 0.020, 9.8)]
+    picks = []
+    for order in (evidence, evidence[::-1]):
+        study = optuna.create_study(direction="maximize")
+        for group, accuracy, loss, resource in order:
+            study.add_trial(create_trial(params={"group": group}, distributions={
+                "group": CategoricalDistribution([e[0] for e in evidence])}, value=accuracy,
+                user_attrs={"holdout_loss": loss, "resource": resource}))
+        picks.append(rank([Candidate(t.params["group"], t.value, t.user_attrs["holdout_loss"],
+                                     t.user_attrs["resource"]) for t in study.trials], "ratio", 0.9907, 10.0,
+                          1 / 360)[0].candidate.group)
+    assert picks == ["out13-15", "out13-15"]
+
+
+def test_holdout_sizes() -> None:
+    from mnv3_search.data import holdout_size
+
+    assert holdout_size(60_000, None) == 1000  # Fashion-MNIST: one image = 0.1 point
+    assert holdout_size(50_000, None) == 1000  # CIFAR-10
+    assert holdout_size(1_438, None) == 359  # digits: a quarter of the training images
+    assert holdout_size(1_000, 0.2) == 200 and holdout_size(1_000, 300) == 300 and holdout_size(10, 50) == 9
+    with pytest.raises(Exception, match="--holdout 1.5"):
+        RunConfig(spec_path="small", budget="90%", holdout=1.5)
+    with pytest.raises(Exception, match="too few for --rungs 4"):
+        RunConfig(spec_path="small", budget="90%", short_steps=4, rungs=4)
+    assert RunConfig(spec_path="small", budget="90%", short_steps=20, rungs=3).rung_steps() == [5, 10, 20]
+    assert RunConfig(spec_path="small", budget="90%", short_steps=20, rungs=4).rung_steps() == [2, 5, 10, 20]

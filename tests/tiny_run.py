@@ -17,7 +17,7 @@ def tiny_run_folder() -> Path:
     root = Path(tempfile.mkdtemp(prefix="mnv3-tiny-run-"))
     atexit.register(shutil.rmtree, root, True)
     out = root / "tiny-small-macs"
-    config = RunConfig(spec_path="small", budget="5.3M-macs", resolution=64, limit=240, batch_size=32,
-                       short_steps=4, reports=2, seed_epochs=2, long_epochs=1)
+    config = RunConfig(spec_path="small", budget="5.3M-macs", data="digits", resolution=64, limit=240,
+                       batch_size=32, short_steps=4, seed_epochs=2, long_epochs=1, threads=1)
     run_netadapt(config, out=str(out))
     return out

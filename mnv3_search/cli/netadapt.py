@@ -20,11 +20,11 @@ from ..budget import LATENCY
 from ..data import SOURCES_HELP
 from ..errors import UserError
 from ..latency.measure import torch_threads
-from ..netadapt.config import PRUNERS, SELECT_RULES, RunConfig
+from ..netadapt.config import EVALUATIONS, SELECT_RULES, RunConfig
 from ..netadapt.evaluate import Evaluator, work
 from ..netadapt.loop import NetAdapt, RunResult
 from ..netadapt.runfolder import RunFolder
-from ..netadapt.study import CONFIG_ATTR, claim_lock_path, GROUPS_ATTR, RUN_DIR_ATTR, STATUS_ATTR, load_study, make_pruner
+from ..netadapt.study import CONFIG_ATTR, claim_lock_path, GROUPS_ATTR, RUN_DIR_ATTR, STATUS_ATTR, load_study
 
 
 class NetAdaptView:
@@ -60,7 +60,8 @@ class NetAdaptView:
             s.update(phase="fine-tuning proposals", iteration=info["iteration"], goal=info["goal"],
                      current=info["current"], total=info["proposals"], done=0, pruned=0)
         elif kind == "progress":
-            s.update(done=info["done"], pruned=info["pruned"], total=info["total"])
+            s.update(done=info["done"], pruned=info["pruned"], total=info["total"], rung=info["rung"],
+                     rungs=info["rungs"], running=info["running"])
         elif kind == "chosen":
             self.iteration_seconds.append(info["wall_seconds"])
             s.update(chosen=info["proposal"], accuracy=info["holdout_accuracy"],
@@ -102,14 +103,28 @@ class NetAdaptView:
             table.add_row("current", f"{self._amount(s['current'])} → target {self._amount(s['target'])}")
         if "iteration" in s:
             table.add_row("iteration", str(s["iteration"]))
-            left = s["total"] - s["done"]
-            table.add_row("proposals", f"{s['done']} done ({s['pruned']} pruned), {left} remaining of {s['total']}")
+            if "rung" in s:
+                table.add_row("proposals", f"rung {s['rung'] + 1}/{s['rungs']}: {s['done']} of {s['running']} scored "
+                                           f"({s['pruned']} of {s['total']} stopped at earlier rungs)")
+            else:
+                table.add_row("proposals", f"{s['total']} proposals")
         if "accuracy" in s:
             table.add_row("holdout accuracy", f"{100 * s['accuracy']:.1f}% after {s.get('chosen')}")
         table.add_row("elapsed", time.strftime("%H:%M:%S", time.gmtime(time.perf_counter() - self.started)))
         table.add_row("ETA", self._eta())
         table.add_row("now", s["phase"])
         return Group(table)
+
+
+def _holdout(text: Optional[str]) -> Optional[float | int]:
+    """`--holdout 1000` (images) or `--holdout 0.1` (a fraction); None keeps the data-sized default."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"--holdout {text!r}: give a number of images (1000) or a fraction (0.1)") from None
+    return int(value) if value >= 1 and value.is_integer() else value
 
 
 def _summary(result: RunResult) -> dict[str, Any]:
@@ -132,17 +147,23 @@ def _summary(result: RunResult) -> dict[str, Any]:
 @click.option("--schedule", default="netadapt", show_default=True,
               help="netadapt (2.5% of the seed, x0.96 per iteration), mobilenetv3 (fixed 1%), or FIRST,DECAY.")
 @click.option("--select", type=click.Choice(SELECT_RULES), default="ratio", show_default=True,
-              help="ratio: max dAcc/|dLatency|; accuracy: max holdout accuracy.")
-@click.option("--pruner", type=click.Choice(PRUNERS), default="halving", show_default=True,
-              help="Optuna pruner that stops hopeless proposals (compared within an iteration).")
+              help="ratio: max dAcc/|dLatency| (a gain scores the gain); accuracy: max holdout accuracy. Either "
+              "way, accuracy differences within the holdout's standard error tie; ties go to the lower "
+              "holdout loss, then the larger saving.")
+@click.option("--evaluation", type=click.Choice(EVALUATIONS), default="halving", show_default=True,
+              help="halving: every proposal is scored after short-steps/2^(rungs-1) steps, the better half "
+              "trains on, rung by rung (about half the steps); full: every proposal trains all short-steps.")
 @click.option("--storage", help="Optuna storage URL or journal file (default: study.journal in the run folder); "
               "e.g. postgresql://user@host/db, sqlite:///study.db.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Local processes evaluating proposals (this one included).")
 @click.option("--short-steps", type=click.IntRange(min=1), default=20, show_default=True,
               help="Fine-tune steps per proposal.")
-@click.option("--reports", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Holdout evaluations per proposal (the pruner's rungs).")
+@click.option("--rungs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Successive-halving rungs (scored at short-steps/4, /2, /1 for 3).")
+@click.option("--holdout", type=str, default=None, metavar="N|FRACTION",
+              help="Holdout images that rank proposals: a count (1000) or a fraction (0.1) of the training "
+              "images; default 1000 images, or a quarter of the training images when fewer than 4000.")
 @click.option("--short-lr", type=float, default=0.005, show_default=True, help="Fine-tune learning rate (constant).")
 @click.option("--seed-epochs", type=click.IntRange(min=1), default=15, show_default=True,
               help="Epochs to train the seed when no --weights.")
@@ -169,8 +190,8 @@ def _summary(result: RunResult) -> dict[str, Any]:
 @click.option("--quiet", is_flag=True, help="No live view; one summary line.")
 @click.option("--json", "as_json", is_flag=True, help="No live view; the summary as JSON on stdout.")
 def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[str], data: str,
-             weights: Optional[str], schedule: str, select: str, pruner: str, storage: Optional[str], workers: int,
-             short_steps: int, reports: int, short_lr: float, seed_epochs: int, long_epochs: int, lr: float,
+             weights: Optional[str], schedule: str, select: str, evaluation: str, storage: Optional[str],
+             workers: int, short_steps: int, rungs: int, holdout: Optional[str], short_lr: float, seed_epochs: int, long_epochs: int, lr: float,
              batch_size: int, train_resolution: int, resolution: Optional[int], limit: Optional[int], step: int,
              seed: int, backend: str, threads: int, lut: Optional[str], device: str, max_iterations: int,
              stale_after: float, quiet: bool, as_json: bool) -> None:
@@ -178,7 +199,8 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
 
     NetAdapt as MobileNetV3 used it: each iteration proposes one smaller network per channel group
     (expansions, residual-coupled outputs, last conv, classifier hidden), sized by the latency table;
-    Optuna fine-tunes and scores them on the holdout, pruning hopeless ones; the best dAcc/|dLatency| wins.
+    Optuna fine-tunes and scores them on the holdout by successive halving (the better half trains on);
+    the best dAcc/|dLatency| wins, ties going to the lower holdout loss, then the larger saving.
     Run the same command again (or --resume DIR) to continue an interrupted run.
 
     \b
@@ -200,8 +222,9 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
     else:
         config = RunConfig(spec_path=spec, budget=budget, schedule=schedule, select=select, data=data,
                            train_resolution=train_resolution, resolution=resolution, batch_size=batch_size,
-                           step=step, short_steps=short_steps, short_lr=short_lr, reports=reports,
-                           seed_epochs=seed_epochs, long_epochs=long_epochs, lr=lr, seed=seed, pruner=pruner,
+                           step=step, short_steps=short_steps, short_lr=short_lr, rungs=rungs,
+                           holdout=_holdout(holdout), seed_epochs=seed_epochs, long_epochs=long_epochs, lr=lr,
+                           seed=seed, evaluation=evaluation,
                            backend=backend, threads=threads, max_iterations=max_iterations, limit=limit,
                            weights=weights, lut=lut)
     err = Console(stderr=True)
@@ -273,7 +296,6 @@ def worker(storage: str, study_name: str, run_dir: Optional[str], parent_pid: Op
     folder = RunFolder(run_dir or attrs[RUN_DIR_ATTR])
     if not folder.seed_checkpoint.exists():
         raise UserError(f"{folder.path}: no seed.pt here; pass --run-dir with the run folder as mounted on this machine")
-    study.pruner = make_pruner(config.pruner)  # type: ignore[misc]
     names, max_channels = attrs[GROUPS_ATTR]
     evaluator = Evaluator(folder, config, list(names), int(max_channels))
 

@@ -8,16 +8,19 @@ from typing import Any, Optional
 from ..errors import UserError
 
 SELECT_RULES = ("ratio", "accuracy")
-PRUNERS = ("halving", "median", "none")
+EVALUATIONS = ("halving", "full")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """The settings of one run; running again with an equal config resumes it.
 
-    Training settings apply to proposals' short fine-tunes (`short_steps` SGD steps at `short_lr`, holdout
-    accuracy reported `reports` times so the pruner can stop hopeless ones), the seed's training when no
-    weights are given (`seed_epochs`) and the final long fine-tune (`long_epochs`, cosine from `lr`).
+    Training settings apply to proposals' short fine-tunes (`short_steps` SGD steps at `short_lr`), the
+    seed's training when no weights are given (`seed_epochs`) and the final long fine-tune (`long_epochs`,
+    cosine from `lr`). `evaluation`: `halving` scores every proposal at `rungs` geometric step counts
+    (`rung_steps()`) and trains only the better half on to the next; `full` trains every proposal for
+    `short_steps` (scoring it at the same step counts, for comparison). `holdout`: None sizes it by the data
+    (`data.default_holdout_images`), a float a fraction of the training images, an int an image count.
     """
 
     spec_path: str
@@ -32,16 +35,16 @@ class RunConfig:
     step: int = 8
     short_steps: int = 20
     short_lr: float = 0.005
-    reports: int = 4
+    rungs: int = 3
     seed_epochs: int = 15
     long_epochs: int = 5
     lr: float = 0.1
     seed: int = 0
-    pruner: str = "halving"
+    evaluation: str = "halving"
     backend: str = "onnxruntime"
     threads: int = 1
     max_iterations: int = 200
-    holdout: float = 0.15
+    holdout: Optional[float | int] = None
     limit: Optional[int] = None
     weights: Optional[str] = None
     lut: Optional[str] = None
@@ -49,13 +52,23 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.select not in SELECT_RULES:
             raise UserError(f"--select {self.select!r}: use one of {', '.join(SELECT_RULES)}")
-        if self.pruner not in PRUNERS:
-            raise UserError(f"--pruner {self.pruner!r}: use one of {', '.join(PRUNERS)}")
-        for name in ("short_steps", "reports", "batch_size", "step", "max_iterations", "threads"):
+        if self.evaluation not in EVALUATIONS:
+            raise UserError(f"--evaluation {self.evaluation!r}: use one of {', '.join(EVALUATIONS)}")
+        for name in ("short_steps", "rungs", "batch_size", "step", "max_iterations", "threads"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.reports > self.short_steps:
-            raise UserError(f"--reports ({self.reports}) cannot exceed --short-steps ({self.short_steps})")
+        if self.short_steps < 2 ** (self.rungs - 1):
+            raise UserError(f"--short-steps {self.short_steps} is too few for --rungs {self.rungs}: each rung doubles "
+                            f"the steps, so use at least {2 ** (self.rungs - 1)} steps or fewer rungs")
+        if self.holdout is not None and not (0 < self.holdout < 1 if isinstance(self.holdout, float)
+                                             else self.holdout >= 1):
+            raise UserError(f"--holdout {self.holdout}: give a fraction between 0 and 1 (0.1) or a number of images "
+                            f"(1000)")
+
+    def rung_steps(self) -> list[int]:
+        """Cumulative fine-tune steps at which proposals are scored: short_steps / 2^k, ..., short_steps / 2,
+        short_steps (one entry per rung)."""
+        return [self.short_steps * 2 ** i // 2 ** (self.rungs - 1) for i in range(self.rungs)]
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +77,9 @@ class RunConfig:
     def from_json(cls, data: dict[str, Any], where: str) -> "RunConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
+        if {"pruner", "reports"} & set(data):
+            raise UserError(f"{where}: this run was made by an older mnv3-search (Optuna pruner, --reports); it cannot "
+                            f"be resumed by this version: start a new run (another --out)")
         if unknown:
             raise UserError(f"{where}: unknown run setting {unknown[0]!r}; was it written by a newer mnv3-search?")
         return cls(**data)

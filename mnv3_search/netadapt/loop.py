@@ -2,13 +2,17 @@
 
 While the network's resource exceeds the budget: target = current - schedule's cut; for every proposal
 group, the largest channel count whose child meets the target by the latency table (or by exact MAC/param
-counts); each proposal is a trial, fine-tuned briefly and scored on the holdout (pruned early when
-hopeless); keep the one with the best dAcc / |dLatency| (or best accuracy). A predicted success is
+counts); the proposals are fine-tuned briefly and scored on the holdout by synchronous successive halving
+(every proposal reaches the first rung, the better half by the selection rule goes on; each rung of each
+proposal is one Optuna trial that continues the previous rung's checkpoint); the selection rule
+(selection.py: dAcc / |dLatency| or accuracy; differences within the holdout's standard error tie and go to
+the lower holdout loss, then the larger saving, then the group name) picks the winner among the last rung. A predicted success is
 confirmed by measuring the whole network against the seed; a disagreement corrects the prediction and
 the loop goes on. Then the long fine-tune and the test accuracy.
 
 Every iteration ends with its chosen network saved and a row in iterations.csv, so running the same
-command again resumes after the last finished iteration, reusing the study's finished trials.
+command again resumes after the last finished iteration, reusing the study's finished trials (a rung
+interrupted half-way keeps its finished trials; only the trials in flight run again).
 """
 
 from __future__ import annotations
@@ -41,10 +45,12 @@ from ..prune.surgery import child_spec
 from ..train import evaluate, train_epochs
 from ..model.weights import read_state_dict, transfer_state_dict
 from .config import RunConfig
-from .evaluate import Evaluator, load_run_dataset
+from .evaluate import (EVAL_ATTR, FROM_ATTR, START_ATTR, STOP_ATTR, Evaluator, holdout_metrics,
+                       load_run_dataset)
 from .runfolder import RunFolder
-from .study import (CONFIG_ATTR, claim_lock_path, make_storage, GROUPS_ATTR, ITERATION_ATTR, RUN_DIR_ATTR, claim, create_study, enqueue, iteration_trials,
-                    make_pruner, requeue_stale, set_status)
+from .selection import Candidate, Ranked, rank, survivors, tolerance
+from .study import (CONFIG_ATTR, claim_lock_path, make_storage, GROUPS_ATTR, ITERATION_ATTR, RUN_DIR_ATTR, RUNG_ATTR,
+                    claim, create_study, enqueue, iteration_trials, requeue_stale, set_status, trial_group)
 
 Event = Callable[..., None]
 
@@ -128,6 +134,7 @@ class NetAdapt:
             self.run.write_run_json({
                 "command": self.command, "config": self.config.as_json(), "spec_file": str(self.spec_file),
                 "storage": self.storage_url, "study": self.study_name, "versions": versions(),
+                "holdout_images": len(self.dataset.holdout), "train_images": len(self.dataset.train),
                 "device": backend.fingerprint(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             })
 
@@ -135,8 +142,8 @@ class NetAdapt:
     def study_name(self) -> str:
         return self.run.path.resolve().name
 
-    def _seed_network(self) -> tuple[dict[str, torch.Tensor], float]:
-        """The seed's weights (given, or trained on the data once and saved) and its holdout accuracy."""
+    def _seed_network(self) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
+        """The seed's weights (given, or trained on the data once and saved) and its holdout accuracy and loss."""
         spec = self.seed_spec
         if self.run.seed_checkpoint.exists():
             _, state = RunFolder.load(self.run.seed_checkpoint)
@@ -151,14 +158,15 @@ class NetAdapt:
                     self.emit("transfer", note=note)
             else:
                 self.emit("seed_training", epochs=self.config.seed_epochs)
+                model.to(memory_format=torch.channels_last)  # ~1.6x faster training on CPU
                 train_epochs(model, self.dataset, self.config.seed_epochs, batch_size=self.config.batch_size,
                              lr=self.config.lr, seed=self.config.seed,
                              progress=lambda step, loss: self.emit("seed_step", step=step, loss=loss))
-            state = model.state_dict()
+            state = {k: v.contiguous() for k, v in model.state_dict().items()}
             RunFolder.save(spec, state, self.run.seed_checkpoint)
         model = build_model(spec)
         model.load_state_dict(state, strict=True)
-        return state, evaluate(model, self.dataset, self.dataset.holdout)
+        return state, holdout_metrics(model, self.dataset)
 
     def _open_table(self) -> LatencyTable:
         """The machine's table (or --lut), shared with other runs; run.json records which, and its hash."""
@@ -287,29 +295,38 @@ class NetAdapt:
             parent_rel = str(self.run.iteration_checkpoint(iteration - 1).relative_to(self.run.path)) \
                 if iteration > 1 else str(self.run.seed_checkpoint.relative_to(self.run.path))
             groups_before = {g.name: g.channels for g in proposal_groups(spec, config.step)}
-            for g, keep, child, value in found:
-                enqueue(study, iteration, g.name, keep, {
-                    "parent": parent_rel, "kind": g.kind, "channels_before": g.channels,
-                    "predicted_latency_ms": value if self.budget.resource == LATENCY else None,
-                    "macs": spec_macs(child), "params": spec_params(child), "resource": value,
-                })
+            parent_accuracy = float(rows[-1]["holdout_accuracy"])
+            proposals = {g.name: (keep, {
+                "parent": parent_rel, "kind": g.kind, "channels_before": g.channels,
+                "predicted_latency_ms": value if self.budget.resource == LATENCY else None,
+                "macs": spec_macs(child), "params": spec_params(child), "resource": value,
+                "parent_resource": current, "parent_accuracy": parent_accuracy,
+                "tie_tolerance": self.tolerance(parent_accuracy),
+                "last_rung": len(self._rung_plan()) - 1}) for g, keep, child, value in found}
             self.emit("iteration", iteration=iteration, current=current, goal=goal, target=target,
                       proposals=len(found))
-            self._evaluate_iteration(study, evaluator, iteration, len(found))
-            chosen, score = self._select(study, iteration, float(rows[-1]["holdout_accuracy"]), current)
+            ranked = self._evaluate_iteration(study, evaluator, iteration, proposals, parent_accuracy, current)
+            best = ranked[0]
+            chosen = self._rung_trials(study, iteration, len(self._rung_plan()) - 1)[best.candidate.group]
             group, keep = chosen.params["group"], int(chosen.params["channels"])
             child_spec_, child_state = RunFolder.load(self.run.trial_checkpoint(chosen.number))
             RunFolder.save(child_spec_, child_state, self.run.iteration_checkpoint(iteration))
             trials = iteration_trials(study, iteration)
+            finished = [t for t in trials if t.state == TrialState.COMPLETE]
+            reached_last = {trial_group(t) for t in finished if t.user_attrs.get(RUNG_ATTR) == t.user_attrs["last_rung"]}
             row = {
                 "iteration": iteration, "proposal": f"{group}={keep}", "group": group,
                 "channels_before": groups_before.get(group), "channels": keep, "target_latency_ms":
                 goal if self.budget.resource == LATENCY else None,
                 "predicted_latency_ms": self.table.predict(child_spec_).calibrated_ms if self.table else None,
                 "measured_latency_ms": None, "seed_measured_latency_ms": None, "macs": spec_macs(child_spec_),
-                "params": spec_params(child_spec_), "holdout_accuracy": chosen.value, "score": score,
-                "proposals": len([t for t in trials if t.state != TrialState.FAIL]),
-                "pruned": len([t for t in trials if t.state == TrialState.PRUNED]),
+                "params": spec_params(child_spec_), "holdout_accuracy": best.candidate.accuracy,
+                "holdout_loss": best.candidate.loss, "saving": best.saving, "score": best.score,
+                "tie_tolerance": self.tolerance(parent_accuracy), "tied": best.tied, "decided_by": best.decided_by,
+                "proposals": len({trial_group(t) for t in finished}),
+                "pruned": len({trial_group(t) for t in finished} - reached_last),
+                "steps": sum(int(t.user_attrs.get("steps", 0)) for t in finished),
+                "full_steps": len(found) * config.short_steps,
                 "wall_seconds": time.perf_counter() - started,
             }
             rows.append(row)
@@ -319,16 +336,73 @@ class NetAdapt:
             self.emit("chosen", **row, resource=self.resource(child_spec_))
             spec, state = child_spec_, child_state
 
-    def _evaluate_iteration(self, study: optuna.Study, evaluator: Evaluator, iteration: int, total: int) -> None:
-        """This process works too; waits for other workers' trials, retrying the ones whose worker died."""
+    def tolerance(self, parent_accuracy: float) -> float:
+        """Accuracy differences below the holdout's standard error (selection.tolerance) are ties."""
+        return tolerance(parent_accuracy, len(self.dataset.holdout))
+
+    def _rung_plan(self) -> list[tuple[int, int, list[int]]]:
+        """(start step, stop step, steps scored at) per rung: halving scores each rung's end; `full` is one
+        rung to short_steps scored at every halving boundary (so the two can be compared offline)."""
+        steps = self.config.rung_steps()
+        if self.config.evaluation == "full":
+            return [(0, steps[-1], steps)]
+        return [(start, stop, [stop]) for start, stop in zip([0] + steps[:-1], steps)]
+
+    @staticmethod
+    def _rung_trials(study: optuna.Study, iteration: int, rung: int,
+                     trials: Optional[list[optuna.trial.FrozenTrial]] = None) -> dict[str, optuna.trial.FrozenTrial]:
+        """The finished trial of each proposal at `rung` (the first one, should a retry also have finished);
+        `trials`: the study's trials when the caller already read them."""
+        done: dict[str, optuna.trial.FrozenTrial] = {}
+        for t in iteration_trials(study, iteration, states=(TrialState.COMPLETE,)) if trials is None else trials:
+            if t.state == TrialState.COMPLETE and t.user_attrs.get(ITERATION_ATTR) == iteration and \
+                    t.user_attrs.get(RUNG_ATTR, 0) == rung and trial_group(t) not in done:
+                done[str(trial_group(t))] = t
+        return done
+
+    def _evaluate_iteration(self, study: optuna.Study, evaluator: Evaluator, iteration: int,
+                            proposals: dict[str, tuple[int, dict[str, Any]]], parent_accuracy: float,
+                            current: float) -> list[Ranked]:
+        """Synchronous successive halving: every proposal is enqueued for rung 0; once all of them finished,
+        the better half by the selection rule is enqueued for the next rung, continuing from its checkpoint;
+        and so on. Returns the last rung's ranking. Finished trials are reused after a resume."""
+        entrants = sorted(proposals)
+        previous: dict[str, int] = {}
+        ranked: list[Ranked] = []
+        plan = self._rung_plan()
+        for rung, (start, stop, scored) in enumerate(plan):
+            existing = iteration_trials(study, iteration)
+            for name in entrants:
+                channels, attrs = proposals[name]
+                enqueue(study, iteration, name, channels, {**attrs, START_ATTR: start, STOP_ATTR: stop,
+                                                           EVAL_ATTR: scored, FROM_ATTR: previous.get(name)}, rung,
+                        existing)
+            finished = self._wait_rung(study, evaluator, iteration, rung, entrants, len(proposals))
+            if not finished:
+                raise UserError(f"iteration {iteration}: every proposal failed at rung {rung}; see "
+                                f"{self.run.proposals_csv}")
+            ranked = rank([Candidate(name, float(t.user_attrs["holdout_accuracy"]), float(t.user_attrs["holdout_loss"]),
+                                     float(t.user_attrs["resource"])) for name, t in finished.items()],
+                          self.config.select, parent_accuracy, current, self.tolerance(parent_accuracy))
+            previous = {name: t.number for name, t in finished.items()}
+            entrants = sorted(r.candidate.group for r in survivors(ranked))
+        return ranked
+
+    def _wait_rung(self, study: optuna.Study, evaluator: Evaluator, iteration: int, rung: int, names: list[str],
+                   total: int) -> dict[str, optuna.trial.FrozenTrial]:
+        """This process works too; waits for other workers' trials, retrying the ones whose worker died.
+        Returns the finished trial of each proposal; a proposal whose trial failed (a worker's error) is
+        left out."""
+        wanted = set(names)
         while True:
             trials = iteration_trials(study, iteration)
-            done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-            open_ = [t for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)]
-            self.emit("progress", iteration=iteration, done=len(done),
-                      pruned=len([t for t in done if t.state == TrialState.PRUNED]), total=total)
+            finished = {k: v for k, v in self._rung_trials(study, iteration, rung, trials).items() if k in wanted}
+            open_ = [t for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)
+                     and t.user_attrs.get(RUNG_ATTR, 0) == rung and trial_group(t) in wanted]
+            self.emit("progress", iteration=iteration, rung=rung, rungs=len(self._rung_plan()), done=len(finished),
+                      running=len(wanted), pruned=total - len(wanted), total=total)
             if not open_:
-                return
+                return finished
             trial = claim(study, claim_lock_path(self.storage_url))
             if trial is not None:
                 evaluator.evaluate(study, trial)
@@ -336,22 +410,6 @@ class NetAdapt:
             if requeue_stale(study, iteration, self.stale_seconds):
                 self.emit("retry", iteration=iteration)
             time.sleep(0.2)
-
-    def _select(self, study: optuna.Study, iteration: int, parent_accuracy: float, current: float
-                ) -> tuple[optuna.trial.FrozenTrial, float]:
-        """Best completed proposal: max dAcc / |dResource| (NetAdapt, MobileNetV3) or max accuracy."""
-        complete = [t for t in iteration_trials(study, iteration, states=(TrialState.COMPLETE,))]
-        if not complete:
-            raise UserError(f"iteration {iteration}: every proposal was pruned or failed; see {self.run.proposals_csv}")
-
-        def score(t: optuna.trial.FrozenTrial) -> float:
-            if self.config.select == "accuracy":
-                return float(t.value)
-            saved = max(current - float(t.user_attrs["resource"]), 1e-12)
-            return (float(t.value) - parent_accuracy) / saved
-
-        best = max(complete, key=lambda t: (score(t), -t.number))
-        return best, score(best)
 
     def _confirm(self, spec: ArchSpec, target: float) -> tuple[bool, dict[str, Any]]:
         """A prediction that meets the budget is checked by measuring the network paired with the seed."""
@@ -380,32 +438,58 @@ class NetAdapt:
         return f"{value:.3f} ms" if self.budget.resource == LATENCY else f"{value:,.0f} {self.budget.resource}"
 
     def _write_proposals(self, study: optuna.Study) -> None:
-        chosen = {}
-        for row in self.run.read_iterations():
-            chosen[int(row["iteration"])] = row.get("proposal")
+        """One row per proposal, from the study alone: its last finished rung's metrics, its rank there by the
+        selection rule, whether it was stopped (PRUNED) before the last rung, steps over all its trials."""
+        chosen = {int(row["iteration"]): row.get("proposal") for row in self.run.read_iterations()}
+        by_proposal: dict[tuple[int, str], list[optuna.trial.FrozenTrial]] = {}
+        everything = study.get_trials(deepcopy=False)
+        for t in everything:
+            if ITERATION_ATTR in t.user_attrs and t.state != TrialState.WAITING:
+                by_proposal.setdefault((int(t.user_attrs[ITERATION_ATTR]), str(trial_group(t))), []).append(t)
+        ranks: dict[tuple[int, int], dict[str, Ranked]] = {}
+        for (iteration, _), trials in by_proposal.items():
+            for t in trials:
+                rung = int(t.user_attrs.get(RUNG_ATTR, 0))
+                if t.state == TrialState.COMPLETE and (iteration, rung) not in ranks:
+                    done = self._rung_trials(study, iteration, rung, everything).values()
+                    a = t.user_attrs
+                    ranked = rank([Candidate(str(trial_group(d)), float(d.user_attrs["holdout_accuracy"]),
+                                             float(d.user_attrs["holdout_loss"]), float(d.user_attrs["resource"]))
+                                   for d in done], self.config.select, float(a["parent_accuracy"]),
+                                  float(a["parent_resource"]), float(a["tie_tolerance"]))
+                    ranks[(iteration, rung)] = {r.candidate.group: r for r in ranked}
         rows = []
-        for t in study.get_trials(deepcopy=False):
-            if ITERATION_ATTR not in t.user_attrs or t.state == TrialState.WAITING:
-                continue
-            group, channels = t.params.get("group"), t.params.get("channels")
+        for (iteration, group), trials in sorted(by_proposal.items()):
+            complete = sorted((t for t in trials if t.state == TrialState.COMPLETE),
+                              key=lambda t: int(t.user_attrs.get(RUNG_ATTR, 0)))
+            last = complete[-1] if complete else max(trials, key=lambda t: t.number)
+            rung = int(last.user_attrs.get(RUNG_ATTR, 0))
+            if not complete:
+                state = last.state.name
+            else:
+                state = "COMPLETE" if rung == int(last.user_attrs["last_rung"]) else "PRUNED"
+            ranked = ranks.get((iteration, rung), {}).get(group) if complete else None
+            channels = last.params.get("channels", last.system_attrs.get("fixed_params", {}).get("channels"))
             rows.append({
-                "trial": t.number, "iteration": t.user_attrs[ITERATION_ATTR], "group": group,
-                "channels_before": t.user_attrs.get("channels_before"), "channels": channels,
-                "state": t.state.name, "predicted_latency_ms": t.user_attrs.get("predicted_latency_ms"),
-                "macs": t.user_attrs.get("macs"), "params": t.user_attrs.get("params"),
-                "holdout_accuracy": t.value if t.state == TrialState.COMPLETE else (
-                    t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None),
-                "reports": len(t.intermediate_values), "steps": t.user_attrs.get("steps"),
-                "seconds": t.user_attrs.get("seconds"),
-                "chosen": chosen.get(t.user_attrs[ITERATION_ATTR]) == f"{group}={channels}" and
-                t.state == TrialState.COMPLETE,
-                "worker": t.user_attrs.get("worker"),
+                "trial": last.number, "iteration": iteration, "group": group,
+                "channels_before": last.user_attrs.get("channels_before"), "channels": channels, "state": state,
+                "rung": rung, "predicted_latency_ms": last.user_attrs.get("predicted_latency_ms"),
+                "macs": last.user_attrs.get("macs"), "params": last.user_attrs.get("params"),
+                "holdout_accuracy": last.user_attrs.get("holdout_accuracy"),
+                "holdout_loss": last.user_attrs.get("holdout_loss"),
+                "saving": ranked.saving if ranked else None, "score": ranked.score if ranked else None,
+                "rank": list(ranks[(iteration, rung)]).index(group) + 1 if ranked else None,
+                "trials": len(trials), "steps": sum(int(t.user_attrs.get("steps", 0)) for t in complete),
+                "seconds": sum(float(t.user_attrs.get("seconds", 0.0)) for t in complete),
+                "chosen": state == "COMPLETE" and chosen.get(iteration) == f"{group}={channels}",
+                "worker": " ".join(sorted({str(t.user_attrs.get("worker")) for t in complete})),
             })
         self.run.write_proposals(rows)
 
     def _clean_trial_checkpoints(self, trials: list[optuna.trial.FrozenTrial]) -> None:
         for t in trials:
             self.run.trial_checkpoint(t.number).unlink(missing_ok=True)
+            self.run.trial_state(t.number).unlink(missing_ok=True)
 
     # -- the whole run ----------------------------------------------------------------------------------
 
@@ -436,9 +520,7 @@ class NetAdapt:
                          test_accuracy=finished["test_accuracy"], iterations=finished["iterations"])
 
     def _open_study(self) -> optuna.Study:
-        study = create_study(self.storage_url, self.study_name)
-        study.pruner = make_pruner(self.config.pruner)  # type: ignore[misc]
-        return study
+        return create_study(self.storage_url, self.study_name)
 
     def run_all(self) -> RunResult:
         """Validate everything cheap first (budget, storage), then the run folder, seed, loop and finish."""
@@ -461,12 +543,13 @@ class NetAdapt:
         study = self._open_study()
         self.emit("seed", value=seed_value, target=target, unit="ms" if self.budget.resource == LATENCY
                   else self.budget.resource)
-        _, seed_accuracy = self._seed_network()
+        _, (seed_accuracy, seed_loss) = self._seed_network()
         rows = self.run.read_iterations()
         if not rows:
             rows = [{"iteration": 0, "proposal": "seed", "predicted_latency_ms":
                      seed_value if self.budget.resource == LATENCY else None, "macs": spec_macs(self.seed_spec),
-                     "params": spec_params(self.seed_spec), "holdout_accuracy": seed_accuracy, "wall_seconds": 0.0}]
+                     "params": spec_params(self.seed_spec), "holdout_accuracy": seed_accuracy,
+                     "holdout_loss": seed_loss, "tie_tolerance": self.tolerance(seed_accuracy), "wall_seconds": 0.0}]
             self.run.write_iterations(rows)
         groups = proposal_groups(self.seed_spec, config.step)
         names, widest = [g.name for g in groups], max(g.channels for g in groups)
@@ -504,7 +587,7 @@ class NetAdapt:
 
     def _finish(self, spec: ArchSpec, state: dict[str, torch.Tensor]) -> float:
         """Long fine-tune of the chosen network, test accuracy, and the deployable files."""
-        model = build_model(spec)
+        model = build_model(spec).to(memory_format=torch.channels_last)  # ~1.6x faster training on CPU
         model.load_state_dict(state, strict=True)
         self.emit("long_finetune", epochs=self.config.long_epochs)
         if self.config.long_epochs > 0:
@@ -512,6 +595,7 @@ class NetAdapt:
                          lr=self.config.lr * 0.1, seed=self.config.seed,
                          progress=lambda step, loss: self.emit("long_step", step=step, loss=loss))
         accuracy = evaluate(model, self.dataset, self.dataset.test)
+        model.to(memory_format=torch.contiguous_format)
         dump_spec(spec, self.run.path / "final.yaml")
         RunFolder.save(spec, model.state_dict(), self.run.path / "final.pt")
         with atomic_path(self.run.path / "final.onnx") as tmp:

@@ -6,9 +6,11 @@ Layout:
   lut.json                 the latency table (unless --lut names another)
   seed.pt                  the seed network (given or trained), spec embedded
   iterations/NNN.pt        the network chosen by iteration NNN (fine-tuned), spec embedded
-  trials/NNNNN.pt          each finished proposal's fine-tuned weights (removed once its iteration is done)
-  iterations.csv           one row per finished iteration
-  proposals.csv            one row per proposal (trial), pruned ones included
+  trials/NNNNN.pt          each finished rung trial's fine-tuned weights (removed once its iteration is done)
+  trials/NNNNN.state.pt    its optimizer, data-order and RNG state, which the next rung continues from
+  iterations.csv           one row per finished iteration: the choice and the selection rule's inputs
+  proposals.csv            one row per proposal, stopped ones included: its last rung's holdout accuracy and
+                           loss, saving, score and rank by the selection rule, steps trained
   final.yaml, final.pt, final.onnx
 """
 
@@ -30,13 +32,16 @@ from ..model.weights import read_checkpoint, save_state
 
 ITERATION_COLUMNS = [
     "iteration", "proposal", "group", "channels_before", "channels", "target_latency_ms", "predicted_latency_ms",
-    "measured_latency_ms", "seed_measured_latency_ms", "macs", "params", "holdout_accuracy", "score",
-    "proposals", "pruned", "wall_seconds",
+    "measured_latency_ms", "seed_measured_latency_ms", "macs", "params", "holdout_accuracy", "holdout_loss",
+    "saving", "score", "tie_tolerance", "tied", "decided_by", "proposals", "pruned", "steps", "full_steps",
+    "wall_seconds",
 ]
-INTEGER_COLUMNS = ["iteration", "channels_before", "channels", "macs", "params", "proposals", "pruned"]
+INTEGER_COLUMNS = ["iteration", "channels_before", "channels", "macs", "params", "tied", "proposals", "pruned",
+                   "steps", "full_steps"]
 PROPOSAL_COLUMNS = [
-    "trial", "iteration", "group", "channels_before", "channels", "state", "predicted_latency_ms", "macs",
-    "params", "holdout_accuracy", "reports", "steps", "seconds", "chosen", "worker",
+    "trial", "iteration", "group", "channels_before", "channels", "state", "rung", "predicted_latency_ms", "macs",
+    "params", "holdout_accuracy", "holdout_loss", "saving", "score", "rank", "trials", "steps", "seconds", "chosen",
+    "worker",
 ]
 
 
@@ -67,6 +72,9 @@ class RunFolder:
 
     def trial_checkpoint(self, number: int) -> Path:
         return self.path / "trials" / f"{number:05d}.pt"
+
+    def trial_state(self, number: int) -> Path:
+        return self.path / "trials" / f"{number:05d}.state.pt"
 
     @property
     def iterations_csv(self) -> Path:

@@ -1,7 +1,8 @@
-"""The run's Optuna study: one trial per proposal, enqueued by the master and claimed by workers.
+"""The run's Optuna study: one trial per rung of each proposal, enqueued by the master, claimed by workers.
 
-Proposals are enqueued as WAITING trials with fixed params (group, channels). A worker claims one by
-moving it WAITING -> RUNNING in the storage, which the storage does atomically (Optuna's own mechanism for
+Proposals are enqueued as WAITING trials with fixed params (group, channels); the master decides which
+proposals go on to the next rung (successive halving, see loop.py), so no Optuna pruner is involved.
+A worker claims one by moving it WAITING -> RUNNING in the storage, which the storage does atomically (Optuna's own mechanism for
 enqueued trials), so no proposal is evaluated twice. A claimed trial stamps a heartbeat at every report;
 the master fails a RUNNING trial whose heartbeat went stale and enqueues it again, so a dead worker's
 proposal is retried, never lost. Any Optuna storage URL works: SQLite (default), PostgreSQL, MySQL, or a
@@ -30,6 +31,7 @@ GROUPS_ATTR = "groups"  # [group names, widest channel count] of the seed: the t
 HEARTBEAT_ATTR = "heartbeat"
 ITERATION_ATTR = "iteration"
 WORKER_ATTR = "worker"
+RUNG_ATTR = "rung"  # successive-halving rung of a proposal's trial (0: from the parent)
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -77,13 +79,21 @@ def iteration_trials(study: optuna.Study, iteration: int,
             if t.user_attrs.get(ITERATION_ATTR) == iteration]
 
 
-def enqueue(study: optuna.Study, iteration: int, group: str, channels: int, attrs: dict[str, Any]) -> None:
-    """One proposal as a WAITING trial with fixed params; skipped if this iteration already has it."""
-    for t in iteration_trials(study, iteration):
-        if t.params.get("group", t.system_attrs.get("fixed_params", {}).get("group")) == group and \
-                t.state != TrialState.FAIL:
+def trial_group(t: FrozenTrial) -> Optional[str]:
+    """The proposal group of a trial, also while it is still WAITING (params fixed, not yet suggested)."""
+    return t.params.get("group", t.system_attrs.get("fixed_params", {}).get("group"))
+
+
+def enqueue(study: optuna.Study, iteration: int, group: str, channels: int, attrs: dict[str, Any],
+            rung: int = 0, trials: Optional[Sequence[FrozenTrial]] = None) -> None:
+    """One rung of one proposal as a WAITING trial with fixed params; skipped if this iteration already has
+    it (not failed), so a resumed master reuses what was enqueued or finished before. `trials`: the
+    iteration's trials when the caller already has them (one storage read for many proposals)."""
+    for t in (iteration_trials(study, iteration) if trials is None else trials):
+        if trial_group(t) == group and t.user_attrs.get(RUNG_ATTR, 0) == rung and t.state != TrialState.FAIL:
             return
-    study.enqueue_trial({"group": group, "channels": channels}, user_attrs={ITERATION_ATTR: iteration, **attrs})
+    study.enqueue_trial({"group": group, "channels": channels},
+                        user_attrs={**attrs, ITERATION_ATTR: iteration, RUNG_ATTR: rung})
 
 
 def claim_lock_path(storage_url: str) -> Optional[Path]:
@@ -158,44 +168,6 @@ def requeue_stale(study: optuna.Study, iteration: int, stale_seconds: float) -> 
             study.enqueue_trial(dict(fixed), user_attrs={ITERATION_ATTR: iteration, **attrs, "retry_of": t.number})
             count += 1
     return count
-
-
-class _IterationView:
-    """The study as a pruner should see it: only the trials of one iteration (accuracy falls as the
-    network shrinks, so earlier iterations' proposals are no yardstick), failed trials left out."""
-
-    def __init__(self, study: optuna.Study, iteration: int) -> None:
-        self._study = study
-        self._iteration = iteration
-
-    def get_trials(self, deepcopy: bool = True, states: Optional[Sequence[TrialState]] = None) -> list[FrozenTrial]:
-        wanted = states or (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-        return [t for t in iteration_trials(self._study, self._iteration, states=wanted)
-                if t.state != TrialState.FAIL]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-
-class IterationPruner(optuna.pruners.BasePruner):
-    """Wraps an Optuna pruner so it compares a proposal only with the proposals of the same iteration."""
-
-    def __init__(self, base: optuna.pruners.BasePruner) -> None:
-        self.base = base
-
-    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        iteration = trial.user_attrs.get(ITERATION_ATTR)
-        return self.base.prune(_IterationView(study, iteration), trial)  # type: ignore[arg-type]
-
-
-def make_pruner(name: str) -> optuna.pruners.BasePruner:
-    """`halving` (default): successive halving from the first report on, keeping the better half at each
-    rung, which suits a few dozen proposals; `median`; `none`."""
-    if name == "halving":
-        return IterationPruner(optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2))
-    if name == "median":
-        return IterationPruner(optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
-    return optuna.pruners.NopPruner()
 
 
 def set_status(study: optuna.Study, status: str) -> None:
