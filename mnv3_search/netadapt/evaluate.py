@@ -8,6 +8,7 @@ Workers never measure latency: that happens only where the run's latency table l
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from pathlib import Path
@@ -23,7 +24,13 @@ from ..prune.surgery import shrink
 from ..train import fine_tune, refresh_bn
 from .config import RunConfig
 from .runfolder import RunFolder
-from .study import HEARTBEAT_ATTR, ITERATION_ATTR, claim
+from .study import HEARTBEAT_ATTR, ITERATION_ATTR, claim, heartbeat
+
+# Test hook: a proposal of the group named here kills the process evaluating it (os._exit, like a crashing
+# kernel or the OOM killer), so the retry and give-up path is tested with real process deaths
+# (tests/test_reliability.py). Never set outside tests.
+KILL_GROUP_ENV = "MNV3_SEARCH_TEST_KILL_GROUP"
+KILL_EXIT_CODE = 86
 
 def proposal_seed(seed: int, iteration: int, group: str) -> int:
     """A seed per proposal, the same in every process, so a retried or resumed proposal repeats exactly."""
@@ -54,7 +61,15 @@ class Evaluator:
         return self._parent[1], self._parent[2]
 
     def evaluate(self, study: optuna.Study, trial: optuna.Trial) -> optuna.trial.TrialState:
-        """Run one proposal to completion (or pruning) and record it in the study."""
+        """Run one proposal to completion (or pruning) and record it in the study; its heartbeat is stamped
+        on a timer meanwhile, so a slow proposal is never retried while its worker lives."""
+        with heartbeat(trial):
+            if os.environ.get(KILL_GROUP_ENV) and os.environ[KILL_GROUP_ENV] == \
+                    trial.system_attrs.get("fixed_params", {}).get("group"):
+                os._exit(KILL_EXIT_CODE)
+            return self._evaluate(study, trial)
+
+    def _evaluate(self, study: optuna.Study, trial: optuna.Trial) -> optuna.trial.TrialState:
         config = self.config
         try:
             group = trial.suggest_categorical("group", self.group_names)

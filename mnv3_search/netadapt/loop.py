@@ -43,8 +43,9 @@ from ..model.weights import check_fits, read_state_dict
 from .config import RunConfig
 from .evaluate import Evaluator, load_run_dataset
 from .runfolder import RunFolder
-from .study import (CONFIG_ATTR, claim_lock_path, make_storage, GROUPS_ATTR, ITERATION_ATTR, RUN_DIR_ATTR, claim, create_study, enqueue, iteration_trials,
-                    make_pruner, requeue_stale, set_status)
+from .study import (ATTEMPT_ATTR, CONFIG_ATTR, FAILURE_ATTR, STORAGE_ENV, claim_lock_path, make_storage, GROUPS_ATTR,
+                    ITERATION_ATTR, RUN_DIR_ATTR, claim, create_study, enqueue, iteration_trials, make_pruner, redact,
+                    redact_argv, requeue_stale, resolve_storage, set_status)
 
 Event = Callable[..., None]
 
@@ -85,7 +86,7 @@ class NetAdapt:
 
     def __init__(self, config: RunConfig, out: Optional[str] = None, storage: Optional[str] = None,
                  workers: int = 1, stale_seconds: float = 300.0, on_event: Optional[Event] = None,
-                 command: Optional[list[str]] = None) -> None:
+                 command: Optional[list[str]] = None, max_attempts: int = 2) -> None:
         self.config = config
         self.budget: Budget = parse_budget(config.budget)
         self.schedule = parse_schedule(config.schedule)
@@ -103,8 +104,9 @@ class NetAdapt:
         self.storage_url = storage
         self.workers = workers
         self.stale_seconds = stale_seconds
+        self.max_attempts = max_attempts
         self.emit: Event = on_event or (lambda kind, **info: None)
-        self.command = command or sys.argv
+        self.command = redact_argv(command or sys.argv)  # run.json keeps it: never a password
         self.table: Optional[LatencyTable] = None
         self._worker_procs: list[Any] = []
         self._seed_value = 0.0
@@ -120,14 +122,14 @@ class NetAdapt:
             if diffs:
                 raise UserError(f"{self.run.path}: holds a run with other settings ({'; '.join(diffs[:3])}); "
                                 f"use another --out or the same options to resume it")
-            self.storage_url = self.storage_url or previous.get("storage")
+            self.storage_url = resolve_storage(self.storage_url, previous.get("storage"))
             self.emit("resume", run_dir=str(self.run.path))
         self.storage_url = self.storage_url or self.run.default_storage_url
         if previous is None:
             backend = make_backend(self.config.backend, self.config.threads)
             self.run.write_run_json({
                 "command": self.command, "config": self.config.as_json(), "spec_file": str(self.spec_file),
-                "storage": self.storage_url, "study": self.study_name, "versions": versions(),
+                "storage": redact(self.storage_url), "study": self.study_name, "versions": versions(),
                 "device": backend.fingerprint(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             })
 
@@ -232,12 +234,13 @@ class NetAdapt:
     # -- the loop ---------------------------------------------------------------------------------------
 
     def _start_workers(self) -> None:
-        """`--workers N`: N - 1 extra local processes join this process in evaluating proposals."""
+        """`--workers N`: N - 1 extra local processes join this process in evaluating proposals. They get the
+        storage URL in their environment, never on their command line (which any user sees with `ps`)."""
+        env = {**os.environ, STORAGE_ENV: str(self.storage_url)}
         for _ in range(self.workers - 1):
-            cmd = [sys.executable, "-m", "mnv3_search", "worker", "--storage", self.storage_url, "--study",
-                   self.study_name, "--run-dir", str(self.run.path.resolve()), "--parent-pid", str(os.getpid()),
-                   "--quiet"]
-            self._worker_procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
+            cmd = [sys.executable, "-m", "mnv3_search", "worker", "--study", self.study_name, "--run-dir",
+                   str(self.run.path.resolve()), "--parent-pid", str(os.getpid()), "--quiet"]
+            self._worker_procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env))
 
     def _stop_workers(self) -> None:
         for proc in self._worker_procs:
@@ -331,7 +334,7 @@ class NetAdapt:
             if trial is not None:
                 evaluator.evaluate(study, trial)
                 continue
-            if requeue_stale(study, iteration, self.stale_seconds):
+            if requeue_stale(study, iteration, self.stale_seconds, self.max_attempts):
                 self.emit("retry", iteration=iteration)
             time.sleep(0.2)
 
@@ -340,6 +343,7 @@ class NetAdapt:
         """Best completed proposal: max dAcc / |dResource| (NetAdapt, MobileNetV3) or max accuracy."""
         complete = [t for t in iteration_trials(study, iteration, states=(TrialState.COMPLETE,))]
         if not complete:
+            self._write_proposals(study)  # the reasons of the failures
             raise UserError(f"iteration {iteration}: every proposal was pruned or failed; see {self.run.proposals_csv}")
 
         def score(t: optuna.trial.FrozenTrial) -> float:
@@ -397,7 +401,8 @@ class NetAdapt:
                 "seconds": t.user_attrs.get("seconds"),
                 "chosen": chosen.get(t.user_attrs[ITERATION_ATTR]) == f"{group}={channels}" and
                 t.state == TrialState.COMPLETE,
-                "worker": t.user_attrs.get("worker"),
+                "worker": t.user_attrs.get("worker"), "attempt": t.user_attrs.get(ATTEMPT_ATTR, 1),
+                "failure": t.user_attrs.get(FAILURE_ATTR) if t.state == TrialState.FAIL else None,
             })
         self.run.write_proposals(rows)
 

@@ -36,7 +36,7 @@ ITERATION_COLUMNS = [
 INTEGER_COLUMNS = ["iteration", "channels_before", "channels", "macs", "params", "proposals", "pruned"]
 PROPOSAL_COLUMNS = [
     "trial", "iteration", "group", "channels_before", "channels", "state", "predicted_latency_ms", "macs",
-    "params", "holdout_accuracy", "reports", "steps", "seconds", "chosen", "worker",
+    "params", "holdout_accuracy", "reports", "steps", "seconds", "chosen", "worker", "attempt", "failure",
 ]
 
 
