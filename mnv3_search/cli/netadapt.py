@@ -24,7 +24,7 @@ from ..netadapt.evaluate import Evaluator, work
 from ..netadapt.loop import NetAdapt, RunResult
 from ..netadapt.runfolder import RunFolder
 from ..netadapt.study import (CONFIG_ATTR, STORAGE_ENV, claim_lock_path, GROUPS_ATTR, RUN_DIR_ATTR, STATUS_ATTR,
-                              load_study, make_pruner, redact)
+                              load_study, make_pruner, process_gone, redact)
 
 
 class NetAdaptView:
@@ -303,11 +303,8 @@ def worker(storage: Optional[str], storage_file: Optional[str], study_name: str,
     evaluator = Evaluator(folder, config, list(names), int(max_channels))
 
     def should_stop() -> bool:
-        if parent_pid is not None:
-            try:
-                os.kill(parent_pid, 0)
-            except OSError:
-                return True
+        if parent_pid is not None and (os.getppid() != parent_pid or process_gone(parent_pid)):
+            return True  # the master died (even unreaped): an orphan would hold its caller's pipes open
         return study.user_attrs.get(STATUS_ATTR) == "finished"
 
     err.print(f"worker joined study {study_name!r}; run folder {folder.path}")

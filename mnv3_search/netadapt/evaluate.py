@@ -64,8 +64,8 @@ class Evaluator:
         """Run one proposal to completion (or pruning) and record it in the study; its heartbeat is stamped
         on a timer meanwhile, so a slow proposal is never retried while its worker lives."""
         with heartbeat(trial):
-            if os.environ.get(KILL_GROUP_ENV) and os.environ[KILL_GROUP_ENV] == \
-                    trial.system_attrs.get("fixed_params", {}).get("group"):
+            if os.environ.get(KILL_GROUP_ENV) and os.environ[KILL_GROUP_ENV] == study._storage.get_trial_system_attrs(
+                    trial._trial_id).get("fixed_params", {}).get("group"):  # noqa: SLF001
                 os._exit(KILL_EXIT_CODE)
             return self._evaluate(study, trial)
 

@@ -389,7 +389,8 @@ class NetAdapt:
         for t in study.get_trials(deepcopy=False):
             if ITERATION_ATTR not in t.user_attrs or t.state == TrialState.WAITING:
                 continue
-            group, channels = t.params.get("group"), t.params.get("channels")
+            params = {**t.system_attrs.get("fixed_params", {}), **t.params}  # a trial whose worker died has no params
+            group, channels = params.get("group"), params.get("channels")
             rows.append({
                 "trial": t.number, "iteration": t.user_attrs[ITERATION_ATTR], "group": group,
                 "channels_before": t.user_attrs.get("channels_before"), "channels": channels,

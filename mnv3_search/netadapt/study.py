@@ -242,14 +242,11 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _dead_local_worker(name: Optional[str]) -> bool:
-    """A worker of this machine (host:pid) whose process is gone (or a zombie: a local worker that died
-    and was not yet reaped by the master that started it), e.g. a master killed before a resume."""
-    host, _, pid = (name or "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
+def process_gone(pid: int) -> bool:
+    """This machine's process `pid` has exited: no such process, or a zombie (exited, not yet reaped by
+    its parent: a local worker the master has not waited for, or a master whose caller has not)."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
@@ -259,6 +256,12 @@ def _dead_local_worker(name: Optional[str]) -> bool:
     except (OSError, IndexError):
         return False
     return state in ("Z", "X")
+
+
+def _dead_local_worker(name: Optional[str]) -> bool:
+    """A worker of this machine (host:pid) whose process is gone, e.g. a master killed before a resume."""
+    host, _, pid = (name or "").rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and process_gone(int(pid))
 
 
 def requeue_stale(study: optuna.Study, iteration: int, stale_seconds: float, max_attempts: int = 2) -> int:
