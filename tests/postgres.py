@@ -1,7 +1,9 @@
 """A real, throwaway PostgreSQL server for the scale-out tests (Debian's `postgresql` package).
 
 initdb refuses to run as root, so as root the server runs as the `postgres` user the package creates.
-Trust authentication on 127.0.0.1 and a free port; the cluster lives in a temporary folder.
+Trust authentication on 127.0.0.1 and a free port; the cluster lives in a temporary folder. With `user`,
+the database belongs to a role that must authenticate with its password (scram-sha-256), as in production,
+so a worker that lost the password cannot connect.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def running_postgres() -> Iterator[str]:
-    """Start a server, create database `mnv3`, yield its SQLAlchemy URL, stop it."""
+def running_postgres(user: Optional[tuple[str, str]] = None) -> Iterator[str]:
+    """Start a server, create database `mnv3`, yield its SQLAlchemy URL, stop it. `user`: (name, password)
+    of the role that owns the database and logs in with its password; the URL then carries both."""
     binaries = postgres_bin()
     assert binaries is not None
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -45,10 +48,19 @@ def running_postgres() -> Iterator[str]:
 
     try:
         run(str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        if user:  # the first matching line wins: this role needs its password, the superuser stays trusted
+            hba = data / "pg_hba.conf"
+            hba.write_text(f"host all {user[0]} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
         run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-o",
             f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
-        run(str(binaries / "psql") if (binaries / "psql").exists() else "psql", "-h", "127.0.0.1", "-p", str(port),
-            "-U", "postgres", "-c", "CREATE DATABASE mnv3")
+        psql = [str(binaries / "psql") if (binaries / "psql").exists() else "psql", "-h", "127.0.0.1", "-p", str(port),
+                "-U", "postgres", "-c"]
+        if user:
+            run(*psql, f"CREATE ROLE {user[0]} LOGIN PASSWORD '{user[1]}'")
+            run(*psql, f"CREATE DATABASE mnv3 OWNER {user[0]}")
+            yield f"postgresql+psycopg2://{user[0]}:{user[1]}@127.0.0.1:{port}/mnv3"
+            return
+        run(*psql, "CREATE DATABASE mnv3")
         yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mnv3"
     finally:
         if (data / "postmaster.pid").exists():

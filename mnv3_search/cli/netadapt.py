@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import click
@@ -24,7 +25,8 @@ from ..netadapt.config import EVALUATIONS, SELECT_RULES, RunConfig
 from ..netadapt.evaluate import Evaluator, work
 from ..netadapt.loop import NetAdapt, RunResult
 from ..netadapt.runfolder import RunFolder
-from ..netadapt.study import CONFIG_ATTR, claim_lock_path, GROUPS_ATTR, RUN_DIR_ATTR, STATUS_ATTR, load_study
+from ..netadapt.study import (CONFIG_ATTR, STORAGE_ENV, claim_lock_path, GROUPS_ATTR, RUN_DIR_ATTR, STATUS_ATTR,
+                              load_study, process_gone, redact)
 
 
 class NetAdaptView:
@@ -127,6 +129,32 @@ def _holdout(text: Optional[str]) -> Optional[float | int]:
     return int(value) if value >= 1 and value.is_integer() else value
 
 
+def storage_url(storage: Optional[str], storage_file: Optional[str]) -> Optional[str]:
+    """The storage URL from --storage (or $MNV3_SEARCH_STORAGE) or --storage-file. A file holding a password
+    must be private (chmod 600), as ssh insists for its keys."""
+    if not storage_file:
+        return storage
+    if storage:
+        raise UserError(f"--storage and --storage-file both given (--storage may come from ${STORAGE_ENV}); "
+                        f"give one")
+    path = Path(storage_file)
+    try:
+        url = path.read_text().strip()
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise UserError(f"--storage-file {storage_file}: cannot read it ({exc.strerror or exc})") from None
+    if not url:
+        raise UserError(f"--storage-file {storage_file}: the file is empty; write the storage URL in it")
+    if redact(url) != url and mode & 0o077:
+        raise UserError(f"--storage-file {storage_file}: holds a password but other users can read it; "
+                        f"run chmod 600 {storage_file}")
+    return url
+
+
+STORAGE_HELP = (f"Read from ${STORAGE_ENV} when not given: keep a password off the command line (any user of the "
+                "machine reads command lines with ps), or use --storage-file. Passwords are never written.")
+
+
 def _summary(result: RunResult) -> dict[str, Any]:
     return {
         "run_dir": str(result.run_dir), "nothing_to_do": result.nothing_to_do, "seed_resource": result.seed_value,
@@ -153,8 +181,10 @@ def _summary(result: RunResult) -> dict[str, Any]:
 @click.option("--evaluation", type=click.Choice(EVALUATIONS), default="halving", show_default=True,
               help="halving: every proposal is scored after short-steps/2^(rungs-1) steps, the better half "
               "trains on, rung by rung (about half the steps); full: every proposal trains all short-steps.")
-@click.option("--storage", help="Optuna storage URL or journal file (default: study.journal in the run folder); "
-              "e.g. postgresql://user@host/db, sqlite:///study.db.")
+@click.option("--storage", envvar=STORAGE_ENV, show_envvar=True,
+              help="Optuna storage URL or journal file (default: study.journal in the run folder); "
+              "e.g. postgresql://user@host/db, sqlite:///study.db. " + STORAGE_HELP)
+@click.option("--storage-file", type=click.Path(dir_okay=False), help="A file (chmod 600) holding the storage URL.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Local processes evaluating proposals (this one included).")
 @click.option("--short-steps", type=click.IntRange(min=1), default=20, show_default=True,
@@ -187,14 +217,18 @@ def _summary(result: RunResult) -> dict[str, Any]:
               help="Stop with an error when the budget is not met after this many iterations.")
 @click.option("--stale-after", type=float, default=300.0, show_default=True,
               help="Seconds without a heartbeat before a worker's proposal is retried.")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Evaluations of a proposal whose worker dies before it is marked failed (proposals.csv says "
+              "why) and its iteration goes on without it.")
 @click.option("--quiet", is_flag=True, help="No live view; one summary line.")
 @click.option("--json", "as_json", is_flag=True, help="No live view; the summary as JSON on stdout.")
 def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[str], data: str,
              weights: Optional[str], schedule: str, select: str, evaluation: str, storage: Optional[str],
-             workers: int, short_steps: int, rungs: int, holdout: Optional[str], short_lr: float, seed_epochs: int, long_epochs: int, lr: float,
+             storage_file: Optional[str], workers: int, short_steps: int, rungs: int, holdout: Optional[str],
+             short_lr: float, seed_epochs: int, long_epochs: int, lr: float,
              batch_size: int, train_resolution: int, resolution: Optional[int], limit: Optional[int], step: int,
              seed: int, backend: str, threads: int, lut: Optional[str], device: str, max_iterations: int,
-             stale_after: float, quiet: bool, as_json: bool) -> None:
+             stale_after: float, max_attempts: int, quiet: bool, as_json: bool) -> None:
     """Shrink SPEC (default: the shipped Large) step by step until it meets a budget.
 
     NetAdapt as MobileNetV3 used it: each iteration proposes one smaller network per channel group
@@ -212,13 +246,14 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
       mnv3-search worker --storage postgresql://user@host/db --study small-70pct-seed0
     """
     use_device(device)  # seed training, proposal fine-tunes (workers too) and the long fine-tune
+    storage = storage_url(storage, storage_file)
     if resume_dir:
         folder = RunFolder(resume_dir)
         saved = folder.read_run_json()
         if saved is None:
             raise UserError(f"{resume_dir}: no run.json here; --resume needs a run folder made by netadapt")
         config = RunConfig.from_json(saved["config"], str(folder.run_json))
-        out, storage = resume_dir, storage or saved.get("storage")
+        out = resume_dir  # the run's storage: run.json's (its password from $MNV3_SEARCH_STORAGE) or --storage
     else:
         config = RunConfig(spec_path=spec, budget=budget, schedule=schedule, select=select, data=data,
                            train_resolution=train_resolution, resolution=resolution, batch_size=batch_size,
@@ -238,7 +273,7 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
             view(kind, **info)
 
     runner = NetAdapt(config, out=out, storage=storage, workers=workers, stale_seconds=stale_after,
-                      on_event=on_event)
+                      on_event=on_event, max_attempts=max_attempts)
     err.print(f"[dim]spec: {runner.spec_file} · run folder: {runner.run.path}[/dim]", highlight=False, soft_wrap=True)
     with torch_threads(config.threads):
         if view:
@@ -265,7 +300,8 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
 
 
 @click.command()
-@click.option("--storage", required=True, help="The run's Optuna storage URL.")
+@click.option("--storage", envvar=STORAGE_ENV, show_envvar=True, help="The run's Optuna storage URL. " + STORAGE_HELP)
+@click.option("--storage-file", type=click.Path(dir_okay=False), help="A file (chmod 600) holding the storage URL.")
 @click.option("--study", "study_name", required=True, help="The run's study name (its run folder's name).")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="The run folder as mounted here "
               "(default: the path the run recorded; it must be shared, e.g. over NFS).")
@@ -273,15 +309,20 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
 @device_option(inherit=True)
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
-def worker(storage: str, study_name: str, run_dir: Optional[str], parent_pid: Optional[int], threads: int,
-           device: Optional[str], quiet: bool) -> None:
+def worker(storage: Optional[str], storage_file: Optional[str], study_name: str, run_dir: Optional[str],
+           parent_pid: Optional[int], threads: int, device: Optional[str], quiet: bool) -> None:
     """Join a NetAdapt run: claim its enqueued proposals, fine-tune and score them, until it finishes.
 
     \b
     Examples:
       mnv3-search worker --storage postgresql://user@host/db --study small-70pct-seed0
       mnv3-search worker --storage sqlite:////shared/results/run/study.db --study run --run-dir /shared/results/run
+      MNV3_SEARCH_STORAGE=postgresql://user:PASSWORD@host/db mnv3-search worker --study small-70pct-seed0
+      mnv3-search worker --storage-file ~/.mnv3-storage --study small-70pct-seed0
     """
+    storage = storage_url(storage, storage_file)
+    if not storage:
+        raise UserError(f"no storage: pass --storage URL, --storage-file FILE or set ${STORAGE_ENV}")
     torch.set_num_threads(threads)
     use_device(device)
     study = load_study(storage, study_name)
@@ -300,11 +341,8 @@ def worker(storage: str, study_name: str, run_dir: Optional[str], parent_pid: Op
     evaluator = Evaluator(folder, config, list(names), int(max_channels))
 
     def should_stop() -> bool:
-        if parent_pid is not None:
-            try:
-                os.kill(parent_pid, 0)
-            except OSError:
-                return True
+        if parent_pid is not None and (os.getppid() != parent_pid or process_gone(parent_pid)):
+            return True  # the master died (even unreaped): an orphan would hold its caller's pipes open
         return study.user_attrs.get(STATUS_ATTR) == "finished"
 
     err.print(f"worker joined study {study_name!r}; run folder {folder.path}")

@@ -11,6 +11,7 @@ Workers never measure latency: that happens only where the run's latency table l
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from pathlib import Path
@@ -27,7 +28,13 @@ from ..prune.surgery import shrink
 from ..train import _bn_layers, _forever, refresh_bn
 from .config import RunConfig
 from .runfolder import RunFolder
-from .study import HEARTBEAT_ATTR, ITERATION_ATTR, claim
+from .study import HEARTBEAT_ATTR, ITERATION_ATTR, claim, heartbeat
+
+# Test hook: a proposal of the group named here kills the process evaluating it (os._exit, like a crashing
+# kernel or the OOM killer), so the retry and give-up path is tested with real process deaths
+# (tests/test_reliability.py). Never set outside tests.
+KILL_GROUP_ENV = "MNV3_SEARCH_TEST_KILL_GROUP"
+KILL_EXIT_CODE = 86
 
 # what a rung trial carries (user attrs, with study.RUNG_ATTR), besides the proposal's own attributes
 START_ATTR = "start_step"
@@ -153,7 +160,15 @@ class Evaluator:
         return spec, tune
 
     def evaluate(self, study: optuna.Study, trial: optuna.Trial) -> optuna.trial.TrialState:
-        """Run one rung of one proposal and record it in the study (steps trained, holdout metrics)."""
+        """Run one rung of one proposal and record it in the study (steps trained, holdout metrics); its
+        heartbeat is stamped on a timer meanwhile, so a slow proposal is never retried while its worker lives."""
+        with heartbeat(trial):
+            if os.environ.get(KILL_GROUP_ENV) and os.environ[KILL_GROUP_ENV] == study._storage.get_trial_system_attrs(
+                    trial._trial_id).get("fixed_params", {}).get("group"):  # noqa: SLF001
+                os._exit(KILL_EXIT_CODE)
+            return self._evaluate(study, trial)
+
+    def _evaluate(self, study: optuna.Study, trial: optuna.Trial) -> optuna.trial.TrialState:
         config = self.config
         try:
             group = trial.suggest_categorical("group", self.group_names)

@@ -49,8 +49,9 @@ from .evaluate import (EVAL_ATTR, FROM_ATTR, START_ATTR, STOP_ATTR, Evaluator, h
                        load_run_dataset)
 from .runfolder import RunFolder
 from .selection import Candidate, Ranked, rank, survivors, tolerance
-from .study import (CONFIG_ATTR, claim_lock_path, make_storage, GROUPS_ATTR, ITERATION_ATTR, RUN_DIR_ATTR, RUNG_ATTR,
-                    claim, create_study, enqueue, iteration_trials, requeue_stale, set_status, trial_group)
+from .study import (ATTEMPT_ATTR, CONFIG_ATTR, FAILURE_ATTR, STORAGE_ENV, claim_lock_path, make_storage, GROUPS_ATTR,
+                    ITERATION_ATTR, RUN_DIR_ATTR, RUNG_ATTR, claim, create_study, enqueue, iteration_trials, redact,
+                    redact_argv, requeue_stale, resolve_storage, set_status, trial_group)
 
 Event = Callable[..., None]
 
@@ -91,7 +92,7 @@ class NetAdapt:
 
     def __init__(self, config: RunConfig, out: Optional[str] = None, storage: Optional[str] = None,
                  workers: int = 1, stale_seconds: float = 300.0, on_event: Optional[Event] = None,
-                 command: Optional[list[str]] = None) -> None:
+                 command: Optional[list[str]] = None, max_attempts: int = 2) -> None:
         self.config = config
         self.budget: Budget = parse_budget(config.budget)
         self.schedule = parse_schedule(config.schedule)
@@ -109,8 +110,9 @@ class NetAdapt:
         self.storage_url = storage
         self.workers = workers
         self.stale_seconds = stale_seconds
+        self.max_attempts = max_attempts
         self.emit: Event = on_event or (lambda kind, **info: None)
-        self.command = command or sys.argv
+        self.command = redact_argv(command or sys.argv)  # run.json keeps it: never a password
         self.table: Optional[LatencyTable] = None
         self._worker_procs: list[Any] = []
         self._seed_value = 0.0
@@ -126,14 +128,14 @@ class NetAdapt:
             if diffs:
                 raise UserError(f"{self.run.path}: holds a run with other settings ({'; '.join(diffs[:3])}); "
                                 f"use another --out or the same options to resume it")
-            self.storage_url = self.storage_url or previous.get("storage")
+            self.storage_url = resolve_storage(self.storage_url, previous.get("storage"))
             self.emit("resume", run_dir=str(self.run.path))
         self.storage_url = self.storage_url or self.run.default_storage_url
         if previous is None:
             backend = make_backend(self.config.backend, self.config.threads)
             self.run.write_run_json({
                 "command": self.command, "config": self.config.as_json(), "spec_file": str(self.spec_file),
-                "storage": self.storage_url, "study": self.study_name, "versions": versions(),
+                "storage": redact(self.storage_url), "study": self.study_name, "versions": versions(),
                 "holdout_images": len(self.dataset.holdout), "train_images": len(self.dataset.train),
                 "device": backend.fingerprint(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             })
@@ -242,12 +244,13 @@ class NetAdapt:
     # -- the loop ---------------------------------------------------------------------------------------
 
     def _start_workers(self) -> None:
-        """`--workers N`: N - 1 extra local processes join this process in evaluating proposals."""
+        """`--workers N`: N - 1 extra local processes join this process in evaluating proposals. They get the
+        storage URL in their environment, never on their command line (which any user sees with `ps`)."""
+        env = {**os.environ, STORAGE_ENV: str(self.storage_url)}
         for _ in range(self.workers - 1):
-            cmd = [sys.executable, "-m", "mnv3_search", "worker", "--storage", self.storage_url, "--study",
-                   self.study_name, "--run-dir", str(self.run.path.resolve()), "--parent-pid", str(os.getpid()),
-                   "--quiet"]
-            self._worker_procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
+            cmd = [sys.executable, "-m", "mnv3_search", "worker", "--study", self.study_name, "--run-dir",
+                   str(self.run.path.resolve()), "--parent-pid", str(os.getpid()), "--quiet"]
+            self._worker_procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env))
 
     def _stop_workers(self) -> None:
         for proc in self._worker_procs:
@@ -407,7 +410,7 @@ class NetAdapt:
             if trial is not None:
                 evaluator.evaluate(study, trial)
                 continue
-            if requeue_stale(study, iteration, self.stale_seconds):
+            if requeue_stale(study, iteration, self.stale_seconds, self.max_attempts):
                 self.emit("retry", iteration=iteration)
             time.sleep(0.2)
 
@@ -463,6 +466,7 @@ class NetAdapt:
             complete = sorted((t for t in trials if t.state == TrialState.COMPLETE),
                               key=lambda t: int(t.user_attrs.get(RUNG_ATTR, 0)))
             last = complete[-1] if complete else max(trials, key=lambda t: t.number)
+            latest = max(trials, key=lambda t: t.number)  # a failed attempt keeps its reason
             rung = int(last.user_attrs.get(RUNG_ATTR, 0))
             if not complete:
                 state = last.state.name
@@ -483,6 +487,8 @@ class NetAdapt:
                 "seconds": sum(float(t.user_attrs.get("seconds", 0.0)) for t in complete),
                 "chosen": state == "COMPLETE" and chosen.get(iteration) == f"{group}={channels}",
                 "worker": " ".join(sorted({str(t.user_attrs.get("worker")) for t in complete})),
+                "attempt": max(int(t.user_attrs.get(ATTEMPT_ATTR, 1)) for t in trials),
+                "failure": latest.user_attrs.get(FAILURE_ATTR) if latest.state == TrialState.FAIL else None,
             })
         self.run.write_proposals(rows)
 

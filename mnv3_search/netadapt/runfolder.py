@@ -41,7 +41,7 @@ INTEGER_COLUMNS = ["iteration", "channels_before", "channels", "macs", "params",
 PROPOSAL_COLUMNS = [
     "trial", "iteration", "group", "channels_before", "channels", "state", "rung", "predicted_latency_ms", "macs",
     "params", "holdout_accuracy", "holdout_loss", "saving", "score", "rank", "trials", "steps", "seconds", "chosen",
-    "worker",
+    "worker", "attempt", "failure",
 ]
 
 

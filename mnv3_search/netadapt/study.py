@@ -5,8 +5,13 @@ proposals go on to the next rung (successive halving, see loop.py), so no Optuna
 A worker claims one by moving it WAITING -> RUNNING in the storage, which the storage does atomically (Optuna's own mechanism for
 enqueued trials), so no proposal is evaluated twice. A claimed trial stamps a heartbeat at every report;
 the master fails a RUNNING trial whose heartbeat went stale and enqueues it again, so a dead worker's
-proposal is retried, never lost. Any Optuna storage URL works: SQLite (default), PostgreSQL, MySQL, or a
-journal file (`*.journal`).
+proposal is retried, never lost — at most `max_attempts` times: a proposal that kills every process that
+evaluates it is then marked failed with its reason, and its iteration goes on with the others.
+Any Optuna storage URL works: SQLite (default), PostgreSQL, MySQL, or a journal file (`*.journal`).
+
+Storage URLs may hold a password. It is never written (run.json, CSVs, study attributes, messages): every
+URL that leaves this module for a file or a message goes through `redact`, and local workers receive the
+URL in their environment (`STORAGE_ENV`), never on their command line where `ps` shows it.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import UserError
@@ -32,9 +39,68 @@ HEARTBEAT_ATTR = "heartbeat"
 ITERATION_ATTR = "iteration"
 WORKER_ATTR = "worker"
 RUNG_ATTR = "rung"  # successive-halving rung of a proposal's trial (0: from the parent)
+ATTEMPT_ATTR = "attempt"  # 1 for a proposal's first evaluation, +1 each time it is enqueued again
+FAILURE_ATTR = "failure"  # why an attempt failed (its worker died or went silent)
+GIVEN_UP_ATTR = "given_up"  # True on a proposal's last allowed attempt once it failed: never enqueued again
+STORAGE_ENV = "MNV3_SEARCH_STORAGE"  # how a storage URL (password included) reaches workers and commands
+HEARTBEAT_SECONDS = 2.0  # a claimed trial's heartbeat is stamped this often while it is evaluated
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def redact(url: Optional[str]) -> Optional[str]:
+    """The URL with its password shown as ***, for files and messages; a journal path is returned as is."""
+    if not url or url.endswith(".journal"):
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # not a database URL: nothing to hide
+        return url
+    return parsed.render_as_string(hide_password=True) if parsed.password is not None else url
+
+
+def _password(url: str) -> Optional[str]:
+    if url.endswith(".journal"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        password = make_url(url).password
+    except Exception:
+        return None
+    return str(password) if password else None
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """A command line fit for run.json: each storage URL in it (`URL` or `--opt=URL`) redacted."""
+    out = []
+    for arg in argv:
+        option, eq, value = arg.partition("=")
+        if eq and option.startswith("-"):
+            out.append(f"{option}={redact(value)}")
+        else:
+            out.append(redact(arg) or arg)
+    return out
+
+
+def is_redacted(url: Optional[str]) -> bool:
+    """A URL read back from run.json whose password was hidden: it cannot open the storage by itself."""
+    return bool(url) and redact(url) == url and _password(url or "") == "***"
+
+
+def resolve_storage(given: Optional[str], recorded: Optional[str]) -> Optional[str]:
+    """The storage URL to resume a run with: the one given, else the one run.json recorded. That one is kept
+    without its password, which then comes from the environment (STORAGE_ENV, the same URL in full)."""
+    if given or not is_redacted(recorded):
+        return given or recorded
+    full = os.environ.get(STORAGE_ENV)
+    if full and redact(full) == recorded:
+        return full
+    raise UserError(f"the run's storage {recorded} needs its password, which is never written to the run folder; "
+                    f"set {STORAGE_ENV} to the full URL (or pass --storage)")
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
@@ -53,7 +119,10 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine)
     except Exception as exc:  # SQLAlchemy raises many types for bad URLs and unreachable servers
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"storage {url!r} cannot be opened ({reason[:200]}); check the URL, that the server is "
+        password = _password(url)
+        if password:
+            reason = reason.replace(password, "***")
+        raise UserError(f"storage {redact(url)!r} cannot be opened ({reason[:200]}); check the URL, that the server is "
                         f"running and that the database exists") from None
 
 
@@ -69,7 +138,7 @@ def load_study(storage_url: str, name: str) -> optuna.Study:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise UserError(f"no study named {name!r} in {storage_url}; studies there: {', '.join(names) or 'none'}") \
+        raise UserError(f"no study named {name!r} in {redact(storage_url)}; studies there: {', '.join(names) or 'none'}") \
             from None
 
 
@@ -87,10 +156,12 @@ def trial_group(t: FrozenTrial) -> Optional[str]:
 def enqueue(study: optuna.Study, iteration: int, group: str, channels: int, attrs: dict[str, Any],
             rung: int = 0, trials: Optional[Sequence[FrozenTrial]] = None) -> None:
     """One rung of one proposal as a WAITING trial with fixed params; skipped if this iteration already has
-    it (not failed), so a resumed master reuses what was enqueued or finished before. `trials`: the
+    it (not failed, or given up after its last attempt, so a resumed run does not retry a proposal that kills
+    its workers), so a resumed master reuses what was enqueued or finished before. `trials`: the
     iteration's trials when the caller already has them (one storage read for many proposals)."""
     for t in (iteration_trials(study, iteration) if trials is None else trials):
-        if trial_group(t) == group and t.user_attrs.get(RUNG_ATTR, 0) == rung and t.state != TrialState.FAIL:
+        if trial_group(t) == group and t.user_attrs.get(RUNG_ATTR, 0) == rung and \
+                (t.state != TrialState.FAIL or t.user_attrs.get(GIVEN_UP_ATTR)):
             return
     study.enqueue_trial({"group": group, "channels": channels},
                         user_attrs={**attrs, ITERATION_ATTR: iteration, RUNG_ATTR: rung})
@@ -119,19 +190,62 @@ def _locked(path: Optional[Path]) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _pop_waiting_trial_id(study: optuna.Study) -> Optional[int]:
+    """Optuna's own `Study._pop_waiting_trial_id` (optuna 5.0), mirrored because it is private: move the
+    oldest WAITING trial to RUNNING. `set_trial_state_values` returns False when another process moved it
+    first, and raises UpdateFinishedTrialError when another process already finished it (a master that
+    failed it); both mean "not ours, try the next one"."""
+    storage = study._storage  # noqa: SLF001 - the storage API is public, the study's handle to it is not
+    for frozen in storage.get_all_trials(study._study_id, deepcopy=False,  # noqa: SLF001
+                                         states=(TrialState.WAITING,)):
+        try:
+            if not storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):  # noqa: SLF001
+                continue
+        except UpdateFinishedTrialError:
+            continue
+        return frozen._trial_id  # noqa: SLF001
+    return None
+
+
 def claim(study: optuna.Study, lock: Optional[Path] = None) -> Optional[optuna.Trial]:
     """Take the oldest WAITING trial for this process, or None; no two processes get the same trial."""
-    storage = study._storage  # noqa: SLF001 - Optuna's own claim path for enqueued trials uses it too
-    with _locked(lock):
-        for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            if storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):  # noqa: SLF001
-                trial = optuna.Trial(study, frozen._trial_id)  # noqa: SLF001
-                break
-        else:
+    while True:
+        with _locked(lock):
+            trial_id = _pop_waiting_trial_id(study)
+        if trial_id is None:
             return None
-    trial.set_user_attr(HEARTBEAT_ATTR, time.time())
-    trial.set_user_attr(WORKER_ATTR, worker_name())
-    return trial
+        trial = optuna.Trial(study, trial_id)
+        try:
+            trial.set_user_attr(HEARTBEAT_ATTR, time.time())
+            trial.set_user_attr(WORKER_ATTR, worker_name())
+        except UpdateFinishedTrialError:  # failed by a master between the claim and the first stamp
+            continue
+        return trial
+
+
+@contextmanager
+def heartbeat(trial: optuna.Trial, every: float = HEARTBEAT_SECONDS) -> Iterator[None]:
+    """Stamp the trial's heartbeat every `every` seconds from a daemon thread while the block runs, so a
+    proposal slow between two reports is never taken for a dead worker's. Stops when the block ends, or
+    when the trial was finished elsewhere (a master gave it up); a storage hiccup skips one beat."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            try:
+                trial.set_user_attr(HEARTBEAT_ATTR, time.time())
+            except UpdateFinishedTrialError:
+                return
+            except Exception:  # noqa: BLE001 - a lost connection must not kill the evaluation; next beat retries
+                continue
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-trial-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def worker_name() -> str:
@@ -139,34 +253,61 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _dead_local_worker(name: Optional[str]) -> bool:
-    """A worker of this machine (host:pid) whose process is gone, e.g. a master killed before a resume."""
-    host, _, pid = (name or "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
+def process_gone(pid: int) -> bool:
+    """This machine's process `pid` has exited: no such process, or a zombie (exited, not yet reaped by
+    its parent: a local worker the master has not waited for, or a master whose caller has not)."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
         return False
-    return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("Z", "X")
 
 
-def requeue_stale(study: optuna.Study, iteration: int, stale_seconds: float) -> int:
+def _dead_local_worker(name: Optional[str]) -> bool:
+    """A worker of this machine (host:pid) whose process is gone, e.g. a master killed before a resume."""
+    host, _, pid = (name or "").rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and process_gone(int(pid))
+
+
+def requeue_stale(study: optuna.Study, iteration: int, stale_seconds: float, max_attempts: int = 2) -> int:
     """Fail RUNNING trials of `iteration` whose worker is gone (its heartbeat older than `stale_seconds`, or
-    a local process that no longer exists) and enqueue them again."""
+    a local process that no longer exists), each with its reason, and enqueue them again, unless that was
+    their `max_attempts`-th attempt: then the proposal is given up, so one that kills every worker that
+    evaluates it cannot stall the run. Returns how many trials were failed."""
     now = time.time()
+    storage = study._storage  # noqa: SLF001
     count = 0
     for t in iteration_trials(study, iteration, states=(TrialState.RUNNING,)):
         beat = t.user_attrs.get(HEARTBEAT_ATTR, t.datetime_start.timestamp() if t.datetime_start else now)
-        if now - beat <= stale_seconds and not _dead_local_worker(t.user_attrs.get(WORKER_ATTR)):
+        who = t.user_attrs.get(WORKER_ATTR)
+        dead = _dead_local_worker(who)
+        if now - beat <= stale_seconds and not dead:
             continue
-        if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):  # noqa: SLF001
-            attrs = {k: v for k, v in t.user_attrs.items() if k not in (HEARTBEAT_ATTR, ITERATION_ATTR, WORKER_ATTR)}
+        attempt = int(t.user_attrs.get(ATTEMPT_ATTR, 1))
+        give_up = attempt >= max_attempts
+        why = f"worker {who or '?'} " + ("died" if dead else f"silent for {now - beat:.0f} s")
+        try:
+            storage.set_trial_user_attr(t._trial_id, FAILURE_ATTR, f"{why} (attempt {attempt} of {max_attempts}"  # noqa: SLF001
+                                        + ("; given up)" if give_up else "; enqueued again)"))
+            if give_up:
+                storage.set_trial_user_attr(t._trial_id, GIVEN_UP_ATTR, True)  # noqa: SLF001
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):  # noqa: SLF001
+                continue
+        except UpdateFinishedTrialError:  # its worker finished it meanwhile, or another process failed it
+            continue
+        count += 1
+        if not give_up:
+            attrs = {k: v for k, v in t.user_attrs.items()
+                     if k not in (HEARTBEAT_ATTR, ITERATION_ATTR, WORKER_ATTR, ATTEMPT_ATTR, FAILURE_ATTR)}
             fixed = t.system_attrs.get("fixed_params", t.params)
-            study.enqueue_trial(dict(fixed), user_attrs={ITERATION_ATTR: iteration, **attrs, "retry_of": t.number})
-            count += 1
+            study.enqueue_trial(dict(fixed), user_attrs={ITERATION_ATTR: iteration, **attrs, "retry_of": t.number,
+                                                         ATTEMPT_ATTR: attempt + 1})
     return count
 
 
