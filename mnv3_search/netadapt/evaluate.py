@@ -199,7 +199,9 @@ class Evaluator:
             study.tell(trial, metrics[-1][1])
             return optuna.trial.TrialState.COMPLETE
         except BaseException:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            # skip_if_finished: the master may have failed this trial already (heartbeat gone stale during a
+            # storage outage); telling it again would replace the real error with UpdateFinishedTrialError
+            study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             raise
 
 
