@@ -207,9 +207,18 @@ def test_a_proposal_that_kills_its_workers_is_given_up(micro: Path, tmp_path: Pa
     assert codes[-1] == 0 and codes.count(KILL_EXIT_CODE) <= 2, codes
     proposals = pd.read_csv(out / "proposals.csv")
     poison = proposals[proposals["group"] == "exp2"]
-    assert poison["state"].tolist() == ["FAIL", "FAIL"]
-    assert poison["attempt"].tolist() == [1, 2]
-    reasons = poison["failure"].tolist()
+    # one proposals.csv row per proposal: its last attempt and that attempt's reason
+    assert poison["state"].tolist() == ["FAIL"] and poison["attempt"].tolist() == [2]
+    assert poison["failure"].iloc[0].startswith("worker ") and \
+        poison["failure"].iloc[0].endswith(" died (attempt 2 of 2; given up)")
+    # the study keeps every attempt, each with its reason
+    run = json.loads((out / "run.json").read_text())
+    tried = sorted((t for t in load_study(run["storage"], run["study"]).get_trials()
+                    if {**t.system_attrs.get("fixed_params", {}), **t.params}.get("group") == "exp2"),
+                   key=lambda t: t.number)
+    assert [t.state.name for t in tried] == ["FAIL", "FAIL"]
+    assert [t.user_attrs.get(ATTEMPT_ATTR, 1) for t in tried] == [1, 2]
+    reasons = [t.user_attrs[FAILURE_ATTR] for t in tried]
     assert reasons[0].startswith("worker ") and reasons[0].endswith(" died (attempt 1 of 2; enqueued again)")
     assert reasons[1].startswith("worker ") and reasons[1].endswith(" died (attempt 2 of 2; given up)")
     others = proposals[proposals["group"] != "exp2"]
