@@ -21,7 +21,7 @@ from ..budget import LATENCY
 from ..data import SOURCES_HELP
 from ..errors import UserError
 from ..latency.measure import torch_threads
-from ..netadapt.config import EVALUATIONS, SELECT_RULES, RunConfig
+from ..netadapt.config import EVALUATIONS, FINALS, SELECT_RULES, RunConfig
 from ..netadapt.evaluate import Evaluator, work
 from ..netadapt.loop import NetAdapt, RunResult
 from ..netadapt.runfolder import RunFolder
@@ -199,6 +199,10 @@ def _summary(result: RunResult) -> dict[str, Any]:
               help="Epochs to train the seed when no --weights.")
 @click.option("--long-epochs", type=click.IntRange(min=0), default=5, show_default=True,
               help="Final fine-tune epochs.")
+@click.option("--final", type=click.Choice(FINALS), default="fine-tune", show_default=True,
+              help="fine-tune: the adapted weights for --long-epochs at lr/10; retrain: the adapted shape from a "
+              "fresh initialisation for --seed-epochs + --long-epochs at --lr (MobileNetV3 retrained after "
+              "NetAdapt; drops pretrained --weights).")
 @click.option("--lr", type=float, default=0.1, show_default=True, help="Seed training learning rate.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True,
               help="Images per training step.")
@@ -225,7 +229,7 @@ def _summary(result: RunResult) -> dict[str, Any]:
 def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[str], data: str,
              weights: Optional[str], schedule: str, select: str, evaluation: str, storage: Optional[str],
              storage_file: Optional[str], workers: int, short_steps: int, rungs: int, holdout: Optional[str],
-             short_lr: float, seed_epochs: int, long_epochs: int, lr: float,
+             short_lr: float, seed_epochs: int, long_epochs: int, final: str, lr: float,
              batch_size: int, train_resolution: int, resolution: Optional[int], limit: Optional[int], step: int,
              seed: int, backend: str, threads: int, lut: Optional[str], device: str, max_iterations: int,
              stale_after: float, max_attempts: int, quiet: bool, as_json: bool) -> None:
@@ -258,7 +262,7 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
         config = RunConfig(spec_path=spec, budget=budget, schedule=schedule, select=select, data=data,
                            train_resolution=train_resolution, resolution=resolution, batch_size=batch_size,
                            step=step, short_steps=short_steps, short_lr=short_lr, rungs=rungs,
-                           holdout=_holdout(holdout), seed_epochs=seed_epochs, long_epochs=long_epochs, lr=lr,
+                           holdout=_holdout(holdout), seed_epochs=seed_epochs, long_epochs=long_epochs, final=final, lr=lr,
                            seed=seed, evaluation=evaluation,
                            backend=backend, threads=threads, max_iterations=max_iterations, limit=limit,
                            weights=weights, lut=lut)

@@ -9,6 +9,7 @@ from ..errors import UserError
 
 SELECT_RULES = ("ratio", "accuracy")
 EVALUATIONS = ("halving", "full")
+FINALS = ("fine-tune", "retrain")
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,13 @@ class RunConfig:
     limit: Optional[int] = None
     weights: Optional[str] = None
     lut: Optional[str] = None
+    final: str = "fine-tune"  # fine-tune the adapted weights, or retrain the adapted shape from scratch
 
     def __post_init__(self) -> None:
         if self.select not in SELECT_RULES:
             raise UserError(f"--select {self.select!r}: use one of {', '.join(SELECT_RULES)}")
+        if self.final not in FINALS:
+            raise UserError(f"--final {self.final!r}: use one of {', '.join(FINALS)}")
         if self.evaluation not in EVALUATIONS:
             raise UserError(f"--evaluation {self.evaluation!r}: use one of {', '.join(EVALUATIONS)}")
         for name in ("short_steps", "rungs", "batch_size", "step", "max_iterations", "threads"):

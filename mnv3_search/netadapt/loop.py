@@ -592,13 +592,21 @@ class NetAdapt:
         return RunResult(self.run.path, True, seed_value, target)
 
     def _finish(self, spec: ArchSpec, state: dict[str, torch.Tensor]) -> float:
-        """Long fine-tune of the chosen network, test accuracy, and the deployable files."""
-        model = build_model(spec).to(memory_format=torch.channels_last)  # ~1.6x faster training on CPU
-        model.load_state_dict(state, strict=True)
-        self.emit("long_finetune", epochs=self.config.long_epochs)
-        if self.config.long_epochs > 0:
-            train_epochs(model, self.dataset, self.config.long_epochs, batch_size=self.config.batch_size,
-                         lr=self.config.lr * 0.1, seed=self.config.seed,
+        """Long fine-tune of the chosen network (or, with `final="retrain"`, its shape trained again from a
+        fresh initialisation, as MobileNetV3 did after NetAdapt), test accuracy, and the deployable files."""
+        config = self.config
+        if config.final == "retrain":
+            # as many epochs as the adapted weights saw (seed training + long fine-tune), at the seed's lr
+            torch.manual_seed(config.seed)
+            model = build_model(spec).to(memory_format=torch.channels_last)
+            epochs, lr = config.seed_epochs + config.long_epochs, config.lr
+        else:
+            model = build_model(spec).to(memory_format=torch.channels_last)  # ~1.6x faster training on CPU
+            model.load_state_dict(state, strict=True)
+            epochs, lr = config.long_epochs, config.lr * 0.1
+        self.emit("long_finetune", epochs=epochs)
+        if epochs > 0:
+            train_epochs(model, self.dataset, epochs, batch_size=config.batch_size, lr=lr, seed=config.seed,
                          progress=lambda step, loss: self.emit("long_step", step=step, loss=loss))
         accuracy = evaluate(model, self.dataset, self.dataset.test)
         model.to(memory_format=torch.contiguous_format)

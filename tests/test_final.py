@@ -1,0 +1,47 @@
+"""`--final retrain`: the adapted shape trained again from a fresh initialisation (MobileNetV3 retrained its
+network after NetAdapt), instead of fine-tuning the adapted weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnv3_search import UserError, load_spec
+from mnv3_search.netadapt import RunConfig, run_netadapt
+from mnv3_search.netadapt.runfolder import RunFolder
+from tiny_run import tiny_run_folder
+
+TINY = dict(spec_path="small", budget="5.3M-macs", data="digits", resolution=64, limit=240, batch_size=32,
+            short_steps=4, seed_epochs=2, long_epochs=1, threads=1)
+
+
+def _stem_similarity(run: Path) -> float:
+    """Cosine similarity of the stem conv in final.pt and in the last iteration's chosen network."""
+    rows = RunFolder(run).read_iterations()
+    _, chosen = RunFolder.load(RunFolder(run).iteration_checkpoint(int(rows[-1]["iteration"])))
+    _, final = RunFolder.load(run / "final.pt")
+    a, b = chosen["features.0.0.weight"].flatten(), final["features.0.0.weight"].flatten()
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def test_retrain_trains_the_adapted_shape_from_scratch(tmp_path: Path) -> None:
+    fine = tiny_run_folder()  # the same tiny run, finished by the default fine-tune
+    out = tmp_path / "retrain"
+    result = run_netadapt(RunConfig(**TINY, final="retrain"), out=str(out))
+    # the same adaptation path (the final stage comes after it), the same final shape
+    assert load_spec(out / "final.yaml") == load_spec(fine / "final.yaml")
+    assert [r["proposal"] for r in RunFolder(out).read_iterations()] == \
+        [r["proposal"] for r in RunFolder(fine).read_iterations()]
+    # fine-tuning keeps the adapted weights; retraining starts from a fresh initialisation
+    assert _stem_similarity(fine) > 0.9
+    assert abs(_stem_similarity(out)) < 0.5
+    assert json.loads((out / "run.json").read_text())["config"]["final"] == "retrain"
+    assert result.test_accuracy is not None and 0.0 <= result.test_accuracy <= 1.0
+
+
+def test_unknown_final_is_one_line() -> None:
+    with pytest.raises(UserError, match=r"^--final 'scratch': use one of fine-tune, retrain$"):
+        RunConfig(**{**TINY, "final": "scratch"})
