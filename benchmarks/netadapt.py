@@ -90,6 +90,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--passes", type=int, default=60, help="interleaved timing passes in the report")
+    p.add_argument("--finish-only", action="store_true", help="do not run or resume the chains: long fine-tune "
+                   "the budgets they have reached so far (when time runs out)")
     p.add_argument("--tag", default=None, help="name of this variant (default: quick / full, plus changed settings)")
     p.add_argument("--plot", default=None, help=f"PNG path (default {PLOT}; quick: results/benchmarks/...-quick.png)")
     args = p.parse_args()
@@ -250,11 +252,15 @@ def chain(args: argparse.Namespace, seed: int, guide: str) -> None:
         macs = spec_macs(read_checkpoint(weights)[0])
         config = run_config(args, seed, f"{math.floor(smallest / 100 * macs)}-macs", weights=str(weights))
     start = time.perf_counter()
-    try:
-        run_netadapt(config, out=str(folder), on_event=on_event(seed, guide))
-    except UserError as exc:  # budget unreachable: keep what was reached
-        log(f"seed {seed} {guide}: {exc}")
-    log(f"seed {seed} {guide} chain: {time.perf_counter() - start:.0f} s")
+    if not args.finish_only:
+        try:
+            run_netadapt(config, out=str(folder), on_event=on_event(seed, guide))
+        except UserError as exc:  # budget unreachable: keep what was reached
+            log(f"seed {seed} {guide}: {exc}")
+        log(f"seed {seed} {guide} chain: {time.perf_counter() - start:.0f} s")
+    if not (folder / "iterations.csv").exists():
+        log(f"seed {seed} {guide}: no iteration finished yet")
+        return
     rows = pd.read_csv(folder / "iterations.csv")
     column = "predicted_latency_ms" if guide == "netadapt" else "macs"
     chosen = budget_iterations(rows, column, args.budgets, (folder / "final.yaml").exists())
@@ -473,9 +479,40 @@ def report(args: argparse.Namespace) -> None:
                   f"{shape_change(specs[keys[i]], base)}")
     summary_frame = pd.DataFrame(summary)
     write_csv(summary_frame, OUT / f"netadapt{suffix}-summary.csv")
+    selection_signal(args)
     goal(summary_frame, args)
     plot(frame, seed_ms, args)
     log(f"wrote {OUT / f'netadapt{suffix}.csv'}, {OUT / f'netadapt{suffix}-summary.csv'}, {args.plot}")
+
+
+def selection_signal(args: argparse.Namespace) -> None:
+    """How well the proposals' holdout accuracy separates them: per chain, the share of iterations where
+    another complete proposal came within one holdout image of the chosen one's accuracy."""
+    one = 1 / args.holdout_images
+    print(f"\nselection signal (holdout {args.holdout_images} images: one image = {100 * one:.2f} points):")
+    for seed in args.seeds:
+        for guide in ("netadapt", "macs"):
+            path = seed_dir(args, seed) / guide / "proposals.csv"
+            if not path.exists():
+                continue
+            p = pd.read_csv(path)
+            complete = p[p["state"] == "COMPLETE"]
+            iterations = sorted(complete["iteration"].unique())
+            close, spread, counts = 0, [], []
+            for it in iterations:
+                g = complete[complete["iteration"] == it]
+                chosen = g[g["chosen"].astype(str) == "True"]
+                counts.append(len(p[p["iteration"] == it]))
+                spread.append(100 * (g["holdout_accuracy"].max() - g["holdout_accuracy"].min()))
+                if not chosen.empty and len(g) > 1:
+                    others = g[g.index != chosen.index[0]]
+                    close += bool(((others["holdout_accuracy"] - chosen["holdout_accuracy"].iloc[0]).abs()
+                                   <= one + 1e-9).any())
+            steps = p["steps"].fillna(0).sum()
+            print(f"  seed {seed} {guide}: {len(iterations)} iterations, {sum(counts)} proposals "
+                  f"({np.mean(counts):.1f} per iteration), {int(steps)} short steps in all; holdout spread between "
+                  f"proposals {np.median(spread):.1f} points (median); chosen within one image of another in "
+                  f"{close}/{len(iterations)} iterations")
 
 
 def goal(summary: pd.DataFrame, args: argparse.Namespace) -> None:
