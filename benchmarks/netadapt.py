@@ -90,6 +90,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--passes", type=int, default=60, help="interleaved timing passes in the report")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="latency in the report: p25 of the "
+                   "inference thread's CPU time (default: robust on a loaded shared machine) or of wall-clock time")
     p.add_argument("--finish-only", action="store_true", help="do not run or resume the chains: long fine-tune "
                    "the budgets they have reached so far (when time runs out)")
     p.add_argument("--tag", default=None, help="name of this variant (default: quick / full, plus changed settings)")
@@ -333,28 +335,52 @@ def widths(args: argparse.Namespace, seed: int) -> None:
 
 
 def scratch(args: argparse.Namespace, seed: int) -> None:
-    """Each latency-guided final architecture, re-initialised and trained like a width multiplier."""
-    iterations = expected_path(args)
+    """Each latency-guided budget's architecture (from the chain's iteration checkpoint, so this can run
+    beside the chain), re-initialised and trained like a width multiplier."""
+    folder = seed_dir(args, seed) / "netadapt"
+    if not (folder / "iterations.csv").exists():
+        log(f"seed {seed} scratch: the latency chain has no iteration yet")
+        return
+    rows = pd.read_csv(folder / "iterations.csv")
+    chosen = budget_iterations(rows, "predicted_latency_ms", args.budgets, (folder / "final.yaml").exists())
     ds = dataset(args, seed)
-    steps = equal_steps(args, ds, iterations)
-    for share in args.budgets:
-        source = net_path(args, seed, f"netadapt-{share:g}")
+    steps = equal_steps(args, ds, expected_path(args))
+    for share, iteration in sorted(chosen.items(), reverse=True):
         name = f"scratch-{share:g}"
-        if source.exists() and not done(args, seed, name):
-            spec, _ = read_checkpoint(source)
-            from_scratch(args, seed, name, spec, steps, ds, {"method": "scratch", "budget": share, "width": None})
+        if not done(args, seed, name):
+            spec, _ = read_checkpoint(folder / "iterations" / f"{iteration:03d}.pt")
+            from_scratch(args, seed, name, spec, steps, ds, {"method": "scratch", "budget": share, "width": None,
+                                                             "source_iteration": iteration})
 
 
 # -- report ---------------------------------------------------------------------------------------------------
 
 
-def time_networks(args: argparse.Namespace, specs: list[ArchSpec]) -> list[float]:
-    """Every distinct network timed interleaved in this process (ONNX Runtime, 1 thread, 224 px, p25)."""
+def time_networks(args: argparse.Namespace, specs: list[ArchSpec]) -> tuple[list[float], list[float]]:
+    """Every distinct network timed interleaved in this process (ONNX Runtime, 1 thread, 224 px): the p25 of
+    wall-clock time (the library's protocol) and the p25 of the inference thread's CPU time.
+
+    With one ONNX Runtime thread the inference runs on the calling thread, so its CPU time is what the
+    network costs without the time the thread waited for a core: on a shared, loaded machine wall-clock
+    times of the larger networks are inflated many times over (they are preempted more often), CPU times
+    are not."""
     backend = make_backend("onnxruntime", 1)
+    policy = InterleavedPolicy(passes=args.passes, runs_per_pass=5, seed=0)
+    cpu: list[list[float]] = [[] for _ in specs]
+
+    def timed(run: Any, bucket: list[float]) -> Any:
+        def wrapped() -> None:
+            t0 = time.thread_time_ns()
+            run()
+            bucket.append((time.thread_time_ns() - t0) / 1e6)
+        return wrapped
+
     with torch_threads(1):
-        runners = [backend.runner(build_model(s).eval(), (1, 3, s.resolution, s.resolution)) for s in specs]
-        measured = measure_interleaved(runners, InterleavedPolicy(passes=args.passes, runs_per_pass=5, seed=0))
-    return [m.p25_ms for m in measured]
+        runners = [timed(backend.runner(build_model(s).eval(), (1, 3, s.resolution, s.resolution)), bucket)
+                   for s, bucket in zip(specs, cpu)]
+        measured = measure_interleaved(runners, policy)
+    cpu_p25 = [float(np.percentile(b[policy.warmup_runs:], 25)) for b in cpu]
+    return [m.p25_ms for m in measured], cpu_p25
 
 
 def curve_accuracy(curve: pd.DataFrame, latency: float) -> float:
@@ -414,9 +440,15 @@ def report(args: argparse.Namespace) -> None:
     specs.setdefault(spec_to_yaml(base), base)
     order = list(specs)
     log(f"timing {len(order)} distinct networks interleaved ({args.passes} passes x 5 runs each)")
-    latencies = dict(zip(order, time_networks(args, [specs[k] for k in order])))
+    wall, cpu = time_networks(args, [specs[k] for k in order])
+    latencies = dict(zip(order, cpu if args.clock == "cpu" else wall))
+    walls, cpus = dict(zip(order, wall)), dict(zip(order, cpu))
     seed_ms = latencies[spec_to_yaml(base)]
+    log(f"seed architecture: wall-clock p25 {walls[spec_to_yaml(base)]:.3f} ms, CPU-time p25 "
+        f"{cpus[spec_to_yaml(base)]:.3f} ms; latency below = {args.clock}")
     frame["latency_ms"] = [latencies[k] for k in keys]
+    frame["wall_p25_ms"] = [walls[k] for k in keys]
+    frame["cpu_p25_ms"] = [cpus[k] for k in keys]
     frame["latency_share"] = frame["latency_ms"] / seed_ms
     frame["macs"] = [spec_macs(specs[k]) for k in keys]
     frame["params"] = [spec_params(specs[k]) for k in keys]
@@ -438,7 +470,7 @@ def report(args: argparse.Namespace) -> None:
             frame.at[i, "latency_ratio"] = width_ms / lat
     frame["test_accuracy_pct"] = 100 * frame["test_accuracy"]
     columns = ["method", "budget", "width", "seed", "iteration", "total_steps", "path_short_steps", "all_short_steps",
-               "latency_ms", "latency_share", "macs", "params", "holdout_accuracy", "test_accuracy",
+               "latency_ms", "wall_p25_ms", "cpu_p25_ms", "latency_share", "macs", "params", "holdout_accuracy", "test_accuracy",
                "width_curve_accuracy", "gap_points", "width_latency_at_equal_accuracy_ms", "latency_ratio",
                "train_seconds"]
     frame = frame.reindex(columns=columns + ["test_accuracy_pct"])
@@ -449,7 +481,7 @@ def report(args: argparse.Namespace) -> None:
           f"NetAdapt network's total steps):")
     widths_frame = frame[frame["method"] == "width"]
     for width, g in widths_frame.groupby("width"):
-        print(f"  width {width:.2f}: {g['latency_ms'].mean():.3f} ms ({100 * g['latency_share'].mean():.0f} % of the "
+        print(f"  width {width:.2f}: {g['latency_ms'].mean():.3f} ms (wall {g['wall_p25_ms'].mean():.3f}) ({100 * g['latency_share'].mean():.0f} % of the "
               f"seed), {g['macs'].iloc[0] / 1e6:.1f} M MACs, test {mean_std(g['test_accuracy_pct'])} %  (n={len(g)})")
     summary = []
     print("\nper budget (mean +- std over seeds; gap = accuracy minus the width curve's at the same measured "
@@ -561,7 +593,8 @@ def plot(frame: pd.DataFrame, seed_ms: float, args: argparse.Namespace) -> None:
             ax.annotate(f"{budget:g}%", (r["lat"], r["acc"]), textcoords="offset points", xytext=(5, 4),
                         fontsize=8, color=color)
     n_seeds = frame["seed"].nunique()
-    ax.set_xlabel(f"measured latency, ms (ONNX Runtime, 1 thread, 224 px, p25; seed {seed_ms:.2f} ms)")
+    clock = "CPU time" if args.clock == "cpu" else "wall-clock"
+    ax.set_xlabel(f"measured latency, ms ({clock} p25, ONNX Runtime, 1 thread, 224 px; seed {seed_ms:.2f} ms)")
     ax.set_ylabel(f"Fashion-MNIST test accuracy, % (mean +- std, {n_seeds} seed{'s' if n_seeds > 1 else ''})")
     ax.set_title("MobileNetV3-Small: NetAdapt vs the width multiplier at equal training steps")
     ax.grid(alpha=0.3)
