@@ -2,10 +2,12 @@
 
     python benchmarks/netadapt.py --quick                         # pilot: 1 seed, 6,000 images, 2 budgets
     python benchmarks/netadapt.py --seeds 0 --parts train         # one seed's training (one process per seed)
+    python benchmarks/netadapt.py --seeds 0 --parts latency       # or one part per process: latency, widths,
+                                                                  # macs (waits for latency's seed), scratch
     python benchmarks/netadapt.py --seeds 0,1,2 --parts report    # time every final network together, report
 
 MobileNetV3-Small on Fashion-MNIST (training at `--train-resolution`, latency at 224 px, ONNX Runtime,
-1 thread, p25). For every seed (`--parts train`, each part cached in the work folder, so a killed run
+1 thread, p25 of interleaved runs). For every seed (`--parts train`, each part cached in the work folder, so a killed run
 resumes and seeds can train in parallel processes):
 
 1. latency: one NetAdapt chain (library API, latency table) down to the smallest `--budgets` share of the
@@ -13,15 +15,17 @@ resumes and seeds can train in parallel processes):
    meets them (the loop would have stopped there: same seed, same schedule, same choices). Every budget's
    network gets the same long fine-tune (`--long-epochs`, cosine from lr/10, as the library's).
 2. widths: MobileNetV3-Small at each `--widths` multiplier, trained from scratch (one cosine run from
-   `--lr`) for exactly as many SGD steps as the deepest NetAdapt network saw on its path: seed epochs +
-   the short fine-tunes of the proposals it was built from + the long fine-tune (printed).
+   `--lr`) for exactly as many SGD steps as the deepest NetAdapt network sees on its path: seed epochs +
+   the short fine-tunes of the proposals it is built from (the schedule's iterations to the smallest
+   budget) + the long fine-tune (printed; so the widths need not wait for the chain).
 3. macs: the same loop guided by exact MAC counts (`NNN-macs` at the same shares of the seed's MACs),
    starting from the same trained seed.
 4. scratch: each latency-guided final architecture trained from scratch like a width multiplier: is it
    the shape, or the inherited weights?
 
 `--parts report` builds every final network of every seed and times them interleaved in this one
-process; per seed, the width curve (accuracy against measured latency, linear between widths) gives the
+process, recording wall-clock and the inference thread's CPU time (`--clock`, default cpu: on a loaded
+shared machine wall-clock inflates the larger networks many times over); per seed, the width curve (accuracy against measured latency, linear between widths) gives the
 accuracy gap at equal latency and the latency ratio at equal accuracy of each NetAdapt, MACs-guided and
 scratch network; mean +- std over seeds. Writes results/benchmarks/netadapt[-TAG].csv (one row per
 network and seed), netadapt[-TAG]-summary.csv and the plot docs/netadapt-vs-width.png (`--plot`).
@@ -438,6 +442,20 @@ def report(args: argparse.Namespace) -> None:
         keys.append(key)
     base = seed_spec(specs[keys[0]].num_classes)
     specs.setdefault(spec_to_yaml(base), base)
+    chain_steps: list[tuple[int, str, int, float, str]] = []  # (seed, guide, iteration, predicted share, key)
+    for seed in args.seeds:
+        for guide in ("netadapt", "macs"):
+            folder = seed_dir(args, seed) / guide
+            if not (folder / "iterations.csv").exists():
+                continue
+            rows = pd.read_csv(folder / "iterations.csv")
+            column = "predicted_latency_ms" if guide == "netadapt" else "macs"
+            first = float(rows.loc[rows["iteration"] == 0, column].iloc[0])
+            for _, row in rows[rows["iteration"] > 0].iterrows():
+                spec, _ = read_checkpoint(folder / "iterations" / f"{int(row['iteration']):03d}.pt")
+                key = spec_to_yaml(spec)
+                specs.setdefault(key, spec)
+                chain_steps.append((seed, guide, int(row["iteration"]), float(row[column]) / first, key))
     order = list(specs)
     log(f"timing {len(order)} distinct networks interleaved ({args.passes} passes x 5 runs each)")
     wall, cpu = time_networks(args, [specs[k] for k in order])
@@ -446,6 +464,11 @@ def report(args: argparse.Namespace) -> None:
     seed_ms = latencies[spec_to_yaml(base)]
     log(f"seed architecture: wall-clock p25 {walls[spec_to_yaml(base)]:.3f} ms, CPU-time p25 "
         f"{cpus[spec_to_yaml(base)]:.3f} ms; latency below = {args.clock}")
+    print("\nthe chains' guide vs measurement (share of the seed: the table's prediction or MACs, against wall-clock "
+          "and CPU-time p25 measured here):")
+    for seed, guide, iteration, share, key in chain_steps:
+        print(f"  seed {seed} {guide} iteration {iteration}: guide {100 * share:.1f} %, wall-clock "
+              f"{100 * walls[key] / walls[spec_to_yaml(base)]:.1f} %, CPU time {100 * cpus[key] / cpus[spec_to_yaml(base)]:.1f} %")
     frame["latency_ms"] = [latencies[k] for k in keys]
     frame["wall_p25_ms"] = [walls[k] for k in keys]
     frame["cpu_p25_ms"] = [cpus[k] for k in keys]
