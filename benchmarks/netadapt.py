@@ -1,181 +1,648 @@
-"""NetAdapt vs the width multiplier, and what the pruner saves.
+"""Is an adapted network better than simply picking a smaller width multiplier at the same latency?
 
-    python benchmarks/netadapt.py                      # Fashion-MNIST, Small, 50 % of the seed's latency
-    python benchmarks/netadapt.py --data digits --limit 1000 --seed-epochs 10   # quick
+    python benchmarks/netadapt.py --quick                         # pilot: 1 seed, 6,000 images, 2 budgets
+    python benchmarks/netadapt.py --seeds 0 --parts train         # one seed's training (one process per seed)
+    python benchmarks/netadapt.py --seeds 0 --parts latency       # or one part per process: latency, widths,
+                                                                  # macs (waits for latency's seed), scratch
+    python benchmarks/netadapt.py --seeds 0,1,2 --parts report    # time every final network together, report
 
-1. A NetAdapt run (library API) on Small: seed trained on the data, then adapted to `--budget` of the seed's
-   latency on this machine (ONNX Runtime, 1 thread, 224 px), then the long fine-tune.
-2. The width-multiplier baseline: the widest multiplier (paper semantics, steps of 0.05) whose measured
-   latency is at most the NetAdapt network's, timed interleaved with it and the seed. It is trained from
-   scratch for as many epochs as the seed and then given the same long fine-tune.
-3. The pruner: for the first `--check-iterations` iterations, every proposal is evaluated again in full (no
-   pruner) from the same parent. Fine-tune steps spent with and without the pruner, and whether the full
-   evaluation picks the same proposal.
+MobileNetV3-Small on Fashion-MNIST (training at `--train-resolution`, latency at 224 px, ONNX Runtime,
+1 thread, p25 of interleaved runs). For every seed (`--parts train`, each part cached in the work folder, so a killed run
+resumes and seeds can train in parallel processes):
 
-Prints the figures and writes results/benchmarks/netadapt.csv (one row per figure).
+1. latency: one NetAdapt chain (library API, latency table) down to the smallest `--budgets` share of the
+   seed's latency. The larger budgets are the first iterations of the same chain whose predicted latency
+   meets them (the loop would have stopped there: same seed, same schedule, same choices). Every budget's
+   network gets the same long fine-tune (`--long-epochs`, cosine from lr/10, as the library's).
+2. widths: MobileNetV3-Small at each `--widths` multiplier, trained from scratch (one cosine run from
+   `--lr`) for exactly as many SGD steps as the deepest NetAdapt network sees on its path: seed epochs +
+   the short fine-tunes of the proposals it is built from (the schedule's iterations to the smallest
+   budget) + the long fine-tune (printed; so the widths need not wait for the chain).
+3. macs: the same loop guided by exact MAC counts (`NNN-macs` at the same shares of the seed's MACs),
+   starting from the same trained seed.
+4. scratch: each latency-guided final architecture trained from scratch like a width multiplier: is it
+   the shape, or the inherited weights?
+
+`--parts report` builds every final network of every seed and times them interleaved in this one
+process, recording wall-clock and the inference thread's CPU time (`--clock`, default cpu: on a loaded
+shared machine wall-clock inflates the larger networks many times over); per seed, the width curve (accuracy against measured latency, linear between widths) gives the
+accuracy gap at equal latency and the latency ratio at equal accuracy of each NetAdapt, MACs-guided and
+scratch network; mean +- std over seeds. Writes results/benchmarks/netadapt[-TAG].csv (one row per
+network and seed), netadapt[-TAG]-summary.csv and the plot docs/netadapt-vs-width.png (`--plot`).
+
+Settings that shape item-5 experiments (`--short-steps`, `--short-lr`, `--train-resolution`,
+`--schedule`) go into the work folder's name (`--tag`), so variants never mix.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
+import sys
 import time
-from dataclasses import replace
 from pathlib import Path
+from typing import Any, Optional
 
-import optuna
+import numpy as np
 import pandas as pd
 import torch
 
-from mnv3_search import build_model, load_spec
-from mnv3_search.latency.measure import make_backend, torch_threads
-from mnv3_search.latency.table import LatencyTable
-from mnv3_search.netadapt import RunConfig, run_netadapt
-from mnv3_search.netadapt.evaluate import Evaluator, load_run_dataset
-from mnv3_search.netadapt.runfolder import RunFolder
-from mnv3_search.netadapt.study import ITERATION_ATTR, claim
-from mnv3_search.prune.groups import proposal_groups
-from mnv3_search.report.frames import write_csv
-from mnv3_search.spec.spaces import resolve_spec_path
-from mnv3_search.train import evaluate, train_epochs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mnv3_search import build_model, load_spec, proposal_groups, spec_to_yaml  # noqa: E402
+from mnv3_search.data import Dataset, load_dataset  # noqa: E402
+from mnv3_search.errors import UserError  # noqa: E402
+from mnv3_search.latency.measure import InterleavedPolicy, make_backend, measure_interleaved, torch_threads  # noqa: E402
+from mnv3_search.model.counts import spec_macs, spec_params  # noqa: E402
+from mnv3_search.model.weights import read_checkpoint, save_state  # noqa: E402
+from mnv3_search.netadapt import RunConfig, run_netadapt  # noqa: E402
+from mnv3_search.report.frames import write_csv  # noqa: E402
+from mnv3_search.spec.arch import ArchSpec  # noqa: E402
+from mnv3_search.spec.spaces import resolve_spec_path  # noqa: E402
+from mnv3_search.train import evaluate, steps_per_epoch, train, train_epochs  # noqa: E402
 
 OUT = Path("results/benchmarks")
+PLOT = Path("docs/netadapt-vs-width.png")
+METHODS = ("netadapt", "macs", "scratch")
+LABELS = {"netadapt": "NetAdapt (latency table)", "macs": "NetAdapt guided by MACs",
+          "scratch": "NetAdapt's shape, trained from scratch", "width": "width multiplier"}
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="pilot: 1 seed, 6,000 images, 2 budgets, 3 widths")
+    p.add_argument("--parts", default="train,report", help="train (per seed: latency,widths,macs,scratch) and/or "
+                                                          "report; or single parts: latency, widths, macs, scratch")
+    p.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick: 0)")
     p.add_argument("--data", default="fashion-mnist")
-    p.add_argument("--limit", type=int, default=20000, help="training images")
-    p.add_argument("--holdout", type=float, default=0.05)
-    p.add_argument("--budget", default="50%")
-    p.add_argument("--schedule", default="0.05,0.95", help="first cut, decay (reaching 50 %% with the official "
-                                                          "2.5 %%/0.96 takes ~40 iterations)")
-    p.add_argument("--seed-epochs", type=int, default=2)
-    p.add_argument("--long-epochs", type=int, default=2)
-    p.add_argument("--short-steps", type=int, default=20)
-    p.add_argument("--reports", type=int, default=4)
-    p.add_argument("--check-iterations", type=int, default=3)
-    p.add_argument("--out", default=str(OUT / "netadapt-run"))
-    return p.parse_args()
+    p.add_argument("--limit", type=int, default=None, help="training images (default 20000; quick 6000)")
+    p.add_argument("--holdout-images", type=int, default=None, help="holdout carved from the training set "
+                   "(default 1,000: one image is 0.1 point; quick 500)")
+    p.add_argument("--budgets", default=None, help="shares of the seed's latency in %% (default 75,50,35; quick 80,60)")
+    p.add_argument("--widths", default=None, help="width multipliers (default 0.2,0.3,0.45,0.65,1.0; "
+                                                 "quick 0.4,0.7,1.0)")
+    p.add_argument("--schedule", default=None, help="first cut, decay, as shares of the seed's "
+                   "resource (default 0.066,1.0: 10 iterations to 35 %%; quick 0.1,1.0)")
+    p.add_argument("--seed-epochs", type=int, default=1)
+    p.add_argument("--long-epochs", type=int, default=1)
+    p.add_argument("--short-steps", type=int, default=10)
+    p.add_argument("--short-lr", type=float, default=0.005)
+    p.add_argument("--reports", type=int, default=2, help="holdout evaluations per proposal (if the library has it)")
+    p.add_argument("--train-resolution", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--passes", type=int, default=60, help="interleaved timing passes in the report")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="latency in the report: p25 of the "
+                   "inference thread's CPU time (default: robust on a loaded shared machine) or of wall-clock time")
+    p.add_argument("--finish-only", action="store_true", help="do not run or resume the chains: long fine-tune "
+                   "the budgets they have reached so far (when time runs out)")
+    p.add_argument("--tag", default=None, help="name of this variant (default: quick / full, plus changed settings)")
+    p.add_argument("--plot", default=None, help=f"PNG path (default {PLOT}; quick: results/benchmarks/...-quick.png)")
+    args = p.parse_args()
+    quick = args.quick
+    args.seeds = [int(s) for s in (args.seeds or ("0" if quick else "0,1,2")).split(",")]
+    args.limit = args.limit or (6000 if quick else 20000)
+    args.holdout_images = args.holdout_images or (500 if quick else 1000)
+    default_schedule = "0.1,1.0" if quick else "0.066,1.0"
+    args.schedule = args.schedule or default_schedule
+    args.budgets = sorted((float(b) for b in (args.budgets or ("80,60" if quick else "75,50,35")).split(",")),
+                          reverse=True)
+    args.widths = sorted(float(w) for w in (args.widths or ("0.4,0.7,1.0" if quick else
+                                                            "0.2,0.3,0.45,0.65,1.0")).split(","))
+    if args.tag is None:
+        changed = [f"{name}{getattr(args, name.replace('-', '_'))}" for name, default in
+                   (("short-steps", 10), ("short-lr", 0.005), ("train-resolution", 32), ("schedule", default_schedule))
+                   if getattr(args, name.replace("-", "_")) != default]
+        args.tag = "-".join(["quick" if quick else "full"] + [c.replace(",", "_") for c in changed])
+    args.work = OUT / f"netadapt-work-{args.tag}"
+    args.plot = Path(args.plot) if args.plot else (PLOT if args.tag == "full" else OUT / f"netadapt-{args.tag}.png")
+    parts = set(args.parts.split(","))
+    if "train" in parts:
+        parts |= {"latency", "widths", "macs", "scratch"}
+    args.parts = parts
+    return args
 
 
-class ScratchRun(RunFolder):
-    """The run folder for parents, a scratch folder for the re-evaluated proposals' weights."""
-
-    def __init__(self, path: Path, scratch: Path) -> None:
-        super().__init__(path)
-        self.scratch = scratch
-
-    def trial_checkpoint(self, number: int) -> Path:
-        return self.scratch / f"{number:05d}.pt"
+def log(*items: Any) -> None:
+    print(time.strftime("%H:%M:%S"), *items, flush=True)
 
 
-def full_evaluation(run_dir: Path, config: RunConfig, iteration: int) -> tuple[pd.DataFrame, str, int, int]:
-    """Every proposal of `iteration` fine-tuned in full; returns (rows, choice, steps in full, steps pruned)."""
-    run = RunFolder(run_dir)
-    proposals = pd.read_csv(run.proposals_csv)
-    mine = proposals[proposals["iteration"] == iteration]
-    rows = run.read_iterations()
-    parent = rows[iteration - 1]
-    seed_spec, _ = RunFolder.load(run.seed_checkpoint)
-    groups = proposal_groups(seed_spec, config.step)
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
-    parent_rel = "seed.pt" if iteration == 1 else f"iterations/{iteration - 1:03d}.pt"
-    for _, p in mine.iterrows():
-        study.enqueue_trial({"group": p["group"], "channels": int(p["channels"])},
-                            user_attrs={ITERATION_ATTR: iteration, "parent": parent_rel})
-    evaluator = Evaluator(ScratchRun(run_dir, OUT / "scratch"), config, [g.name for g in groups],
-                          max(g.channels for g in groups))
-    while (trial := claim(study)) is not None:
-        evaluator.evaluate(study, trial)
-    full = pd.DataFrame([{"group": t.params["group"], "channels": t.params["channels"], "accuracy": t.value}
-                         for t in study.trials])
-    merged = mine.merge(full, on=["group", "channels"])
-    current = parent["predicted_latency_ms"]
-    merged["score"] = (merged["accuracy"] - parent["holdout_accuracy"]) / (current - merged["predicted_latency_ms"])
-    best = merged.sort_values(["score", "trial"], ascending=[False, True]).iloc[0]
-    every = max(1, config.short_steps // config.reports)
-    spent = int(sum(config.short_steps if s == "COMPLETE" else r * every
-                    for s, r in zip(mine["state"], mine["reports"])))
-    return merged, f"{best['group']}={int(best['channels'])}", len(mine) * config.short_steps, spent
+# -- settings and data --------------------------------------------------------------------------------------
 
 
-def width_baseline(config: RunConfig, final_spec, run_dir: Path) -> dict:
-    """Widest multiplier no slower than the NetAdapt network (measured interleaved), trained like the seed."""
-    base = load_spec(resolve_spec_path(config.spec_path)).with_overrides(
-        resolution=config.resolution, num_classes=final_spec.num_classes)
-    table = LatencyTable.open(run_dir / "lut.json", make_backend("onnxruntime", 1))
-    widths = [round(1.0 - 0.05 * i, 2) for i in range(14)]
-    candidates = [replace(base, width=w, name=base.name) for w in widths]
-    measured = table.measure_networks([final_spec, base] + candidates)
-    final_ms, seed_ms = measured[0].p25_ms, measured[1].p25_ms
-    chosen = next(((w, m.p25_ms) for w, m in zip(widths, measured[2:]) if m.p25_ms <= final_ms),
-                  (widths[-1], measured[-1].p25_ms))
-    width, width_ms = chosen
-    dataset = load_run_dataset(config)
-    torch.manual_seed(config.seed)
-    model = build_model(replace(base, width=width))
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What must be equal for two processes to share a work folder."""
+    keys = ("data", "limit", "holdout_images", "budgets", "widths", "schedule", "seed_epochs", "long_epochs",
+            "short_steps", "short_lr", "reports", "train_resolution", "batch_size", "lr")
+    return {k: getattr(args, k) for k in keys}
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    args.work.mkdir(parents=True, exist_ok=True)
+    path = args.work / "settings.json"
+    mine = settings(args)
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        diffs = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        if diffs:
+            raise SystemExit(f"{args.work} holds a benchmark with other settings ({'; '.join(diffs)}); use --tag")
+    else:
+        path.write_text(json.dumps(mine, indent=1) + "\n")
+
+
+_TRAIN_SIZE: dict[str, int] = {}
+
+
+def holdout_fraction(args: argparse.Namespace) -> float:
+    """`--holdout-images` as the fraction of the source's training set that the library carves."""
+    if args.data not in _TRAIN_SIZE:
+        _TRAIN_SIZE[args.data] = len(load_dataset(args.data, resolution=8, holdout=0.0).train)
+    return args.holdout_images / _TRAIN_SIZE[args.data]
+
+
+def dataset(args: argparse.Namespace, seed: int) -> Dataset:
+    """The same splits the NetAdapt run of this seed uses (load_dataset with the run's settings)."""
+    return load_dataset(args.data, resolution=args.train_resolution, holdout=holdout_fraction(args), seed=seed,
+                        limit=args.limit)
+
+
+def run_config(args: argparse.Namespace, seed: int, budget: str, **extra: Any) -> RunConfig:
+    """A RunConfig from the stable fields; holdout and reports only where this library version has them."""
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    kw: dict[str, Any] = dict(spec_path="small", budget=budget, schedule=args.schedule, data=args.data,
+                              train_resolution=args.train_resolution, limit=args.limit,
+                              short_steps=args.short_steps, short_lr=args.short_lr, seed_epochs=args.seed_epochs,
+                              long_epochs=0, lr=args.lr, seed=seed, batch_size=args.batch_size, **extra)
+    for name, value in (("holdout", holdout_fraction(args)), ("reports", args.reports)):
+        if name in known:
+            kw[name] = value
+        else:
+            log(f"note: this library's RunConfig has no {name!r}; its default is used")
+    try:
+        return RunConfig(**kw)
+    except UserError:  # a library that wants a long fine-tune: ours is done here anyway
+        kw["long_epochs"] = 1
+        return RunConfig(**kw)
+
+
+def seed_spec(num_classes: int) -> ArchSpec:
+    return load_spec(resolve_spec_path("small")).with_overrides(num_classes=num_classes).scaled()
+
+
+def seed_dir(args: argparse.Namespace, seed: int) -> Path:
+    return args.work / f"seed{seed}"
+
+
+def net_path(args: argparse.Namespace, seed: int, name: str) -> Path:
+    return seed_dir(args, seed) / "nets" / f"{name}.pt"
+
+
+def save_net(args: argparse.Namespace, seed: int, name: str, spec: ArchSpec, model: torch.nn.Module,
+             record: dict[str, Any]) -> None:
+    path = net_path(args, seed, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_state(model.state_dict(), spec, path)
+    path.with_suffix(".json").write_text(json.dumps({**record, "seed": seed, "name": name}, indent=1) + "\n")
+    log(f"seed {seed} {name}: test accuracy {100 * record['test_accuracy']:.2f} % after {record['total_steps']} "
+        f"steps ({record['train_seconds']:.0f} s)")
+
+
+def done(args: argparse.Namespace, seed: int, name: str) -> bool:
+    return net_path(args, seed, name).with_suffix(".json").exists()
+
+
+def on_event(seed: int, guide: str):
+    def emit(kind: str, **info: Any) -> None:
+        if kind == "chosen":
+            log(f"seed {seed} {guide} iteration {info['iteration']}: {info['proposal']} -> resource "
+                f"{info['resource']:.4g}, holdout {100 * info['holdout_accuracy']:.2f} %, {info['proposals']} "
+                f"proposals ({info['pruned']} pruned), {info['wall_seconds']:.0f} s")
+        elif kind in ("seed_training", "confirm", "disagreement", "calibrating", "resume", "already_finished"):
+            log(f"seed {seed} {guide} {kind} {info}")
+    return emit
+
+
+# -- one chain ------------------------------------------------------------------------------------------------
+
+
+def budget_iterations(rows: pd.DataFrame, column: str, shares: list[float], finished: bool) -> dict[float, int]:
+    """Per budget share, the first iteration whose resource meets it; the smallest share takes the chain's end
+    when the run finished (the loop stopped there after confirming by measurement)."""
+    seed_value = float(rows.loc[rows["iteration"] == 0, column].iloc[0])
+    found = {}
+    for share in shares:
+        meets = rows[(rows[column] <= share / 100 * seed_value) & (rows["iteration"] > 0)]
+        if not meets.empty:
+            found[share] = int(meets["iteration"].min())
+    if finished:
+        found[min(shares)] = int(rows["iteration"].max())
+    return found
+
+
+def chain(args: argparse.Namespace, seed: int, guide: str) -> None:
+    """One NetAdapt chain to the smallest budget, then the long fine-tune of every budget's network."""
+    folder = seed_dir(args, seed) / guide
+    smallest = min(args.budgets)
+    if guide == "netadapt":
+        config = run_config(args, seed, f"{smallest:g}%", lut=str(OUT / "netadapt-lut.json"))
+    else:
+        weights = seed_dir(args, seed) / "netadapt" / "seed.pt"
+        waited = time.perf_counter()
+        while not weights.exists():  # the latency chain (another process) trains it
+            if time.perf_counter() - waited > 3600:
+                log(f"seed {seed} macs: the latency chain's seed.pt is missing; run part latency first")
+                return
+            time.sleep(10)
+        macs = spec_macs(read_checkpoint(weights)[0])
+        config = run_config(args, seed, f"{math.floor(smallest / 100 * macs)}-macs", weights=str(weights))
     start = time.perf_counter()
-    train_epochs(model, dataset, config.seed_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed)
-    train_epochs(model, dataset, config.long_epochs, batch_size=config.batch_size, lr=config.lr * 0.1,
-                 seed=config.seed)
-    return {"width": width, "width_ms": width_ms, "netadapt_ms": final_ms, "seed_ms": seed_ms,
-            "width_test_accuracy": evaluate(model, dataset, dataset.test),
-            "width_train_seconds": time.perf_counter() - start}
+    if not args.finish_only:
+        try:
+            run_netadapt(config, out=str(folder), on_event=on_event(seed, guide))
+        except UserError as exc:  # budget unreachable: keep what was reached
+            log(f"seed {seed} {guide}: {exc}")
+        log(f"seed {seed} {guide} chain: {time.perf_counter() - start:.0f} s")
+    if not (folder / "iterations.csv").exists():
+        log(f"seed {seed} {guide}: no iteration finished yet")
+        return
+    rows = pd.read_csv(folder / "iterations.csv")
+    column = "predicted_latency_ms" if guide == "netadapt" else "macs"
+    chosen = budget_iterations(rows, column, args.budgets, (folder / "final.yaml").exists())
+    proposals = pd.read_csv(folder / "proposals.csv") if (folder / "proposals.csv").exists() else None
+    ds = None
+    for share, iteration in sorted(chosen.items(), reverse=True):
+        name = f"{guide}-{share:g}"
+        if done(args, seed, name):
+            continue
+        ds = ds or dataset(args, seed)
+        spec, state = read_checkpoint(folder / "iterations" / f"{iteration:03d}.pt")
+        model = build_model(spec)
+        model.load_state_dict(state, strict=True)
+        t0 = time.perf_counter()
+        train_epochs(model, ds, args.long_epochs, batch_size=args.batch_size, lr=args.lr * 0.1, seed=seed)
+        per_epoch = steps_per_epoch(ds, args.batch_size)
+        path_steps = iteration * args.short_steps
+        all_steps = int(proposals.loc[proposals["iteration"] <= iteration, "steps"].fillna(0).sum()) \
+            if proposals is not None else None
+        record = {"method": guide, "budget": share, "iteration": iteration, "width": None,
+                  "total_steps": (args.seed_epochs + args.long_epochs) * per_epoch + path_steps,
+                  "path_short_steps": path_steps, "all_short_steps": all_steps,
+                  "holdout_accuracy": evaluate(model, ds, ds.holdout), "test_accuracy": evaluate(model, ds, ds.test),
+                  "train_seconds": time.perf_counter() - t0}
+        save_net(args, seed, name, spec, model, record)
+
+
+def expected_path(args: argparse.Namespace) -> int:
+    """Iterations the schedule needs to reach the smallest budget (each cut as the schedule's share of the
+    seed's resource); the width multipliers get this path's training, so they need not wait for the chain.
+    The report shows each network's actual path."""
+    first, decay = (float(v) for v in args.schedule.split(","))
+    need, cut, n = 1 - min(args.budgets) / 100, 0.0, 0
+    while cut < need - 1e-9:
+        cut += first * decay ** n
+        n += 1
+    return n
+
+
+def equal_steps(args: argparse.Namespace, ds: Dataset, iterations: int) -> int:
+    per_epoch = steps_per_epoch(ds, args.batch_size)
+    total = (args.seed_epochs + args.long_epochs) * per_epoch + iterations * args.short_steps
+    log(f"equal training: seed {args.seed_epochs} epochs x {per_epoch} steps + {iterations} iterations x "
+        f"{args.short_steps} short steps + long {args.long_epochs} x {per_epoch} = {total} steps = "
+        f"{total / per_epoch:.3f} epochs of {len(ds.train)} images (batch {args.batch_size})")
+    return total
+
+
+def from_scratch(args: argparse.Namespace, seed: int, name: str, spec: ArchSpec, steps: int, ds: Dataset,
+                 extra: dict[str, Any]) -> None:
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    t0 = time.perf_counter()
+    train(model, ds, steps, lr=args.lr, batch_size=args.batch_size, seed=seed)
+    save_net(args, seed, name, spec, model, {
+        **extra, "iteration": None, "total_steps": steps, "holdout_accuracy": evaluate(model, ds, ds.holdout),
+        "test_accuracy": evaluate(model, ds, ds.test), "train_seconds": time.perf_counter() - t0})
+
+
+def widths(args: argparse.Namespace, seed: int) -> None:
+    iterations = expected_path(args)
+    ds = dataset(args, seed)
+    steps = equal_steps(args, ds, iterations)
+    for width in sorted(args.widths, reverse=True):
+        name = f"width-{width:.2f}"
+        if not done(args, seed, name):
+            spec = load_spec(resolve_spec_path("small")).with_overrides(width=width,
+                                                                         num_classes=ds.num_classes).scaled()
+            from_scratch(args, seed, name, spec, steps, ds, {"method": "width", "budget": None, "width": width})
+
+
+def scratch(args: argparse.Namespace, seed: int) -> None:
+    """Each latency-guided budget's architecture (from the chain's iteration checkpoint, so this can run
+    beside the chain), re-initialised and trained like a width multiplier."""
+    folder = seed_dir(args, seed) / "netadapt"
+    if not (folder / "iterations.csv").exists():
+        log(f"seed {seed} scratch: the latency chain has no iteration yet")
+        return
+    rows = pd.read_csv(folder / "iterations.csv")
+    chosen = budget_iterations(rows, "predicted_latency_ms", args.budgets, (folder / "final.yaml").exists())
+    ds = dataset(args, seed)
+    steps = equal_steps(args, ds, expected_path(args))
+    for share, iteration in sorted(chosen.items(), reverse=True):
+        name = f"scratch-{share:g}"
+        if not done(args, seed, name):
+            spec, _ = read_checkpoint(folder / "iterations" / f"{iteration:03d}.pt")
+            from_scratch(args, seed, name, spec, steps, ds, {"method": "scratch", "budget": share, "width": None,
+                                                             "source_iteration": iteration})
+
+
+# -- report ---------------------------------------------------------------------------------------------------
+
+
+def time_networks(args: argparse.Namespace, specs: list[ArchSpec]) -> tuple[list[float], list[float]]:
+    """Every distinct network timed interleaved in this process (ONNX Runtime, 1 thread, 224 px): the p25 of
+    wall-clock time (the library's protocol) and the p25 of the inference thread's CPU time.
+
+    With one ONNX Runtime thread the inference runs on the calling thread, so its CPU time is what the
+    network costs without the time the thread waited for a core: on a shared, loaded machine wall-clock
+    times of the larger networks are inflated many times over (they are preempted more often), CPU times
+    are not."""
+    backend = make_backend("onnxruntime", 1)
+    policy = InterleavedPolicy(passes=args.passes, runs_per_pass=5, seed=0)
+    cpu: list[list[float]] = [[] for _ in specs]
+
+    def timed(run: Any, bucket: list[float]) -> Any:
+        def wrapped() -> None:
+            t0 = time.thread_time_ns()
+            run()
+            bucket.append((time.thread_time_ns() - t0) / 1e6)
+        return wrapped
+
+    with torch_threads(1):
+        runners = [timed(backend.runner(build_model(s).eval(), (1, 3, s.resolution, s.resolution)), bucket)
+                   for s, bucket in zip(specs, cpu)]
+        measured = measure_interleaved(runners, policy)
+    cpu_p25 = [float(np.percentile(b[policy.warmup_runs:], 25)) for b in cpu]
+    return [m.p25_ms for m in measured], cpu_p25
+
+
+def curve_accuracy(curve: pd.DataFrame, latency: float) -> float:
+    """The width curve's accuracy at `latency` (linear between neighbouring widths; NaN outside the curve)."""
+    x, y = curve["latency_ms"].to_numpy(), curve["test_accuracy"].to_numpy()
+    if latency < x.min() or latency > x.max():
+        return math.nan
+    return float(np.interp(latency, x, y))
+
+
+def curve_latency(curve: pd.DataFrame, accuracy: float) -> float:
+    """The latency at which the width curve first reaches `accuracy` (linear between widths; NaN if never or
+    already below its narrowest point)."""
+    x, y = curve["latency_ms"].to_numpy(), curve["test_accuracy"].to_numpy()
+    if accuracy < y[0]:
+        return math.nan
+    for i in range(1, len(x)):
+        if y[i] >= accuracy:
+            if y[i] == y[i - 1]:
+                return float(x[i])
+            return float(x[i - 1] + (accuracy - y[i - 1]) / (y[i] - y[i - 1]) * (x[i] - x[i - 1]))
+    return math.nan
+
+
+def shape_change(spec: ArchSpec, base: ArchSpec) -> str:
+    """Which channel groups the network cut, as seed -> now (NetAdapt's group names)."""
+    before = {g.name: g.channels for g in proposal_groups(base, 8)}
+    after = {g.name: g.channels for g in proposal_groups(spec, 8)}
+    return ", ".join(f"{name} {before[name]}->{after[name]}" for name in before
+                     if name in after and after[name] != before[name])
+
+
+def mean_std(values: pd.Series) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "n/a"
+    std = values.std(ddof=1) if len(values) > 1 else 0.0
+    return f"{values.mean():.2f} +- {std:.2f}" + ("" if len(values) > 1 else " (1 seed)")
+
+
+def report(args: argparse.Namespace) -> None:
+    records = []
+    for seed in args.seeds:
+        for path in sorted((seed_dir(args, seed) / "nets").glob("*.json")):
+            records.append(json.loads(path.read_text()))
+    if not records:
+        raise SystemExit(f"nothing trained in {args.work} for seeds {args.seeds}")
+    frame = pd.DataFrame(records)
+    specs: dict[str, ArchSpec] = {}
+    keys = []
+    for r in records:
+        spec, _ = read_checkpoint(net_path(args, r["seed"], r["name"]))
+        key = spec_to_yaml(spec)
+        specs.setdefault(key, spec)
+        keys.append(key)
+    base = seed_spec(specs[keys[0]].num_classes)
+    specs.setdefault(spec_to_yaml(base), base)
+    chain_steps: list[tuple[int, str, int, float, str]] = []  # (seed, guide, iteration, predicted share, key)
+    for seed in args.seeds:
+        for guide in ("netadapt", "macs"):
+            folder = seed_dir(args, seed) / guide
+            if not (folder / "iterations.csv").exists():
+                continue
+            rows = pd.read_csv(folder / "iterations.csv")
+            column = "predicted_latency_ms" if guide == "netadapt" else "macs"
+            first = float(rows.loc[rows["iteration"] == 0, column].iloc[0])
+            for _, row in rows[rows["iteration"] > 0].iterrows():
+                spec, _ = read_checkpoint(folder / "iterations" / f"{int(row['iteration']):03d}.pt")
+                key = spec_to_yaml(spec)
+                specs.setdefault(key, spec)
+                chain_steps.append((seed, guide, int(row["iteration"]), float(row[column]) / first, key))
+    order = list(specs)
+    log(f"timing {len(order)} distinct networks interleaved ({args.passes} passes x 5 runs each)")
+    wall, cpu = time_networks(args, [specs[k] for k in order])
+    latencies = dict(zip(order, cpu if args.clock == "cpu" else wall))
+    walls, cpus = dict(zip(order, wall)), dict(zip(order, cpu))
+    seed_ms = latencies[spec_to_yaml(base)]
+    log(f"seed architecture: wall-clock p25 {walls[spec_to_yaml(base)]:.3f} ms, CPU-time p25 "
+        f"{cpus[spec_to_yaml(base)]:.3f} ms; latency below = {args.clock}")
+    print("\nthe chains' guide vs measurement (share of the seed: the table's prediction or MACs, against wall-clock "
+          "and CPU-time p25 measured here):")
+    for seed, guide, iteration, share, key in chain_steps:
+        print(f"  seed {seed} {guide} iteration {iteration}: guide {100 * share:.1f} %, wall-clock "
+              f"{100 * walls[key] / walls[spec_to_yaml(base)]:.1f} %, CPU time {100 * cpus[key] / cpus[spec_to_yaml(base)]:.1f} %")
+    frame["latency_ms"] = [latencies[k] for k in keys]
+    frame["wall_p25_ms"] = [walls[k] for k in keys]
+    frame["cpu_p25_ms"] = [cpus[k] for k in keys]
+    frame["latency_share"] = frame["latency_ms"] / seed_ms
+    frame["macs"] = [spec_macs(specs[k]) for k in keys]
+    frame["params"] = [spec_params(specs[k]) for k in keys]
+    frame["width_curve_accuracy"] = math.nan
+    frame["gap_points"] = math.nan
+    frame["width_latency_at_equal_accuracy_ms"] = math.nan
+    frame["latency_ratio"] = math.nan
+    for seed in frame["seed"].unique():
+        curve = frame[(frame["seed"] == seed) & (frame["method"] == "width")].sort_values("latency_ms")
+        if len(curve) < 2:
+            continue
+        for i in frame.index[(frame["seed"] == seed) & (frame["method"] != "width")]:
+            lat, acc = frame.at[i, "latency_ms"], frame.at[i, "test_accuracy"]
+            at = curve_accuracy(curve, lat)
+            width_ms = curve_latency(curve, acc)
+            frame.at[i, "width_curve_accuracy"] = at
+            frame.at[i, "gap_points"] = 100 * (acc - at)
+            frame.at[i, "width_latency_at_equal_accuracy_ms"] = width_ms
+            frame.at[i, "latency_ratio"] = width_ms / lat
+    frame["test_accuracy_pct"] = 100 * frame["test_accuracy"]
+    columns = ["method", "budget", "width", "seed", "iteration", "total_steps", "path_short_steps", "all_short_steps",
+               "latency_ms", "wall_p25_ms", "cpu_p25_ms", "latency_share", "macs", "params", "holdout_accuracy", "test_accuracy",
+               "width_curve_accuracy", "gap_points", "width_latency_at_equal_accuracy_ms", "latency_ratio",
+               "train_seconds"]
+    frame = frame.reindex(columns=columns + ["test_accuracy_pct"])
+    suffix = "" if args.tag == "full" else f"-{args.tag}"
+    write_csv(frame[columns].sort_values(["method", "budget", "width", "seed"]), OUT / f"netadapt{suffix}.csv")
+    log(f"seed (width 1.0 architecture) measured {seed_ms:.3f} ms")
+    print(f"\nwidth multipliers (seeds {sorted(frame['seed'].unique())}; each trained from scratch for the deepest "
+          f"NetAdapt network's total steps):")
+    widths_frame = frame[frame["method"] == "width"]
+    for width, g in widths_frame.groupby("width"):
+        print(f"  width {width:.2f}: {g['latency_ms'].mean():.3f} ms (wall {g['wall_p25_ms'].mean():.3f}) ({100 * g['latency_share'].mean():.0f} % of the "
+              f"seed), {g['macs'].iloc[0] / 1e6:.1f} M MACs, test {mean_std(g['test_accuracy_pct'])} %  (n={len(g)})")
+    summary = []
+    print("\nper budget (mean +- std over seeds; gap = accuracy minus the width curve's at the same measured "
+          "latency; ratio = width curve's latency at the same accuracy / this network's):")
+    for method in METHODS:
+        for budget, g in frame[frame["method"] == method].groupby("budget"):
+            row = {"method": method, "budget_pct": budget, "seeds": len(g),
+                   "iteration_mean": g["iteration"].mean(), "latency_ms": g["latency_ms"].mean(),
+                   "latency_ms_std": g["latency_ms"].std(ddof=1), "latency_share": g["latency_share"].mean(),
+                   "macs_m": g["macs"].mean() / 1e6, "test_accuracy_pct": g["test_accuracy_pct"].mean(),
+                   "test_accuracy_pct_std": g["test_accuracy_pct"].std(ddof=1),
+                   "width_curve_accuracy_pct": 100 * g["width_curve_accuracy"].mean(),
+                   "gap_points": g["gap_points"].mean(), "gap_points_std": g["gap_points"].std(ddof=1),
+                   "gap_defined": int(g["gap_points"].notna().sum()),
+                   "latency_ratio": g["latency_ratio"].mean(), "latency_ratio_std": g["latency_ratio"].std(ddof=1),
+                   "ratio_defined": int(g["latency_ratio"].notna().sum())}
+            summary.append(row)
+            print(f"  {method:8s} {budget:g} %: {mean_std(g['latency_ms'])} ms ({100 * row['latency_share']:.0f} % "
+                  f"of seed), {row['macs_m']:.1f} M MACs, test {mean_std(g['test_accuracy_pct'])} %, width curve "
+                  f"there {mean_std(100 * g['width_curve_accuracy'])} %, gap {mean_std(g['gap_points'])} points, "
+                  f"latency ratio {mean_std(g['latency_ratio'])}x (defined for {row['ratio_defined']}/{len(g)})")
+    print("\nwhat the adapted networks cut (seed -> final channels), first seed:")
+    first = min(frame["seed"].unique())
+    for i, r in enumerate(records):
+        if r["seed"] == first and r["method"] in ("netadapt", "macs"):
+            print(f"  {r['method']} {r['budget']:g} % (iteration {r['iteration']}): "
+                  f"{shape_change(specs[keys[i]], base)}")
+    summary_frame = pd.DataFrame(summary)
+    write_csv(summary_frame, OUT / f"netadapt{suffix}-summary.csv")
+    selection_signal(args)
+    goal(summary_frame, args)
+    plot(frame, seed_ms, args)
+    log(f"wrote {OUT / f'netadapt{suffix}.csv'}, {OUT / f'netadapt{suffix}-summary.csv'}, {args.plot}")
+
+
+def selection_signal(args: argparse.Namespace) -> None:
+    """How well the proposals' holdout accuracy separates them: per chain, the share of iterations where
+    another complete proposal came within one holdout image of the chosen one's accuracy."""
+    one = 1 / args.holdout_images
+    print(f"\nselection signal (holdout {args.holdout_images} images: one image = {100 * one:.2f} points):")
+    for seed in args.seeds:
+        for guide in ("netadapt", "macs"):
+            path = seed_dir(args, seed) / guide / "proposals.csv"
+            if not path.exists():
+                continue
+            p = pd.read_csv(path)
+            complete = p[p["state"] == "COMPLETE"]
+            iterations = sorted(complete["iteration"].unique())
+            close, spread, counts = 0, [], []
+            for it in iterations:
+                g = complete[complete["iteration"] == it]
+                chosen = g[g["chosen"].astype(str) == "True"]
+                counts.append(len(p[p["iteration"] == it]))
+                spread.append(100 * (g["holdout_accuracy"].max() - g["holdout_accuracy"].min()))
+                if not chosen.empty and len(g) > 1:
+                    others = g[g.index != chosen.index[0]]
+                    close += bool(((others["holdout_accuracy"] - chosen["holdout_accuracy"].iloc[0]).abs()
+                                   <= one + 1e-9).any())
+            steps = p["steps"].fillna(0).sum()
+            print(f"  seed {seed} {guide}: {len(iterations)} iterations, {sum(counts)} proposals "
+                  f"({np.mean(counts):.1f} per iteration), {int(steps)} short steps in all; holdout spread between "
+                  f"proposals {np.median(spread):.1f} points (median); chosen within one image of another in "
+                  f"{close}/{len(iterations)} iterations")
+
+
+def goal(summary: pd.DataFrame, args: argparse.Namespace) -> None:
+    """The issue's goal per budget: >= +1 point at equal latency or >= 1.3x faster at equal accuracy, and
+    ahead of the MACs-guided network."""
+    print("\ngoal (>= +1 point or >= 1.3x, and ahead of MACs-guided):")
+    for budget in args.budgets:
+        na = summary[(summary["method"] == "netadapt") & (summary["budget_pct"] == budget)]
+        mc = summary[(summary["method"] == "macs") & (summary["budget_pct"] == budget)]
+        if na.empty:
+            print(f"  {budget:g} %: no NetAdapt network")
+            continue
+        gap, ratio = na["gap_points"].iloc[0], na["latency_ratio"].iloc[0]
+        beats_width = (gap >= 1.0) or (ratio >= 1.3)
+        ahead = "n/a" if mc.empty else ("yes" if gap > mc["gap_points"].iloc[0] else "no")
+        print(f"  {budget:g} %: gap {gap:+.2f} points, ratio {ratio:.2f}x -> vs width "
+              f"{'MET' if beats_width else 'MISSED'}; ahead of MACs-guided (gap "
+              f"{'n/a' if mc.empty else format(mc['gap_points'].iloc[0], '+.2f')}): {ahead}")
+
+
+def plot(frame: pd.DataFrame, seed_ms: float, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    w = frame[frame["method"] == "width"].groupby("width").agg(
+        lat=("latency_ms", "mean"), acc=("test_accuracy_pct", "mean"), acc_std=("test_accuracy_pct", "std"))
+    w = w.sort_values("lat")
+    ax.errorbar(w["lat"], w["acc"], yerr=w["acc_std"].fillna(0), fmt="-o", color="0.35", capsize=3,
+                label=LABELS["width"])
+    for width, r in w.iterrows():
+        ax.annotate(f"{width:g}", (r["lat"], r["acc"]), textcoords="offset points", xytext=(4, -12), fontsize=8,
+                    color="0.35")
+    styles = {"netadapt": ("tab:red", "s"), "macs": ("tab:blue", "^"), "scratch": ("tab:green", "D")}
+    for method, (color, marker) in styles.items():
+        g = frame[frame["method"] == method].groupby("budget").agg(
+            lat=("latency_ms", "mean"), lat_std=("latency_ms", "std"), acc=("test_accuracy_pct", "mean"),
+            acc_std=("test_accuracy_pct", "std"))
+        if g.empty:
+            continue
+        ax.errorbar(g["lat"], g["acc"], xerr=g["lat_std"].fillna(0), yerr=g["acc_std"].fillna(0), fmt=marker,
+                    color=color, capsize=3, linestyle="none", label=LABELS[method])
+        for budget, r in g.iterrows():
+            ax.annotate(f"{budget:g}%", (r["lat"], r["acc"]), textcoords="offset points", xytext=(5, 4),
+                        fontsize=8, color=color)
+    n_seeds = frame["seed"].nunique()
+    clock = "CPU time" if args.clock == "cpu" else "wall-clock"
+    ax.set_xlabel(f"measured latency, ms ({clock} p25, ONNX Runtime, 1 thread, 224 px; seed {seed_ms:.2f} ms)")
+    ax.set_ylabel(f"Fashion-MNIST test accuracy, % (mean +- std, {n_seeds} seed{'s' if n_seeds > 1 else ''})")
+    ax.set_title("MobileNetV3-Small: NetAdapt vs the width multiplier at equal training steps")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=9)
+    fig.tight_layout()
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
     args = parse()
-    OUT.mkdir(parents=True, exist_ok=True)
-    config = RunConfig(spec_path="small", budget=args.budget, schedule=args.schedule, data=args.data,
-                       limit=args.limit, holdout=args.holdout, seed_epochs=args.seed_epochs,
-                       long_epochs=args.long_epochs, short_steps=args.short_steps, reports=args.reports)
-    start = time.perf_counter()
-    result = run_netadapt(config, out=args.out)
-    netadapt_seconds = time.perf_counter() - start
-    run_dir = Path(args.out)
-    iterations = pd.read_csv(run_dir / "iterations.csv")
-    print(f"NetAdapt: {result.iterations} iterations in {netadapt_seconds:.0f} s; predicted "
-          f"{result.final_value:.3f} ms vs seed {result.seed_value:.3f} ms; measured {result.measured_ms:.3f} vs "
-          f"{result.seed_measured_ms:.3f} ms; test accuracy {100 * result.test_accuracy:.2f} %")
-    with torch_threads(1):
-        baseline = width_baseline(config, result.final_spec, run_dir)
-    print(f"width multiplier {baseline['width']}: {baseline['width_ms']:.3f} ms (NetAdapt {baseline['netadapt_ms']:.3f} "
-          f"ms, seed {baseline['seed_ms']:.3f} ms, timed together); test accuracy "
-          f"{100 * baseline['width_test_accuracy']:.2f} %")
-    rows = [
-        {"figure": "netadapt_iterations", "value": result.iterations},
-        {"figure": "netadapt_seconds", "value": netadapt_seconds},
-        {"figure": "seed_holdout_accuracy", "value": iterations["holdout_accuracy"].iloc[0]},
-        {"figure": "netadapt_test_accuracy", "value": result.test_accuracy},
-        {"figure": "netadapt_latency_ms", "value": baseline["netadapt_ms"]},
-        {"figure": "seed_latency_ms", "value": baseline["seed_ms"]},
-        {"figure": "netadapt_vs_seed_latency_ratio", "value": baseline["netadapt_ms"] / baseline["seed_ms"]},
-        {"figure": "width_multiplier", "value": baseline["width"]},
-        {"figure": "width_latency_ms", "value": baseline["width_ms"]},
-        {"figure": "width_test_accuracy", "value": baseline["width_test_accuracy"]},
-        {"figure": "width_vs_netadapt_latency_ratio", "value": baseline["width_ms"] / baseline["netadapt_ms"]},
-    ]
-    same, full_steps, spent_steps = 0, 0, 0
-    checked = min(args.check_iterations, result.iterations)
-    with torch_threads(1):
-        for iteration in range(1, checked + 1):
-            merged, full_choice, full, spent = full_evaluation(run_dir, config, iteration)
-            chosen = iterations.loc[iterations["iteration"] == iteration, "proposal"].item()
-            same += chosen == full_choice
-            full_steps, spent_steps = full_steps + full, spent_steps + spent
-            print(f"iteration {iteration}: pruned run chose {chosen}, full evaluation {full_choice}; fine-tune steps "
-                  f"{spent} with the pruner vs {full} in full")
-    rows += [
-        {"figure": "pruner_checked_iterations", "value": checked},
-        {"figure": "pruner_steps_spent", "value": spent_steps},
-        {"figure": "full_steps", "value": full_steps},
-        {"figure": "pruner_step_saving", "value": 1 - spent_steps / full_steps if full_steps else None},
-        {"figure": "pruner_same_choice", "value": same},
-    ]
-    frame = pd.DataFrame(rows)
-    write_csv(frame, OUT / "netadapt.csv")
-    print(frame.to_string(index=False))
-    print(f"wrote {OUT / 'netadapt.csv'}")
+    check_settings(args)
+    log(f"work folder {args.work}; settings {settings(args)}; seeds {args.seeds}; parts {sorted(args.parts)}")
+    for seed in args.seeds:
+        if "latency" in args.parts:
+            chain(args, seed, "netadapt")
+        if "widths" in args.parts:
+            widths(args, seed)
+        if "macs" in args.parts:
+            chain(args, seed, "macs")
+        if "scratch" in args.parts:
+            scratch(args, seed)
+    if "report" in args.parts:
+        report(args)
 
 
 if __name__ == "__main__":
