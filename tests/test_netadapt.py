@@ -190,9 +190,7 @@ def test_halving_sees_what_full_evaluation_sees(halving_run, tmp_path: Path) -> 
             if (t.params["group"], step) in halving:
                 assert halving[(t.params["group"], step)] == [step, accuracy, loss]
                 seen += 1
-    assert seen == len(halving)
-    first = pd.read_csv(out / "iterations.csv")
-    assert pd.read_csv(full / "iterations.csv")["proposal"].iloc[1] == first["proposal"].iloc[1]
+    assert seen == len(halving)  # (which proposal wins may differ: benchmarks/pruner.py measures how often)
 
 
 def test_short_tune_resumes_exactly() -> None:
