@@ -49,8 +49,9 @@ class Ranked:
 
 def tolerance(parent_accuracy: float, holdout_images: int) -> float:
     """What the holdout resolves around the parent's accuracy: one binomial standard error, at least one
-    image. benchmarks/pruner.py: with one image instead, halving and full evaluation agreed on 1 of 6
-    iterations (the top proposals differ by noise, reordered by a few more steps); with this, 5 of 6."""
+    image. benchmarks/pruner.py (12 iterations): with one image instead, halving and full evaluation picked
+    the same proposal in 6 of 12 iterations (the top proposals differ by noise, reordered by a few more
+    steps); with this, 8 of 12."""
     n = max(1, holdout_images)
     p = min(max(parent_accuracy, 0.0), 1.0)
     return max(1.0 / n, math.sqrt(p * (1.0 - p) / n))
