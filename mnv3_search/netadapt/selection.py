@@ -8,10 +8,10 @@ saving, so a proposal at least as accurate and saving at least as much is never 
 
 Ties. A holdout of n images measures an accuracy p to within its binomial standard error sqrt(p(1-p)/n)
 (at least one image): `tolerance()`. Differences below that are noise -- on 1,000 Fashion-MNIST images at
-76 % it is 1.35 points, and the proposals of one iteration typically all sit within it. Every proposal
-that would reach the best score with `tolerance` more accuracy ties with the best; among the tied ones the lower holdout cross-entropy wins,
-then (losses equal within `LOSS_TIE`) the larger saving, then the group name. Nothing depends on trial
-numbers or the order proposals finished in.
+76 % it is 1.35 points, and the best proposals of one iteration often sit within it. Every proposal that
+would reach the best score with `tolerance` more accuracy ties with the best; among the tied ones the lower
+holdout cross-entropy (a finer, steadier signal) wins, then (losses equal within `LOSS_TIE`) the larger
+saving, then the group name. Nothing depends on trial numbers or the order proposals finished in.
 
 Ranking repeats the choice on what is left, so a rung of halving keeps exactly the proposals the final
 choice would prefer.
@@ -49,8 +49,9 @@ class Ranked:
 
 def tolerance(parent_accuracy: float, holdout_images: int) -> float:
     """What the holdout resolves around the parent's accuracy: one binomial standard error, at least one
-    image. benchmarks/pruner.py: with one image instead, halving and full evaluation agreed on 1 of 6
-    iterations (the top proposals differ by noise, reordered by a few more steps); with this, 5 of 6."""
+    image. benchmarks/pruner.py (12 iterations): with one image instead, halving and full evaluation picked
+    the same proposal in 6 of 12 iterations (the top proposals differ by noise, reordered by a few more
+    steps); with this, 8 of 12."""
     n = max(1, holdout_images)
     p = min(max(parent_accuracy, 0.0), 1.0)
     return max(1.0 / n, math.sqrt(p * (1.0 - p) / n))
