@@ -209,7 +209,8 @@ def under_load(out: Path, variants: int, resolution, companions: int, models: li
                 print(f"(d) {model} {spec.resolution} px {condition:6s}: seed-relative MAPE {s.rel_mape_pct:.2f}% "
                       f"(raw sum {s.raw_rel_mape_pct:.2f}%), worst {s.rel_worst_pct:.2f}%, within ±10% "
                       f"{s.rel_within_10_pct:.0f}%; absolute MAPE {s.mape_pct:.2f}%; drift since calibration "
-                      f"{report.drift_pct:+.1f}%; ratio shift {100 * report.ratio_shift:.1f}%, p25 over min {100 * report.spread:.0f}% "
+                      f"{report.drift_pct:+.1f}%; ratio shift {100 * report.ratio_shift:.1f}%, "
+                      f"p25 over min {100 * report.spread:.0f}% "
                       f"({'reliable' if report.reliable else 'UNRELIABLE'}, {report.attempts} attempt(s)); "
                       f"{time.perf_counter() - t0:.0f} s, load {_load()}", flush=True)
                 detail = f"{s.count} variants, {spec.resolution} px, pinned {pinned}, load {_load()}"

@@ -7,7 +7,8 @@
     python benchmarks/netadapt.py --seeds 0,1,2 --parts report    # time every final network together, report
 
 MobileNetV3-Small on Fashion-MNIST (training at `--train-resolution`, latency at 224 px, ONNX Runtime,
-1 thread, p25 of interleaved runs). For every seed (`--parts train`, each part cached in the work folder, so a killed run
+1 thread, p25 of interleaved runs). For every seed (`--parts train`, each part cached in the work folder, so a \
+killed run
 resumes and seeds can train in parallel processes):
 
 1. latency: one NetAdapt chain (library API, latency table) down to the smallest `--budgets` share of the
@@ -25,7 +26,8 @@ resumes and seeds can train in parallel processes):
 
 `--parts report` builds every final network of every seed and times them interleaved in this one
 process, recording wall-clock and the inference thread's CPU time (`--clock`, default cpu: on a loaded
-shared machine wall-clock inflates the larger networks many times over); per seed, the width curve (accuracy against measured latency, linear between widths) gives the
+shared machine wall-clock inflates the larger networks many times over); per seed, the width curve (accuracy \
+against measured latency, linear between widths) gives the
 accuracy gap at equal latency and the latency ratio at equal accuracy of each NetAdapt, MACs-guided and
 scratch network; mean +- std over seeds. Writes results/benchmarks/netadapt[-TAG].csv (one row per
 network and seed), netadapt[-TAG]-summary.csv and the plot docs/netadapt-vs-width.png (`--plot`).
@@ -43,7 +45,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -468,7 +470,8 @@ def report(args: argparse.Namespace) -> None:
           "and CPU-time p25 measured here):")
     for seed, guide, iteration, share, key in chain_steps:
         print(f"  seed {seed} {guide} iteration {iteration}: guide {100 * share:.1f} %, wall-clock "
-              f"{100 * walls[key] / walls[spec_to_yaml(base)]:.1f} %, CPU time {100 * cpus[key] / cpus[spec_to_yaml(base)]:.1f} %")
+              f"{100 * walls[key] / walls[spec_to_yaml(base)]:.1f} %, "
+              f"CPU time {100 * cpus[key] / cpus[spec_to_yaml(base)]:.1f} %")
     frame["latency_ms"] = [latencies[k] for k in keys]
     frame["wall_p25_ms"] = [walls[k] for k in keys]
     frame["cpu_p25_ms"] = [cpus[k] for k in keys]
@@ -493,7 +496,8 @@ def report(args: argparse.Namespace) -> None:
             frame.at[i, "latency_ratio"] = width_ms / lat
     frame["test_accuracy_pct"] = 100 * frame["test_accuracy"]
     columns = ["method", "budget", "width", "seed", "iteration", "total_steps", "path_short_steps", "all_short_steps",
-               "latency_ms", "wall_p25_ms", "cpu_p25_ms", "latency_share", "macs", "params", "holdout_accuracy", "test_accuracy",
+               "latency_ms", "wall_p25_ms", "cpu_p25_ms", "latency_share", "macs", "params", "holdout_accuracy",
+               "test_accuracy",
                "width_curve_accuracy", "gap_points", "width_latency_at_equal_accuracy_ms", "latency_ratio",
                "train_seconds"]
     frame = frame.reindex(columns=columns + ["test_accuracy_pct"])
@@ -504,7 +508,8 @@ def report(args: argparse.Namespace) -> None:
           f"NetAdapt network's total steps):")
     widths_frame = frame[frame["method"] == "width"]
     for width, g in widths_frame.groupby("width"):
-        print(f"  width {width:.2f}: {g['latency_ms'].mean():.3f} ms (wall {g['wall_p25_ms'].mean():.3f}) ({100 * g['latency_share'].mean():.0f} % of the "
+        print(f"  width {width:.2f}: {g['latency_ms'].mean():.3f} ms (wall {g['wall_p25_ms'].mean():.3f}) "
+              f"({100 * g['latency_share'].mean():.0f} % of the "
               f"seed), {g['macs'].iloc[0] / 1e6:.1f} M MACs, test {mean_std(g['test_accuracy_pct'])} %  (n={len(g)})")
     summary = []
     print("\nper budget (mean +- std over seeds; gap = accuracy minus the width curve's at the same measured "

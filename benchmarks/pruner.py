@@ -132,13 +132,15 @@ def main() -> None:
     print(f"{args.spec}, {args.data} (limit {args.limit}, holdout {holdout} images), short_steps {args.short_steps}, "
           f"batch {args.batch_size}, select {args.select}: {len(frame) // max(1, len(recorded) - 1)} iterations "
           f"over {frame['run'].nunique()} run(s), {frame['proposals'].mean():.1f} proposals each on average"
-          + ("" if args.replay_only else f"; full-evaluation run {seconds:.0f} s on {torch.get_num_threads()} thread(s)"))
+          + ("" if args.replay_only
+             else f"; full-evaluation run {seconds:.0f} s on {torch.get_num_threads()} thread(s)"))
     print(f"{'rungs':>5} {'steps at':>16} {'steps saved':>12} {'same choice':>12} {'acc. lost (mean / max)':>24}")
     for rungs, group in frame.groupby("rungs"):
         saved = 1 - group["halving_steps"].sum() / group["full_steps"].sum()
         lost = group["accuracy_lost"]
         print(f"{rungs:>5} {str(recorded[-rungs:]):>16} {100 * saved:>11.1f}% "
-              f"{int(group['same'].sum()):>5} of {len(group):<4} {100 * lost.mean():>10.2f} / {100 * lost.max():.2f} pt")
+              f"{int(group['same'].sum()):>5} of {len(group):<4} "
+              f"{100 * lost.mean():>10.2f} / {100 * lost.max():.2f} pt")
 
 
 if __name__ == "__main__":

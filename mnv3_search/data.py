@@ -204,7 +204,8 @@ def _find(folder: Path, stem: str) -> Path:
 
 
 def _idx_pair(folder: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
-    images_path, labels_path = _find(folder, f"{prefix}-images-idx3-ubyte"), _find(folder, f"{prefix}-labels-idx1-ubyte")
+    images_path, labels_path = (_find(folder, f"{prefix}-images-idx3-ubyte"),
+                                _find(folder, f"{prefix}-labels-idx1-ubyte"))
     images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
     if len(images) != len(labels):
         raise UserError(f"{images_path}: {len(images)} images but {labels_path.name} has {len(labels)} labels")

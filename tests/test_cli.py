@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pandas as pd
 import pytest
 import torch
@@ -250,8 +251,6 @@ def test_installed_console_script(tmp_path: Path) -> None:
 
 def all_commands() -> dict[str, "click.Command"]:
     """Every command by its full name ('lut show'), loading the lazy ones."""
-    import click
-
     ctx = click.Context(cli)
     found: dict[str, click.Command] = {}
 

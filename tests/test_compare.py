@@ -82,7 +82,8 @@ def test_compare_data_evaluates_the_weights_instead_of_reading_run_json(tmp_path
     assert f"{100 * expected:.2f}%" in result.output
 
 
-@pytest.mark.parametrize("group, keep", [("out0", 8), ("exp2", 40), ("exp2", 16), ("out2-3", 16), ("out4-6", 24), ("exp5", 120),
+@pytest.mark.parametrize("group, keep", [("out0", 8), ("exp2", 40), ("exp2", 16), ("out2-3", 16), ("out4-6", 24),
+                                         ("exp5", 120),
                                          ("exp10", 200), ("last_conv", 136), ("hidden", 256)])
 def test_spec_counts_match_fvcore_for_shrunk_children(group: str, keep: int) -> None:
     """spec_macs / spec_params are arithmetic on the spec; fvcore traces the built child: they must agree on

@@ -96,7 +96,8 @@ def check_run_folder(folder: Path, seed_macs: int) -> pd.DataFrame:
 
 
 def study_of(folder: Path) -> optuna.Study:
-    return optuna.load_study(study_name=folder.resolve().name, storage=make_storage(RunFolder(folder).default_storage_url))
+    return optuna.load_study(study_name=folder.resolve().name,
+                             storage=make_storage(RunFolder(folder).default_storage_url))
 
 
 @pytest.fixture(scope="module")

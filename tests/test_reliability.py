@@ -15,7 +15,6 @@ import collections
 import json
 import multiprocessing
 import os
-import stat
 import subprocess
 import sys
 import threading
@@ -33,8 +32,8 @@ from mnv3_search.cli import cli
 from mnv3_search.errors import UserError
 from mnv3_search.netadapt.evaluate import KILL_EXIT_CODE, KILL_GROUP_ENV
 from mnv3_search.netadapt.study import (ATTEMPT_ATTR, FAILURE_ATTR, HEARTBEAT_ATTR, ITERATION_ATTR, STORAGE_ENV,
-                                        claim, claim_lock_path, create_study, heartbeat, load_study, make_storage, redact,
-                                        redact_argv, requeue_stale, resolve_storage)
+                                        claim, claim_lock_path, create_study, heartbeat, load_study, make_storage,
+                                        redact, redact_argv, requeue_stale, resolve_storage)
 from postgres import postgres_bin, running_postgres
 
 REPO = Path(__file__).resolve().parents[1]

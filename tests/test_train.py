@@ -114,7 +114,8 @@ def test_refresh_bn_measures_the_training_images(small: ArchSpec, digits16) -> N
 def test_train_command_writes_weights_and_metrics(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", "small", "--data", "digits", "--epochs", "2", "--out", str(out),
-                                      "--train-resolution", "16", "--batch-size", "128", "--seed", "1", "--limit", "256"])
+                                      "--train-resolution", "16", "--batch-size", "128", "--seed", "1",
+                                      "--limit", "256"])
     assert result.exit_code == 0, result.output
     state = read_state_dict(out / "weights.pt")
     assert state["classifier.3.weight"].shape[0] == 10
@@ -126,7 +127,8 @@ def test_train_command_writes_weights_and_metrics(tmp_path: Path) -> None:
     assert "num_classes: 10" in (out / "spec.yaml").read_text()
     # resume from those weights
     again = CliRunner().invoke(cli, ["train", str(out / "spec.yaml"), "--epochs", "1", "--out", str(tmp_path / "b"),
-                                     "--train-resolution", "16", "--weights", str(out / "weights.pt"), "--limit", "256"])
+                                     "--train-resolution", "16", "--weights", str(out / "weights.pt"),
+                                     "--limit", "256"])
     assert again.exit_code == 0, again.output
     resumed = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert resumed["weights_from"] == str(out / "weights.pt") and resumed["epochs"] == 1

@@ -73,7 +73,8 @@ def explore(spec: str, budget: str, trials: int, multi_objective: bool, out_dir:
         lat = info.get("predicted_latency_ms")
         err.print(f"trial {info['trial']}: {'REJECTED (over budget)' if info.get('rejected') else info['state']}"
                   + (f", predicted {lat:.3f} ms" if lat is not None else "")
-                  + f", {info.get('macs', 0) / 1e6:.2f}M MACs" + (f", holdout {100 * acc:.1f}%" if acc is not None else ""),
+                  + f", {info.get('macs', 0) / 1e6:.2f}M MACs"
+                  + (f", holdout {100 * acc:.1f}%" if acc is not None else ""),
                   highlight=False)
 
     result = run_explore(config, out, storage, on_trial)

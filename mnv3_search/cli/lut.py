@@ -84,7 +84,8 @@ def lut() -> None:
 @_table_options
 @click.option("--step", type=click.IntRange(min=1), default=8, show_default=True,
               help="Channel step of the pre-populated widths.")
-def build(spec: str, table_path: Optional[str], table_alias: Optional[str], backend: str, threads: int, batch: int, resolution: Optional[int],
+def build(spec: str, table_path: Optional[str], table_alias: Optional[str], backend: str, threads: int, batch: int,
+          resolution: Optional[int],
           width: Optional[float], passes: int, runs: int, step: int) -> None:
     """Measure the entries NetAdapt needs for SPEC and calibrate on SPEC itself.
 
@@ -122,7 +123,8 @@ def build(spec: str, table_path: Optional[str], table_alias: Optional[str], back
 @click.option("--seed", type=int, default=0, show_default=True, help=SEED_HELP)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, allow_dash=True),
               help=CSV_HELP + " With '-', the CSV replaces the table on stdout.")
-def check(spec: str, table_path: Optional[str], table_alias: Optional[str], backend: str, threads: int, batch: int, resolution: Optional[int],
+def check(spec: str, table_path: Optional[str], table_alias: Optional[str], backend: str, threads: int, batch: int,
+          resolution: Optional[int],
           width: Optional[float], passes: int, runs: int, n: int, seed: int, csv_path: Optional[str]) -> None:
     """Predicted vs measured latency of SPEC and N random channel variants of it.
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import click
 
-from .options import (BACKEND_NAMES, BATCH_HELP, CSV_HELP, RESOLUTION_HELP, THREADS_HELP, WEIGHTS_HELP,
+from .options import (BATCH_HELP, CSV_HELP, RESOLUTION_HELP, THREADS_HELP, WEIGHTS_HELP,
                       backend_option)
 from ..errors import UserError
 
@@ -27,13 +27,17 @@ if TYPE_CHECKING:
 
 # name: (module, attribute, the command's first help line); tests/test_cli.py keeps the line equal to the real one
 LAZY_COMMANDS = {
-    "compare": (".report", "compare", "Compare specs and NetAdapt run folders side by side; the first is the baseline."),
+    "compare": (".report", "compare",
+                "Compare specs and NetAdapt run folders side by side; the first is the baseline."),
     "explore": (".explore", "explore",
                 "Search the choices written in a YAML space (cells holding lists) under a budget, with Optuna."),
-    "export": (".report", "export", "Write SPEC or a run's final network as ONNX or TorchScript with batch norm folded."),
+    "export": (".report", "export",
+               "Write SPEC or a run's final network as ONNX or TorchScript with batch norm folded."),
     "lut": (".lut", "lut", "Per-block latency lookup table for this device (build, check, show)."),
-    "netadapt": (".netadapt", "netadapt", "Shrink SPEC (default: the shipped Large) step by step until it meets a budget."),
-    "report": (".report", "report", "Summarise a NetAdapt run folder and plot it; a folder of runs gives one Pareto plot."),
+    "netadapt": (".netadapt", "netadapt",
+                 "Shrink SPEC (default: the shipped Large) step by step until it meets a budget."),
+    "report": (".report", "report",
+               "Summarise a NetAdapt run folder and plot it; a folder of runs gives one Pareto plot."),
     "train": (".train", "train", "Train SPEC on a dataset and write a run folder with weights and metrics."),
     "worker": (".netadapt", "worker",
                "Join a NetAdapt run: claim its enqueued proposals, fine-tune and score them, until it finishes."),

@@ -262,7 +262,8 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
         config = RunConfig(spec_path=spec, budget=budget, schedule=schedule, select=select, data=data,
                            train_resolution=train_resolution, resolution=resolution, batch_size=batch_size,
                            step=step, short_steps=short_steps, short_lr=short_lr, rungs=rungs,
-                           holdout=_holdout(holdout), seed_epochs=seed_epochs, long_epochs=long_epochs, final=final, lr=lr,
+                           holdout=_holdout(holdout), seed_epochs=seed_epochs, long_epochs=long_epochs, final=final,
+                           lr=lr,
                            seed=seed, evaluation=evaluation,
                            backend=backend, threads=threads, max_iterations=max_iterations, limit=limit,
                            weights=weights, lut=lut)
@@ -340,7 +341,8 @@ def worker(storage: Optional[str], storage_file: Optional[str], study_name: str,
     config = RunConfig.from_json(attrs[CONFIG_ATTR], f"study {study_name}")
     folder = RunFolder(run_dir or attrs[RUN_DIR_ATTR])
     if not folder.seed_checkpoint.exists():
-        raise UserError(f"{folder.path}: no seed.pt here; pass --run-dir with the run folder as mounted on this machine")
+        raise UserError(f"{folder.path}: no seed.pt here; "
+                        "pass --run-dir with the run folder as mounted on this machine")
     names, max_channels = attrs[GROUPS_ATTR]
     evaluator = Evaluator(folder, config, list(names), int(max_channels))
 
@@ -350,6 +352,7 @@ def worker(storage: Optional[str], storage_file: Optional[str], study_name: str,
         return study.user_attrs.get(STATUS_ATTR) == "finished"
 
     err.print(f"worker joined study {study_name!r}; run folder {folder.path}")
-    done = work(study, evaluator, should_stop, claim_lock_path(storage), on_trial=lambda state: err.print(f"proposal {state.name.lower()}"))
+    done = work(study, evaluator, should_stop, claim_lock_path(storage),
+                on_trial=lambda state: err.print(f"proposal {state.name.lower()}"))
     err.print(f"worker done: {done} proposals evaluated")
 

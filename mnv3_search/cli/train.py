@@ -32,7 +32,8 @@ from ..model.weights import load_weights, save_checkpoint
 @click.argument("spec", default="small", metavar="[SPEC]")
 @click.option("--data", "data_source", default="digits", show_default=True, metavar="SOURCE",
               help=f"Dataset: {SOURCES_HELP}.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Passes over the training split.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Passes over the training split.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Run folder for weights.pt, spec.yaml, metrics.csv, summary.json.")
 @click.option("--train-resolution", type=click.IntRange(4, 1024), default=32, show_default=True,
@@ -84,11 +85,13 @@ def train(spec: str, data_source: str, epochs: int, out_dir: str, train_resoluti
         if note:
             err.print(note, highlight=False, soft_wrap=True)
     err.print(f"[dim]{dataset.name}: {len(dataset.train)} train, {len(dataset.holdout)} holdout, "
-              f"{len(dataset.test)} test images at {train_resolution}x{train_resolution}, {dataset.num_classes} classes[/dim]",
+              f"{len(dataset.test)} test images at {train_resolution}x{train_resolution}, "
+              f"{dataset.num_classes} classes[/dim]",
               highlight=False)
 
     per_epoch = steps_per_epoch(dataset, batch_size)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err) as bar:
         task = bar.add_task("epoch 1", total=epochs * per_epoch, loss="-")

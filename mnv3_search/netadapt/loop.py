@@ -6,7 +6,8 @@ counts); the proposals are fine-tuned briefly and scored on the holdout by synch
 (every proposal reaches the first rung, the better half by the selection rule goes on; each rung of each
 proposal is one Optuna trial that continues the previous rung's checkpoint); the selection rule
 (selection.py: dAcc / |dLatency| or accuracy; differences within the holdout's standard error tie and go to
-the lower holdout loss, then the larger saving, then the group name) picks the winner among the last rung. A predicted success is
+the lower holdout loss, then the larger saving, then the group name) picks the winner among the last rung. \
+A predicted success is
 confirmed by measuring the whole network against the seed; a disagreement corrects the prediction and
 the loop goes on. Then the long fine-tune and the test accuracy.
 
@@ -316,7 +317,8 @@ class NetAdapt:
             RunFolder.save(child_spec_, child_state, self.run.iteration_checkpoint(iteration))
             trials = iteration_trials(study, iteration)
             finished = [t for t in trials if t.state == TrialState.COMPLETE]
-            reached_last = {trial_group(t) for t in finished if t.user_attrs.get(RUNG_ATTR) == t.user_attrs["last_rung"]}
+            reached_last = {trial_group(t) for t in finished
+                            if t.user_attrs.get(RUNG_ATTR) == t.user_attrs["last_rung"]}
             row = {
                 "iteration": iteration, "proposal": f"{group}={keep}", "group": group,
                 "channels_before": groups_before.get(group), "channels": keep, "target_latency_ms":

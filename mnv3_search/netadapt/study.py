@@ -2,7 +2,8 @@
 
 Proposals are enqueued as WAITING trials with fixed params (group, channels); the master decides which
 proposals go on to the next rung (successive halving, see loop.py), so no Optuna pruner is involved.
-A worker claims one by moving it WAITING -> RUNNING in the storage, which the storage does atomically (Optuna's own mechanism for
+A worker claims one by moving it WAITING -> RUNNING in the storage, which the storage does atomically (Optuna's \
+own mechanism for
 enqueued trials), so no proposal is evaluated twice. A claimed trial stamps a heartbeat at every report;
 the master fails a RUNNING trial whose heartbeat went stale and enqueues it again, so a dead worker's
 proposal is retried, never lost — at most `max_attempts` times: a proposal that kills every process that
@@ -138,8 +139,8 @@ def load_study(storage_url: str, name: str) -> optuna.Study:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise UserError(f"no study named {name!r} in {redact(storage_url)}; studies there: {', '.join(names) or 'none'}") \
-            from None
+        raise UserError(f"no study named {name!r} in {redact(storage_url)}; "
+                        f"studies there: {', '.join(names) or 'none'}") from None
 
 
 def iteration_trials(study: optuna.Study, iteration: int,

@@ -108,7 +108,8 @@ def _summary(data: RunData) -> list[tuple[str, str, str]]:
                      _fmt(res.get("final_resource", last.get("predicted_latency_ms")), "ms")))
     rows.append(("measured latency (paired)", _fmt(res.get("seed_measured_latency_ms"), "ms"),
                  _fmt(res.get("measured_latency_ms"), "ms")))
-    rows.append(("holdout accuracy", _fmt(seed.get("holdout_accuracy"), "pct"), _fmt(last.get("holdout_accuracy"), "pct")))
+    rows.append(("holdout accuracy", _fmt(seed.get("holdout_accuracy"), "pct"),
+                 _fmt(last.get("holdout_accuracy"), "pct")))
     rows.append(("test accuracy", "", _fmt(res.get("test_accuracy"), "pct")))
     if len(data.proposals):
         pruned = int((data.proposals["state"] == "PRUNED").sum())

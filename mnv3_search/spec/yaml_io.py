@@ -217,7 +217,8 @@ def read_yaml(path: PathLike) -> Any:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError(f"{source}: no such file; give a path to a YAML spec or a shipped name (large, small)") from None
+        raise SpecError(f"{source}: no such file; "
+                        "give a path to a YAML spec or a shipped name (large, small)") from None
     except IsADirectoryError:
         raise SpecError(f"{source}: is a folder, not a YAML spec file") from None
     except (OSError, UnicodeDecodeError) as exc:
