@@ -52,7 +52,6 @@ def _pixels(path: Path, rgb: tuple[int, int, int], tolerance: int = 8) -> int:
 
 def _colourful(path: Path) -> int:
     """Pixels that are clearly coloured (not white, grey or black): markers, lines, bars, colour maps."""
-    import numpy as np
     from matplotlib.image import imread
 
     image = imread(path)[..., :3]
