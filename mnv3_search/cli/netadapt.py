@@ -16,7 +16,7 @@ from rich.live import Live
 from rich.table import Table
 
 from .options import (LIMIT_HELP, LUT_HELP, RESOLUTION_HELP, SEED_HELP, THREADS_HELP, TRAIN_RESOLUTION_HELP,
-                      WEIGHTS_HELP, backend_option, device_option, use_device)
+                      WEIGHTS_HELP, backend_option, device_option, holdout_option, use_device)
 from ..budget import LATENCY
 from ..data import SOURCES_HELP
 from ..errors import UserError
@@ -118,17 +118,6 @@ class NetAdaptView:
         return Group(table)
 
 
-def _holdout(text: Optional[str]) -> Optional[float | int]:
-    """`--holdout 1000` (images) or `--holdout 0.1` (a fraction); None keeps the data-sized default."""
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise UserError(f"--holdout {text!r}: give a number of images (1000) or a fraction (0.1)") from None
-    return int(value) if value >= 1 and value.is_integer() else value
-
-
 def storage_url(storage: Optional[str], storage_file: Optional[str]) -> Optional[str]:
     """The storage URL from --storage (or $MNV3_SEARCH_STORAGE) or --storage-file. A file holding a password
     must be private (chmod 600), as ssh insists for its keys."""
@@ -191,9 +180,7 @@ def _summary(result: RunResult) -> dict[str, Any]:
               help="Fine-tune steps per proposal.")
 @click.option("--rungs", type=click.IntRange(min=1), default=3, show_default=True,
               help="Successive-halving rungs (scored at short-steps/4, /2, /1 for 3).")
-@click.option("--holdout", type=str, default=None, metavar="N|FRACTION",
-              help="Holdout images that rank proposals: a count (1000) or a fraction (0.1) of the training "
-              "images; default 1000 images, or a quarter of the training images when fewer than 4000.")
+@holdout_option()
 @click.option("--short-lr", type=float, default=0.005, show_default=True, help="Fine-tune learning rate (constant).")
 @click.option("--seed-epochs", type=click.IntRange(min=1), default=15, show_default=True,
               help="Epochs to train the seed when no --weights.")
@@ -228,7 +215,7 @@ def _summary(result: RunResult) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="No live view; the summary as JSON on stdout.")
 def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[str], data: str,
              weights: Optional[str], schedule: str, select: str, evaluation: str, storage: Optional[str],
-             storage_file: Optional[str], workers: int, short_steps: int, rungs: int, holdout: Optional[str],
+             storage_file: Optional[str], workers: int, short_steps: int, rungs: int, holdout: Optional[float | int],
              short_lr: float, seed_epochs: int, long_epochs: int, final: str, lr: float,
              batch_size: int, train_resolution: int, resolution: Optional[int], limit: Optional[int], step: int,
              seed: int, backend: str, threads: int, lut: Optional[str], device: str, max_iterations: int,
@@ -262,7 +249,7 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
         config = RunConfig(spec_path=spec, budget=budget, schedule=schedule, select=select, data=data,
                            train_resolution=train_resolution, resolution=resolution, batch_size=batch_size,
                            step=step, short_steps=short_steps, short_lr=short_lr, rungs=rungs,
-                           holdout=_holdout(holdout), seed_epochs=seed_epochs, long_epochs=long_epochs, final=final,
+                           holdout=holdout, seed_epochs=seed_epochs, long_epochs=long_epochs, final=final,
                            lr=lr,
                            seed=seed, evaluation=evaluation,
                            backend=backend, threads=threads, max_iterations=max_iterations, limit=limit,

@@ -25,6 +25,27 @@ CSV_HELP = "Write the rows as CSV to FILE ('-': stdout)."
 DEVICE_HELP = "Where training runs: auto (cuda when available), cpu or cuda. Latency stays on the table's backend."
 WEIGHTS_HELP = ("Checkpoint to start from (torchvision or own); one made for another class count loads all but "
                 "the final layer, which starts fresh.")
+HOLDOUT_HELP = ("Images set aside from the training images by --seed to score networks: a count (1000) or a "
+                "fraction (0.1); default 1000, or a quarter of them when fewer than 4000. train and netadapt "
+                "carve the same split, so a seed trained by `train` never saw netadapt's holdout.")
+
+
+def _parse_holdout(ctx: click.Context, param: click.Parameter, text: object) -> object:
+    """`1000` (images) or `0.1` (a fraction) -> int or float; None keeps the data-sized default."""
+    if text is None or isinstance(text, (int, float)):
+        return text
+    try:
+        value = float(str(text))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give a number of images (1000) or a fraction (0.1)") from None
+    if value <= 0:
+        raise click.BadParameter(f"{text!r}: give a number of images (1000) or a fraction (0.1)")
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def holdout_option():
+    return click.option("--holdout", type=str, default=None, metavar="N|FRACTION", callback=_parse_holdout,
+                        help=HOLDOUT_HELP)
 
 
 def backend_option(default: str = "onnxruntime"):

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .options import (LIMIT_HELP, RESOLUTION_HELP, SEED_HELP, THREADS_HELP, TRAIN_RESOLUTION_HELP, WEIGHTS_HELP,
-                      device_option, use_device)
+                      device_option, holdout_option, use_device)
 from ..data import SOURCES_HELP, load_dataset
 from ..fileio import atomic_write_text
 from ..model.build import build_model
@@ -44,8 +44,7 @@ from ..model.weights import load_weights, save_checkpoint
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
               help="Peak learning rate (SGD, Nesterov, cosine schedule).")
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True, help="Linear warm-up steps.")
-@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
-              help="Fraction of the training images set aside (by seed) for evaluation.")
+@holdout_option()
 @click.option("--limit", type=click.IntRange(min=1), help=LIMIT_HELP)
 @click.option("--seed", type=int, default=0, show_default=True, help=SEED_HELP)
 @click.option("--weights", type=click.Path(dir_okay=False), help=WEIGHTS_HELP)
@@ -53,8 +52,8 @@ from ..model.weights import load_weights, save_checkpoint
 @device_option()
 def train(spec: str, data_source: str, epochs: int, out_dir: str, train_resolution: int, resolution: Optional[int],
           batch_size: int, lr: float,
-          warmup: int, holdout: float, limit: Optional[int], seed: int, weights: Optional[str], threads: int,
-          device: str) -> None:
+          warmup: int, holdout: Optional[float | int], limit: Optional[int], seed: int, weights: Optional[str],
+          threads: int, device: str) -> None:
     """Train SPEC on a dataset and write a run folder with weights and metrics.
 
     SPEC is a YAML file or a shipped search space (small, large); default: small. The classifier gets
