@@ -38,7 +38,7 @@ def test_report_run(tmp_path: Path, run_dir: Path) -> None:
     assert data.resource == "macs" and data.seed_spec is not None and data.final_spec is not None
 
 
-TAB_BLUE, TAB_RED = (0x1F, 0x77, 0xB4), (0xD6, 0x27, 0x28)
+TAB_BLUE, TAB_RED, GREY = (0x1F, 0x77, 0xB4), (0xD6, 0x27, 0x28), (0x80, 0x80, 0x80)
 
 
 def _pixels(path: Path, rgb: tuple[int, int, int], tolerance: int = 8) -> int:
@@ -78,7 +78,11 @@ def test_report_pngs_show_the_runs_data(tmp_path: Path, run_dir: Path) -> None:
     chosen = int((data.proposals["chosen"].astype(str).str.lower() == "true").sum())
     assert chosen == len(data.iterations) - 1  # one red star per iteration after the seed
     assert _pixels(real_pr, TAB_RED) > _pixels(blank_pr, TAB_RED) + 60 * chosen  # the stars
-    assert _colourful(real_pr) > _colourful(blank_pr) + 20 * len(data.proposals)  # every proposal's dot
+    # every proposal's dot: coloured for those that trained to the end, hollow grey for those that halving
+    # stopped at an earlier rung
+    stopped = int((data.proposals["state"] == "PRUNED").sum())
+    assert _colourful(real_pr) > _colourful(blank_pr) + 20 * (len(data.proposals) - stopped)
+    assert stopped == 0 or _pixels(real_pr, GREY, 40) > _pixels(blank_pr, GREY, 40) + 10 * stopped
     # widths: blue bars for the final network beside the seed's grey ones; the final is narrower than the
     # seed, so it draws less blue than the seed drawn as final would
     widths = plot_widths(data, tmp_path / "w.png")

@@ -137,13 +137,13 @@ def test_train_command_writes_weights_and_metrics(tmp_path: Path) -> None:
     # the same command from scratch (training is deterministic here): had --weights been ignored, the two
     # would end with identical weights
     scratch = CliRunner().invoke(cli, ["train", str(out / "spec.yaml"), "--epochs", "1", "--out",
-                                       str(tmp_path / "c"), "--resolution", "16", "--limit", "256"])
+                                       str(tmp_path / "c"), "--train-resolution", "16", "--limit", "256"])
     assert scratch.exit_code == 0, scratch.output
     a, b = read_state_dict(tmp_path / "b" / "weights.pt"), read_state_dict(tmp_path / "c" / "weights.pt")
     assert a.keys() == b.keys()
     assert not torch.equal(a["features.0.0.weight"], b["features.0.0.weight"])
     again_scratch = CliRunner().invoke(cli, ["train", str(out / "spec.yaml"), "--epochs", "1", "--out",
-                                             str(tmp_path / "d"), "--resolution", "16", "--limit", "256"])
+                                             str(tmp_path / "d"), "--train-resolution", "16", "--limit", "256"])
     assert again_scratch.exit_code == 0, again_scratch.output
     assert torch.equal(read_state_dict(tmp_path / "d" / "weights.pt")["features.0.0.weight"],
                        b["features.0.0.weight"])  # deterministic: so the difference above is the weights'

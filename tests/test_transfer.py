@@ -110,16 +110,16 @@ def test_netadapt_seed_from_1000_class_torchvision_weights(tmp_path: Path) -> No
     torch.save(source, weights)
     events: list[tuple[str, dict]] = []
     config = RunConfig(spec_path="small", budget="5.3M-macs", data="digits", limit=120, batch_size=16,
-                       resolution=64, short_steps=2, reports=1, long_epochs=1, weights=str(weights))
+                       resolution=64, short_steps=2, rungs=1, long_epochs=1, weights=str(weights))
     runner = NetAdapt(config, out=str(tmp_path / "run"), on_event=lambda kind, **info: events.append((kind, info)))
     runner.run.prepare()
-    state, accuracy = runner._seed_network()
+    state, (accuracy, loss) = runner._seed_network()
     assert [info["note"] for kind, info in events if kind == "transfer"] == [
         f"{weights}: made for 1000 classes, {SPACES / 'small.yaml'} has 10: loaded every tensor but the final "
         "classifier layer classifier.3, which starts fresh (N(0, 0.01), bias 0)"]
     assert state["classifier.3.weight"].shape == (10, 1024)
     assert all(torch.equal(state[k], v) for k, v in source.items() if not k.startswith("classifier.3."))
-    assert 0.0 <= accuracy <= 1.0
+    assert 0.0 <= accuracy <= 1.0 and loss > 0.0
     # a checkpoint of another network is still refused before anything runs, naming the tensor
     large = tmp_path / "large.pth"
     torch.save(reference_state_dict("large"), large)
