@@ -9,6 +9,8 @@ from __future__ import annotations
 class UserError(ValueError):
     """A problem with the user's input, phrased as one line: what, where, how to fix."""
 
+    exit_code = 2  # the CLI's status for it (README: exit codes)
+
 
 class SpecError(UserError):
     """A network description (YAML or ArchSpec) that cannot describe a valid MobileNetV3."""

@@ -345,8 +345,8 @@ def run_cli(*args: str):
     return CliRunner().invoke(cli, list(args))
 
 
-def assert_one_line_error(result, expected: str) -> None:
-    assert result.exit_code == 2, result.output
+def assert_one_line_error(result, expected: str, exit_code: int = 2) -> None:
+    assert result.exit_code == exit_code, result.output
     lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("spec:")]
     assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], result.output
 
@@ -356,7 +356,7 @@ def test_bad_inputs(tmp_path: Path) -> None:
     assert_one_line_error(run_cli(*base, "--budget", "fast", "--out", str(tmp_path / "a")),
                           "budget 'fast' is not understood")
     assert_one_line_error(run_cli(*base, "--budget", "1k-macs", "--out", str(tmp_path / "b")),
-                          "budget 1k-macs cannot be reached: the smallest network this search can make")
+                          "budget 1k-macs cannot be reached: the smallest network this search can make", exit_code=3)
     assert_one_line_error(run_cli(*base, "--budget", "5M-macs", "--data", "nope", "--out", str(tmp_path / "c")),
                           "unknown dataset 'nope'")
     weights = tmp_path / "large.pt"

@@ -53,7 +53,7 @@ class UserErrorGroup(click.Group):
             return super().invoke(ctx)
         except UserError as exc:
             error = click.ClickException(str(exc))
-            error.exit_code = 2
+            error.exit_code = exc.exit_code  # 2: bad input; 3: budget unreachable
             raise error from None
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -60,6 +60,8 @@ Event = Callable[..., None]
 class BudgetUnreachable(UserError):
     """The budget cannot be met by this search space; the run folder keeps what was reached."""
 
+    exit_code = 3  # distinct from bad input (2), so scripts can try a looser budget
+
 
 @dataclass
 class RunResult:
