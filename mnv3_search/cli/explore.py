@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .common import stdout_console
-from .options import (LIMIT_HELP, LUT_HELP, RESOLUTION_HELP, SEED_HELP, THREADS_HELP, TRAIN_RESOLUTION_HELP,
-                      backend_option, device_option, use_device)
+from .options import (LIMIT_HELP, LUT_HELP, SEED_HELP, THREADS_HELP, backend_option, device_option, resolution_option,
+                      train_resolution_option, use_device)
 from ..data import SOURCES_HELP
 from ..explore import ExploreConfig, run_explore
 
@@ -34,9 +34,8 @@ from ..explore import ExploreConfig, run_explore
 @click.option("--lr", type=float, default=0.05, show_default=True, help="Learning rate of each trial's training.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True,
               help="Images per training step.")
-@click.option("--train-resolution", type=click.IntRange(4, 1024), default=32, show_default=True,
-              help=TRAIN_RESOLUTION_HELP)
-@click.option("--resolution", type=click.IntRange(min=1), help=RESOLUTION_HELP)
+@train_resolution_option()
+@resolution_option()
 @click.option("--limit", type=click.IntRange(min=1), help=LIMIT_HELP)
 @click.option("--lut", type=click.Path(dir_okay=False), help=LUT_HELP)
 @backend_option()

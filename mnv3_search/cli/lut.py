@@ -15,7 +15,7 @@ from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, 
 from rich.table import Table
 
 from .common import load_spec_argument, stdout_console
-from .options import BATCH_HELP, CSV_HELP, LUT_HELP, RESOLUTION_HELP, SEED_HELP, THREADS_HELP, backend_option
+from .options import (BATCH_HELP, CSV_HELP, LUT_HELP, SEED_HELP, THREADS_HELP, backend_option, resolution_option)
 from ..errors import UserError
 from ..latency.measure import InterleavedPolicy, make_backend
 from ..latency.table import LatencyTable, build_table, check_table, default_table_path, summarize_errors
@@ -45,7 +45,7 @@ def _table_options(f):
         backend_option(),
         click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP),
         click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help=BATCH_HELP),
-        click.option("--resolution", type=click.IntRange(min=1), help=RESOLUTION_HELP),
+        resolution_option(),
         click.option("--width", type=float, help="Width multiplier; default: the spec's."),
         click.option("--passes", type=click.IntRange(min=1), default=30, show_default=True,
                      help="Interleaved passes over all entries (a new table only)."),

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import click
 
-from .options import (BATCH_HELP, CSV_HELP, RESOLUTION_HELP, THREADS_HELP, WEIGHTS_HELP,
-                      backend_option)
+from .options import (BATCH_HELP, CSV_HELP, THREADS_HELP, WEIGHTS_HELP, backend_option, resolution_option)
 from ..errors import UserError
 
 if TYPE_CHECKING:
@@ -161,7 +160,7 @@ def _render_profile(profile: "Profile", console: "Console") -> None:
 
 @cli.command()
 @click.argument("spec", default="large", metavar="[SPEC]")
-@click.option("--resolution", type=click.IntRange(min=1), help=RESOLUTION_HELP)
+@resolution_option()
 @click.option("--width", type=float, help="Width multiplier (paper/TF/timm semantics); default: the spec's.")
 @click.option("--num-classes", type=click.IntRange(min=1), help="Classifier outputs; default: the spec's.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help=BATCH_HELP)

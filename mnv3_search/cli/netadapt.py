@@ -15,8 +15,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from .options import (LIMIT_HELP, LUT_HELP, RESOLUTION_HELP, SEED_HELP, THREADS_HELP, TRAIN_RESOLUTION_HELP,
-                      WEIGHTS_HELP, backend_option, device_option, holdout_option, use_device)
+from .options import (LIMIT_HELP, LUT_HELP, SEED_HELP, THREADS_HELP, WEIGHTS_HELP, backend_option, device_option,
+                      holdout_option, resolution_option, train_resolution_option, use_device)
 from ..budget import LATENCY
 from ..data import SOURCES_HELP
 from ..errors import UserError
@@ -193,9 +193,8 @@ def _summary(result: RunResult) -> dict[str, Any]:
 @click.option("--lr", type=float, default=0.1, show_default=True, help="Seed training learning rate.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True,
               help="Images per training step.")
-@click.option("--train-resolution", type=click.IntRange(4, 1024), default=32, show_default=True,
-              help=TRAIN_RESOLUTION_HELP)
-@click.option("--resolution", type=click.IntRange(min=1), help=RESOLUTION_HELP)
+@train_resolution_option()
+@resolution_option()
 @click.option("--limit", type=click.IntRange(min=1), help=LIMIT_HELP)
 @click.option("--step", type=click.IntRange(min=1), default=8, show_default=True,
               help="Channel step of the proposals' widths.")

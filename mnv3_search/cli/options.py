@@ -48,6 +48,17 @@ def holdout_option():
                         help=HOLDOUT_HELP)
 
 
+def resolution_option():
+    """--resolution: the deployment size, in every command that takes it."""
+    return click.option("--resolution", type=click.IntRange(min=1), help=RESOLUTION_HELP)
+
+
+def train_resolution_option(more_help: str = ""):
+    """--train-resolution: the size training images are resized to, in every command that trains or evaluates."""
+    return click.option("--train-resolution", type=click.IntRange(4, 1024), default=32, show_default=True,
+                        help=TRAIN_RESOLUTION_HELP + more_help)
+
+
 def backend_option(default: str = "onnxruntime"):
     return click.option("--backend", type=click.Choice(BACKEND_NAMES), default=default, show_default=True,
                         help=BACKEND_HELP)

@@ -13,8 +13,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .common import stdout_console
-from .options import (BATCH_HELP, CSV_HELP, LUT_HELP, RESOLUTION_HELP, THREADS_HELP, TRAIN_RESOLUTION_HELP,
-                      backend_option)
+from .options import (BATCH_HELP, CSV_HELP, LUT_HELP, THREADS_HELP, backend_option, resolution_option,
+                      train_resolution_option)
 from ..report.compare import compare_frame, evaluate_variants, load_variant, measure_variants, unique_labels
 from ..data import SOURCES_HELP, load_dataset
 from ..errors import UserError
@@ -35,11 +35,10 @@ def _num(value: Any, fmt: str) -> str:
               help="Weights for a spec variant: N=PATH for the N-th variant (1-based), or PATH for the first.")
 @click.option("--data", metavar="SOURCE", help=f"Evaluate every variant with weights on this test split "
               f"({SOURCES_HELP}); run folders otherwise report run.json's test accuracy.")
-@click.option("--train-resolution", type=click.IntRange(4, 1024), default=32, show_default=True,
-              help=TRAIN_RESOLUTION_HELP + " The --data images are resized to it: the size the runs trained at.")
+@train_resolution_option(" The --data images are resized to it: the size the runs trained at.")
 @click.option("--data-resolution", "data_resolution", type=click.IntRange(4, 1024), hidden=True,
               help="Old name of --train-resolution.")
-@click.option("--resolution", type=click.IntRange(min=1), help=RESOLUTION_HELP)
+@resolution_option()
 @backend_option()
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help=BATCH_HELP)
@@ -134,7 +133,7 @@ def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[
               help="onnx (checked with ONNX Runtime) or torchscript.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="File to write.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Weights for a SPEC (a run folder brings final.pt).")
-@click.option("--resolution", type=click.IntRange(min=1), help=RESOLUTION_HELP)
+@resolution_option()
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help=BATCH_HELP + " Also the exported input's batch.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)

@@ -16,8 +16,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .options import (LIMIT_HELP, RESOLUTION_HELP, SEED_HELP, THREADS_HELP, TRAIN_RESOLUTION_HELP, WEIGHTS_HELP,
-                      device_option, holdout_option, use_device)
+from .options import (LIMIT_HELP, SEED_HELP, THREADS_HELP, WEIGHTS_HELP, device_option, holdout_option,
+                      resolution_option, train_resolution_option, use_device)
 from ..data import SOURCES_HELP, load_dataset
 from ..fileio import atomic_write_text
 from ..model.build import build_model
@@ -36,9 +36,8 @@ from ..model.weights import load_weights, save_checkpoint
               help="Passes over the training split.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Run folder for weights.pt, spec.yaml, metrics.csv, summary.json.")
-@click.option("--train-resolution", type=click.IntRange(4, 1024), default=32, show_default=True,
-              help=TRAIN_RESOLUTION_HELP)
-@click.option("--resolution", type=click.IntRange(min=1), help=RESOLUTION_HELP)
+@train_resolution_option()
+@resolution_option()
 @click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True,
               help="Images per training step.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
