@@ -77,7 +77,9 @@ def _device_of(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every batch-norm layer of `model`, in module order: what a training loop sets the momentum of (and
+    refresh_bn re-estimates), so that every trainer touches the same layers."""
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
@@ -99,7 +101,7 @@ def refresh_bn(model: nn.Module, dataset: Dataset, num_batches: int = 20, batch_
                seed: int = 0) -> None:
     """Re-estimate every BN layer's running mean/var as a plain average over `num_batches` training
     batches (weights untouched): after surgery, or after training with a different momentum."""
-    layers = _bn_layers(model)
+    layers = bn_layers(model)
     saved = [m.momentum for m in layers]
     for m in layers:
         m.reset_running_stats()
@@ -118,9 +120,11 @@ def refresh_bn(model: nn.Module, dataset: Dataset, num_batches: int = 20, batch_
     model.train(was_training)
 
 
-def _forever(dataset: Dataset, batch_size: int, generator: torch.Generator
-             ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(epoch, x, y) endlessly, reshuffling each epoch; full batches only (BN needs > 1 sample)."""
+def endless_batches(dataset: Dataset, batch_size: int, generator: torch.Generator
+                    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(epoch, x, y) from the training split endlessly, reshuffled each epoch by `generator`; full batches
+    only (BN needs > 1 sample) unless the split is smaller than one batch. A trainer that steps it N times
+    from the same seed sees the same batches, which is what lets a resumed fine-tune skip ahead exactly."""
     epoch = 0
     drop_last = len(dataset.train) >= batch_size
     while True:
@@ -166,7 +170,7 @@ def train(model: nn.Module, dataset: Dataset, steps: int, *, lr: float = 0.1, ba
                                  {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=momentum,
                                 nesterov=momentum > 0)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    layers = _bn_layers(model)
+    layers = bn_layers(model)
     saved = [m.momentum for m in layers]
     if bn_momentum is not None:
         for m in layers:
@@ -176,7 +180,7 @@ def train(model: nn.Module, dataset: Dataset, steps: int, *, lr: float = 0.1, ba
     train_seconds = 0.0
     running_loss, running_n, epoch = 0.0, 0, 0
     model.train()
-    batches_iter = _forever(dataset, batch_size, generator)
+    batches_iter = endless_batches(dataset, batch_size, generator)
     try:
         for step in range(steps):
             t0 = time.perf_counter()

@@ -25,7 +25,7 @@ from ..data import Dataset, batches, load_dataset
 from ..fileio import atomic_path
 from ..model.build import build_model
 from ..prune.surgery import shrink
-from ..train import _bn_layers, _forever, refresh_bn
+from ..train import bn_layers, endless_batches, refresh_bn
 from .config import RunConfig
 from .runfolder import RunFolder
 from .study import HEARTBEAT_ATTR, ITERATION_ATTR, claim, heartbeat
@@ -93,9 +93,9 @@ class ShortTune:
                                           {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=0.9,
                                          nesterov=True)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
-        for m in _bn_layers(model):
+        for m in bn_layers(model):
             m.momentum = 0.1
-        self._batches = _forever(dataset, batch_size, torch.Generator().manual_seed(seed))
+        self._batches = endless_batches(dataset, batch_size, torch.Generator().manual_seed(seed))
 
     def run_to(self, step: int) -> None:
         self.model.train()
