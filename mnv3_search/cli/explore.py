@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .common import stdout_console
-from .options import (LIMIT_HELP, LUT_HELP, SEED_HELP, THREADS_HELP, backend_option, device_option, resolution_option,
-                      train_resolution_option, use_device)
+from .options import (LUT_HELP, SEED_HELP, THREADS_HELP, backend_option, batch_size_option, device_option,
+                      limit_option, resolution_option, train_resolution_option, use_device)
 from ..data import SOURCES_HELP
 from ..explore import ExploreConfig, run_explore
 
@@ -32,11 +32,10 @@ from ..explore import ExploreConfig, run_explore
 @click.option("--reports", type=click.IntRange(min=1), default=3, show_default=True,
               help="Holdout evaluations per trial (the median pruner's rungs).")
 @click.option("--lr", type=float, default=0.05, show_default=True, help="Learning rate of each trial's training.")
-@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True,
-              help="Images per training step.")
+@batch_size_option(64)
 @train_resolution_option()
 @resolution_option()
-@click.option("--limit", type=click.IntRange(min=1), help=LIMIT_HELP)
+@limit_option()
 @click.option("--lut", type=click.Path(dir_okay=False), help=LUT_HELP)
 @backend_option()
 @click.option("--seed", type=int, default=0, show_default=True, help=SEED_HELP)

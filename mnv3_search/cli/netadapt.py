@@ -15,8 +15,9 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from .options import (LIMIT_HELP, LUT_HELP, SEED_HELP, THREADS_HELP, WEIGHTS_HELP, backend_option, device_option,
-                      holdout_option, resolution_option, train_resolution_option, use_device)
+from .options import (LUT_HELP, SEED_HELP, THREADS_HELP, WEIGHTS_HELP, backend_option, batch_size_option,
+                      device_option, holdout_option, limit_option, resolution_option, train_resolution_option,
+                      use_device)
 from ..budget import LATENCY
 from ..data import SOURCES_HELP
 from ..errors import UserError
@@ -191,11 +192,10 @@ def _summary(result: RunResult) -> dict[str, Any]:
               "fresh initialisation for --seed-epochs + --long-epochs at --lr (MobileNetV3 retrained after "
               "NetAdapt; drops pretrained --weights).")
 @click.option("--lr", type=float, default=0.1, show_default=True, help="Seed training learning rate.")
-@click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True,
-              help="Images per training step.")
+@batch_size_option(64)
 @train_resolution_option()
 @resolution_option()
-@click.option("--limit", type=click.IntRange(min=1), help=LIMIT_HELP)
+@limit_option()
 @click.option("--step", type=click.IntRange(min=1), default=8, show_default=True,
               help="Channel step of the proposals' widths.")
 @click.option("--seed", type=int, default=0, show_default=True, help=SEED_HELP)

@@ -19,6 +19,7 @@ THREADS_HELP = "CPU threads (latency and training); on a small shared box keep 1
 BATCH_HELP = "Batch size for latency."
 SEED_HELP = "Random seed (init, holdout split, batch order, sampling): the same seed repeats a run."
 LIMIT_HELP = "Use at most this many training images (quick runs)."
+BATCH_SIZE_HELP = "Images per training step."
 LUT_HELP = ("Latency table file; default: the machine's table in $MNV3_SEARCH_LUT_DIR or "
             "~/.cache/mnv3-search/lut/ (see `mnv3-search lut show`).")
 CSV_HELP = "Write the rows as CSV to FILE ('-': stdout)."
@@ -57,6 +58,18 @@ def train_resolution_option(more_help: str = ""):
     """--train-resolution: the size training images are resized to, in every command that trains or evaluates."""
     return click.option("--train-resolution", type=click.IntRange(4, 1024), default=32, show_default=True,
                         help=TRAIN_RESOLUTION_HELP + more_help)
+
+
+def batch_size_option(default: int):
+    """--batch-size: images per training step; the default is the command's (train's seed runs take larger
+    batches than netadapt's and explore's short fine-tunes). At least 2: BatchNorm needs more than one image."""
+    return click.option("--batch-size", type=click.IntRange(min=2), default=default, show_default=True,
+                        help=BATCH_SIZE_HELP)
+
+
+def limit_option():
+    """--limit: cap on the training images, in every command that loads a dataset to train on."""
+    return click.option("--limit", type=click.IntRange(min=1), help=LIMIT_HELP)
 
 
 def backend_option(default: str = "onnxruntime"):

@@ -16,8 +16,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .options import (LIMIT_HELP, SEED_HELP, THREADS_HELP, WEIGHTS_HELP, device_option, holdout_option,
-                      resolution_option, train_resolution_option, use_device)
+from .options import (SEED_HELP, THREADS_HELP, WEIGHTS_HELP, batch_size_option, device_option, holdout_option,
+                      limit_option, resolution_option, train_resolution_option, use_device)
 from ..data import SOURCES_HELP, load_dataset
 from ..fileio import atomic_write_text
 from ..model.build import build_model
@@ -38,13 +38,12 @@ from ..model.weights import load_weights, save_checkpoint
               help="Run folder for weights.pt, spec.yaml, metrics.csv, summary.json.")
 @train_resolution_option()
 @resolution_option()
-@click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True,
-              help="Images per training step.")
+@batch_size_option(128)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
               help="Peak learning rate (SGD, Nesterov, cosine schedule).")
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True, help="Linear warm-up steps.")
 @holdout_option()
-@click.option("--limit", type=click.IntRange(min=1), help=LIMIT_HELP)
+@limit_option()
 @click.option("--seed", type=int, default=0, show_default=True, help=SEED_HELP)
 @click.option("--weights", type=click.Path(dir_okay=False), help=WEIGHTS_HELP)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
