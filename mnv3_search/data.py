@@ -20,7 +20,7 @@ import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -228,7 +228,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
                ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
 
-    def find_class(self, module: str, name: str):  # type: ignore[override]
+    def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
@@ -281,8 +281,8 @@ def _read_images(folder: Path, classes: list[str], resolution: int) -> tuple[tor
         for path in files:
             try:
                 with Image.open(path) as img:
-                    img = img.convert("RGB").resize((resolution, resolution), Image.BILINEAR)
-                    images.append(np.asarray(img, dtype=np.uint8))
+                    rgb = img.convert("RGB").resize((resolution, resolution), Image.Resampling.BILINEAR)
+                    images.append(np.asarray(rgb, dtype=np.uint8))
             except (OSError, UnidentifiedImageError, ValueError) as exc:
                 raise UserError(f"{path}: cannot read the image ({exc})") from None
             labels.append(label)

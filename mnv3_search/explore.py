@@ -188,16 +188,18 @@ def run_explore(config: ExploreConfig, out: PathLike, storage: Optional[str] = N
 
     limit = budget.target(figure(base)[0])
     storage_url = storage or str((out / "study.journal").resolve())
-    directions = ["maximize", "minimize"] if config.multi_objective else ["maximize"]
+    maximize, minimize = optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE
+    directions = [maximize, minimize] if config.multi_objective else [maximize]
     sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=min(10, config.trials))
     pruner = optuna.pruners.NopPruner() if config.multi_objective else optuna.pruners.MedianPruner(
         n_startup_trials=2, n_warmup_steps=0)
     study = optuna.create_study(storage=make_storage(storage_url), study_name=out.resolve().name, sampler=sampler,
                                 pruner=pruner, directions=directions, load_if_exists=True)
-    settings = {"config": asdict(config), "space": str(path), "budget_value": limit, "resource": budget.resource}
+    config_now = asdict(config)
+    settings = {"config": config_now, "space": str(path), "budget_value": limit, "resource": budget.resource}
     stored = study.user_attrs.get("explore")
-    diffs = [] if stored is None else [k for k in settings["config"]
-                                       if k != "trials" and settings["config"][k] != stored["config"].get(k)]
+    diffs = [] if stored is None else [k for k in config_now
+                                       if k != "trials" and config_now[k] != stored["config"].get(k)]
     if stored is None:
         study.set_user_attr("explore", settings)
     elif diffs:
@@ -259,7 +261,8 @@ def _write_outputs(study: optuna.Study, space: SearchSpace, finish: Callable[[Ar
     if multi:
         chosen = [t for t in study.best_trials if not t.user_attrs.get("rejected")]
     else:
-        chosen = [max(feasible, key=lambda t: t.value)] if feasible else []
+        scored = [(t.value, t) for t in feasible if t.value is not None]  # every COMPLETE trial has a value
+        chosen = [max(scored, key=lambda pair: pair[0])[1]] if scored else []
     chosen_numbers = {t.number for t in chosen}
     rows = []
     for t in trials:

@@ -24,15 +24,24 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import UserError
 from .fileio import PathLike, atomic_path
-from .latency.measure import (InterleavedPolicy, Measurement, make_backend, measure_interleaved, onnx_bytes,
-                      torch_threads)
+from .latency.measure import (InterleavedPolicy, Measurement, OnnxRuntimeBackend, make_backend, measure_interleaved,
+                               onnx_bytes, torch_threads)
 
 FORMATS = ("onnx", "torchscript")
 ATOL = 1e-4  # on outputs of magnitude <= 1; scaled by the largest |output| above that (float32 rounding)
 
 
 def fold_bn(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of `model` whose conv -> BN pairs (adjacent in a Sequential) are folded into one conv."""
+    """An eval-mode copy of `model` whose conv -> BN pairs (adjacent in a Sequential) are folded into one conv;
+    the number of pairs folded is kept on it as `folded_bn`."""
+    folded, count = _fold_bn(model)
+    # a plain int attribute: nn.Module.__setattr__'s hint admits only Tensor | Module, though it stores any value
+    setattr(folded, "folded_bn", count)
+    return folded
+
+
+def _fold_bn(model: nn.Module) -> tuple[nn.Module, int]:
+    """fold_bn's copy and the number of conv -> BN pairs folded in it."""
     folded = copy.deepcopy(model).eval()
     count = 0
     for module in folded.modules():
@@ -45,8 +54,7 @@ def fold_bn(model: nn.Module) -> nn.Module:
                 module._modules[a] = fuse_conv_bn_eval(conv, bn)
                 module._modules[b] = nn.Identity()
                 count += 1
-    folded.folded_bn = count  # type: ignore[attr-defined]
-    return folded
+    return folded, count
 
 
 def count_bn(model: nn.Module) -> int:
@@ -92,7 +100,8 @@ class ExportResult:
 class _OrtRunner:
     def __init__(self, path: Path, threads: int) -> None:
         backend = make_backend("onnxruntime", threads)
-        self.session = backend.session(path.read_bytes())  # type: ignore[attr-defined]
+        assert isinstance(backend, OnnxRuntimeBackend)  # what make_backend("onnxruntime") builds
+        self.session = backend.session(path.read_bytes())
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"input": x})[0]
@@ -120,7 +129,7 @@ def export_model(model: nn.Module, input_shape: tuple[int, ...], fmt: str, out: 
         raise UserError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     out = Path(out)
     model = model.eval()
-    folded = fold_bn(model)
+    folded, folded_pairs = _fold_bn(model)
     with atomic_path(out) as tmp:
         if fmt == "onnx":
             data = onnx_bytes(folded, input_shape)
@@ -143,8 +152,7 @@ def export_model(model: nn.Module, input_shape: tuple[int, ...], fmt: str, out: 
     if error > tolerance:
         raise UserError(f"{out}: the exported model's outputs differ from PyTorch's by {error:.2e} (> {tolerance:.1e}"
                         f" for outputs up to {scale:.3g}); the file was written but should not be deployed")
-    result = ExportResult(out, fmt, tuple(input_shape), getattr(folded, "folded_bn", 0), bn_left, error, scale,
-                          tolerance)
+    result = ExportResult(out, fmt, tuple(input_shape), folded_pairs, bn_left, error, scale, tolerance)
     if measure:
         x = rng.standard_normal(input_shape, dtype=np.float32)
         eager = make_backend("torch", threads).runner(model, input_shape)

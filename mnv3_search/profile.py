@@ -74,9 +74,8 @@ class Profile:
 
     @property
     def blocks_latency_ms(self) -> Optional[float]:
-        if any(r.latency_ms is None for r in self.rows):
-            return None
-        return sum(r.latency_ms for r in self.rows)  # type: ignore[misc]
+        timed = [r.latency_ms for r in self.rows if r.latency_ms is not None]
+        return sum(timed) if len(timed) == len(self.rows) else None
 
     def as_dict(self) -> dict:
         return {
@@ -169,15 +168,17 @@ def profile_model(model: MobileNetV3, *, batch: int = 1, backend: Optional[Backe
     if backend is None:
         return profile
     profile.backend, profile.threads = backend.name, backend.threads
+    medians: list[float] = []
     for item, row in zip(units, rows):
         if progress:
             progress(item.block)
         shape = (batch, item.unit.in_channels, item.unit.resolution, item.unit.resolution)
         m = measure(backend.runner(item.module, shape), policy)
         row.latency_ms, row.latency_p10_ms, row.latency_p90_ms = m.median_ms, m.p10_ms, m.p90_ms
-    total = sum(r.latency_ms for r in rows)  # type: ignore[misc]
-    for row in rows:
-        row.latency_share = row.latency_ms / total if total else 0.0  # type: ignore[operator]
+        medians.append(m.median_ms)
+    total = sum(medians)
+    for row, ms in zip(rows, medians):
+        row.latency_share = ms / total if total else 0.0
     if progress:
         progress("whole network")
     profile.whole = measure(backend.runner(model, (batch, 3, resolution, resolution)), whole_policy)

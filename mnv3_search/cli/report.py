@@ -71,9 +71,9 @@ def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[
             by_index[int(index)] = path
         else:
             by_index[1] = item
-    for index in by_index:
-        if not 1 <= index <= len(variants):
-            raise UserError(f"--weights {index}=...: there are only {len(variants)} variants")
+    for number in by_index:
+        if not 1 <= number <= len(variants):
+            raise UserError(f"--weights {number}=...: there are only {len(variants)} variants")
     loaded = [load_variant(arg, by_index.get(i)) for i, arg in enumerate(variants, start=1)]
     unique_labels(loaded)
     if resolution is not None:
@@ -96,9 +96,9 @@ def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[
         from ..latency.table import LatencyTable, default_table_path
 
         lut_backend = make_backend(backend, threads)
-        table = LatencyTable.open(lut_path or default_table_path(lut_backend, batch), lut_backend, batch)
-        err.print(f"[dim]table: {table.path} ({len(table.entries)} entries)[/dim]", highlight=False)
-        predicted = [table.predict(v.spec).calibrated_ms for v in loaded]
+        lut = LatencyTable.open(lut_path or default_table_path(lut_backend, batch), lut_backend, batch)
+        err.print(f"[dim]table: {lut.path} ({len(lut.entries)} entries)[/dim]", highlight=False)
+        predicted = [lut.predict(v.spec).calibrated_ms for v in loaded]
     frame = compare_frame(loaded, measurements, predicted)
     if csv_path:
         write_csv(frame, csv_path)
@@ -218,10 +218,10 @@ def report(path: str, out_dir: Optional[str]) -> None:
                       pad_edge=False)
         for name in ("run", "budget", "measured ms", "predicted ms", "MACs", "params", "test accuracy"):
             table.add_column(name, justify="left" if name in ("run", "budget") else "right", no_wrap=True)
-        for row in frame.to_dict("records"):
-            table.add_row(row["run"], str(row["budget"]), _num(row["measured_latency_ms"], ".3f"),
-                          _num(row["predicted_latency_ms"], ".3f"), f"{row['macs'] / 1e6:.2f}M",
-                          f"{int(row['params']):,}", f"{100 * row['test_accuracy']:.2f}%")
+        for record in frame.to_dict("records"):
+            table.add_row(record["run"], str(record["budget"]), _num(record["measured_latency_ms"], ".3f"),
+                          _num(record["predicted_latency_ms"], ".3f"), f"{record['macs'] / 1e6:.2f}M",
+                          f"{int(record['params']):,}", f"{100 * record['test_accuracy']:.2f}%")
         out.print(table)
         err.print(f"[dim]Pareto plot on {column}[/dim]", highlight=False)
     for p in written:

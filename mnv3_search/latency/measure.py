@@ -408,8 +408,9 @@ def onnx_bytes(module: nn.Module, input_shape: tuple[int, ...], constant_folding
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (torch.randn(input_shape),), buffer, dynamo=False,
-                          input_names=["input"], output_names=["output"], opset_version=17,
+        # torch hints f as a path, yet its TorchScript exporter writes to a BytesIO (_export_file: BytesIO | str)
+        torch.onnx.export(module.eval(), (torch.randn(input_shape),), buffer,  # type: ignore[arg-type]
+                          dynamo=False, input_names=["input"], output_names=["output"], opset_version=17,
                           do_constant_folding=constant_folding)
     return buffer.getvalue()
 

@@ -753,8 +753,7 @@ def check_table(table: LatencyTable, spec: ArchSpec, n: int, seed: int = 0, step
     variants = variant_specs(spec, n, seed, step)
     networks = [spec.scaled()] + variants
     table.ensure((key for s in networks for _, key in spec_keys(s)), progress)
-    if spec.name not in table.calibrations:
-        table.calibrate(spec)
+    cal = table.calibrations[spec.name] if spec.name in table.calibrations else table.calibrate(spec)
     predictions = [table.predict(s, measure_missing=False) for s in networks]
 
     def on_pass(done: int, total: int) -> None:
@@ -768,7 +767,6 @@ def check_table(table: LatencyTable, spec: ArchSpec, n: int, seed: int = 0, step
     rows = [CheckRow(name, p.raw_ms, p.calibrated_ms, m.p25_ms, m.median_ms, p.calibrated_ms / p0.calibrated_ms,
                      p.raw_ms / p0.raw_ms, m.p25_ms / m0.p25_ms)
             for name, p, m in zip(names, predictions, measurements)]
-    cal = table.calibrations[spec.name] if spec.name in table.calibrations else table.calibration_for(spec)
     return CheckReport(rows, cal, 100.0 * (m0.p25_ms / cal.measured_ms - 1.0), together.ratio_shift,
                        together.reliable, together.attempts, together.spread)
 
@@ -861,7 +859,11 @@ def relative_to_reference(table: LatencyTable, reference: ArchSpec, candidate: A
     p_ref = table.predict(reference)
     p_cand = table.predict(candidate)
     ratio = together.ratio(1)
-    limit = budget_ratio if budget_ratio is not None else budget_ms / ref_m.p25_ms
+    if budget_ratio is not None:
+        limit = budget_ratio
+    else:
+        assert budget_ms is not None  # exactly one of the two, checked above
+        limit = budget_ms / ref_m.p25_ms
     return RelativeVerdict(ref_m.p25_ms, cand_m.p25_ms, ratio, p_cand.calibrated_ms / p_ref.calibrated_ms,
                            p_ref.calibrated_ms, limit, ratio <= limit, together.reliable, together.ratio_shift,
                            together.attempts, together.spread)

@@ -25,10 +25,10 @@ from ..data import Dataset, batches, load_dataset
 from ..fileio import atomic_path
 from ..model.build import build_model
 from ..prune.surgery import shrink
-from ..train import bn_layers, endless_batches, refresh_bn
+from ..train import bn_layers, endless_batches, refresh_bn, to_memory_format
 from .config import RunConfig
 from .runfolder import RunFolder
-from .study import HEARTBEAT_ATTR, ITERATION_ATTR, claim, heartbeat
+from .study import HEARTBEAT_ATTR, ITERATION_ATTR, claim, heartbeat, storage_of, trial_storage_id
 
 # Test hook: a proposal of the group named here kills the process evaluating it (os._exit, like a crashing
 # kernel or the OOM killer), so the retry and give-up path is tested with real process deaths
@@ -81,7 +81,7 @@ class ShortTune:
     so a run split across processes repeats an uninterrupted one exactly."""
 
     def __init__(self, model: nn.Module, dataset: Dataset, *, lr: float, batch_size: int, seed: int) -> None:
-        self.model = model.to(memory_format=torch.channels_last)
+        self.model = to_memory_format(model, torch.channels_last)
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
@@ -150,7 +150,7 @@ class Evaluator:
             spec, state = shrink(parent_spec, parent_state, group, channels, config.step)
         else:
             spec, state = RunFolder.load(self.run.trial_checkpoint(int(previous)))
-        model = build_model(spec).to(memory_format=torch.channels_last)  # faster on CPU, refresh_bn included
+        model = to_memory_format(build_model(spec), torch.channels_last)  # faster on CPU, refresh_bn included
         model.load_state_dict(state, strict=True)
         if previous is None:
             refresh_bn(model, self.dataset, num_batches=10, seed=seed)
@@ -163,8 +163,9 @@ class Evaluator:
         """Run one rung of one proposal and record it in the study (steps trained, holdout metrics); its
         heartbeat is stamped on a timer meanwhile, so a slow proposal is never retried while its worker lives."""
         with heartbeat(trial):
-            if os.environ.get(KILL_GROUP_ENV) and os.environ[KILL_GROUP_ENV] == study._storage.get_trial_system_attrs(
-                    trial._trial_id).get("fixed_params", {}).get("group"):  # noqa: SLF001
+            doomed = os.environ.get(KILL_GROUP_ENV)
+            if doomed and doomed == storage_of(study).get_trial_system_attrs(trial_storage_id(trial)).get(
+                    "fixed_params", {}).get("group"):
                 os._exit(KILL_EXIT_CODE)
             return self._evaluate(study, trial)
 

@@ -123,7 +123,7 @@ class RunFolder:
         if not self.iterations_csv.exists():
             return []
         frame = pd.read_csv(self.iterations_csv)
-        return [{k: (None if pd.isna(v) else v) for k, v in row.items()} for row in frame.to_dict("records")]
+        return [{str(k): (None if pd.isna(v) else v) for k, v in row.items()} for row in frame.to_dict("records")]
 
     def write_iterations(self, rows: list[dict[str, Any]]) -> None:
         frame = pd.DataFrame(rows, columns=ITERATION_COLUMNS)

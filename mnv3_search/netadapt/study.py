@@ -191,20 +191,36 @@ def _locked(path: Optional[Path]) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# Optuna's storage API is public, but a Study's handle to its storage and the storage's ids of a study and a
+# trial (not trial.number) are not; these three are the only places that reach for them.
+def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage `study` reads and writes (claims and failures go to it directly, past the Study API)."""
+    return study._storage  # noqa: SLF001 - Optuna 5 has no public accessor for it
+
+
+def study_storage_id(study: optuna.Study) -> int:
+    """The storage's id of `study`, which storage calls take instead of its name."""
+    return study._study_id  # noqa: SLF001 - Optuna 5 has no public accessor for it
+
+
+def trial_storage_id(trial: optuna.Trial | FrozenTrial) -> int:
+    """The storage's id of `trial` (not trial.number), which storage calls take."""
+    return trial._trial_id  # noqa: SLF001 - Optuna 5 has no public accessor for it
+
+
 def _pop_waiting_trial_id(study: optuna.Study) -> Optional[int]:
     """Optuna's own `Study._pop_waiting_trial_id` (optuna 5.0), mirrored because it is private: move the
     oldest WAITING trial to RUNNING. `set_trial_state_values` returns False when another process moved it
     first, and raises UpdateFinishedTrialError when another process already finished it (a master that
     failed it); both mean "not ours, try the next one"."""
-    storage = study._storage  # noqa: SLF001 - the storage API is public, the study's handle to it is not
-    for frozen in storage.get_all_trials(study._study_id, deepcopy=False,  # noqa: SLF001
-                                         states=(TrialState.WAITING,)):
+    storage = storage_of(study)
+    for frozen in storage.get_all_trials(study_storage_id(study), deepcopy=False, states=(TrialState.WAITING,)):
         try:
-            if not storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):  # noqa: SLF001
+            if not storage.set_trial_state_values(trial_storage_id(frozen), state=TrialState.RUNNING):
                 continue
         except UpdateFinishedTrialError:
             continue
-        return frozen._trial_id  # noqa: SLF001
+        return trial_storage_id(frozen)
     return None
 
 
@@ -282,7 +298,7 @@ def requeue_stale(study: optuna.Study, iteration: int, stale_seconds: float, max
     their `max_attempts`-th attempt: then the proposal is given up, so one that kills every worker that
     evaluates it cannot stall the run. Returns how many trials were failed."""
     now = time.time()
-    storage = study._storage  # noqa: SLF001
+    storage = storage_of(study)
     count = 0
     for t in iteration_trials(study, iteration, states=(TrialState.RUNNING,)):
         beat = t.user_attrs.get(HEARTBEAT_ATTR, t.datetime_start.timestamp() if t.datetime_start else now)
@@ -294,11 +310,11 @@ def requeue_stale(study: optuna.Study, iteration: int, stale_seconds: float, max
         give_up = attempt >= max_attempts
         why = f"worker {who or '?'} " + ("died" if dead else f"silent for {now - beat:.0f} s")
         try:
-            storage.set_trial_user_attr(t._trial_id, FAILURE_ATTR, f"{why} (attempt {attempt} of {max_attempts}"  # noqa: SLF001
-                                        + ("; given up)" if give_up else "; enqueued again)"))
+            storage.set_trial_user_attr(trial_storage_id(t), FAILURE_ATTR, f"{why} (attempt {attempt} of "
+                                        f"{max_attempts}" + ("; given up)" if give_up else "; enqueued again)"))
             if give_up:
-                storage.set_trial_user_attr(t._trial_id, GIVEN_UP_ATTR, True)  # noqa: SLF001
-            if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):  # noqa: SLF001
+                storage.set_trial_user_attr(trial_storage_id(t), GIVEN_UP_ATTR, True)
+            if not storage.set_trial_state_values(trial_storage_id(t), state=TrialState.FAIL):
                 continue
         except UpdateFinishedTrialError:  # its worker finished it meanwhile, or another process failed it
             continue

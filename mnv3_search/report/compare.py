@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pandas as pd
 import torch
@@ -137,7 +137,7 @@ def compare_frame(variants: Sequence[Variant], measurements: Optional[Sequence] 
     `predicted_ms`: each variant's latency by the machine's table (calibrated p25), when asked for."""
     if not variants:
         raise UserError("nothing to compare: give at least one spec or run folder")
-    rows = []
+    rows: list[dict[str, Any]] = []  # one DataFrame record per variant: numbers, text and None
     for i, v in enumerate(variants):
         m = measurements[i] if measurements else None
         rows.append({

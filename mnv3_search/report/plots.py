@@ -17,17 +17,17 @@ from typing import Any, Optional
 
 import matplotlib
 import matplotlib.ticker
+import pandas as pd
+
+from ..budget import LATENCY, MACS, PARAMS, parse_budget
+from ..errors import UserError
+from ..fileio import PathLike, atomic_path
+from ..netadapt.runfolder import RunFolder
+from ..spec.arch import ArchSpec
+from ..spec.yaml_io import load_spec
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from ..budget import LATENCY, MACS, PARAMS, parse_budget  # noqa: E402
-from ..errors import UserError  # noqa: E402
-from ..fileio import PathLike, atomic_path  # noqa: E402
-from ..netadapt.runfolder import RunFolder  # noqa: E402
-from ..spec.arch import ArchSpec  # noqa: E402
-from ..spec.yaml_io import load_spec  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402 - pyplot must come after use("Agg") (no display needed)
 
 RESOURCE_COLUMN = {LATENCY: "predicted_latency_ms", MACS: "macs", PARAMS: "params"}
 RESOURCE_LABEL = {LATENCY: "predicted latency (ms)", MACS: "MACs (M)", PARAMS: "params (M)"}
@@ -145,9 +145,11 @@ def plot_iterations(data: RunData, target: Path) -> Path:
              label="holdout accuracy")
     acc.set_ylabel("holdout accuracy (%)", color="tab:red")
     handles = ax.get_legend_handles_labels()[0] + acc.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="best", fontsize=8)
+    ax.legend(handles, [str(h.get_label()) for h in handles], loc="best", fontsize=8)
     ax.set_title(f"{data.name}: per iteration")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    locator = ax.xaxis.get_major_locator()
+    if isinstance(locator, matplotlib.ticker.MaxNLocator):  # a linear axis' AutoLocator is one
+        locator.set_params(integer=True)
     return _save(fig, target)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -144,12 +144,13 @@ def find_choices(data: Any) -> list[tuple[tuple, str, list]]:
     rows = data.get("bneck")
     if isinstance(rows, list):
         for i, row in enumerate(rows, start=1):
-            cells = (enumerate(row) if isinstance(row, list) and len(row) == len(ROW_FIELDS)
-                     else row.items() if isinstance(row, dict) else ())
-            for key, value in cells:
+            cells: Iterable[tuple[int | str, Any]] = (
+                enumerate(row) if isinstance(row, list) and len(row) == len(ROW_FIELDS)
+                else row.items() if isinstance(row, dict) else ())
+            for column, value in cells:
                 if isinstance(value, list):
-                    name = ROW_FIELDS[key] if isinstance(key, int) else key
-                    found.append((("bneck", i - 1, key), f"bneck row {i}, field '{name}'", value))
+                    name = ROW_FIELDS[column] if isinstance(column, int) else column
+                    found.append((("bneck", i - 1, column), f"bneck row {i}, field '{name}'", value))
     return found
 
 
