@@ -6,10 +6,12 @@ import json
 import math
 import os
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
 import click
+from click.core import ParameterSource
 import torch
 from rich.console import Console, Group
 from rich.live import Live
@@ -145,9 +147,23 @@ STORAGE_HELP = (f"Read from ${STORAGE_ENV} when not given: keep a password off t
                 "machine reads command lines with ps), or use --storage-file. Passwords are never written.")
 
 
-def _summary(result: RunResult) -> dict[str, Any]:
+def given_settings(ctx: click.Context) -> dict[str, Any]:
+    """The run settings (RunConfig fields) typed on the command line or taken from the environment, not
+    click's defaults: with --resume these must agree with the run's own."""
+    names = {f.name for f in fields(RunConfig)}
+    given = {}
+    for param, value in ctx.params.items():
+        name = "spec_path" if param == "spec" else param
+        if name in names and ctx.get_parameter_source(param) in (ParameterSource.COMMANDLINE,
+                                                                 ParameterSource.ENVIRONMENT):
+            given[name] = value
+    return given
+
+
+def _summary(result: RunResult, already_finished: bool = False) -> dict[str, Any]:
     return {
-        "run_dir": str(result.run_dir), "nothing_to_do": result.nothing_to_do, "seed_resource": result.seed_value,
+        "run_dir": str(result.run_dir), "nothing_to_do": result.nothing_to_do, "already_finished": already_finished,
+        "seed_resource": result.seed_value,
         "target": result.target, "final_resource": result.final_value, "iterations": result.iterations,
         "measured_latency_ms": result.measured_ms, "seed_measured_latency_ms": result.seed_measured_ms,
         "test_accuracy": result.test_accuracy,
@@ -156,7 +172,8 @@ def _summary(result: RunResult) -> dict[str, Any]:
 
 @click.command()
 @click.argument("spec", default="large", metavar="[SPEC]")
-@click.option("--budget", required=True, help="15ms, 800us, 60% (of the seed's latency), 150M-macs, 3M-params.")
+@click.option("--budget", help="15ms, 800us, 60% (of the seed's latency), 150M-macs, 3M-params. Required unless "
+              "--resume.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (default results/<spec>-<budget>-seed<N>).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
               help="Continue the run in this folder with its own settings.")
@@ -212,7 +229,7 @@ def _summary(result: RunResult) -> dict[str, Any]:
               "why) and its iteration goes on without it.")
 @click.option("--quiet", is_flag=True, help="No live view; one summary line.")
 @click.option("--json", "as_json", is_flag=True, help="No live view; the summary as JSON on stdout.")
-def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[str], data: str,
+def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: Optional[str], data: str,
              weights: Optional[str], schedule: str, select: str, evaluation: str, storage: Optional[str],
              storage_file: Optional[str], workers: int, short_steps: int, rungs: int, holdout: Optional[float | int],
              short_lr: float, seed_epochs: int, long_epochs: int, final: str, lr: float,
@@ -233,17 +250,20 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
       mnv3-search netadapt search_spaces/large.yaml --budget 15ms --data fashion-mnist
       mnv3-search netadapt small --budget 40M-macs --out results/small-40m
       mnv3-search netadapt small --budget 70% --workers 2 --storage postgresql://user@host/db
+      mnv3-search netadapt --resume results/small-70pct-seed0
       mnv3-search worker --storage postgresql://user@host/db --study small-70pct-seed0
     """
     use_device(device)  # seed training, proposal fine-tunes (workers too) and the long fine-tune
     storage = storage_url(storage, storage_file)
     if resume_dir:
-        folder = RunFolder(resume_dir)
-        saved = folder.read_run_json()
-        if saved is None:
-            raise UserError(f"{resume_dir}: no run.json here; --resume needs a run folder made by netadapt")
-        config = RunConfig.from_json(saved["config"], str(folder.run_json))
+        if out and Path(out).resolve() != Path(resume_dir).resolve():
+            raise UserError(f"--out {out} and --resume {resume_dir} name different folders; --resume continues the "
+                            f"run in its folder: give one of them")
+        config = RunFolder(resume_dir).resume_config(given_settings(click.get_current_context()))
         out = resume_dir  # the run's storage: run.json's (its password from $MNV3_SEARCH_STORAGE) or --storage
+    elif budget is None:
+        raise UserError("--budget is required to start a run (15ms, 60%, 150M-macs, 3M-params); "
+                        "--resume DIR continues a run with its own settings")
     else:
         config = RunConfig(spec_path=spec, budget=budget, schedule=schedule, select=select, data=data,
                            train_resolution=train_resolution, resolution=resolution, batch_size=batch_size,
@@ -256,8 +276,12 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
     err = Console(stderr=True)
     live = not (quiet or as_json)
     view = NetAdaptView(err, config.budget) if live else None
+    already_finished = False
 
     def on_event(kind: str, **info: Any) -> None:
+        nonlocal already_finished
+        if kind == "already_finished":  # the folder holds a finished run: nothing is trained again
+            already_finished = True
         if kind == "transfer":  # --weights made for another class count: say so even when quiet
             err.print(info["note"], highlight=False, soft_wrap=True)
         if view:
@@ -272,7 +296,7 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
                 result = runner.run_all()
         else:
             result = runner.run_all()
-    summary = _summary(result)
+    summary = _summary(result, already_finished)
 
     def amount(value: float) -> str:
         return f"{value:.3f} ms" if runner.budget.resource == LATENCY else f"{value:,.0f} {runner.budget.resource}"
@@ -283,6 +307,9 @@ def netadapt(spec: str, budget: str, out: Optional[str], resume_dir: Optional[st
         click.echo(f"nothing to do: the seed already meets the budget ({amount(result.seed_value)} <= "
                    f"{amount(result.target)}); no network was changed")
     else:
+        if already_finished:
+            click.echo(f"already finished: {result.run_dir} holds a finished run; nothing was trained (a new "
+                       f"run needs another --out)")
         measured = (f", measured {result.measured_ms:.3f} ms vs seed {result.seed_measured_ms:.3f} ms"
                     if result.measured_ms else "")
         click.echo(f"budget met after {result.iterations} iterations: {amount(result.final_value or 0)} (target "

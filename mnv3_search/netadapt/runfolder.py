@@ -28,7 +28,9 @@ from ..errors import UserError
 from ..fileio import atomic_write_text
 from ..report.frames import write_csv
 from ..spec.arch import ArchSpec
+from ..spec.spaces import resolve_spec_path
 from ..model.weights import read_checkpoint, save_state
+from .config import RunConfig
 
 ITERATION_COLUMNS = [
     "iteration", "proposal", "group", "channels_before", "channels", "target_latency_ms", "predicted_latency_ms",
@@ -104,6 +106,28 @@ class RunFolder:
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"{self.run_json}: unreadable run file ({exc}); move the folder away or use another "
                             f"--out") from None
+
+    def resume_config(self, given: Optional[dict[str, Any]] = None) -> RunConfig:
+        """The run's own settings, from run.json (`--resume DIR` needs no --budget). A setting `given` again
+        (RunConfig field -> value) must equal the recorded one: a changed setting would not apply to the run
+        already made, so it is refused in one line naming it rather than silently ignored."""
+        saved = self.read_run_json()
+        if saved is None or "config" not in saved:
+            raise UserError(f"{self.path}: no run.json here; --resume needs a run folder made by netadapt")
+        config = RunConfig.from_json(saved["config"], str(self.run_json))
+        recorded = config.as_json()
+        for name, value in (given or {}).items():
+            if name == "spec_path":
+                same = resolve_spec_path(value) == resolve_spec_path(recorded[name])
+            else:
+                same = value == recorded[name]
+            if not same:
+                option = "SPEC" if name == "spec_path" else "--" + name.replace("_", "-")
+                theirs = "default" if recorded[name] is None else recorded[name]
+                raise UserError(f"{self.path}: {option} {value} differs from this run's {theirs} (run.json); "
+                                f"--resume continues a run with its own settings: leave {option} out, or start a "
+                                f"new run with another --out")
+        return config
 
     def write_run_json(self, data: dict[str, Any]) -> None:
         atomic_write_text(self.run_json, json.dumps(data, indent=2, default=str) + "\n")
