@@ -161,11 +161,17 @@ def measure(run: Runner, policy: TimingPolicy = TimingPolicy(),
     return summarize(samples, context)
 
 
+CLOCKS = {"wall": time.perf_counter_ns, "thread": time.thread_time_ns}
+
+
 @dataclass(frozen=True)
 class InterleavedPolicy:
     """Shuffled round-robin passes: in each pass every runner runs `runs_per_pass` times, in a new random order.
 
     `max_seconds` (if > 0) stops after the pass that crosses it, but never before `min_passes`.
+    `clock`: `wall` times each run with a stopwatch; `thread` with the calling thread's CPU time, which is
+    the latency on a dedicated core for a backend that infers on the calling thread (one thread) and does not
+    count the time a shared machine's scheduler keeps the thread waiting (see `thread_clock_ok`).
     """
 
     passes: int = 30
@@ -174,12 +180,18 @@ class InterleavedPolicy:
     min_passes: int = 10
     max_seconds: float = 0.0
     seed: int = 0
+    clock: str = "wall"
+
+    def __post_init__(self) -> None:
+        if self.clock not in CLOCKS:
+            raise UserError(f"unknown clock {self.clock!r}; use one of {', '.join(CLOCKS)}")
 
 
 def _interleaved_samples(runners: Sequence[Runner], policy: InterleavedPolicy,
                          on_pass: Optional[Callable[[int, int], None]] = None) -> tuple[list[list[float]], int]:
     """Raw samples (ms) of each runner in pass order, and how many passes were done."""
     rng = random.Random(policy.seed)
+    clock = CLOCKS[policy.clock]
     for run in runners:
         for _ in range(policy.warmup_runs):
             run()
@@ -192,9 +204,9 @@ def _interleaved_samples(runners: Sequence[Runner], policy: InterleavedPolicy,
         for i in order:
             run, bucket = runners[i], samples[i]
             for _ in range(policy.runs_per_pass):
-                t0 = time.perf_counter()
+                t0 = clock()
                 run()
-                bucket.append((time.perf_counter() - t0) * 1000.0)
+                bucket.append((clock() - t0) / 1e6)
         if on_pass:
             on_pass(done, policy.passes)
         if policy.max_seconds > 0 and done >= policy.min_passes and time.perf_counter() - start >= policy.max_seconds:
@@ -453,6 +465,13 @@ class OnnxRuntimeBackend(_BackendBase):
 
 BACKENDS: dict[str, type] = {"onnxruntime": OnnxRuntimeBackend, "torch": TorchEagerBackend,
                              "torch-cuda": TorchCudaBackend}
+
+
+def thread_clock_ok(backend: Backend) -> bool:
+    """Whether the calling thread's CPU time is this backend's latency: true for the CPU backends with one
+    thread (ONNX Runtime without an intra-op pool and torch with one thread infer on the caller); a GPU's
+    work or a pool's workers are not on the calling thread's clock."""
+    return backend.name in ("onnxruntime", "torch") and backend.threads == 1
 
 
 def available_backends() -> list[str]:

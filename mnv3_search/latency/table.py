@@ -42,7 +42,8 @@ from torch import nn
 from ..model.counts import spec_params, unit_params
 from ..errors import UserError
 from ..fileio import PathLike, atomic_write_text
-from .measure import Backend, InterleavedPolicy, Measurement, Together, measure_interleaved, measure_together
+from .measure import (Backend, InterleavedPolicy, Measurement, Together, measure_interleaved, measure_together,
+                      thread_clock_ok)
 from ..model.build import build_model, build_unit
 from ..spec.arch import ArchSpec, BlockConfig, default_residual, se_width
 from ..spec.units import BneckUnit, ClassifierUnit, LastConvUnit, StemUnit, Unit, spec_units
@@ -432,8 +433,12 @@ class LatencyTable:
              policy: InterleavedPolicy = InterleavedPolicy()) -> "LatencyTable":
         """Open `path` for `backend` (create it on first save); refuse a table made under other conditions."""
         path = Path(path)
+        # a new table times on the inference thread's CPU clock where that is the latency (one CPU thread):
+        # on a shared machine wall-clock entries timed a minute apart disagree by 20-40 %, CPU-time ones by ~5 %
+        policy = replace(policy, clock="thread" if thread_clock_ok(backend) else "wall")
         wanted = Header(backend.name, backend.versions(), backend.threads, batch, backend.fingerprint(),
-                        {"statistic": "p25", "passes": policy.passes, "runs_per_pass": policy.runs_per_pass})
+                        {"statistic": "p25", "passes": policy.passes, "runs_per_pass": policy.runs_per_pass,
+                         "clock": policy.clock})
         if not path.exists():
             return cls(path, wanted, backend=backend, policy=policy)
         header, entries, calibrations = read_table_file(path)
@@ -444,7 +449,8 @@ class LatencyTable:
         # entries of one table share one protocol: the file's wins over the caller's
         protocol = header.protocol
         policy = replace(policy, passes=int(protocol.get("passes", policy.passes)),
-                         runs_per_pass=int(protocol.get("runs_per_pass", policy.runs_per_pass)))
+                         runs_per_pass=int(protocol.get("runs_per_pass", policy.runs_per_pass)),
+                         clock=str(protocol.get("clock", "wall")))  # tables from before the clock: wall
         return cls(path, header, entries, calibrations, backend=backend, policy=policy)
 
     @classmethod
