@@ -57,6 +57,9 @@ from .study import (ATTEMPT_ATTR, CONFIG_ATTR, FAILURE_ATTR, STORAGE_ENV, claim_
 Event = Callable[..., None]
 
 
+MIN_CUT_SHARE = 0.01  # the smallest cut an iteration asks for, as a share of the seed (MobileNetV3's delta)
+
+
 class BudgetUnreachable(UserError):
     """The budget cannot be met by this search space; the run folder keeps what was reached."""
 
@@ -293,6 +296,12 @@ class NetAdapt:
             cut = self.schedule.reduction(iteration - 1, seed_value)
             goal = max(current - cut, 0.0)
             found = self.proposals(spec, goal)
+            while not found and cut / 2 >= MIN_CUT_SHARE * seed_value:
+                # no single group can make the scheduled cut any more (a shrunk network's groups are small):
+                # halve it rather than stop, down to MobileNetV3's delta of 1 % of the seed
+                cut /= 2
+                goal = max(current - cut, 0.0)
+                found = self.proposals(spec, goal)
             if not found:
                 raise BudgetUnreachable(
                     f"budget {config.budget} cannot be reached: no group can shrink enough for the next step; "
