@@ -67,9 +67,10 @@ from mnv3_search.train import evaluate, steps_per_epoch, train, train_epochs  # 
 
 OUT = Path("results/benchmarks")
 PLOT = Path("docs/netadapt-vs-width.png")
-METHODS = ("netadapt", "macs", "scratch")
-LABELS = {"netadapt": "NetAdapt (latency table)", "macs": "NetAdapt guided by MACs",
-          "scratch": "NetAdapt's shape, trained from scratch", "width": "width multiplier"}
+METHODS = ("netadapt", "macs", "scratch", "macs-scratch")
+LABELS = {"netadapt": "NetAdapt (latency table), fine-tuned", "macs": "NetAdapt guided by MACs, fine-tuned",
+          "scratch": "NetAdapt (latency table), shape retrained", "macs-scratch": "guided by MACs, shape retrained",
+          "width": "width multiplier"}
 
 
 def parse() -> argparse.Namespace:
@@ -78,18 +79,21 @@ def parse() -> argparse.Namespace:
     p.add_argument("--parts", default="train,report", help="train (per seed: latency,widths,macs,scratch) and/or "
                                                           "report; or single parts: latency, widths, macs, scratch")
     p.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick: 0)")
+    p.add_argument("--search-seeds", default=None, help="seeds whose own chains run (default: all --seeds); the "
+                   "other seeds retrain the first search seed's shapes from scratch (search once, train many)")
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--limit", type=int, default=None, help="training images (default 20000; quick 6000)")
     p.add_argument("--holdout-images", type=int, default=None, help="holdout carved from the training set "
                    "(default 1,000: one image is 0.1 point; quick 500)")
     p.add_argument("--budgets", default=None, help="shares of the seed's latency in %% (default 75,50,35; quick 80,60)")
-    p.add_argument("--widths", default=None, help="width multipliers (default 0.2,0.3,0.45,0.65,1.0; "
+    p.add_argument("--widths", default=None, help="width multipliers (default 0.25,0.35,0.5,0.75,1.0; "
                                                  "quick 0.4,0.7,1.0)")
     p.add_argument("--schedule", default=None, help="first cut, decay, as shares of the seed's "
-                   "resource (default 0.066,1.0: 10 iterations to 35 %%; quick 0.1,1.0)")
+                   "resource (default 0.05,1.0: 13 iterations to 35 %%, smaller cuts where no group can make one; "
+                   "quick 0.1,1.0)")
     p.add_argument("--seed-epochs", type=int, default=1)
     p.add_argument("--long-epochs", type=int, default=1)
-    p.add_argument("--short-steps", type=int, default=10)
+    p.add_argument("--short-steps", type=int, default=32)
     p.add_argument("--short-lr", type=float, default=0.005)
     p.add_argument("--reports", type=int, default=2, help="holdout evaluations per proposal (if the library has it)")
     p.add_argument("--train-resolution", type=int, default=32)
@@ -105,24 +109,25 @@ def parse() -> argparse.Namespace:
     args = p.parse_args()
     quick = args.quick
     args.seeds = [int(s) for s in (args.seeds or ("0" if quick else "0,1,2")).split(",")]
+    args.search_seeds = [int(s) for s in args.search_seeds.split(",")] if args.search_seeds else list(args.seeds)
     args.limit = args.limit or (6000 if quick else 20000)
     args.holdout_images = args.holdout_images or (500 if quick else 1000)
-    default_schedule = "0.1,1.0" if quick else "0.066,1.0"
+    default_schedule = "0.1,1.0" if quick else "0.05,1.0"
     args.schedule = args.schedule or default_schedule
     args.budgets = sorted((float(b) for b in (args.budgets or ("80,60" if quick else "75,50,35")).split(",")),
                           reverse=True)
     args.widths = sorted(float(w) for w in (args.widths or ("0.4,0.7,1.0" if quick else
-                                                            "0.2,0.3,0.45,0.65,1.0")).split(","))
+                                                            "0.25,0.35,0.5,0.75,1.0")).split(","))
     if args.tag is None:
         changed = [f"{name}{getattr(args, name.replace('-', '_'))}" for name, default in
-                   (("short-steps", 10), ("short-lr", 0.005), ("train-resolution", 32), ("schedule", default_schedule))
+                   (("short-steps", 32), ("short-lr", 0.005), ("train-resolution", 32), ("schedule", default_schedule))
                    if getattr(args, name.replace("-", "_")) != default]
         args.tag = "-".join(["quick" if quick else "full"] + [c.replace(",", "_") for c in changed])
     args.work = OUT / f"netadapt-work-{args.tag}"
     args.plot = Path(args.plot) if args.plot else (PLOT if args.tag == "full" else OUT / f"netadapt-{args.tag}.png")
     parts = set(args.parts.split(","))
     if "train" in parts:
-        parts |= {"latency", "widths", "macs", "scratch"}
+        parts |= {"latency", "widths", "macs", "scratch", "macs-scratch"}
     args.parts = parts
     return args
 
@@ -340,23 +345,32 @@ def widths(args: argparse.Namespace, seed: int) -> None:
             from_scratch(args, seed, name, spec, steps, ds, {"method": "width", "budget": None, "width": width})
 
 
-def scratch(args: argparse.Namespace, seed: int) -> None:
-    """Each latency-guided budget's architecture (from the chain's iteration checkpoint, so this can run
-    beside the chain), re-initialised and trained like a width multiplier."""
-    folder = seed_dir(args, seed) / "netadapt"
+def chain_folder(args: argparse.Namespace, seed: int, guide: str) -> Path:
+    """The chain whose shapes seed `seed` retrains: its own, else the first search seed's."""
+    own = seed_dir(args, seed) / guide
+    return own if (own / "iterations.csv").exists() else seed_dir(args, args.search_seeds[0]) / guide
+
+
+def scratch(args: argparse.Namespace, seed: int, guide: str = "netadapt") -> None:
+    """Each budget's architecture of a chain (from its iteration checkpoint, so this can run beside the
+    chain), re-initialised and trained like a width multiplier: is it the shape, or the inherited weights?"""
+    folder = chain_folder(args, seed, guide)
+    method = "scratch" if guide == "netadapt" else "macs-scratch"
     if not (folder / "iterations.csv").exists():
-        log(f"seed {seed} scratch: the latency chain has no iteration yet")
+        log(f"seed {seed} {method}: the {guide} chain has no iteration yet")
         return
     rows = pd.read_csv(folder / "iterations.csv")
-    chosen = budget_iterations(rows, "predicted_latency_ms", args.budgets, (folder / "final.yaml").exists())
+    column = "predicted_latency_ms" if guide == "netadapt" else "macs"
+    chosen = budget_iterations(rows, column, args.budgets, (folder / "final.yaml").exists())
     ds = dataset(args, seed)
     steps = equal_steps(args, ds, expected_path(args))
     for share, iteration in sorted(chosen.items(), reverse=True):
-        name = f"scratch-{share:g}"
+        name = f"{method}-{share:g}"
         if not done(args, seed, name):
             spec, _ = read_checkpoint(folder / "iterations" / f"{iteration:03d}.pt")
-            from_scratch(args, seed, name, spec, steps, ds, {"method": "scratch", "budget": share, "width": None,
-                                                             "source_iteration": iteration})
+            from_scratch(args, seed, name, spec, steps, ds, {"method": method, "budget": share, "width": None,
+                                                             "source_iteration": iteration,
+                                                             "source_chain": str(folder)})
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -577,20 +591,21 @@ def selection_signal(args: argparse.Namespace) -> None:
 
 def goal(summary: pd.DataFrame, args: argparse.Namespace) -> None:
     """The issue's goal per budget: >= +1 point at equal latency or >= 1.3x faster at equal accuracy, and
-    ahead of the MACs-guided network."""
+    ahead of the MACs-guided network; for the fine-tuned networks and for the retrained shapes."""
     print("\ngoal (>= +1 point or >= 1.3x, and ahead of MACs-guided):")
-    for budget in args.budgets:
-        na = summary[(summary["method"] == "netadapt") & (summary["budget_pct"] == budget)]
-        mc = summary[(summary["method"] == "macs") & (summary["budget_pct"] == budget)]
-        if na.empty:
-            print(f"  {budget:g} %: no NetAdapt network")
-            continue
-        gap, ratio = na["gap_points"].iloc[0], na["latency_ratio"].iloc[0]
-        beats_width = (gap >= 1.0) or (ratio >= 1.3)
-        ahead = "n/a" if mc.empty else ("yes" if gap > mc["gap_points"].iloc[0] else "no")
-        print(f"  {budget:g} %: gap {gap:+.2f} points, ratio {ratio:.2f}x -> vs width "
-              f"{'MET' if beats_width else 'MISSED'}; ahead of MACs-guided (gap "
-              f"{'n/a' if mc.empty else format(mc['gap_points'].iloc[0], '+.2f')}): {ahead}")
+    for mine, theirs in (("netadapt", "macs"), ("scratch", "macs-scratch")):
+        for budget in args.budgets:
+            na = summary[(summary["method"] == mine) & (summary["budget_pct"] == budget)]
+            mc = summary[(summary["method"] == theirs) & (summary["budget_pct"] == budget)]
+            if na.empty:
+                print(f"  {mine} {budget:g} %: no network")
+                continue
+            gap, ratio = na["gap_points"].iloc[0], na["latency_ratio"].iloc[0]
+            beats_width = (gap >= 1.0) or (ratio >= 1.3)
+            ahead = "n/a" if mc.empty else ("yes" if gap > mc["gap_points"].iloc[0] else "no")
+            print(f"  {LABELS[mine]} {budget:g} %: gap {gap:+.2f} points, ratio {ratio:.2f}x -> vs width "
+                  f"{'MET' if beats_width else 'MISSED'}; ahead of {theirs} (gap "
+                  f"{'n/a' if mc.empty else format(mc['gap_points'].iloc[0], '+.2f')}): {ahead}")
 
 
 def plot(frame: pd.DataFrame, seed_ms: float, args: argparse.Namespace) -> None:
@@ -608,7 +623,8 @@ def plot(frame: pd.DataFrame, seed_ms: float, args: argparse.Namespace) -> None:
     for width, r in w.iterrows():
         ax.annotate(f"{width:g}", (r["lat"], r["acc"]), textcoords="offset points", xytext=(4, -12), fontsize=8,
                     color="0.35")
-    styles = {"netadapt": ("tab:red", "s"), "macs": ("tab:blue", "^"), "scratch": ("tab:green", "D")}
+    styles = {"netadapt": ("tab:red", "s"), "macs": ("tab:blue", "^"), "scratch": ("tab:green", "D"),
+              "macs-scratch": ("tab:purple", "v")}
     for method, (color, marker) in styles.items():
         g = frame[frame["method"] == method].groupby("budget").agg(
             lat=("latency_ms", "mean"), lat_std=("latency_ms", "std"), acc=("test_accuracy_pct", "mean"),
@@ -638,14 +654,16 @@ def main() -> None:
     check_settings(args)
     log(f"work folder {args.work}; settings {settings(args)}; seeds {args.seeds}; parts {sorted(args.parts)}")
     for seed in args.seeds:
-        if "latency" in args.parts:
+        if "latency" in args.parts and seed in args.search_seeds:
             chain(args, seed, "netadapt")
         if "widths" in args.parts:
             widths(args, seed)
-        if "macs" in args.parts:
+        if "macs" in args.parts and seed in args.search_seeds:
             chain(args, seed, "macs")
         if "scratch" in args.parts:
-            scratch(args, seed)
+            scratch(args, seed, "netadapt")
+        if "macs-scratch" in args.parts:
+            scratch(args, seed, "macs")
     if "report" in args.parts:
         report(args)
 
