@@ -235,6 +235,9 @@ def test_latency_budget_is_confirmed_by_measurement(tmp_path: Path) -> None:
     predicted = iterations["predicted_latency_ms"].tolist()
     assert all(b < a for a, b in zip(predicted, predicted[1:]))
     assert pd.notna(iterations["measured_latency_ms"].iloc[-1])
+    # the verdict came from a measurement of the network beside the seed, and says whether the host disturbed it
+    assert str(iterations["latency_reliable"].iloc[-1]) in ("True", "False")
+    assert iterations["latency_reliable"].iloc[:-1].isna().all()
     assert Path(json.loads((out / "run.json").read_text())["latency_table"]["path"]).exists()  # the machine's table
 
 

@@ -73,8 +73,12 @@ class NetAdaptView:
                      current=info["resource"], phase="choosing")
             s["history"] = s.get("history", []) + [info]
         elif kind == "confirm":
-            s["phase"] = (f"measured {info['measured']:.3f} ms (seed {info['seed_measured']:.3f} ms): "
+            s["phase"] = (f"measured {info['measured']:.3f} ms (seed {info['seed_measured']:.3f} ms"
+                          + ("" if info.get("reliable", True) else ", host disturbed: marked unreliable") + "): "
                           + ("budget met" if info["ok"] else "over budget, going on"))
+        elif kind == "unreliable":
+            s["phase"] = (f"timing disturbed by the host (ratio moved {100 * info['ratio_shift']:.1f} %): "
+                          f"measuring again ({info['attempt']})")
         elif kind == "long_finetune":
             s["phase"] = f"long fine-tune ({info['epochs']} epochs)"
         elif kind == "long_step":

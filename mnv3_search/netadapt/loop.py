@@ -36,7 +36,7 @@ from ..model.counts import spec_macs, spec_params
 from ..errors import UserError
 from ..fileio import atomic_path
 from ..latency.measure import export_onnx, make_backend, torch_threads
-from ..latency.table import LatencyTable, open_for_run, spec_keys, table_record
+from ..latency.table import LatencyTable, open_for_run, relative_to_reference, spec_keys, table_record
 from ..model.build import build_model
 from ..prune.groups import ProposalGroup, find_group, proposal_groups
 from ..spec.spaces import resolve_spec_path
@@ -57,6 +57,7 @@ from .study import (ATTEMPT_ATTR, CONFIG_ATTR, FAILURE_ATTR, STORAGE_ENV, claim_
 Event = Callable[..., None]
 
 
+CONFIRM_ATTEMPTS = 3  # whole-network measurements before a disturbed one is used (and marked unreliable)
 MIN_CUT_SHARE = 0.01  # the smallest cut an iteration asks for, as a share of the seed (MobileNetV3's delta)
 
 
@@ -134,6 +135,8 @@ class NetAdapt:
             if diffs:
                 raise UserError(f"{self.run.path}: holds a run with other settings ({'; '.join(diffs[:3])}); "
                                 f"use another --out or the same options to resume it")
+            if old.as_json() != self.config.as_json():  # a changed RESUMABLE limit: run.json records the new one
+                self.run.write_run_json({**previous, "config": self.config.as_json()})
             self.storage_url = resolve_storage(self.storage_url, previous.get("storage"))
             self.emit("resume", run_dir=str(self.run.path))
         self.storage_url = self.storage_url or self.run.default_storage_url
@@ -428,17 +431,24 @@ class NetAdapt:
             time.sleep(0.2)
 
     def _confirm(self, spec: ArchSpec, target: float) -> tuple[bool, dict[str, Any]]:
-        """A prediction that meets the budget is checked by measuring the network paired with the seed."""
+        """A prediction that meets the budget is checked by timing the network beside the seed, now: the
+        budget is judged on their ratio (an absolute budget through the seed measured in the same
+        measurement, never through a calibration from an earlier minute). A measurement disturbed by the
+        host is repeated; if all `CONFIRM_ATTEMPTS` are disturbed the verdict of the last is used and the
+        row says `latency_reliable` False."""
         if self.budget.resource != LATENCY or self.table is None:
             return True, {}
-        child_m, seed_m = self.table.measure_networks([spec, self.seed_spec])
-        measured, seed_measured = child_m.p25_ms, seed_m.p25_ms
-        if self.budget.relative:
-            ok = measured / seed_measured <= self.budget.value
-        else:
-            ok = measured <= self.budget.value
-        self.emit("confirm", measured=measured, seed_measured=seed_measured, ok=ok)
-        return ok, {"measured_latency_ms": measured, "seed_measured_latency_ms": seed_measured}
+        limit = {"budget_ratio": self.budget.value} if self.budget.relative else {"budget_ms": self.budget.value}
+        for attempt in range(1, CONFIRM_ATTEMPTS + 1):
+            verdict = relative_to_reference(self.table, self.seed_spec, spec, **limit)
+            if verdict.reliable:
+                break
+            self.emit("unreliable", attempt=attempt, ratio_shift=verdict.ratio_shift, spread=verdict.spread)
+        measured, seed_measured = verdict.candidate_ms, verdict.reference_ms
+        self.emit("confirm", measured=measured, seed_measured=seed_measured, ok=verdict.ok,
+                  reliable=verdict.reliable)
+        return verdict.ok, {"measured_latency_ms": measured, "seed_measured_latency_ms": seed_measured,
+                            "latency_reliable": verdict.reliable}
 
     def _corrected_target(self, rows: list[dict[str, Any]], target: float) -> float:
         """After a measurement disagreed with the table, scale the target by predicted / measured."""
