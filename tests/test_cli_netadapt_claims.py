@@ -230,6 +230,18 @@ def test_max_iterations_stops_after_n_with_exit_3(accuracy_run: tuple[Path, Resu
     assert len(trials(out)) == count
     assert {k: v for k, v in snapshot(out).items() if k != "study.journal"} == \
         {k: v for k, v in before.items() if k != "study.journal"}  # the study only records its status
+    # a higher limit is not a different run: it continues from iteration 2, and run.json records the new limit
+    rows_before = pd.read_csv(out / "iterations.csv")
+    more = run_cli("netadapt", "--resume", str(out), "--max-iterations", "3", "--quiet")
+    after = pd.read_csv(out / "iterations.csv")
+    assert after["iteration"].tolist()[:4] == [0, 1, 2, 3]
+    pd.testing.assert_frame_equal(after.iloc[:3].reset_index(drop=True), rows_before)
+    assert RunFolder(out).read_run_json()["config"]["max_iterations"] == 3
+    if more.exit_code == 3:
+        assert one_error_line(more, 3).startswith("Error: stopped after --max-iterations 3; ")
+    else:
+        assert more.exit_code == 0, more.output
+        assert (out / "final.yaml").exists()
 
 
 # --- 5. a params budget ---------------------------------------------------------------------------------------

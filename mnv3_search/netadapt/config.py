@@ -10,6 +10,8 @@ from ..errors import UserError
 SELECT_RULES = ("ratio", "accuracy")
 EVALUATIONS = ("halving", "full")
 FINALS = ("fine-tune", "retrain")
+# limits on how far a run goes, not on what it computes: a run stopped by --max-iterations continues with a higher one
+RESUMABLE = ("max_iterations",)
 
 
 @dataclass(frozen=True)
@@ -89,5 +91,6 @@ class RunConfig:
         return cls(**data)
 
     def differences(self, other: "RunConfig") -> list[str]:
+        """Settings that differ, except those a resumed run may change (`RESUMABLE`)."""
         mine, theirs = self.as_json(), other.as_json()
-        return [f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if mine[k] != theirs[k]]
+        return [f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if mine[k] != theirs[k] and k not in RESUMABLE]

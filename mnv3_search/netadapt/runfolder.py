@@ -17,6 +17,7 @@ Layout:
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -30,13 +31,13 @@ from ..report.frames import write_csv
 from ..spec.arch import ArchSpec
 from ..spec.spaces import resolve_spec_path
 from ..model.weights import read_checkpoint, save_state
-from .config import RunConfig
+from .config import RESUMABLE, RunConfig
 
 ITERATION_COLUMNS = [
     "iteration", "proposal", "group", "channels_before", "channels", "target_latency_ms", "predicted_latency_ms",
-    "measured_latency_ms", "seed_measured_latency_ms", "macs", "params", "holdout_accuracy", "holdout_loss",
-    "saving", "score", "tie_tolerance", "tied", "decided_by", "proposals", "pruned", "steps", "full_steps",
-    "wall_seconds",
+    "measured_latency_ms", "seed_measured_latency_ms", "latency_reliable", "macs", "params", "holdout_accuracy",
+    "holdout_loss", "saving", "score", "tie_tolerance", "tied", "decided_by", "proposals", "pruned", "steps",
+    "full_steps", "wall_seconds",
 ]
 INTEGER_COLUMNS = ["iteration", "channels_before", "channels", "macs", "params", "tied", "proposals", "pruned",
                    "steps", "full_steps"]
@@ -117,6 +118,9 @@ class RunFolder:
         config = RunConfig.from_json(saved["config"], str(self.run_json))
         recorded = config.as_json()
         for name, value in (given or {}).items():
+            if name in RESUMABLE:
+                config = replace(config, **{name: value})
+                continue
             if name == "spec_path":
                 same = resolve_spec_path(value) == resolve_spec_path(recorded[name])
             else:
