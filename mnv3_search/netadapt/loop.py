@@ -58,6 +58,7 @@ Event = Callable[..., None]
 
 
 CONFIRM_ATTEMPTS = 3  # whole-network measurements before a disturbed one is used (and marked unreliable)
+MIN_CHOICE = 4  # proposals an iteration should choose among; fewer and the cut is halved (see MIN_CUT_SHARE)
 MIN_CUT_SHARE = 0.01  # the smallest cut an iteration asks for, as a share of the seed (MobileNetV3's delta)
 
 
@@ -299,9 +300,11 @@ class NetAdapt:
             cut = self.schedule.reduction(iteration - 1, seed_value)
             goal = max(current - cut, 0.0)
             found = self.proposals(spec, goal)
-            while not found and cut / 2 >= MIN_CUT_SHARE * seed_value:
-                # no single group can make the scheduled cut any more (a shrunk network's groups are small):
-                # halve it rather than stop, down to MobileNetV3's delta of 1 % of the seed
+            wanted = min(MIN_CHOICE, len([g for g in proposal_groups(spec, config.step) if g.keep_options()]))
+            while len(found) < wanted and cut / 2 >= MIN_CUT_SHARE * seed_value:
+                # too few groups can make the scheduled cut (each group that can is used up by one cut that
+                # size, and a shrunk network's groups are small): halve it rather than choose among one or two
+                # proposals or stop, down to MobileNetV3's delta of 1 % of the seed
                 cut /= 2
                 goal = max(current - cut, 0.0)
                 found = self.proposals(spec, goal)
