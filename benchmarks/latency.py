@@ -36,7 +36,7 @@ from mnv3_search.latency.measure import InterleavedPolicy, make_backend, measure
 from mnv3_search.latency.table import (LatencyTable, build_table, check_table, check_variants,  # noqa: E402
                                       summarize_errors)
 from mnv3_search.model.build import build_model  # noqa: E402
-from mnv3_search.report.frames import write_csv  # noqa: E402
+from mnv3_search.fileio import write_csv  # noqa: E402
 from mnv3_search.spec.spaces import resolve_spec_path  # noqa: E402
 from mnv3_search.spec.yaml_io import load_spec  # noqa: E402
 

@@ -60,7 +60,7 @@ from mnv3_search.latency.measure import InterleavedPolicy, make_backend, measure
 from mnv3_search.model.counts import spec_macs, spec_params  # noqa: E402
 from mnv3_search.model.weights import read_checkpoint, save_state  # noqa: E402
 from mnv3_search.netadapt import RunConfig, run_netadapt  # noqa: E402
-from mnv3_search.report.frames import write_csv  # noqa: E402
+from mnv3_search.fileio import write_csv  # noqa: E402
 from mnv3_search.spec.arch import ArchSpec  # noqa: E402
 from mnv3_search.spec.spaces import resolve_spec_path  # noqa: E402
 from mnv3_search.train import evaluate, steps_per_epoch, train, train_epochs  # noqa: E402

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mnv3_search import build_model, shrink  # noqa: E402
 from mnv3_search.data import load_dataset  # noqa: E402
 from mnv3_search.model.weights import read_checkpoint  # noqa: E402
-from mnv3_search.report.frames import write_csv  # noqa: E402
+from mnv3_search.fileio import write_csv  # noqa: E402
 from mnv3_search.train import evaluate, fine_tune, refresh_bn  # noqa: E402
 
 

@@ -33,7 +33,7 @@ from mnv3_search.netadapt import BudgetUnreachable, RunConfig, run_netadapt
 from mnv3_search.netadapt.runfolder import RunFolder
 from mnv3_search.netadapt.selection import Candidate, rank, survivors, tolerance
 from mnv3_search.netadapt.study import make_storage
-from mnv3_search.report.frames import write_csv
+from mnv3_search.fileio import write_csv
 from mnv3_search.spec.spaces import resolve_spec_path
 
 OUT = Path("results/benchmarks")

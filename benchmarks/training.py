@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mnv3_search import build_model, load_spec, shrink  # noqa: E402
 from mnv3_search.data import FASHION_MNIST_DIR, Dataset, load_dataset  # noqa: E402
-from mnv3_search.report.frames import write_csv  # noqa: E402
+from mnv3_search.fileio import write_csv  # noqa: E402
 from mnv3_search.spec.spaces import resolve_spec_path  # noqa: E402
 from mnv3_search.train import evaluate, fine_tune, refresh_bn, train_epochs  # noqa: E402
 

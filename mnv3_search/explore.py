@@ -32,7 +32,7 @@ from .latency.measure import make_backend, torch_threads
 from .latency.table import LatencyTable, open_for_run, table_record
 from .model.build import build_model
 from .netadapt.study import make_storage
-from .report.frames import write_csv
+from .fileio import write_csv
 from .spec.spaces import resolve_spec_path
 from .spec.arch import ArchSpec
 from .spec.yaml_io import dump_spec, find_choices, read_yaml, spec_from_dict

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import TYPE_CHECKING, Iterator, Union
+
+if TYPE_CHECKING:  # pandas is imported by the callers that have frames; --help stays fast without it
+    import pandas as pd
 
 PathLike = Union[str, os.PathLike]
 
@@ -33,3 +37,13 @@ def atomic_path(target: PathLike) -> Iterator[Path]:
 def atomic_write_text(target: PathLike, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_csv(frame: "pd.DataFrame", path: PathLike) -> None:
+    """Write `frame` as CSV to `path` atomically, or to stdout when `path` is '-'."""
+    if str(path) == "-":
+        sys.stdout.write(frame.to_csv(index=False))
+        sys.stdout.flush()
+        return
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)

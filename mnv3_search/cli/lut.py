@@ -19,7 +19,7 @@ from .options import (BATCH_HELP, CSV_HELP, LUT_HELP, SEED_HELP, THREADS_HELP, b
 from ..errors import UserError
 from ..latency.measure import InterleavedPolicy, make_backend
 from ..latency.table import LatencyTable, build_table, check_table, default_table_path, summarize_errors
-from ..report.frames import write_csv
+from ..fileio import write_csv
 
 
 @contextmanager

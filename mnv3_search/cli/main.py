@@ -196,7 +196,8 @@ def profile(spec: str, resolution: Optional[int], width: Optional[float], num_cl
     from ..latency.measure import make_backend
     from ..latency.table import LatencyTable, default_table_path, spec_keys
     from ..profile import attach_prediction, profile_model
-    from ..report.frames import profile_frame, write_csv
+    from ..fileio import write_csv
+    from ..report.frames import profile_frame
 
     err = Console(stderr=True)
     quiet_stdout = as_json or csv_path == "-"  # stdout carries data: no table, no progress bars

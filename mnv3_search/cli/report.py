@@ -20,7 +20,7 @@ from ..data import SOURCES_HELP, load_dataset
 from ..errors import UserError
 from ..export import FORMATS, export_model
 from ..latency.measure import InterleavedPolicy, make_backend, torch_threads
-from ..report.frames import write_csv
+from ..fileio import write_csv
 
 
 def _num(value: Any, fmt: str) -> str:

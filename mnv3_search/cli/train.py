@@ -21,7 +21,7 @@ from .options import (SEED_HELP, THREADS_HELP, WEIGHTS_HELP, batch_size_option, 
 from ..data import SOURCES_HELP, load_dataset
 from ..fileio import atomic_write_text
 from ..model.build import build_model
-from ..report.frames import write_csv
+from ..fileio import write_csv
 from ..spec.spaces import resolve_spec_path
 from ..spec.yaml_io import dump_spec, load_spec
 from ..train import evaluate, steps_per_epoch, train_epochs

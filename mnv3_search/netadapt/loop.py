@@ -542,11 +542,11 @@ class NetAdapt:
 
     def _finished_result(self) -> Optional[RunResult]:
         finished = (self.run.read_run_json() or {}).get("result")
-        if not finished or not (self.run.path / "final.yaml").exists():
+        if not finished or not self.run.final_yaml.exists():
             return None
         self.emit("already_finished", run_dir=str(self.run.path))
         return RunResult(self.run.path, False, finished["seed_resource"], finished["target"],
-                         final_spec=load_spec(self.run.path / "final.yaml"), final_value=finished["final_resource"],
+                         final_spec=load_spec(self.run.final_yaml), final_value=finished["final_resource"],
                          measured_ms=finished["measured_latency_ms"],
                          seed_measured_ms=finished["seed_measured_latency_ms"],
                          test_accuracy=finished["test_accuracy"], iterations=finished["iterations"])
@@ -636,9 +636,9 @@ class NetAdapt:
                          progress=lambda step, loss: self.emit("long_step", step=step, loss=loss))
         accuracy = evaluate(model, self.dataset, self.dataset.test)
         to_memory_format(model, torch.contiguous_format)
-        dump_spec(spec, self.run.path / "final.yaml")
-        RunFolder.save(spec, model.state_dict(), self.run.path / "final.pt")
-        with atomic_path(self.run.path / "final.onnx") as tmp:
+        dump_spec(spec, self.run.final_yaml)
+        RunFolder.save(spec, model.state_dict(), self.run.final_pt)
+        with atomic_path(self.run.final_onnx) as tmp:
             tmp.write_bytes(export_onnx(model, (1, 3, spec.resolution, spec.resolution)))
         self.emit("finished", test_accuracy=accuracy)
         return accuracy

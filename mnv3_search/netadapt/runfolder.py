@@ -27,7 +27,7 @@ import torch
 
 from ..errors import UserError
 from ..fileio import atomic_write_text
-from ..report.frames import write_csv
+from ..fileio import write_csv
 from ..spec.arch import ArchSpec
 from ..spec.spaces import resolve_spec_path
 from ..model.weights import read_checkpoint, save_state
@@ -86,6 +86,23 @@ class RunFolder:
     @property
     def proposals_csv(self) -> Path:
         return self.path / "proposals.csv"
+
+    @property
+    def final_yaml(self) -> Path:
+        return self.path / "final.yaml"
+
+    @property
+    def final_pt(self) -> Path:
+        return self.path / "final.pt"
+
+    @property
+    def final_onnx(self) -> Path:
+        return self.path / "final.onnx"
+
+    @staticmethod
+    def is_run(path: str | os.PathLike) -> bool:
+        """The one rule for "this folder is a NetAdapt run": netadapt writes run.json before anything else."""
+        return (Path(path) / "run.json").is_file()
 
     # -- creation --
     def prepare(self) -> None:

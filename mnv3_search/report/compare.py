@@ -57,26 +57,23 @@ class Variant:
         return model.eval()
 
 
-def is_run_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "run.json").is_file()
-
-
 def load_variant(argument: str, weights: Optional[str] = None, label: Optional[str] = None) -> Variant:
     """A run folder (final.yaml + final.pt + run.json's test accuracy) or a spec (path or shipped name).
 
     `weights` (a checkpoint for a spec) is checked to fit before it is used."""
     path = Path(argument)
     if path.is_dir():
-        if not is_run_folder(path):
+        if not RunFolder.is_run(path):
             raise UserError(f"{path}: a folder but not a run folder (no run.json); give a YAML spec or a "
                             f"NetAdapt run folder such as results/<run>")
-        final = path / "final.yaml"
+        folder = RunFolder(path)
+        final = folder.final_yaml
         if not final.is_file():
             raise UserError(f"{path}: the run has not finished (no final.yaml); resume it with "
                             f"`mnv3-search netadapt --resume {path}` first")
         spec = load_spec(final)
-        run = RunFolder(path).read_run_json() or {}
-        checkpoint = Path(weights) if weights else path / "final.pt"
+        run = folder.read_run_json() or {}
+        checkpoint = Path(weights) if weights else folder.final_pt
         state = read_state_dict(checkpoint) if checkpoint.is_file() else None
         if state is not None:
             check_fits(state, build_model(spec), str(checkpoint), str(final))

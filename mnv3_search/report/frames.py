@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict
 
 import pandas as pd
 
-from ..fileio import PathLike, atomic_path
 from ..profile import Profile
 
 PROFILE_COLUMNS = [
@@ -35,13 +33,3 @@ def profile_frame(profile: Profile) -> pd.DataFrame:
     frame["se"] = frame["se"].astype("boolean")
     frame["latency_statistic"] = frame["latency_ms"].map(lambda v: None if pd.isna(v) else "median")
     return frame
-
-
-def write_csv(frame: pd.DataFrame, path: PathLike) -> None:
-    """Write `frame` as CSV to `path` atomically, or to stdout when `path` is '-'."""
-    if str(path) == "-":
-        sys.stdout.write(frame.to_csv(index=False))
-        sys.stdout.flush()
-        return
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)

@@ -57,7 +57,8 @@ class RunData:
 
 
 def is_run_folder(path: Path) -> bool:
-    return (path / "run.json").is_file() and (path / "iterations.csv").is_file()
+    """A run with at least its seed row: what a report can draw."""
+    return RunFolder.is_run(path) and RunFolder(path).iterations_csv.is_file()
 
 
 def read_run(path: PathLike) -> RunData:
@@ -76,8 +77,8 @@ def read_run(path: PathLike) -> RunData:
         from ..model.weights import read_checkpoint
 
         data.seed_spec = read_checkpoint(path / "seed.pt")[0]
-    if (path / "final.yaml").is_file():
-        data.final_spec = load_spec(path / "final.yaml")
+    if RunFolder(path).final_yaml.is_file():
+        data.final_spec = load_spec(RunFolder(path).final_yaml)
     data.summary = _summary(data)
     return data
 
