@@ -197,6 +197,23 @@ class Point:
     delay: float = 0.0
     hook: Optional[Callable[[Reference], str]] = None  # a group name for KILL_GROUP_ENV instead of polling
     poll: float = POLL_SECONDS
+    stateful: Optional[Callable[[], Trigger]] = None  # a fresh trigger per run, for triggers that keep state
+    kill: bool = True  # False: a control, the command run once uninterrupted
+
+
+def _it2_rung0_mid() -> Trigger:
+    """Iteration 1's trial checkpoints are removed once its row is written; half of iteration 2's first rung
+    is then as many new ones (counting before the removal would land between the row and the cleanup)."""
+    cleaned = False
+
+    def trigger(f: Path, r: Reference) -> bool:
+        nonlocal cleaned
+        if csv_rows(f / "iterations.csv") != 2:
+            return False
+        cleaned = cleaned or trial_checkpoints(f) == 0
+        return cleaned and trial_checkpoints(f) >= len(r.proposals[2]) // 2
+
+    return trigger
 
 
 def _middle_group(ref: Reference) -> str:
@@ -217,8 +234,9 @@ POINTS = [
           lambda f, r: tmp_files(f / "iterations", "001.pt")),
     Point("it1-checkpoint-before-row", "A", "iterations/001.pt written, its iterations.csv row not yet",
           lambda f, r: (f / "iterations" / "001.pt").exists() and csv_rows(f / "iterations.csv") == 1),
-    Point("it2-rung0-mid", "A", "iteration 2, first rung half done",
-          lambda f, r: csv_rows(f / "iterations.csv") == 2 and trial_checkpoints(f) >= len(r.proposals[2]) // 2),
+    Point("it1-row-before-cleanup", "A", "iteration 1's CSV row written, its trial checkpoints not removed yet",
+          lambda f, r: csv_rows(f / "iterations.csv") == 2 and trial_checkpoints(f) > len(r.proposals[2])),
+    Point("it2-rung0-mid", "A", "iteration 2, first rung half done", trigger=None, stateful=lambda: _it2_rung0_mid()),
     Point("long-fine-tune", "A", "the long fine-tune (last row written, trials cleaned, no final.yaml)",
           lambda f, r: csv_rows(f / "iterations.csv") == r.rows and trial_checkpoints(f) == 0
           and (f / "iterations" / f"{r.rows - 1:03d}.pt").exists() and not (f / "final.yaml").exists()
@@ -227,6 +245,8 @@ POINTS = [
           lambda f, r: (f / "final.yaml").exists() and not (f / "final.onnx").exists()),
     Point("before-result", "A", "final.onnx written, run.json's result not yet",
           lambda f, r: (f / "final.onnx").exists() and not run_result(f)),
+    Point("control-B", "B", "no kill: a second uninterrupted run of command B (how much timing alone moves B)",
+          kill=False),
     Point("lut-build", "B", "building the run's latency table (lut.json not saved yet)",
           lambda f, r: (f / "run.json").exists() and not (f / "lut.json").exists(), delay=3.0, poll=0.05),
     Point("lut-calibration", "B", "calibrating: lut.json holds entries but no calibration yet",
@@ -276,9 +296,11 @@ def kill_and_rerun(work: Path, point: Point, ref: Reference) -> Row:
     log = open(work / f"{point.name}.killed.log", "w")
     start = time.monotonic()
     proc = subprocess.Popen(cmd, env=environment(work, hook), stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, start_new_session=True) if point.kill else None
     killed_exit = ""
-    if hook:
+    if proc is None:  # a control: the command runs once, below
+        killed_exit, evidence = "-", "not killed (control)"
+    elif hook:
         proc.wait(timeout=TIMEOUT_SECONDS)
         killed_exit = f"{proc.returncode} (hook, group {hook})"
         if proc.returncode != KILL_EXIT_CODE:
@@ -290,10 +312,11 @@ def kill_and_rerun(work: Path, point: Point, ref: Reference) -> Row:
         evidence = f"hook killed the evaluation of {hook}; complete trials {study_counts(folder).complete}; " \
                    + snapshot(folder)
     else:
-        assert point.trigger is not None
+        trigger = point.stateful() if point.stateful else point.trigger
+        assert trigger is not None
         landed = False
         while time.monotonic() - start < TIMEOUT_SECONDS:
-            if point.trigger(folder, ref):
+            if trigger(folder, ref):
                 landed = True
                 break
             if proc.poll() is not None:
@@ -320,6 +343,9 @@ def kill_and_rerun(work: Path, point: Point, ref: Reference) -> Row:
     counts = study_counts(folder)
     spec, weights = same_final(folder, ref.folder) if done.returncode == 0 else ("no (rerun failed)", "no")
     notes = []
+    leftovers = sorted(str(p.relative_to(folder)) for p in folder.rglob(".*.tmp"))
+    if leftovers:
+        notes.append(f"temporary files left: {' '.join(leftovers)}")
     if trial_checkpoints(folder):
         notes.append(f"{trial_checkpoints(folder)} trial checkpoints left in trials/")
     if csv_rows(folder / "proposals.csv") != csv_rows(ref.folder / "proposals.csv"):
