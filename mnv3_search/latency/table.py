@@ -367,6 +367,9 @@ def read_table_file(path: PathLike) -> tuple[Header, dict[str, Entry], dict[str,
         raw_cal = data.get("calibrations", {})
         if not isinstance(raw_entries, dict) or not isinstance(raw_cal, dict):
             raise ValueError("entries/calibrations are not objects")
+        for name in ("passes", "runs_per_pass"):  # LatencyTable.open measures with the file's protocol
+            if name in header.protocol and not (isinstance(header.protocol[name], int) and header.protocol[name] > 0):
+                raise ValueError(f"protocol {name} is {header.protocol[name]!r}, not a positive integer")
     except (KeyError, TypeError, ValueError) as exc:
         raise _bad(path, f"has a malformed header ({exc})") from None
     entries: dict[str, Entry] = {}

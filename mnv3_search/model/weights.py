@@ -119,8 +119,22 @@ def save_checkpoint(model: nn.Module, spec: ArchSpec, path: PathLike) -> None:
 
 def read_checkpoint(path: PathLike) -> tuple[ArchSpec, dict[str, torch.Tensor]]:
     """An own checkpoint: the spec it embeds and its state_dict (already checked to fit each other)."""
-    data: Any = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        data: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except Exception as exc:  # torch raises many types for truncated or corrupt files (zip, pickle, storage)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: truncated or damaged checkpoint ({first[:160]})") from None
     if not isinstance(data, Mapping) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an mnv3-search checkpoint (no embedded spec)")
-    spec = spec_from_dict(yaml.safe_load(data["spec_yaml"]), f"{path} (embedded spec)")
-    return spec, dict(data["state_dict"])
+    state = data.get("state_dict")
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()) or \
+            not isinstance(data.get("spec_yaml"), str):
+        raise CheckpointError(f"{path}: damaged mnv3-search checkpoint (no state_dict or spec inside)")
+    try:
+        raw = yaml.safe_load(data["spec_yaml"])
+    except yaml.YAMLError:
+        raise CheckpointError(f"{path}: damaged mnv3-search checkpoint (its embedded spec is not YAML)") from None
+    spec = spec_from_dict(raw, f"{path} (embedded spec)")
+    return spec, dict(state)

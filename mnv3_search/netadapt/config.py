@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Optional
 
 from ..errors import UserError
@@ -88,6 +88,10 @@ class RunConfig:
                             f"be resumed by this version: start a new run (another --out)")
         if unknown:
             raise UserError(f"{where}: unknown run setting {unknown[0]!r}; was it written by a newer mnv3-search?")
+        missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING]
+        if missing:
+            raise UserError(f"{where}: run setting {missing[0]!r} is missing; the file is damaged: restore it from a "
+                            f"copy, or start the run again in another folder (--out)")
         return cls(**data)
 
     def differences(self, other: "RunConfig") -> list[str]:

@@ -16,6 +16,8 @@ Layout:
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from dataclasses import replace
 import os
@@ -25,7 +27,7 @@ from typing import Any, Optional
 import pandas as pd
 import torch
 
-from ..errors import UserError
+from ..errors import CheckpointError, UserError
 from ..fileio import atomic_write_text
 from ..fileio import write_csv
 from ..spec.arch import ArchSpec
@@ -39,13 +41,22 @@ ITERATION_COLUMNS = [
     "holdout_loss", "saving", "score", "tie_tolerance", "tied", "decided_by", "proposals", "pruned", "steps",
     "full_steps", "wall_seconds",
 ]
+ADDED_COLUMNS = {"latency_reliable"}  # columns a run folder of an earlier version lacks (read as blank)
 INTEGER_COLUMNS = ["iteration", "channels_before", "channels", "macs", "params", "tied", "proposals", "pruned",
                    "steps", "full_steps"]
+TEXT_COLUMNS = {"proposal", "group", "decided_by", "state", "worker", "failure", "chosen"}
 PROPOSAL_COLUMNS = [
     "trial", "iteration", "group", "channels_before", "channels", "state", "rung", "predicted_latency_ms", "macs",
     "params", "holdout_accuracy", "holdout_loss", "saving", "score", "rank", "trials", "steps", "seconds", "chosen",
     "worker", "attempt", "failure",
 ]
+
+
+def damaged(path: Path, what: str) -> UserError:
+    """One line for a run file that cannot be trusted: which file, what is wrong, what to do. Never a guess:
+    a run resumed from a half-read file would go on from the wrong network."""
+    return UserError(f"{path}: {what}; the run cannot go on from it: restore the file from a copy, or start the run "
+                     f"again in another folder (--out)")
 
 
 class RunFolder:
@@ -117,13 +128,24 @@ class RunFolder:
                             f"choose another --out") from None
 
     def read_run_json(self) -> Optional[dict[str, Any]]:
+        """run.json, checked to be a run file (an object, its config an object); None before the first write."""
         if not self.run_json.exists():
             return None
         try:
-            return json.loads(self.run_json.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{self.run_json}: unreadable run file ({exc}); move the folder away or use another "
-                            f"--out") from None
+            text = self.run_json.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise damaged(self.run_json, "damaged run file (not UTF-8 text)") from None
+        except OSError as exc:
+            raise damaged(self.run_json, f"unreadable run file ({exc.strerror or exc})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            what = "truncated run file (it stops mid-way)" if text.lstrip().startswith("{") and \
+                not text.rstrip().endswith("}") else f"damaged run file (not JSON: line {exc.lineno}: {exc.msg})"
+            raise damaged(self.run_json, what) from None
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+            raise damaged(self.run_json, "not a NetAdapt run file (no \"config\" object)")
+        return data
 
     def resume_config(self, given: Optional[dict[str, Any]] = None) -> RunConfig:
         """The run's own settings, from run.json (`--resume DIR` needs no --budget). A setting `given` again
@@ -161,14 +183,64 @@ class RunFolder:
 
     @staticmethod
     def load(path: Path) -> tuple[ArchSpec, dict[str, torch.Tensor]]:
-        return read_checkpoint(path)
+        """A checkpoint of this run; a missing or damaged one is one line saying so (never a traceback)."""
+        if not path.is_file():
+            raise damaged(path, "missing checkpoint of this run")
+        try:
+            return read_checkpoint(path)
+        except CheckpointError as exc:
+            raise damaged(path, str(exc).removeprefix(f"{path}: ")) from None
 
     # -- tables --
-    def read_iterations(self) -> list[dict[str, Any]]:
+    def _read_table(self, path: Path, columns: list[str]) -> pd.DataFrame:
+        """A CSV this run wrote, checked before use: header, every row complete (a truncated last row would
+        otherwise read as a row of blanks), numbers where numbers belong."""
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise damaged(path, "damaged table (not UTF-8 text)") from None
+        except OSError as exc:
+            raise damaged(path, f"unreadable table ({exc.strerror or exc})") from None
+        lines = list(csv.reader(io.StringIO(text)))
+        older = [c for c in columns if c not in ADDED_COLUMNS]  # written before those columns existed
+        if not lines or lines[0] not in (columns, older):
+            raise damaged(path, f"not this run's table (its header is not {','.join(columns[:3])},...)")
+        width = len(lines[0])
+        if not text.endswith("\n"):
+            raise damaged(path, f"truncated table (its last line, line {len(lines)}, stops mid-way)")
+        for number, row in enumerate(lines[1:], start=2):
+            if len(row) != width:
+                raise damaged(path, f"damaged table (line {number} has {len(row)} fields, not {width})")
+        frame = pd.read_csv(io.StringIO(text)).reindex(columns=columns)
+        for column in columns:
+            if column in TEXT_COLUMNS or pd.api.types.is_numeric_dtype(frame[column]):
+                continue
+            bad = frame[column][pd.to_numeric(frame[column], errors="coerce").isna() & frame[column].notna()]
+            if bad.empty:
+                continue
+            raise damaged(path, f"damaged table (line {bad.index[0] + 2}: {column} is {bad.iloc[0]!r}, not a "
+                                f"number)")
+        if "iteration" in frame and columns == ITERATION_COLUMNS and \
+                frame["iteration"].tolist() != list(range(len(frame))):
+            raise damaged(path, "damaged table (its iterations are not 0, 1, 2, ... in order)")
+        return frame
+
+    def iterations_frame(self) -> pd.DataFrame:
+        """iterations.csv, checked (see `_read_table`); empty before the seed's row is written."""
         if not self.iterations_csv.exists():
-            return []
-        frame = pd.read_csv(self.iterations_csv)
-        return [{str(k): (None if pd.isna(v) else v) for k, v in row.items()} for row in frame.to_dict("records")]
+            return pd.DataFrame(columns=ITERATION_COLUMNS)
+        return self._read_table(self.iterations_csv, ITERATION_COLUMNS)
+
+    def proposals_frame(self) -> pd.DataFrame:
+        """proposals.csv, checked (see `_read_table`); empty before the first iteration ends."""
+        if not self.proposals_csv.exists():
+            return pd.DataFrame(columns=PROPOSAL_COLUMNS)
+        return self._read_table(self.proposals_csv, PROPOSAL_COLUMNS)
+
+    def read_iterations(self) -> list[dict[str, Any]]:
+        """iterations.csv as row dicts (None for blanks): what a resumed run goes on from."""
+        return [{str(k): (None if pd.isna(v) else v) for k, v in row.items()}
+                for row in self.iterations_frame().to_dict("records")]
 
     def write_iterations(self, rows: list[dict[str, Any]]) -> None:
         frame = pd.DataFrame(rows, columns=ITERATION_COLUMNS)

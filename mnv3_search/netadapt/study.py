@@ -18,6 +18,7 @@ URL in their environment (`STORAGE_ENV`), never on their command line where `ps`
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 import threading
@@ -106,11 +107,9 @@ def resolve_storage(given: Optional[str], recorded: Optional[str]) -> Optional[s
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL; a path ending in .journal is a journal file (several processes safe)."""
+    if url.endswith(".journal"):
+        return _journal_storage(Path(url))
     try:
-        if url.endswith(".journal"):
-            from optuna.storages.journal import JournalFileBackend
-
-            return optuna.storages.JournalStorage(JournalFileBackend(url))
         engine: dict[str, Any] = {}
         if url.startswith("sqlite"):
             engine = {"connect_args": {"timeout": 60}}
@@ -125,6 +124,57 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
             reason = reason.replace(password, "***")
         raise UserError(f"storage {redact(url)!r} cannot be opened ({reason[:200]}); check the URL, that the server is "
                         f"running and that the database exists") from None
+
+
+def _journal_storage(path: Path) -> optuna.storages.JournalStorage:
+    """A journal file's storage, refusing a damaged journal in one line. Optuna itself skips a truncated last
+    line without a word, and the next append glues its record onto the fragment, after which the journal
+    cannot be replayed at all: so a truncated last line is refused with the command that cuts it off."""
+    from optuna.storages.journal import JournalFileBackend
+
+    size = _truncated_journal(path)
+    if size is not None:
+        raise UserError(f"{path}: the Optuna journal's last line is truncated or damaged (a write was cut off); "
+                        f"keep the lines before it with `truncate -s {size} {path}` and run again (the cut-off step "
+                        f"is redone)")
+    try:
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: damaged Optuna journal ({reason[:160]}); it cannot be replayed: restore it from a "
+                        f"copy, or start the run again in another folder (--out)") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot open the Optuna journal ({exc.strerror or exc}); check the path and its "
+                        f"permissions") from None
+
+
+def _truncated_journal(path: Path, settle_seconds: float = 0.2) -> Optional[int]:
+    """The size to cut a journal back to when its last line is cut off (no newline, or not JSON), else None.
+    Checked twice, apart, so another process's append in flight is not taken for damage."""
+    for attempt in range(2):
+        try:
+            with open(path, "rb") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, size - 65536))
+                tail = handle.read()
+        except OSError:
+            return None  # missing or unreadable: Optuna creates it or says why
+        if not tail:
+            return None
+        body = tail if not tail.endswith(b"\n") else tail[:-1]
+        cut = body.rfind(b"\n") + 1
+        if cut == 0 and size > len(tail):
+            return None  # a last line longer than the tail read: leave it to Optuna
+        try:
+            json.loads(body[cut:])
+            if tail.endswith(b"\n"):
+                return None
+        except ValueError:
+            pass
+        if attempt == 1:
+            return size - len(tail) + cut
+        time.sleep(settle_seconds)
+    return None
 
 
 def create_study(storage_url: str, name: str) -> optuna.Study:

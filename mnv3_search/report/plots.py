@@ -67,16 +67,15 @@ def read_run(path: PathLike) -> RunData:
     if not is_run_folder(path):
         raise UserError(f"{path}: not a NetAdapt run folder (needs run.json and iterations.csv) and holds no run "
                         f"folders; give results/<run> or a folder of runs")
-    run = RunFolder(path).read_run_json() or {}
-    iterations = pd.read_csv(path / "iterations.csv")
-    proposals = pd.read_csv(path / "proposals.csv") if (path / "proposals.csv").is_file() else pd.DataFrame()
+    folder = RunFolder(path)
+    run = folder.read_run_json() or {}
+    iterations = folder.iterations_frame()  # checked: a truncated or damaged table is one line, not a plot
+    proposals = folder.proposals_frame() if folder.proposals_csv.is_file() else pd.DataFrame()
     budget = (run.get("config") or {}).get("budget", "")
     resource = parse_budget(budget).resource if budget else LATENCY
     data = RunData(path, run, iterations, proposals, resource)
     if (path / "seed.pt").is_file():
-        from ..model.weights import read_checkpoint
-
-        data.seed_spec = read_checkpoint(path / "seed.pt")[0]
+        data.seed_spec = RunFolder.load(path / "seed.pt")[0]
     if RunFolder(path).final_yaml.is_file():
         data.final_spec = load_spec(RunFolder(path).final_yaml)
     data.summary = _summary(data)
