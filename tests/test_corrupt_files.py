@@ -198,3 +198,30 @@ def test_a_damaged_lut_json_is_one_line(lut_file: Path, tmp_path: Path, spoil: C
         ["netadapt", "small", "--budget", "90%", "--out", str(tmp_path / "new"), "--lut", str(target), *TINY_ARGS]
     assert one_error(args) == f"Error: {target}: {what}; {LUT_DO}"
     assert target.read_bytes() == before
+
+
+def test_a_moved_run_resumes_on_its_own_journal_and_sweeps_cut_writes(tmp_path: Path) -> None:
+    """A run folder copied under another name still names the original's journal and study in run.json;
+    resuming it must use its own journal and keep its study (not start an empty one named after the new
+    folder), and delete the temporary files of atomic writes a kill cut short."""
+    import optuna
+
+    source = tiny_run_folder()
+    moved = tmp_path / "renamed-run"
+    shutil.copytree(source, moved)
+    run = json.loads((moved / "run.json").read_text())
+    assert run["storage"] == str((source / "study.journal").resolve())  # as a moved folder has it
+    del run["result"]
+    (moved / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    (moved / "final.yaml").unlink()
+    leftovers = [moved / ".final.yaml.k1ll3d.tmp", moved / "iterations" / ".009.pt.k1ll3d.tmp"]
+    for path in leftovers:
+        path.write_text("")
+    original_journal = (source / "study.journal").read_bytes()
+    result = CliRunner().invoke(cli, ["netadapt", "--resume", str(moved), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (source / "study.journal").read_bytes() == original_journal
+    assert not any(path.exists() for path in leftovers)
+    assert (moved / "final.yaml").is_file()
+    studies = optuna.get_all_study_summaries(make_storage(str((moved / "study.journal").resolve())))
+    assert [s.study_name for s in studies] == [run["study"]] and run["study"] == source.name

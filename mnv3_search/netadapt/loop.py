@@ -138,7 +138,12 @@ class NetAdapt:
                                 f"use another --out or the same options to resume it")
             if old.as_json() != self.config.as_json():  # a changed RESUMABLE limit: run.json records the new one
                 self.run.write_run_json({**previous, "config": self.config.as_json()})
-            self.storage_url = resolve_storage(self.storage_url, previous.get("storage"))
+            recorded = previous.get("storage")
+            if recorded and recorded.endswith(os.sep + "study.journal") and recorded != self.run.default_storage_url:
+                recorded = self.run.default_storage_url  # a moved or copied folder: its own journal, not the old one's
+            self.storage_url = resolve_storage(self.storage_url, recorded)
+            self._study_name = str(previous.get("study") or self.study_name)  # a renamed folder keeps its study
+            self.run.sweep_temporary_files()
             self.emit("resume", run_dir=str(self.run.path))
         self.storage_url = self.storage_url or self.run.default_storage_url
         if previous is None:
@@ -152,7 +157,8 @@ class NetAdapt:
 
     @property
     def study_name(self) -> str:
-        return self.run.path.resolve().name
+        """The folder's name when the run starts; run.json keeps it, so a renamed folder finds its study."""
+        return getattr(self, "_study_name", None) or self.run.path.resolve().name
 
     def _seed_network(self) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
         """The seed's weights (given, or trained on the data once and saved) and its holdout accuracy and loss."""
@@ -276,8 +282,11 @@ class NetAdapt:
         effective_target = target
         spec, state = self.seed_spec, None
         if len(rows) > 1:
-            spec, state = RunFolder.load(self.run.iteration_checkpoint(int(rows[-1]["iteration"])))
+            last = int(rows[-1]["iteration"])
+            spec, state = RunFolder.load(self.run.iteration_checkpoint(last))
             effective_target = self._corrected_target(rows, target)
+            # a kill between an iteration's row and its clean-up leaves its trials' checkpoints (100s of MB)
+            self._clean_trial_checkpoints([t for it in range(1, last + 1) for t in iteration_trials(study, it)])
         else:
             _, state = RunFolder.load(self.run.seed_checkpoint)
         while True:
@@ -593,6 +602,7 @@ class NetAdapt:
         self._start_workers()
         try:
             spec, state = self.run_iterations(study, evaluator, rows, seed_value, target)
+            self._write_proposals(study)  # a kill between the last row and its proposals.csv left it one short
         finally:
             set_status(study, "finished")
             self._stop_workers()

@@ -127,6 +127,16 @@ class RunFolder:
             raise UserError(f"{self.path}: cannot write the run folder ({exc.strerror or exc}); "
                             f"choose another --out") from None
 
+    def sweep_temporary_files(self) -> int:
+        """Delete the temporary files of atomic writes a kill cut short (`.NAME.xxxx.tmp`, never renamed into
+        place) in the folder and its iterations/; called when a run resumes, before anything writes there."""
+        swept = 0
+        for folder in (self.path, self.path / "iterations"):
+            for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+                tmp.unlink(missing_ok=True)
+                swept += 1
+        return swept
+
     def read_run_json(self) -> Optional[dict[str, Any]]:
         """run.json, checked to be a run file (an object, its config an object); None before the first write."""
         if not self.run_json.exists():
