@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -12,7 +11,6 @@ from typing import Any, Optional
 
 import click
 from click.core import ParameterSource
-import torch
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -25,11 +23,10 @@ from ..data import SOURCES_HELP
 from ..errors import UserError
 from ..latency.measure import torch_threads
 from ..netadapt.config import EVALUATIONS, FINALS, SELECT_RULES, RunConfig
-from ..netadapt.evaluate import Evaluator, work
 from ..netadapt.loop import NetAdapt, RunResult
 from ..netadapt.runfolder import RunFolder
-from ..netadapt.study import (CONFIG_ATTR, STORAGE_ENV, claim_lock_path, GROUPS_ATTR, RUN_DIR_ATTR, STATUS_ATTR,
-                              load_study, process_gone, redact)
+from ..netadapt.study import STORAGE_ENV, redact
+from ..netadapt.worker import join_run
 
 
 class NetAdaptView:
@@ -345,31 +342,6 @@ def worker(storage: Optional[str], storage_file: Optional[str], study_name: str,
     storage = storage_url(storage, storage_file)
     if not storage:
         raise UserError(f"no storage: pass --storage URL, --storage-file FILE or set ${STORAGE_ENV}")
-    torch.set_num_threads(threads)
     use_device(device)
-    study = load_study(storage, study_name)
     err = Console(stderr=True, quiet=quiet)
-    deadline = time.monotonic() + 600
-    while GROUPS_ATTR not in study.user_attrs:  # the master writes these once its seed exists
-        if time.monotonic() > deadline:
-            raise UserError(f"study {study_name!r} has not started a NetAdapt run; start `mnv3-search netadapt` first")
-        time.sleep(1)
-    attrs = study.user_attrs
-    config = RunConfig.from_json(attrs[CONFIG_ATTR], f"study {study_name}")
-    folder = RunFolder(run_dir or attrs[RUN_DIR_ATTR])
-    if not folder.seed_checkpoint.exists():
-        raise UserError(f"{folder.path}: no seed.pt here; "
-                        "pass --run-dir with the run folder as mounted on this machine")
-    names, max_channels = attrs[GROUPS_ATTR]
-    evaluator = Evaluator(folder, config, list(names), int(max_channels))
-
-    def should_stop() -> bool:
-        if parent_pid is not None and (os.getppid() != parent_pid or process_gone(parent_pid)):
-            return True  # the master died (even unreaped): an orphan would hold its caller's pipes open
-        return study.user_attrs.get(STATUS_ATTR) == "finished"
-
-    err.print(f"worker joined study {study_name!r}; run folder {folder.path}")
-    done = work(study, evaluator, should_stop, claim_lock_path(storage),
-                on_trial=lambda state: err.print(f"proposal {state.name.lower()}"))
-    err.print(f"worker done: {done} proposals evaluated")
-
+    join_run(storage, study_name, run_dir, parent_pid=parent_pid, threads=threads, log=err.print)

@@ -18,9 +18,7 @@ interrupted half-way keeps its finished trials; only the trials in flight run ag
 
 from __future__ import annotations
 
-import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -50,7 +48,7 @@ from .evaluate import (EVAL_ATTR, FROM_ATTR, START_ATTR, STOP_ATTR, Evaluator, h
                        load_run_dataset)
 from .runfolder import RunFolder
 from .selection import Candidate, Ranked, rank, survivors, tolerance
-from .study import (ATTEMPT_ATTR, CONFIG_ATTR, FAILURE_ATTR, STORAGE_ENV, claim_lock_path, make_storage, GROUPS_ATTR,
+from .study import (ATTEMPT_ATTR, CONFIG_ATTR, FAILURE_ATTR, claim_lock_path, make_storage, GROUPS_ATTR,
                     ITERATION_ATTR, RUN_DIR_ATTR, RUNG_ATTR, claim, create_study, enqueue, iteration_trials, redact,
                     redact_argv, requeue_stale, resolve_storage, set_status, trial_group)
 
@@ -253,20 +251,17 @@ class NetAdapt:
     # -- the loop ---------------------------------------------------------------------------------------
 
     def _start_workers(self) -> None:
-        """`--workers N`: N - 1 extra local processes join this process in evaluating proposals. They get the
-        storage URL in their environment, never on their command line (which any user sees with `ps`)."""
-        env = {**os.environ, STORAGE_ENV: str(self.storage_url)}
-        for _ in range(self.workers - 1):
-            cmd = [sys.executable, "-m", "mnv3_search", "worker", "--study", self.study_name, "--run-dir",
-                   str(self.run.path.resolve()), "--parent-pid", str(os.getpid()), "--quiet"]
-            self._worker_procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env))
+        """`--workers N`: N - 1 extra local processes join this process in evaluating proposals (worker.py)."""
+        # imported here: `python -m mnv3_search.netadapt.worker` must not find its module imported already
+        from .worker import start_local_workers
+
+        self._worker_procs = start_local_workers(str(self.storage_url), self.study_name, self.run.path,
+                                                 self.workers - 1)
 
     def _stop_workers(self) -> None:
-        for proc in self._worker_procs:
-            try:
-                proc.wait(timeout=30)
-            except Exception:
-                proc.kill()
+        from .worker import stop_local_workers
+
+        stop_local_workers(self._worker_procs)
         self._worker_procs = []
 
     def run_iterations(self, study: optuna.Study, evaluator: Evaluator, rows: list[dict[str, Any]],
