@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import optuna
 import torch
@@ -44,6 +44,7 @@ from ..prune.surgery import child_spec
 from ..train import evaluate, to_memory_format, train_epochs
 from ..model.weights import read_state_dict, transfer_state_dict
 from .config import RunConfig
+from .events import Event, ignore
 from .evaluate import (EVAL_ATTR, FROM_ATTR, START_ATTR, STOP_ATTR, Evaluator, holdout_metrics,
                        load_run_dataset)
 from .runfolder import RunFolder
@@ -51,9 +52,6 @@ from .selection import Candidate, Ranked, rank, survivors, tolerance
 from .study import (ATTEMPT_ATTR, CONFIG_ATTR, FAILURE_ATTR, claim_lock_path, make_storage, GROUPS_ATTR,
                     ITERATION_ATTR, RUN_DIR_ATTR, RUNG_ATTR, claim, create_study, enqueue, iteration_trials, redact,
                     redact_argv, requeue_stale, resolve_storage, set_status, trial_group)
-
-Event = Callable[..., None]
-
 
 CONFIRM_ATTEMPTS = 3  # whole-network measurements before a disturbed one is used (and marked unreliable)
 MIN_CUT_SHARE = 0.01  # the smallest cut an iteration asks for, as a share of the seed (MobileNetV3's delta)
@@ -116,7 +114,7 @@ class NetAdapt:
         self.workers = workers
         self.stale_seconds = stale_seconds
         self.max_attempts = max_attempts
-        self.emit: Event = on_event or (lambda kind, **info: None)
+        self.emit: Event = on_event or ignore
         self.command = redact_argv(command or sys.argv)  # run.json keeps it: never a password
         self.table: Optional[LatencyTable] = None
         self._worker_procs: list[Any] = []
