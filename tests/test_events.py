@@ -140,7 +140,8 @@ def test_join_run_of_a_finished_run_evaluates_nothing_and_says_so() -> None:
     lines: list[str] = []
     storage, name = RunFolder(folder).default_storage_url, folder.resolve().name
     assert join_run(storage, name, log=lines.append) == 0
-    assert lines == [f"worker joined study {name!r}; run folder {folder.resolve()}", "worker done: 0 proposals evaluated"]
+    assert lines == [f"worker joined study {name!r}; run folder {folder.resolve()}",
+                     "worker done: 0 proposals evaluated"]
     with pytest.raises(UserError, match=r"/elsewhere: no seed.pt here; pass --run-dir with the run folder as "
                                         r"mounted on this machine$"):
         join_run(storage, name, "/elsewhere")
@@ -177,3 +178,18 @@ def test_a_local_worker_leaves_when_its_netadapt_is_gone(tmp_path: Path) -> None
                              text=True, env=env, timeout=120)
     assert refused.returncode == 2
     assert refused.stderr.strip() == f"Error: no storage: set ${STORAGE_ENV} to the run's storage URL"
+
+
+def test_no_library_module_imports_click_or_rich() -> None:
+    """The library (worker.py included) is usable without the CLI's packages: click and rich are cli/'s alone."""
+    package = REPO / "mnv3_search"
+    modules = sorted(".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+                     for path in package.rglob("*.py") if "cli" not in path.relative_to(package).parts
+                     and path.name != "__main__.py")
+    assert "mnv3_search.netadapt.worker" in modules and "mnv3_search.netadapt.events" in modules
+    code = (f"import importlib, sys\nfor name in {modules!r}: importlib.import_module(name)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'click', 'rich'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
