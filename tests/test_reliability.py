@@ -161,8 +161,9 @@ def test_no_password_in_files_output_attributes_or_worker_command_lines(pg_url: 
             seen.update({pid: line for pid, line in children_cmdlines(proc.pid).items() if line})  # not zombies
             time.sleep(0.05)
     assert proc.returncode == 0, log_err.read_text()
-    workers = [line for line in seen.values() if " worker " in line]
-    assert len(workers) == 1, seen  # --workers 2: the master and one local worker process
+    workers = [line for line in seen.values() if " -m mnv3_search.netadapt.worker " in line]
+    assert len(workers) == 1, seen  # --workers 2: the master and one local worker process (the library's module)
+    assert not any(" worker " in line for line in seen.values()), seen  # not the CLI's `worker` command
     assert all(PASSWORD not in line for line in seen.values()), seen
     for path in [log_out, log_err, *out.rglob("*")]:
         if path.is_file():

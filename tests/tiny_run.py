@@ -7,6 +7,10 @@ import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
+
+# every (kind, info) the tiny run emitted, in order (tests/test_events.py checks them against EventKind)
+TINY_RUN_EVENTS: list[tuple[str, dict[str, Any]]] = []
 
 
 @lru_cache(maxsize=None)
@@ -19,5 +23,5 @@ def tiny_run_folder() -> Path:
     out = root / "tiny-small-macs"
     config = RunConfig(spec_path="small", budget="5.3M-macs", data="digits", resolution=64, limit=240,
                        batch_size=32, short_steps=4, seed_epochs=2, long_epochs=1, threads=1)
-    run_netadapt(config, out=str(out))
+    run_netadapt(config, out=str(out), on_event=lambda kind, **info: TINY_RUN_EVENTS.append((kind, info)))
     return out

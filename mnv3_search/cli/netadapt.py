@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, assert_never
 
 import click
 from click.core import ParameterSource
-import torch
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -25,11 +23,11 @@ from ..data import SOURCES_HELP
 from ..errors import UserError
 from ..latency.measure import torch_threads
 from ..netadapt.config import EVALUATIONS, FINALS, SELECT_RULES, RunConfig
-from ..netadapt.evaluate import Evaluator, work
+from ..netadapt.events import EventKind
 from ..netadapt.loop import NetAdapt, RunResult
 from ..netadapt.runfolder import RunFolder
-from ..netadapt.study import (CONFIG_ATTR, STORAGE_ENV, claim_lock_path, GROUPS_ATTR, RUN_DIR_ATTR, STATUS_ATTR,
-                              load_study, process_gone, redact)
+from ..netadapt.study import STORAGE_ENV, redact
+from ..netadapt.worker import join_run
 
 
 class NetAdaptView:
@@ -51,43 +49,68 @@ class NetAdaptView:
         self.live.update(self.render())
         self.live.__exit__(*exc)
 
-    def __call__(self, kind: str, **info: Any) -> None:
+    def __call__(self, kind: EventKind, **info: Any) -> None:
         s = self.state
-        if kind == "seed_training":
-            s["phase"] = f"training the seed ({info['epochs']} epochs)"
-        elif kind == "seed_step":
-            s["phase"] = f"training the seed: step {info['step']}, loss {info['loss']:.3f}"
-        elif kind == "calibrating":
-            s["phase"] = "measuring the seed and calibrating the latency table"
-        elif kind == "seed":
+        if kind == "seed":
             s.update(current=info["value"], target=info["target"], unit=info["unit"])
         elif kind == "iteration":
-            s.update(phase="fine-tuning proposals", iteration=info["iteration"], goal=info["goal"],
-                     current=info["current"], total=info["proposals"], done=0, pruned=0)
+            s.update(iteration=info["iteration"], goal=info["goal"], current=info["current"], total=info["proposals"],
+                     done=0, pruned=0)
         elif kind == "progress":
             s.update(done=info["done"], pruned=info["pruned"], total=info["total"], rung=info["rung"],
                      rungs=info["rungs"], running=info["running"])
         elif kind == "chosen":
             self.iteration_seconds.append(info["wall_seconds"])
-            s.update(chosen=info["proposal"], accuracy=info["holdout_accuracy"],
-                     current=info["resource"], phase="choosing")
+            s.update(chosen=info["proposal"], accuracy=info["holdout_accuracy"], current=info["resource"])
             s["history"] = s.get("history", []) + [info]
-        elif kind == "confirm":
-            s["phase"] = (f"measured {info['measured']:.3f} ms (seed {info['seed_measured']:.3f} ms"
-                          + ("" if info.get("reliable", True) else ", host disturbed: marked unreliable") + "): "
-                          + ("budget met" if info["ok"] else "over budget, going on"))
-        elif kind == "unreliable":
-            s["phase"] = (f"timing disturbed by the host (ratio moved {100 * info['ratio_shift']:.1f} %): "
-                          f"measuring again ({info['attempt']})")
-        elif kind == "long_finetune":
-            s["phase"] = f"long fine-tune ({info['epochs']} epochs)"
-        elif kind == "long_step":
-            s["phase"] = f"long fine-tune: step {info['step']}, loss {info['loss']:.3f}"
-        elif kind == "finished":
-            s["phase"] = f"done: test accuracy {100 * info['test_accuracy']:.1f}%"
-        elif kind == "retry":
-            s["phase"] = "a worker went silent: its proposal was enqueued again"
+        s["phase"] = self.phase(kind, info)
         self.live.update(self.render())
+
+    def phase(self, kind: EventKind, info: dict[str, Any]) -> str:
+        """The panel's "now" line for every kind of event (mypy checks that none is missing)."""
+        match kind:
+            case "resume":
+                return f"resuming the run in {info['run_dir']}"
+            case "already_finished":
+                return f"{info['run_dir']} holds a finished run: nothing to train"
+            case "nothing_to_do":
+                return "nothing to do: the seed already meets the budget"
+            case "transfer":
+                return "seed weights from --weights, final layer replaced (another class count)"
+            case "seed_training":
+                return f"training the seed ({info['epochs']} epochs)"
+            case "seed_step":
+                return f"training the seed: step {info['step']}, loss {info['loss']:.3f}"
+            case "calibrating":
+                return "measuring the seed and calibrating the latency table"
+            case "seed":
+                return f"seed at {self._amount(info['value'])}"
+            case "iteration":
+                return "fine-tuning proposals"
+            case "progress":
+                return "fine-tuning proposals"
+            case "retry":
+                return "a worker went silent: its proposal was enqueued again"
+            case "chosen":
+                return "choosing"
+            case "unreliable":
+                return (f"timing disturbed by the host (ratio moved {100 * info['ratio_shift']:.1f} %): "
+                        f"measuring again ({info['attempt']})")
+            case "confirm":
+                return (f"measured {info['measured']:.3f} ms (seed {info['seed_measured']:.3f} ms"
+                        + ("" if info.get("reliable", True) else ", host disturbed: marked unreliable") + "): "
+                        + ("budget met" if info["ok"] else "over budget, going on"))
+            case "disagreement":
+                return (f"the measurement disagreed with the table: target corrected to "
+                        f"{self._amount(info['corrected_target'])}, going on")
+            case "long_finetune":
+                return f"long fine-tune ({info['epochs']} epochs)"
+            case "long_step":
+                return f"long fine-tune: step {info['step']}, loss {info['loss']:.3f}"
+            case "finished":
+                return f"done: test accuracy {100 * info['test_accuracy']:.1f}%"
+            case _:
+                assert_never(kind)
 
     def _amount(self, value: float) -> str:
         unit = self.state.get("unit", "ms")
@@ -282,7 +305,7 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
     view = NetAdaptView(err, config.budget) if live else None
     already_finished = False
 
-    def on_event(kind: str, **info: Any) -> None:
+    def on_event(kind: EventKind, **info: Any) -> None:
         nonlocal already_finished
         if kind == "already_finished":  # the folder holds a finished run: nothing is trained again
             already_finished = True
@@ -345,31 +368,6 @@ def worker(storage: Optional[str], storage_file: Optional[str], study_name: str,
     storage = storage_url(storage, storage_file)
     if not storage:
         raise UserError(f"no storage: pass --storage URL, --storage-file FILE or set ${STORAGE_ENV}")
-    torch.set_num_threads(threads)
     use_device(device)
-    study = load_study(storage, study_name)
     err = Console(stderr=True, quiet=quiet)
-    deadline = time.monotonic() + 600
-    while GROUPS_ATTR not in study.user_attrs:  # the master writes these once its seed exists
-        if time.monotonic() > deadline:
-            raise UserError(f"study {study_name!r} has not started a NetAdapt run; start `mnv3-search netadapt` first")
-        time.sleep(1)
-    attrs = study.user_attrs
-    config = RunConfig.from_json(attrs[CONFIG_ATTR], f"study {study_name}")
-    folder = RunFolder(run_dir or attrs[RUN_DIR_ATTR])
-    if not folder.seed_checkpoint.exists():
-        raise UserError(f"{folder.path}: no seed.pt here; "
-                        "pass --run-dir with the run folder as mounted on this machine")
-    names, max_channels = attrs[GROUPS_ATTR]
-    evaluator = Evaluator(folder, config, list(names), int(max_channels))
-
-    def should_stop() -> bool:
-        if parent_pid is not None and (os.getppid() != parent_pid or process_gone(parent_pid)):
-            return True  # the master died (even unreaped): an orphan would hold its caller's pipes open
-        return study.user_attrs.get(STATUS_ATTR) == "finished"
-
-    err.print(f"worker joined study {study_name!r}; run folder {folder.path}")
-    done = work(study, evaluator, should_stop, claim_lock_path(storage),
-                on_trial=lambda state: err.print(f"proposal {state.name.lower()}"))
-    err.print(f"worker done: {done} proposals evaluated")
-
+    join_run(storage, study_name, run_dir, parent_pid=parent_pid, threads=threads, log=err.print)

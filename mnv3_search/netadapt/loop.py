@@ -18,14 +18,12 @@ interrupted half-way keeps its finished trials; only the trials in flight run ag
 
 from __future__ import annotations
 
-import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import optuna
 import torch
@@ -46,16 +44,14 @@ from ..prune.surgery import child_spec
 from ..train import evaluate, to_memory_format, train_epochs
 from ..model.weights import read_state_dict, transfer_state_dict
 from .config import RunConfig
+from .events import Event, ignore
 from .evaluate import (EVAL_ATTR, FROM_ATTR, START_ATTR, STOP_ATTR, Evaluator, holdout_metrics,
                        load_run_dataset)
 from .runfolder import RunFolder
 from .selection import Candidate, Ranked, rank, survivors, tolerance
-from .study import (ATTEMPT_ATTR, CONFIG_ATTR, FAILURE_ATTR, STORAGE_ENV, claim_lock_path, make_storage, GROUPS_ATTR,
+from .study import (ATTEMPT_ATTR, CONFIG_ATTR, FAILURE_ATTR, claim_lock_path, make_storage, GROUPS_ATTR,
                     ITERATION_ATTR, RUN_DIR_ATTR, RUNG_ATTR, claim, create_study, enqueue, iteration_trials, redact,
                     redact_argv, requeue_stale, resolve_storage, set_status, trial_group)
-
-Event = Callable[..., None]
-
 
 CONFIRM_ATTEMPTS = 3  # whole-network measurements before a disturbed one is used (and marked unreliable)
 MIN_CHOICE = 4  # proposals an iteration should choose among; fewer and the cut is halved (see MIN_CUT_SHARE)
@@ -119,7 +115,7 @@ class NetAdapt:
         self.workers = workers
         self.stale_seconds = stale_seconds
         self.max_attempts = max_attempts
-        self.emit: Event = on_event or (lambda kind, **info: None)
+        self.emit: Event = on_event or ignore
         self.command = redact_argv(command or sys.argv)  # run.json keeps it: never a password
         self.table: Optional[LatencyTable] = None
         self._worker_procs: list[Any] = []
@@ -260,20 +256,17 @@ class NetAdapt:
     # -- the loop ---------------------------------------------------------------------------------------
 
     def _start_workers(self) -> None:
-        """`--workers N`: N - 1 extra local processes join this process in evaluating proposals. They get the
-        storage URL in their environment, never on their command line (which any user sees with `ps`)."""
-        env = {**os.environ, STORAGE_ENV: str(self.storage_url)}
-        for _ in range(self.workers - 1):
-            cmd = [sys.executable, "-m", "mnv3_search", "worker", "--study", self.study_name, "--run-dir",
-                   str(self.run.path.resolve()), "--parent-pid", str(os.getpid()), "--quiet"]
-            self._worker_procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env))
+        """`--workers N`: N - 1 extra local processes join this process in evaluating proposals (worker.py)."""
+        # imported here: `python -m mnv3_search.netadapt.worker` must not find its module imported already
+        from .worker import start_local_workers
+
+        self._worker_procs = start_local_workers(str(self.storage_url), self.study_name, self.run.path,
+                                                 self.workers - 1)
 
     def _stop_workers(self) -> None:
-        for proc in self._worker_procs:
-            try:
-                proc.wait(timeout=30)
-            except Exception:
-                proc.kill()
+        from .worker import stop_local_workers
+
+        stop_local_workers(self._worker_procs)
         self._worker_procs = []
 
     def run_iterations(self, study: optuna.Study, evaluator: Evaluator, rows: list[dict[str, Any]],
