@@ -18,6 +18,7 @@ interrupted half-way keeps its finished trials; only the trials in flight run ag
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
