@@ -105,7 +105,7 @@ CASES: dict[str, tuple[str, Callable[[Path], None], bool, Callable[[Path], list[
                                resume, "not this run's table (its header is not iteration,proposal,group,...)"),
     "iterations.csv row cut at a comma": (
         "iterations.csv", lambda p: p.write_text(p.read_text().rstrip("\n").rsplit(",", 5)[0] + "\n"), False, resume,
-        "damaged table (line 4 has 18 fields, not 23)"),
+        "damaged table (line 4 has 19 fields, not 24)"),
     "iterations.csv not a number": ("iterations.csv", lambda p: set_cell(p, 3, "macs", "5.3e6x"), False, resume,
                                     "damaged table (line 3: macs is '5.3e6x', not a number)"),
     "proposals.csv last row truncated": ("proposals.csv", cut_last_row, True, report,

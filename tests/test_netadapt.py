@@ -308,6 +308,13 @@ def _scale_out(out: Path, storage: str | None) -> None:
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes evaluated proposals
     iterations = pd.read_csv(out / "iterations.csv")
     assert len(proposals) == iterations["proposals"].sum()
+    # the same command in one process (the session's tiny run): the same choices, scores and network, since
+    # every rung is deterministic and the selection never depends on which process finished first
+    reference = tiny_run_folder()
+    one = pd.read_csv(reference / "iterations.csv")
+    assert iterations["proposal"].tolist() == one["proposal"].tolist()
+    assert iterations["holdout_accuracy"].tolist() == one["holdout_accuracy"].tolist()
+    assert (out / "final.yaml").read_text() == (reference / "final.yaml").read_text()
 
 
 def test_two_local_workers_on_embedded_storage(tmp_path: Path) -> None:
