@@ -493,3 +493,30 @@ def test_holdout_sizes() -> None:
         RunConfig(spec_path="small", budget="90%", short_steps=4, rungs=4)
     assert RunConfig(spec_path="small", budget="90%", short_steps=20, rungs=3).rung_steps() == [5, 10, 20]
     assert RunConfig(spec_path="small", budget="90%", short_steps=20, rungs=4).rung_steps() == [2, 5, 10, 20]
+
+
+def test_a_remote_worker_joins_through_the_path_the_run_folder_is_mounted_at(tmp_path: Path) -> None:
+    """`mnv3-search worker --run-dir DIR` as on another machine where the run folder is mounted elsewhere
+    (here a symlink): the worker claims and evaluates proposals of a run started without local workers, both
+    exit 0, and the run makes the one-process run's choices and network."""
+    out, mount, db = tmp_path / "run", tmp_path / "mnt", f"sqlite:///{tmp_path / 'study.db'}"
+    out.mkdir()
+    mount.symlink_to(out, target_is_directory=True)
+    log = tmp_path / "master.log"
+    master = subprocess.Popen(cli_command(out, "--storage", db, budget="5.3M-macs"), stdout=subprocess.DEVNULL,
+                              stderr=log.open("w"))
+    deadline = time.monotonic() + 300
+    while "run" not in [s.study_name for s in optuna.get_all_study_summaries(make_storage(db))]:
+        assert master.poll() is None and time.monotonic() < deadline, "the master never created its study"
+        time.sleep(0.5)
+    worker = subprocess.run([sys.executable, "-m", "mnv3_search", "worker", "--storage", db, "--study", "run",
+                             "--run-dir", str(mount), "--quiet"], capture_output=True, text=True, timeout=600)
+    assert master.wait(timeout=600) == 0, log.read_text()
+    assert worker.returncode == 0, worker.stderr
+    trials = optuna.load_study(study_name="run", storage=make_storage(db)).get_trials()
+    by_worker = pd.Series([t.user_attrs["worker"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE])
+    assert by_worker.nunique() == 2  # the remote worker evaluated some of them
+    reference = tiny_run_folder()
+    assert pd.read_csv(out / "iterations.csv")["proposal"].tolist() == \
+        pd.read_csv(reference / "iterations.csv")["proposal"].tolist()
+    assert (out / "final.yaml").read_text() == (reference / "final.yaml").read_text()
