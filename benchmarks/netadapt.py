@@ -248,6 +248,16 @@ def budget_iterations(rows: pd.DataFrame, column: str, shares: list[float], fini
     return found
 
 
+def chain_budgets(args: argparse.Namespace, folder: Path, guide: str) -> dict[float, int] | None:
+    """The iteration of a chain's folder that stands for each budget (see `budget_iterations`); None before
+    the chain has finished an iteration. Used by the fine-tuned and the retrained networks alike."""
+    if not (folder / "iterations.csv").exists():
+        return None
+    rows = pd.read_csv(folder / "iterations.csv")
+    column = "predicted_latency_ms" if guide == "netadapt" else "macs"
+    return budget_iterations(rows, column, args.budgets, (folder / "final.yaml").exists())
+
+
 def chain(args: argparse.Namespace, seed: int, guide: str) -> None:
     """One NetAdapt chain to the smallest budget, then the long fine-tune of every budget's network."""
     folder = seed_dir(args, seed) / guide
@@ -271,12 +281,10 @@ def chain(args: argparse.Namespace, seed: int, guide: str) -> None:
         except UserError as exc:  # budget unreachable: keep what was reached
             log(f"seed {seed} {guide}: {exc}")
         log(f"seed {seed} {guide} chain: {time.perf_counter() - start:.0f} s")
-    if not (folder / "iterations.csv").exists():
+    chosen = chain_budgets(args, folder, guide)
+    if chosen is None:
         log(f"seed {seed} {guide}: no iteration finished yet")
         return
-    rows = pd.read_csv(folder / "iterations.csv")
-    column = "predicted_latency_ms" if guide == "netadapt" else "macs"
-    chosen = budget_iterations(rows, column, args.budgets, (folder / "final.yaml").exists())
     proposals = pd.read_csv(folder / "proposals.csv") if (folder / "proposals.csv").exists() else None
     ds = None
     for share, iteration in sorted(chosen.items(), reverse=True):
@@ -356,12 +364,10 @@ def scratch(args: argparse.Namespace, seed: int, guide: str = "netadapt") -> Non
     chain), re-initialised and trained like a width multiplier: is it the shape, or the inherited weights?"""
     folder = chain_folder(args, seed, guide)
     method = "scratch" if guide == "netadapt" else "macs-scratch"
-    if not (folder / "iterations.csv").exists():
+    chosen = chain_budgets(args, folder, guide)
+    if chosen is None:
         log(f"seed {seed} {method}: the {guide} chain has no iteration yet")
         return
-    rows = pd.read_csv(folder / "iterations.csv")
-    column = "predicted_latency_ms" if guide == "netadapt" else "macs"
-    chosen = budget_iterations(rows, column, args.budgets, (folder / "final.yaml").exists())
     ds = dataset(args, seed)
     steps = equal_steps(args, ds, expected_path(args))
     for share, iteration in sorted(chosen.items(), reverse=True):
