@@ -120,6 +120,7 @@ class NetAdapt:
         self.command = redact_argv(command or sys.argv)  # run.json keeps it: never a password
         self.table: Optional[LatencyTable] = None
         self._worker_procs: list[Any] = []
+        self._study_name: Optional[str] = None  # run.json's, once a run folder is resumed
         self._seed_value = 0.0
 
     # -- set-up -----------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ class NetAdapt:
     @property
     def study_name(self) -> str:
         """The folder's name when the run starts; run.json keeps it, so a renamed folder finds its study."""
-        return getattr(self, "_study_name", None) or self.run.path.resolve().name
+        return self._study_name or self.run.path.resolve().name
 
     def _seed_network(self) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
         """The seed's weights (given, or trained on the data once and saved) and its holdout accuracy and loss."""
