@@ -28,7 +28,7 @@ def _stem_similarity(run: Path) -> float:
 
 
 def test_retrain_trains_the_adapted_shape_from_scratch(tmp_path: Path) -> None:
-    fine = tiny_run_folder()  # the same tiny run, finished by the default fine-tune
+    fine = tiny_run_folder()  # the same tiny run, finished by --final fine-tune
     out = tmp_path / "retrain"
     result = run_netadapt(RunConfig(**TINY, final="retrain"), out=str(out))
     # the same adaptation path (the final stage comes after it), the same final shape
@@ -38,10 +38,20 @@ def test_retrain_trains_the_adapted_shape_from_scratch(tmp_path: Path) -> None:
     # fine-tuning keeps the adapted weights; retraining starts from a fresh initialisation
     assert _stem_similarity(fine) > 0.9
     assert abs(_stem_similarity(out)) < 0.5
-    assert json.loads((out / "run.json").read_text())["config"]["final"] == "retrain"
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["config"]["final"] == "retrain" and saved["result"]["final_method"] == "retrain"
+    assert json.loads((fine / "run.json").read_text())["result"]["final_method"] == "fine-tune"
     assert result.test_accuracy is not None and 0.0 <= result.test_accuracy <= 1.0
 
 
 def test_unknown_final_is_one_line() -> None:
-    with pytest.raises(UserError, match=r"^--final 'scratch': use one of fine-tune, retrain$"):
+    with pytest.raises(UserError, match=r"^--final 'scratch': use one of auto, fine-tune, retrain$"):
         RunConfig(**{**TINY, "final": "scratch"})
+
+
+def test_auto_final_retrains_a_seed_it_trained_and_fine_tunes_given_weights() -> None:
+    assert RunConfig(**TINY).final == "auto"
+    assert RunConfig(**TINY).final_method() == "retrain"
+    assert RunConfig(**TINY, weights="seed.pt").final_method() == "fine-tune"
+    assert RunConfig(**TINY, weights="seed.pt", final="retrain").final_method() == "retrain"
+    assert RunConfig(**TINY, final="fine-tune").final_method() == "fine-tune"

@@ -231,10 +231,10 @@ def _summary(result: RunResult, already_finished: bool = False) -> dict[str, Any
               help="Epochs to train the seed when no --weights.")
 @click.option("--long-epochs", type=click.IntRange(min=0), default=5, show_default=True,
               help="Final fine-tune epochs.")
-@click.option("--final", type=click.Choice(FINALS), default="fine-tune", show_default=True,
+@click.option("--final", type=click.Choice(FINALS), default="auto", show_default=True,
               help="fine-tune: the adapted weights for --long-epochs at lr/10; retrain: the adapted shape from a "
               "fresh initialisation for --seed-epochs + --long-epochs at --lr (MobileNetV3 retrained after "
-              "NetAdapt; drops pretrained --weights).")
+              "NetAdapt; drops pretrained --weights); auto: retrain, or fine-tune when --weights are given.")
 @click.option("--lr", type=float, default=0.1, show_default=True, help="Seed training learning rate.")
 @batch_size_option(64)
 @train_resolution_option()

@@ -611,7 +611,8 @@ class NetAdapt:
             "iterations": result.iterations, "seed_resource": seed_value, "target": target,
             "final_resource": result.final_value, "measured_latency_ms": result.measured_ms,
             "seed_measured_latency_ms": result.seed_measured_ms, "test_accuracy": result.test_accuracy,
-            "final_macs": spec_macs(spec), "final_params": spec_params(spec),
+            "final_method": self.config.final_method(), "final_macs": spec_macs(spec),
+            "final_params": spec_params(spec),
             "latency_table_entries_measured": self.table.measured if self.table else None,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -626,7 +627,7 @@ class NetAdapt:
         """Long fine-tune of the chosen network (or, with `final="retrain"`, its shape trained again from a
         fresh initialisation, as MobileNetV3 did after NetAdapt), test accuracy, and the deployable files."""
         config = self.config
-        if config.final == "retrain":
+        if config.final_method() == "retrain":
             # as many epochs as the adapted weights saw (seed training + long fine-tune), at the seed's lr
             torch.manual_seed(config.seed)
             model = to_memory_format(build_model(spec), torch.channels_last)
