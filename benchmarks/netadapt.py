@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mnv3_search import build_model, load_spec, proposal_groups, spec_to_yaml  # noqa: E402
 from mnv3_search.data import Dataset, load_dataset  # noqa: E402
 from mnv3_search.errors import UserError  # noqa: E402
+from mnv3_search.latency.table import LatencyTable  # noqa: E402
 from mnv3_search.latency.measure import InterleavedPolicy, make_backend, measure_interleaved, torch_threads  # noqa: E402
 from mnv3_search.model.counts import spec_macs, spec_params  # noqa: E402
 from mnv3_search.model.weights import read_checkpoint, save_state  # noqa: E402
@@ -67,17 +68,17 @@ from mnv3_search.train import evaluate, steps_per_epoch, train, train_epochs  # 
 
 OUT = Path("results/benchmarks")
 PLOT = Path("docs/netadapt-vs-width.png")
-METHODS = ("netadapt", "macs", "scratch", "macs-scratch")
+METHODS = ("netadapt", "macs", "scratch", "macs-scratch", "knapsack")
 LABELS = {"netadapt": "NetAdapt (latency table), fine-tuned", "macs": "NetAdapt guided by MACs, fine-tuned",
           "scratch": "NetAdapt (latency table), shape retrained", "macs-scratch": "guided by MACs, shape retrained",
-          "width": "width multiplier"}
+          "knapsack": "HALP-style knapsack (Taylor x latency table), shape retrained", "width": "width multiplier"}
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="pilot: 1 seed, 6,000 images, 2 budgets, 3 widths")
-    p.add_argument("--parts", default="train,report", help="train (per seed: latency,widths,macs,scratch) and/or "
-                                                          "report; or single parts: latency, widths, macs, scratch")
+    p.add_argument("--parts", default="train,report", help="train (per seed: latency,widths,macs,scratch,"
+                   "macs-scratch,knapsack) and/or report; or single parts: latency, widths, macs, scratch, knapsack")
     p.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick: 0)")
     p.add_argument("--search-seeds", default=None, help="seeds whose own chains run (default: all --seeds); the "
                    "other seeds retrain the first search seed's shapes from scratch (search once, train many)")
@@ -100,6 +101,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--passes", type=int, default=60, help="interleaved timing passes in the report")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timings of every network in the report; "
+                   "latency = the median share of the seed over them (shares drift less than absolute levels)")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="latency in the report: p25 of the "
                    "inference thread's CPU time (default: robust on a loaded shared machine) or of wall-clock time")
     p.add_argument("--finish-only", action="store_true", help="do not run or resume the chains: long fine-tune "
@@ -127,7 +130,7 @@ def parse() -> argparse.Namespace:
     args.plot = Path(args.plot) if args.plot else (PLOT if args.tag == "full" else OUT / f"netadapt-{args.tag}.png")
     parts = set(args.parts.split(","))
     if "train" in parts:
-        parts |= {"latency", "widths", "macs", "scratch", "macs-scratch"}
+        parts |= {"latency", "widths", "macs", "scratch", "macs-scratch", "knapsack"}
     args.parts = parts
     return args
 
@@ -379,6 +382,50 @@ def scratch(args: argparse.Namespace, seed: int, guide: str = "netadapt") -> Non
                                                              "source_chain": str(folder)})
 
 
+def knapsack_shapes(args: argparse.Namespace) -> dict[float, ArchSpec]:
+    """One HALP-style shape per budget from the first search seed's trained seed network (benchmarks/
+    knapsack.py), cached as YAML so every seed retrains the same shapes."""
+    from benchmarks.knapsack import group_table, knapsack_shape, taylor_importance
+
+    search = args.search_seeds[0]
+    folder = seed_dir(args, search) / "knapsack"
+    paths = {share: folder / f"{share:g}.yaml" for share in args.budgets}
+    if all(p.exists() for p in paths.values()):
+        return {share: load_spec(p) for share, p in paths.items()}
+    weights = seed_dir(args, search) / "netadapt" / "seed.pt"
+    if not weights.exists():
+        raise SystemExit(f"{weights} is missing: run --parts latency for seed {search} first")
+    spec, state = read_checkpoint(weights)
+    ds = dataset(args, search)
+    groups = group_table(spec)
+    t0 = time.perf_counter()
+    scores = taylor_importance(spec, state, ds, groups)
+    log(f"knapsack: Taylor importance of {sum(g.channels for g in groups)} channels in {len(groups)} groups "
+        f"({time.perf_counter() - t0:.0f} s)")
+    table = LatencyTable.open(OUT / "netadapt-lut.json", make_backend("onnxruntime", 1))
+    seed_ms = table.raw_ms(spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = {}
+    for share in sorted(args.budgets, reverse=True):
+        log(f"knapsack {share:g} %: seed {seed_ms:.3f} ms (table)")
+        shape, predicted = knapsack_shape(spec, scores, table, share / 100 * seed_ms, log=log)
+        paths[share].write_text(spec_to_yaml(shape))
+        log(f"knapsack {share:g} %: {shape_change(shape, spec)}")
+        shapes[share] = shape
+    return shapes
+
+
+def knapsack(args: argparse.Namespace, seed: int) -> None:
+    """Each budget's knapsack shape trained from scratch like a width multiplier."""
+    shapes = knapsack_shapes(args)
+    ds = dataset(args, seed)
+    steps = equal_steps(args, ds, expected_path(args))
+    for share, spec in sorted(shapes.items(), reverse=True):
+        name = f"knapsack-{share:g}"
+        if not done(args, seed, name):
+            from_scratch(args, seed, name, spec, steps, ds, {"method": "knapsack", "budget": share, "width": None})
+
+
 # -- report ---------------------------------------------------------------------------------------------------
 
 
@@ -479,8 +526,24 @@ def report(args: argparse.Namespace) -> None:
                 specs.setdefault(key, spec)
                 chain_steps.append((seed, guide, int(row["iteration"]), float(row[column]) / first, key))
     order = list(specs)
-    log(f"timing {len(order)} distinct networks interleaved ({args.passes} passes x 5 runs each)")
-    wall, cpu = time_networks(args, [specs[k] for k in order])
+    log(f"timing {len(order)} distinct networks interleaved ({args.passes} passes x 5 runs each), "
+        f"{args.repeats} times")
+    base_index = order.index(spec_to_yaml(base))
+    walls_r, cpus_r = [], []
+    for repeat in range(args.repeats):
+        w, c = time_networks(args, [specs[k] for k in order])
+        walls_r.append(w)
+        cpus_r.append(c)
+        log(f"  timing {repeat + 1}/{args.repeats}: seed CPU-time p25 {c[base_index]:.3f} ms, "
+            f"wall {w[base_index]:.3f} ms")
+    # each network's share of the seed per timing, median over timings, scaled by the seed's median level
+    shares = np.array(cpus_r) / np.array(cpus_r)[:, [base_index]]
+    spread = (shares.max(axis=0) - shares.min(axis=0)) * 100
+    print(f"  seed-relative CPU-time shares across the {args.repeats} timings: median spread "
+          f"{np.median(spread):.1f} points, worst {spread.max():.1f} points; seed's absolute level "
+          f"{min(c[base_index] for c in cpus_r):.3f}-{max(c[base_index] for c in cpus_r):.3f} ms")
+    wall = list(np.median(np.array(walls_r), axis=0))
+    cpu = list(np.median(shares, axis=0) * float(np.median([c[base_index] for c in cpus_r])))
     latencies = dict(zip(order, cpu if args.clock == "cpu" else wall))
     walls, cpus = dict(zip(order, wall)), dict(zip(order, cpu))
     seed_ms = latencies[spec_to_yaml(base)]
@@ -566,40 +629,46 @@ def report(args: argparse.Namespace) -> None:
 
 
 def selection_signal(args: argparse.Namespace) -> None:
-    """How well the proposals' holdout accuracy separates them: per chain, the share of iterations where
-    another complete proposal came within one holdout image of the chosen one's accuracy."""
+    """How well the proposals' holdout accuracy separates them. With halving only the proposals that reached
+    an iteration's last rung were scored after the same number of steps, so the spread and the "within one
+    image" count compare those finalists; an iteration with a single finalist was decided at an earlier rung."""
     one = 1 / args.holdout_images
-    print(f"\nselection signal (holdout {args.holdout_images} images: one image = {100 * one:.2f} points):")
+    print(f"\nselection signal (holdout {args.holdout_images} images: one image = {100 * one:.2f} points; "
+          f"compared among each iteration's finalists, the proposals scored at its last rung):")
     for seed in args.seeds:
         for guide in ("netadapt", "macs"):
             path = seed_dir(args, seed) / guide / "proposals.csv"
             if not path.exists():
                 continue
             p = pd.read_csv(path)
-            complete = p[p["state"] == "COMPLETE"]
-            iterations = sorted(complete["iteration"].unique())
-            close, spread, counts = 0, [], []
+            iterations = sorted(p["iteration"].unique())
+            close, single, spread, counts = 0, 0, [], []
             for it in iterations:
-                g = complete[complete["iteration"] == it]
-                chosen = g[g["chosen"].astype(str) == "True"]
+                g = p[(p["iteration"] == it) & p["holdout_accuracy"].notna()]
                 counts.append(len(p[p["iteration"] == it]))
-                spread.append(100 * (g["holdout_accuracy"].max() - g["holdout_accuracy"].min()))
-                if not chosen.empty and len(g) > 1:
-                    others = g[g.index != chosen.index[0]]
+                finalists = g[g["rung"] == g["rung"].max()]
+                chosen = finalists[finalists["chosen"].astype(str) == "True"]
+                if len(finalists) < 2:
+                    single += 1
+                    continue
+                spread.append(100 * (finalists["holdout_accuracy"].max() - finalists["holdout_accuracy"].min()))
+                if not chosen.empty:
+                    others = finalists[finalists.index != chosen.index[0]]
                     close += bool(((others["holdout_accuracy"] - chosen["holdout_accuracy"].iloc[0]).abs()
                                    <= one + 1e-9).any())
             steps = p["steps"].fillna(0).sum()
+            median = f"{np.median(spread):.1f} points (median of {len(spread)})" if spread else "n/a"
             print(f"  seed {seed} {guide}: {len(iterations)} iterations, {sum(counts)} proposals "
-                  f"({np.mean(counts):.1f} per iteration), {int(steps)} short steps in all; holdout spread between "
-                  f"proposals {np.median(spread):.1f} points (median); chosen within one image of another in "
-                  f"{close}/{len(iterations)} iterations")
+                  f"({np.mean(counts):.1f} per iteration), {int(steps)} short steps in all; {single} iterations with "
+                  f"one finalist; holdout spread between finalists {median}; chosen within one image of another "
+                  f"finalist in {close}/{len(spread)} iterations")
 
 
 def goal(summary: pd.DataFrame, args: argparse.Namespace) -> None:
     """The issue's goal per budget: >= +1 point at equal latency or >= 1.3x faster at equal accuracy, and
     ahead of the MACs-guided network; for the fine-tuned networks and for the retrained shapes."""
     print("\ngoal (>= +1 point or >= 1.3x, and ahead of MACs-guided):")
-    for mine, theirs in (("netadapt", "macs"), ("scratch", "macs-scratch")):
+    for mine, theirs in (("netadapt", "macs"), ("scratch", "macs-scratch"), ("knapsack", "macs-scratch")):
         for budget in args.budgets:
             na = summary[(summary["method"] == mine) & (summary["budget_pct"] == budget)]
             mc = summary[(summary["method"] == theirs) & (summary["budget_pct"] == budget)]
@@ -630,7 +699,7 @@ def plot(frame: pd.DataFrame, seed_ms: float, args: argparse.Namespace) -> None:
         ax.annotate(f"{width:g}", (r["lat"], r["acc"]), textcoords="offset points", xytext=(4, -12), fontsize=8,
                     color="0.35")
     styles = {"netadapt": ("tab:red", "s"), "macs": ("tab:blue", "^"), "scratch": ("tab:green", "D"),
-              "macs-scratch": ("tab:purple", "v")}
+              "macs-scratch": ("tab:purple", "v"), "knapsack": ("tab:orange", "P")}
     for method, (color, marker) in styles.items():
         g = frame[frame["method"] == method].groupby("budget").agg(
             lat=("latency_ms", "mean"), lat_std=("latency_ms", "std"), acc=("test_accuracy_pct", "mean"),
@@ -670,6 +739,8 @@ def main() -> None:
             scratch(args, seed, "netadapt")
         if "macs-scratch" in args.parts:
             scratch(args, seed, "macs")
+        if "knapsack" in args.parts:
+            knapsack(args, seed)
     if "report" in args.parts:
         report(args)
 
