@@ -111,7 +111,8 @@ def test_a_worker_without_the_run_folder_completes_proposals_on_postgresql(tmp_p
         assert mine["proposal"].tolist() == one["proposal"].tolist()
         assert mine["holdout_accuracy"].tolist() == one["holdout_accuracy"].tolist()
         assert (out / "final.yaml").read_text() == (reference / "final.yaml").read_text()
-        # without --artifacts a worker uses the store the run recorded; one it cannot reach is one line
+        # without --artifacts a worker uses the store the run recorded (here beside the run folder, which it would
+        # use directly); a store it cannot reach is one line
         store.rename(tmp_path / "elsewhere")
         line = one_error_line(CliRunner().invoke(cli, ["worker", "--storage", url, "--study", "run"]))
         assert line == f"Error: artifact store {store}: no such folder here; pass --artifacts with the store as " \

@@ -355,9 +355,10 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
 @click.option("--storage-file", type=click.Path(dir_okay=False), help="A file (chmod 600) holding the storage URL.")
 @click.option("--study", "study_name", required=True, help="The run's study name (its run folder's name).")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="The run folder as mounted here, to read and "
-              "write its files directly (default: none needed; checkpoints travel through the artifact store).")
+              "write its files directly (default: the path the run recorded if it is here and no --artifacts is "
+              "given; else none is needed: checkpoints travel through the artifact store).")
 @click.option("--artifacts", metavar="DIR|URL", help=ARTIFACTS_HELP + " (default: the one the run recorded), as "
-              "reached from here.")
+              "reached from here; without --run-dir the worker then uses no run folder.")
 @click.option("--parent-pid", type=int, hidden=True, help="Exit when this process is gone (local workers).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
 @device_option(inherit=True)

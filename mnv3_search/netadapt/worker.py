@@ -42,9 +42,10 @@ def join_run(storage: str, study_name: str, run_dir: Optional[str | Path] = None
     """Evaluate the run's claimed proposals until it is finished; returns how many were evaluated.
 
     Waits up to `wait_seconds` for the master to start the run (it records its groups once its seed
-    exists). `run_dir`: the run folder as mounted here; without it the worker needs no run folder: checkpoints
-    come from and go to the run's artifact store, the one the run recorded or `artifacts` (the store as reached
-    from here). `parent_pid`: leave when that process is gone, even unreaped, so a local worker never outlives
+    exists). `run_dir`: the run folder as mounted here (default: the path the run recorded, when it is there
+    and no `artifacts` is given). Without a run folder the worker needs none: checkpoints come from and go to
+    the run's artifact store, the one the run recorded or `artifacts` (the store as reached from here).
+    `parent_pid`: leave when that process is gone, even unreaped, so a local worker never outlives
     (and holds the pipes of) the netadapt that started it. `log` gets one line per event worth telling."""
     study = load_study(storage, study_name)
     deadline = time.monotonic() + wait_seconds
@@ -54,9 +55,13 @@ def join_run(storage: str, study_name: str, run_dir: Optional[str | Path] = None
         time.sleep(1)
     attrs = study.user_attrs
     config = RunConfig.from_json(attrs[CONFIG_ATTR], f"study {study_name}")
-    location = worker_location(artifacts, attrs.get(ARTIFACTS_ATTR), attrs.get(RUN_DIR_ATTR), run_dir)
-    if location is None and run_dir is None:
-        run_dir = attrs[RUN_DIR_ATTR]  # a run of an older mnv3-search: no artifact store, a shared run folder
+    recorded_dir = attrs.get(RUN_DIR_ATTR)
+    location = worker_location(artifacts, attrs.get(ARTIFACTS_ATTR), recorded_dir, run_dir)
+    if run_dir is None and artifacts is None and recorded_dir and \
+            (location is None or RunFolder(recorded_dir).seed_checkpoint.exists()):
+        # the run folder is here at its recorded path (this machine, or shared): used directly, as is the
+        # only way for a run of an older mnv3-search (no artifact store)
+        run_dir = recorded_dir
     folder = RunFolder(run_dir) if run_dir is not None else None
     if folder is not None and not folder.seed_checkpoint.exists():
         raise UserError(f"{folder.path}: no seed.pt here; "
