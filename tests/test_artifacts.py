@@ -111,6 +111,12 @@ def test_a_worker_without_the_run_folder_completes_proposals_on_postgresql(tmp_p
         assert mine["proposal"].tolist() == one["proposal"].tolist()
         assert mine["holdout_accuracy"].tolist() == one["holdout_accuracy"].tolist()
         assert (out / "final.yaml").read_text() == (reference / "final.yaml").read_text()
+        # a resumed run keeps its store: another --artifacts is refused in one line, before anything is written
+        line = one_error_line(CliRunner().invoke(cli, ["netadapt", "--resume", str(out), "--quiet", "--artifacts",
+                                                       str(tmp_path / "other")]))
+        assert line == f"Error: {out}: --artifacts {tmp_path / 'other'} differs from this run's artifact store " \
+                       f"{store} (run.json); leave --artifacts out to go on with it"
+        assert not (tmp_path / "other").exists()
         # without --artifacts a worker uses the store the run recorded (here beside the run folder, which it would
         # use directly); a store it cannot reach is one line
         store.rename(tmp_path / "elsewhere")
