@@ -196,6 +196,10 @@ def _summary(result: RunResult, already_finished: bool = False) -> dict[str, Any
         "test_accuracy": result.test_accuracy,
     }
 
+ARTIFACTS_HELP = ("Optuna artifact store through which checkpoints travel between the run and its workers: a "
+                  "folder, s3://BUCKET/PREFIX (boto3) or gs://BUCKET/PREFIX (google-cloud-storage); credentials "
+                  "come from the client's own environment, never from the run")
+
 
 @click.command()
 @click.argument("spec", default="large", metavar="[SPEC]")
@@ -219,6 +223,7 @@ def _summary(result: RunResult, already_finished: bool = False) -> dict[str, Any
               help="Optuna storage URL or journal file (default: study.journal in the run folder); "
               "e.g. postgresql://user@host/db, sqlite:///study.db. " + STORAGE_HELP)
 @click.option("--storage-file", type=click.Path(dir_okay=False), help="A file (chmod 600) holding the storage URL.")
+@click.option("--artifacts", metavar="DIR|URL", help=ARTIFACTS_HELP + " (default: artifacts/ in the run folder).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Local processes evaluating proposals (this one included).")
 @click.option("--short-steps", type=click.IntRange(min=1), default=20, show_default=True,
@@ -258,7 +263,8 @@ def _summary(result: RunResult, already_finished: bool = False) -> dict[str, Any
 @click.option("--json", "as_json", is_flag=True, help="No live view; the summary as JSON on stdout.")
 def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: Optional[str], data: str,
              weights: Optional[str], schedule: str, select: str, evaluation: str, storage: Optional[str],
-             storage_file: Optional[str], workers: int, short_steps: int, rungs: int, holdout: Optional[float | int],
+             storage_file: Optional[str], artifacts: Optional[str], workers: int, short_steps: int, rungs: int,
+             holdout: Optional[float | int],
              short_lr: float, seed_epochs: int, long_epochs: int, final: str, lr: float,
              batch_size: int, train_resolution: int, resolution: Optional[int], limit: Optional[int], step: int,
              seed: int, backend: str, threads: int, lut: Optional[str], device: str, max_iterations: int,
@@ -315,7 +321,7 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
             view(kind, **info)
 
     runner = NetAdapt(config, out=out, storage=storage, workers=workers, stale_seconds=stale_after,
-                      on_event=on_event, max_attempts=max_attempts)
+                      on_event=on_event, max_attempts=max_attempts, artifacts=artifacts)
     err.print(f"[dim]spec: {runner.spec_file} · run folder: {runner.run.path}[/dim]", highlight=False, soft_wrap=True)
     with torch_threads(config.threads):
         if view:
@@ -348,19 +354,24 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
 @click.option("--storage", envvar=STORAGE_ENV, show_envvar=True, help="The run's Optuna storage URL. " + STORAGE_HELP)
 @click.option("--storage-file", type=click.Path(dir_okay=False), help="A file (chmod 600) holding the storage URL.")
 @click.option("--study", "study_name", required=True, help="The run's study name (its run folder's name).")
-@click.option("--run-dir", type=click.Path(file_okay=False), help="The run folder as mounted here "
-              "(default: the path the run recorded; it must be shared, e.g. over NFS).")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="The run folder as mounted here, to read and "
+              "write its files directly (default: the path the run recorded if it is here and no --artifacts is "
+              "given; else none is needed: checkpoints travel through the artifact store).")
+@click.option("--artifacts", metavar="DIR|URL", help=ARTIFACTS_HELP + " (default: the one the run recorded), as "
+              "reached from here; without --run-dir the worker then uses no run folder.")
 @click.option("--parent-pid", type=int, hidden=True, help="Exit when this process is gone (local workers).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
 @device_option(inherit=True)
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 def worker(storage: Optional[str], storage_file: Optional[str], study_name: str, run_dir: Optional[str],
-           parent_pid: Optional[int], threads: int, device: Optional[str], quiet: bool) -> None:
+           artifacts: Optional[str], parent_pid: Optional[int], threads: int, device: Optional[str],
+           quiet: bool) -> None:
     """Join a NetAdapt run: claim its enqueued proposals, fine-tune and score them, until it finishes.
 
     \b
     Examples:
       mnv3-search worker --storage postgresql://user@host/db --study small-70pct-seed0
+      mnv3-search worker --storage postgresql://user@host/db --study small-70pct-seed0 --artifacts s3://bucket/runs
       mnv3-search worker --storage sqlite:////shared/results/run/study.db --study run --run-dir /shared/results/run
       MNV3_SEARCH_STORAGE=postgresql://user:PASSWORD@host/db mnv3-search worker --study small-70pct-seed0
       mnv3-search worker --storage-file ~/.mnv3-storage --study small-70pct-seed0
@@ -370,4 +381,4 @@ def worker(storage: Optional[str], storage_file: Optional[str], study_name: str,
         raise UserError(f"no storage: pass --storage URL, --storage-file FILE or set ${STORAGE_ENV}")
     use_device(device)
     err = Console(stderr=True, quiet=quiet)
-    join_run(storage, study_name, run_dir, parent_pid=parent_pid, threads=threads, log=err.print)
+    join_run(storage, study_name, run_dir, artifacts=artifacts, parent_pid=parent_pid, threads=threads, log=err.print)

@@ -5,7 +5,9 @@ on the holdout (accuracy and cross-entropy loss) at each step count in `eval_ste
 iteration's parent by the trial's (group, channels) and refreshes BN statistics; a later rung continues
 the previous rung's trial from its checkpoint (weights, optimizer momentum, data order and RNG state), so
 training 0 -> 5 -> 10 steps in two trials gives exactly the weights of 0 -> 10 in one. The weights and
-training state are saved into the run folder and the study is told the last holdout accuracy.
+training state are saved into the run folder (when this process has it) and uploaded to the run's artifact
+store (artifacts.py: how a worker on another machine gets and hands on checkpoints), and the study is told
+the last holdout accuracy.
 Workers never measure latency: that happens only where the run's latency table lives.
 """
 
@@ -26,6 +28,7 @@ from ..fileio import atomic_path
 from ..model.build import build_model
 from ..prune.surgery import shrink
 from ..train import bn_layers, endless_batches, refresh_bn, to_memory_format
+from .artifacts import RunArtifacts, staging
 from .config import RunConfig
 from .runfolder import RunFolder
 from .study import HEARTBEAT_ATTR, ITERATION_ATTR, claim, heartbeat, storage_of, trial_storage_id
@@ -126,38 +129,80 @@ def save_training_state(tune: ShortTune, path: Path) -> None:
 class Evaluator:
     """Evaluates claimed trials of one run; keeps the dataset and the current parent in memory."""
 
-    def __init__(self, run: RunFolder, config: RunConfig, group_names: list[str], max_channels: int,
-                 dataset: Optional[Dataset] = None) -> None:
+    def __init__(self, run: Optional[RunFolder], config: RunConfig, group_names: list[str], max_channels: int,
+                 dataset: Optional[Dataset] = None, artifacts: Optional[RunArtifacts] = None) -> None:
+        """`run`: the run folder when this process has it (its files are read first, trials written there too);
+        `artifacts`: the run's artifact store (what a worker without the run folder reads and writes)."""
+        if run is None and artifacts is None:
+            raise ValueError("an Evaluator needs the run folder or the run's artifact store")
         self.run = run
+        self.artifacts = artifacts
         self.config = config
         self.group_names = group_names
         self.max_channels = max_channels
         self.dataset = dataset if dataset is not None else load_run_dataset(config)
         self._parent: tuple[str, Any, dict[str, torch.Tensor]] | None = None
 
-    def _parent_of(self, relative: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    def _parent_of(self, study: optuna.Study, relative: str) -> tuple[Any, dict[str, torch.Tensor]]:
         if self._parent is None or self._parent[0] != relative:
-            spec, state = RunFolder.load(self.run.path / relative)
+            local = self.run.path / relative if self.run is not None else None
+            if local is not None and (local.exists() or self.artifacts is None):
+                spec, state = RunFolder.load(local)
+            else:
+                assert self.artifacts is not None
+                with self.artifacts.parent(study, relative) as path:
+                    spec, state = RunFolder.load(path)
             self._parent = (relative, spec, state)
         return self._parent[1], self._parent[2]
 
-    def _start(self, trial: optuna.Trial, group: str, channels: int, seed: int) -> tuple[Any, ShortTune]:
+    def _previous(self, study: optuna.Study, number: int) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
+        """The weights and training state trial `number` (the previous rung) left: from the run folder when
+        they are there, else from the artifact store (another machine's worker evaluated it)."""
+        if self.run is not None and (self.artifacts is None or (self.run.trial_checkpoint(number).exists()
+                                                                and self.run.trial_state(number).exists())):
+            spec, state = RunFolder.load(self.run.trial_checkpoint(number))
+            return spec, state, torch.load(self.run.trial_state(number), map_location="cpu", weights_only=True)
+        assert self.artifacts is not None
+        with self.artifacts.trial_files(study, number) as (checkpoint, training):
+            spec, state = RunFolder.load(checkpoint)
+            return spec, state, torch.load(training, map_location="cpu", weights_only=True)
+
+    def _start(self, study: optuna.Study, trial: optuna.Trial, group: str, channels: int,
+               seed: int) -> tuple[Any, ShortTune]:
         """The proposal's child at step 0 (rung 0) or where the previous rung's trial left it."""
         config = self.config
         previous = trial.user_attrs.get(FROM_ATTR)
+        training: Optional[dict[str, Any]] = None
         if previous is None:
-            parent_spec, parent_state = self._parent_of(str(trial.user_attrs["parent"]))
+            parent_spec, parent_state = self._parent_of(study, str(trial.user_attrs["parent"]))
             spec, state = shrink(parent_spec, parent_state, group, channels, config.step)
         else:
-            spec, state = RunFolder.load(self.run.trial_checkpoint(int(previous)))
+            spec, state, training = self._previous(study, int(previous))
         model = to_memory_format(build_model(spec), torch.channels_last)  # faster on CPU, refresh_bn included
         model.load_state_dict(state, strict=True)
         if previous is None:
             refresh_bn(model, self.dataset, num_batches=10, seed=seed)
         tune = ShortTune(model, self.dataset, lr=config.short_lr, batch_size=config.batch_size, seed=seed)
-        if previous is not None:
-            tune.restore(torch.load(self.run.trial_state(int(previous)), map_location="cpu", weights_only=True))
+        if training is not None:
+            tune.restore(training)
         return spec, tune
+
+    def _save(self, trial: optuna.Trial, spec: Any, tune: ShortTune) -> None:
+        """The trial's weights and training state, in the run folder (when here) and in the artifact store."""
+        state = {k: v.contiguous() for k, v in tune.model.state_dict().items()}
+        if self.run is not None:
+            checkpoint, training = self.run.trial_checkpoint(trial.number), self.run.trial_state(trial.number)
+            RunFolder.save(spec, state, checkpoint)
+            save_training_state(tune, training)
+            if self.artifacts is not None:
+                self.artifacts.publish_trial(trial, checkpoint, training)
+            return
+        assert self.artifacts is not None
+        with staging() as folder:
+            checkpoint, training = folder / f"{trial.number:05d}.pt", folder / f"{trial.number:05d}.state.pt"
+            RunFolder.save(spec, state, checkpoint)
+            save_training_state(tune, training)
+            self.artifacts.publish_trial(trial, checkpoint, training)
 
     def evaluate(self, study: optuna.Study, trial: optuna.Trial) -> optuna.trial.TrialState:
         """Run one rung of one proposal and record it in the study (steps trained, holdout metrics); its
@@ -177,7 +222,7 @@ class Evaluator:
             attrs = trial.user_attrs
             seed = proposal_seed(config.seed, int(attrs[ITERATION_ATTR]), group)
             start = time.perf_counter()
-            spec, tune = self._start(trial, group, channels, seed)
+            spec, tune = self._start(study, trial, group, channels, seed)
             if tune.step != int(attrs[START_ATTR]):
                 raise RuntimeError(f"trial {trial.number}: its checkpoint is at step {tune.step}, expected "
                                    f"{attrs[START_ATTR]}")
@@ -189,9 +234,7 @@ class Evaluator:
                 trial.report(accuracy, int(step))
                 trial.set_user_attr(HEARTBEAT_ATTR, time.time())
             tune.run_to(int(attrs[STOP_ATTR]))
-            state = {k: v.contiguous() for k, v in tune.model.state_dict().items()}
-            RunFolder.save(spec, state, self.run.trial_checkpoint(trial.number))
-            save_training_state(tune, self.run.trial_state(trial.number))
+            self._save(trial, spec, tune)
             trial.set_user_attr(METRICS_ATTR, metrics)
             trial.set_user_attr("holdout_accuracy", metrics[-1][1])
             trial.set_user_attr("holdout_loss", metrics[-1][2])

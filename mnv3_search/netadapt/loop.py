@@ -44,6 +44,7 @@ from ..spec.yaml_io import dump_spec, load_spec
 from ..prune.surgery import child_spec
 from ..train import evaluate, to_memory_format, train_epochs
 from ..model.weights import read_state_dict, transfer_state_dict
+from .artifacts import ARTIFACTS_ATTR, RunArtifacts, default_location, open_store
 from .config import RunConfig
 from .events import Event, ignore
 from .evaluate import (EVAL_ATTR, FROM_ATTR, START_ATTR, STOP_ATTR, Evaluator, holdout_metrics,
@@ -97,7 +98,8 @@ class NetAdapt:
 
     def __init__(self, config: RunConfig, out: Optional[str] = None, storage: Optional[str] = None,
                  workers: int = 1, stale_seconds: float = 300.0, on_event: Optional[Event] = None,
-                 command: Optional[list[str]] = None, max_attempts: int = 2) -> None:
+                 command: Optional[list[str]] = None, max_attempts: int = 2,
+                 artifacts: Optional[str] = None) -> None:
         self.config = config
         self.budget: Budget = parse_budget(config.budget)
         self.schedule = parse_schedule(config.schedule)
@@ -122,6 +124,12 @@ class NetAdapt:
         self._worker_procs: list[Any] = []
         self._study_name: Optional[str] = None  # run.json's, once a run folder is resumed
         self._seed_value = 0.0
+        # --artifacts: where checkpoints travel to and from workers (artifacts.py); default artifacts/ in the run
+        # folder. A bucket is checked now (its client library), a folder made when the run folder is
+        if artifacts and "://" in artifacts:
+            open_store(artifacts)
+        self.artifacts_given = artifacts if not artifacts or "://" in artifacts else str(Path(artifacts).resolve())
+        self.artifacts: Optional[RunArtifacts] = None
 
     # -- set-up -----------------------------------------------------------------------------------------
 
@@ -141,14 +149,21 @@ class NetAdapt:
                 recorded = self.run.default_storage_url  # a moved or copied folder: its own journal, not the old one's
             self.storage_url = resolve_storage(self.storage_url, recorded)
             self._study_name = str(previous.get("study") or self.study_name)  # a renamed folder keeps its study
+            recorded = previous.get("artifacts") or default_location(self.run.path)  # None: the run's default
+            if self.artifacts_given and self.artifacts_given != recorded:
+                raise UserError(f"{self.run.path}: --artifacts {self.artifacts_given} differs from this run's artifact "
+                                f"store {recorded} (run.json); leave --artifacts out to go on with it")
             self.run.sweep_temporary_files()
             self.emit("resume", run_dir=str(self.run.path))
         self.storage_url = self.storage_url or self.run.default_storage_url
+        location = (previous or {}).get("artifacts") or self.artifacts_given or default_location(self.run.path)
+        self.artifacts = RunArtifacts(location, open_store(location, create=True))
         if previous is None:
             backend = make_backend(self.config.backend, self.config.threads)
             self.run.write_run_json({
                 "command": self.command, "config": self.config.as_json(), "spec_file": str(self.spec_file),
-                "storage": redact(self.storage_url), "study": self.study_name, "versions": versions(),
+                "storage": redact(self.storage_url), "study": self.study_name, "artifacts": self.artifacts_given,
+                "versions": versions(),
                 "holdout_images": len(self.dataset.holdout), "train_images": len(self.dataset.train),
                 "device": backend.fingerprint(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             })
@@ -319,6 +334,8 @@ class NetAdapt:
                     f"far are in {self.run.path}")
             parent_rel = str(self.run.iteration_checkpoint(iteration - 1).relative_to(self.run.path)) \
                 if iteration > 1 else str(self.run.seed_checkpoint.relative_to(self.run.path))
+            if self.artifacts is not None:  # workers without the run folder download it from there
+                self.artifacts.publish_parent(study, parent_rel, self.run.path / parent_rel)
             groups_before = {g.name: g.channels for g in proposal_groups(spec, config.step)}
             parent_accuracy = float(rows[-1]["holdout_accuracy"])
             proposals = {g.name: (keep, {
@@ -334,7 +351,7 @@ class NetAdapt:
             best = ranked[0]
             chosen = self._rung_trials(study, iteration, len(self._rung_plan()) - 1)[best.candidate.group]
             group, keep = chosen.params["group"], int(chosen.params["channels"])
-            child_spec_, child_state = RunFolder.load(self.run.trial_checkpoint(chosen.number))
+            child_spec_, child_state = self._trial_checkpoint(study, chosen.number)
             RunFolder.save(child_spec_, child_state, self.run.iteration_checkpoint(iteration))
             trials = iteration_trials(study, iteration)
             finished = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -522,10 +539,21 @@ class NetAdapt:
             })
         self.run.write_proposals(rows)
 
+    def _trial_checkpoint(self, study: optuna.Study, number: int) -> tuple[ArchSpec, dict[str, torch.Tensor]]:
+        """A trial's fine-tuned network: from the run folder, or the artifact store when a worker on another
+        machine evaluated it."""
+        path = self.run.trial_checkpoint(number)
+        if path.exists() or self.artifacts is None:
+            return RunFolder.load(path)
+        with self.artifacts.trial_files(study, number) as (checkpoint, _):
+            return RunFolder.load(checkpoint)
+
     def _clean_trial_checkpoints(self, trials: list[optuna.trial.FrozenTrial]) -> None:
         for t in trials:
             self.run.trial_checkpoint(t.number).unlink(missing_ok=True)
             self.run.trial_state(t.number).unlink(missing_ok=True)
+            if self.artifacts is not None:
+                self.artifacts.remove_trial(t)
 
     # -- the whole run ----------------------------------------------------------------------------------
 
@@ -591,13 +619,17 @@ class NetAdapt:
         names, widest = [g.name for g in groups], max(g.channels for g in groups)
         study.set_user_attr(CONFIG_ATTR, config.as_json())
         study.set_user_attr(RUN_DIR_ATTR, str(self.run.path.resolve()))
+        if self.artifacts is not None:
+            study.set_user_attr(ARTIFACTS_ATTR, self.artifacts.location)  # where a worker finds the checkpoints
         study.set_user_attr(GROUPS_ATTR, [names, widest])
         set_status(study, "running")
-        evaluator = Evaluator(self.run, config, names, widest, self.dataset)
+        evaluator = Evaluator(self.run, config, names, widest, self.dataset, artifacts=self.artifacts)
         self._start_workers()
         try:
             spec, state = self.run_iterations(study, evaluator, rows, seed_value, target)
             self._write_proposals(study)  # a kill between the last row and its proposals.csv left it one short
+            if self.artifacts is not None:
+                self.artifacts.retire_parents(study)  # no proposal is left to start from them
         finally:
             set_status(study, "finished")
             self._stop_workers()

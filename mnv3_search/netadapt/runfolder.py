@@ -8,6 +8,8 @@ Layout:
   iterations/NNN.pt        the network chosen by iteration NNN (fine-tuned), spec embedded
   trials/NNNNN.pt          each finished rung trial's fine-tuned weights (removed once its iteration is done)
   trials/NNNNN.state.pt    its optimizer, data-order and RNG state, which the next rung continues from
+  artifacts/               the default Optuna artifact store: the current parent network and the trials' files
+                           again, for workers without this folder (netadapt/artifacts.py; --artifacts elsewhere)
   iterations.csv           one row per finished iteration: the choice and the selection rule's inputs
   proposals.csv            one row per proposal, stopped ones included: its last rung's holdout accuracy and
                            loss, saving, score and rank by the selection rule, steps trained

@@ -1,8 +1,9 @@
 """Joining a NetAdapt run as a worker: what `mnv3-search worker` and each extra process of `--workers N` do.
 
 A worker needs only the run's storage URL and study name: the master records everything else in the study
-(its RunConfig, run folder and proposal groups), so a worker on another machine cannot disagree with the run
-it joins. It claims enqueued proposals, fine-tunes and scores them, and leaves when the run is finished (or,
+(its RunConfig, run folder, artifact store and proposal groups), so a worker on another machine cannot
+disagree with the run it joins; checkpoints reach it through the artifact store (artifacts.py), so it needs
+no shared disk. It claims enqueued proposals, fine-tunes and scores them, and leaves when the run is finished (or,
 for a local worker, when the process that started it is gone). Latency is never measured here.
 
 `python -m mnv3_search.netadapt.worker` is the entry point of local workers: the library starts its own
@@ -22,6 +23,7 @@ from typing import Callable, Optional, Sequence
 
 from ..errors import UserError
 from ..latency.measure import torch_threads
+from .artifacts import ARTIFACTS_ATTR, RunArtifacts, open_store, worker_location
 from .config import RunConfig
 from .evaluate import Evaluator, work
 from .runfolder import RunFolder
@@ -34,13 +36,16 @@ STOP_WAIT_SECONDS = 30.0  # a local worker leaves within a poll of the run finis
 
 
 def join_run(storage: str, study_name: str, run_dir: Optional[str | Path] = None, *,
-             parent_pid: Optional[int] = None, threads: int = 1, log: Callable[[str], None] = lambda _: None,
+             artifacts: Optional[str] = None, parent_pid: Optional[int] = None, threads: int = 1,
+             log: Callable[[str], None] = lambda _: None,
              wait_seconds: float = JOIN_WAIT_SECONDS) -> int:
     """Evaluate the run's claimed proposals until it is finished; returns how many were evaluated.
 
     Waits up to `wait_seconds` for the master to start the run (it records its groups once its seed
-    exists). `run_dir`: the run folder as mounted here (default: the path the master recorded; it must be
-    shared). `parent_pid`: leave when that process is gone, even unreaped, so a local worker never outlives
+    exists). `run_dir`: the run folder as mounted here (default: the path the run recorded, when it is there
+    and no `artifacts` is given). Without a run folder the worker needs none: checkpoints come from and go to
+    the run's artifact store, the one the run recorded or `artifacts` (the store as reached from here).
+    `parent_pid`: leave when that process is gone, even unreaped, so a local worker never outlives
     (and holds the pipes of) the netadapt that started it. `log` gets one line per event worth telling."""
     study = load_study(storage, study_name)
     deadline = time.monotonic() + wait_seconds
@@ -50,20 +55,29 @@ def join_run(storage: str, study_name: str, run_dir: Optional[str | Path] = None
         time.sleep(1)
     attrs = study.user_attrs
     config = RunConfig.from_json(attrs[CONFIG_ATTR], f"study {study_name}")
-    folder = RunFolder(run_dir or attrs[RUN_DIR_ATTR])
-    if not folder.seed_checkpoint.exists():
+    recorded_dir = attrs.get(RUN_DIR_ATTR)
+    location = worker_location(artifacts, attrs.get(ARTIFACTS_ATTR), recorded_dir, run_dir)
+    if run_dir is None and artifacts is None and recorded_dir and \
+            (location is None or RunFolder(recorded_dir).seed_checkpoint.exists()):
+        # the run folder is here at its recorded path (this machine, or shared): used directly, as is the
+        # only way for a run of an older mnv3-search (no artifact store)
+        run_dir = recorded_dir
+    folder = RunFolder(run_dir) if run_dir is not None else None
+    if folder is not None and not folder.seed_checkpoint.exists():
         raise UserError(f"{folder.path}: no seed.pt here; "
                         "pass --run-dir with the run folder as mounted on this machine")
+    store = RunArtifacts(location, open_store(location)) if location is not None else None
     names, max_channels = attrs[GROUPS_ATTR]
     with torch_threads(threads):
-        evaluator = Evaluator(folder, config, list(names), int(max_channels))
+        evaluator = Evaluator(folder, config, list(names), int(max_channels), artifacts=store)
 
         def should_stop() -> bool:
             if parent_pid is not None and (os.getppid() != parent_pid or process_gone(parent_pid)):
                 return True  # the master died (even unreaped): an orphan would hold its caller's pipes open
             return study.user_attrs.get(STATUS_ATTR) == "finished"
 
-        log(f"worker joined study {study_name!r}; run folder {folder.path}")
+        log(f"worker joined study {study_name!r}; " + (f"run folder {folder.path}" if folder is not None else
+                                                      f"artifact store {location} (no run folder)"))
         done = work(study, evaluator, should_stop, claim_lock_path(storage),
                     on_trial=lambda state: log(f"proposal {state.name.lower()}"))
     log(f"worker done: {done} proposals evaluated")

@@ -1,0 +1,214 @@
+"""Checkpoints that travel through Optuna's artifact store, so a worker needs no access to the run folder.
+
+The leader uploads each iteration's parent network (the seed first) and records its artifact id in a study
+user attribute (`artifact:<path in the run folder>`); every worker uploads the fine-tuned weights and
+training state of each trial it finishes and records their ids in the trial's user attributes. The next
+rung and the leader download what they need into a private temporary folder. A worker on another machine
+therefore needs only the storage URL and the study name: the study records where the store is
+(`ARTIFACTS_ATTR`: a folder, or `s3://bucket/prefix`, `gs://bucket/prefix`; never a credential, which
+boto3 or the GCS client read from their usual environment).
+
+The default store is the folder `artifacts/` in the run folder (a FileSystemArtifactStore); a worker that
+sees it under another path (another mount) or uses another copy passes `--artifacts`. A process that has
+the run folder still reads the run folder's own files first (same machine: no copy).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator, Optional, Protocol
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
+
+from ..errors import UserError
+from .study import storage_of, study_storage_id
+
+ARTIFACTS_ATTR = "artifact_store"  # study user attr: where this run's checkpoints travel (no secret in it)
+PARENT_PREFIX = "artifact:"  # study user attr per parent network: "artifact:seed.pt" -> artifact id (None: removed)
+CHECKPOINT_ATTR = "checkpoint_artifact"  # trial user attr: artifact id of the trial's fine-tuned weights
+STATE_ATTR = "state_artifact"  # trial user attr: artifact id of its optimizer, data-order and RNG state
+DEFAULT_FOLDER = "artifacts"  # the default store's folder inside the run folder
+
+
+class ArtifactStore(Protocol):
+    """Optuna's artifact store protocol (optuna.artifacts._protocol is private)."""
+
+    def open_reader(self, artifact_id: str) -> BinaryIO: ...
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None: ...
+
+    def remove(self, artifact_id: str) -> None: ...
+
+
+class PrefixedStore:
+    """A bucket store whose objects live under `prefix/` (Optuna's bucket stores write at the bucket's root)."""
+
+    def __init__(self, store: ArtifactStore, prefix: str) -> None:
+        self.store = store
+        self.prefix = prefix.strip("/")
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        return self.store.open_reader(f"{self.prefix}/{artifact_id}")
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        self.store.write(f"{self.prefix}/{artifact_id}", content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        self.store.remove(f"{self.prefix}/{artifact_id}")
+
+
+# scheme: (module, its pip package, Optuna's store class); credentials come from the client's own environment
+BUCKETS = {"s3://": ("boto3", "boto3", "Boto3ArtifactStore"),
+           "gs://": ("google.cloud.storage", "google-cloud-storage", "GCSArtifactStore")}
+
+
+def default_location(run_dir: str | os.PathLike) -> str:
+    return str((Path(run_dir) / DEFAULT_FOLDER).resolve())
+
+
+def open_store(location: str, *, create: bool = False) -> ArtifactStore:
+    """The store a location names: `s3://bucket[/prefix]` (boto3), `gs://bucket[/prefix]` (google-cloud-storage)
+    or a folder (made when `create`, else it must exist). Refused in one line: a missing client library, an
+    unknown scheme, a folder that is not there or cannot be made."""
+    for scheme, (module, package, store_class) in BUCKETS.items():
+        if location.startswith(scheme):
+            bucket, _, prefix = location[len(scheme):].partition("/")
+            if not bucket:
+                raise UserError(f"--artifacts {location}: no bucket; write {scheme}BUCKET or {scheme}BUCKET/PREFIX")
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise UserError(f"--artifacts {location} needs the {package} package here (pip install {package}); "
+                                f"or give a folder") from None
+            store: ArtifactStore = getattr(optuna.artifacts, store_class)(bucket)
+            return PrefixedStore(store, prefix) if prefix.strip("/") else store
+    if "://" in location:
+        raise UserError(f"--artifacts {location}: unknown store; give a folder, s3://BUCKET/PREFIX or "
+                        f"gs://BUCKET/PREFIX")
+    path = Path(location)
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--artifacts {location}: cannot make the folder ({exc.strerror or exc})") from None
+    elif not path.is_dir():
+        raise UserError(f"artifact store {location}: no such folder here; pass --artifacts with the store as "
+                        f"mounted on this machine")
+    return FileSystemArtifactStore(path)
+
+
+def worker_location(given: Optional[str], recorded: Optional[str], recorded_run_dir: Optional[str],
+                    run_dir: Optional[str | os.PathLike]) -> Optional[str]:
+    """Where a worker finds the store: --artifacts, else the run's default store under --run-dir when the
+    run uses its default one (the run folder mounted at another path), else the location the run recorded."""
+    if given:
+        return given
+    if recorded and run_dir and recorded_run_dir and recorded == default_location(recorded_run_dir):
+        return default_location(run_dir)
+    return recorded
+
+
+class RunArtifacts:
+    """The run's checkpoints in one artifact store: the leader publishes parents, workers publish trials."""
+
+    def __init__(self, location: str, store: ArtifactStore) -> None:
+        self.location = location
+        self.store = store
+
+    def _present(self, artifact_id: str) -> bool:
+        try:
+            self.store.open_reader(artifact_id).close()
+        except ArtifactNotFound:
+            return False
+        return True
+
+    # -- the leader ---------------------------------------------------------------------------------------
+
+    def publish_parent(self, study: optuna.Study, relative: str, path: Path) -> str:
+        """Upload the parent network `relative` (seed.pt, iterations/NNN.pt) unless the store holds it already
+        (a resumed run), record its id, and remove the earlier parents' copies (no worker needs them now)."""
+        attrs = study.user_attrs
+        artifact_id = attrs.get(PARENT_PREFIX + relative)
+        if not (artifact_id and self._present(str(artifact_id))):
+            artifact_id = upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=study)
+            study.set_user_attr(PARENT_PREFIX + relative, artifact_id)  # only once the bytes are all there
+        self.retire_parents(study, keep=relative, attrs=attrs)
+        return str(artifact_id)
+
+    def retire_parents(self, study: optuna.Study, keep: Optional[str] = None,
+                       attrs: Optional[dict[str, Any]] = None) -> None:
+        """Remove every parent network's copy but `keep`'s from the store (once the run is done: all of them)."""
+        for key, old in (study.user_attrs if attrs is None else attrs).items():
+            if key.startswith(PARENT_PREFIX) and key != PARENT_PREFIX + str(keep) and old:
+                self._remove(str(old))
+                study.set_user_attr(key, None)
+
+    def remove_trial(self, trial: optuna.trial.FrozenTrial) -> None:
+        """Delete a finished iteration's trial checkpoints from the store (as from the run folder)."""
+        for key in (CHECKPOINT_ATTR, STATE_ATTR):
+            if trial.user_attrs.get(key):
+                self._remove(str(trial.user_attrs[key]))
+
+    def _remove(self, artifact_id: str) -> None:
+        try:
+            self.store.remove(artifact_id)
+        except ArtifactNotFound:
+            pass
+
+    # -- workers -----------------------------------------------------------------------------------------
+
+    def publish_trial(self, trial: optuna.Trial, checkpoint: Path, state: Path) -> None:
+        """Upload a finished trial's weights and training state; their ids go in the trial's user attrs
+        only once both are stored, so a worker killed mid-upload leaves no reference to a partial file."""
+        ids = {key: upload_artifact(artifact_store=self.store, file_path=str(path), study_or_trial=trial)
+               for key, path in ((CHECKPOINT_ATTR, checkpoint), (STATE_ATTR, state))}
+        for key, artifact_id in ids.items():
+            trial.set_user_attr(key, artifact_id)
+
+    @contextmanager
+    def parent(self, study: optuna.Study, relative: str) -> Iterator[Path]:
+        """The parent network `relative`, downloaded into a private temporary folder for the block."""
+        artifact_id = study.user_attrs.get(PARENT_PREFIX + relative)
+        if not artifact_id:
+            raise UserError(f"study {study.study_name!r} has no artifact of its parent network {relative}; was the "
+                            f"run started by an older mnv3-search? Pass --run-dir with the run folder as mounted here")
+        with self._download(str(artifact_id), Path(relative).name, f"the parent network {relative}") as path:
+            yield path
+
+    @contextmanager
+    def trial_files(self, study: optuna.Study, number: int) -> Iterator[tuple[Path, Path]]:
+        """Trial `number`'s checkpoint and training state, downloaded for the block."""
+        storage = storage_of(study)
+        attrs: dict[str, Any] = storage.get_trial_user_attrs(
+            storage.get_trial_id_from_study_id_trial_number(study_storage_id(study), number))
+        if not (attrs.get(CHECKPOINT_ATTR) and attrs.get(STATE_ATTR)):
+            raise UserError(f"trial {number} of study {study.study_name!r} has no checkpoint in the artifact store "
+                            f"{self.location} nor in a run folder here")
+        with self._download(str(attrs[CHECKPOINT_ATTR]), f"{number:05d}.pt", f"trial {number}'s checkpoint") as a, \
+                self._download(str(attrs[STATE_ATTR]), f"{number:05d}.state.pt", f"trial {number}'s state") as b:
+            yield a, b
+
+    @contextmanager
+    def _download(self, artifact_id: str, name: str, what: str) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="mnv3-artifact-") as folder:
+            path = Path(folder) / name
+            try:
+                download_artifact(artifact_store=self.store, file_path=str(path), artifact_id=artifact_id)
+            except ArtifactNotFound:
+                raise UserError(f"{what} (artifact {artifact_id}) is not in the artifact store {self.location}; "
+                                f"is --artifacts the run's store?") from None
+            yield path
+
+
+@contextmanager
+def staging() -> Iterator[Path]:
+    """A private temporary folder for a trial's files on their way to the store (a worker without the run
+    folder)."""
+    with tempfile.TemporaryDirectory(prefix="mnv3-trial-") as folder:
+        yield Path(folder)
