@@ -88,7 +88,7 @@ def replay_run(run: RunFolder, recorded: list[int], args: argparse.Namespace) ->
             "group": t.params["group"], "resource": float(a["resource"]),
             "metrics": {int(step): (acc, loss) for step, acc, loss in a["metrics"]},
             "parent_accuracy": a["parent_accuracy"], "parent_resource": a["parent_resource"], "tie_tolerance": tie})
-    chosen = {int(r["iteration"]): r["group"] for r in run.read_iterations()[1:]}
+    chosen = {r.iteration: r.group for r in run.read_iterations()[1:]}
     rows = []
     for it, proposals in sorted(iterations.items()):
         if it not in chosen:

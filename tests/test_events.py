@@ -56,7 +56,7 @@ SAMPLES: dict[str, tuple[dict[str, Any], str]] = {
     "disagreement": ({"measured_latency_ms": 2.1, "seed_measured_latency_ms": 2.5, "latency_reliable": True,
                       "corrected_target": 1.8},
                      "the measurement disagreed with the table: target corrected to 1.800 ms, going on"),
-    "long_finetune": ({"epochs": 1}, "long fine-tune (1 epochs)"),
+    "long_finetune": ({"epochs": 3, "method": "retrain"}, "retraining the adapted shape from scratch (3 epochs)"),
     "long_step": ({"step": 4, "loss": 0.5}, "long fine-tune: step 4, loss 0.500"),
     "finished": ({"test_accuracy": 0.8125}, "done: test accuracy 81.2%"),
 }

@@ -1,5 +1,6 @@
-"""`--final retrain`: the adapted shape trained again from a fresh initialisation (MobileNetV3 retrained its
-network after NetAdapt), instead of fine-tuning the adapted weights."""
+"""`--final retrain` (the default, `auto`, when the run trained its seed): the adapted shape trained again from a
+fresh initialisation (MobileNetV3 retrained its network after NetAdapt), instead of fine-tuning the adapted
+weights (`--final fine-tune`)."""
 
 from __future__ import annotations
 
@@ -21,26 +22,27 @@ TINY = dict(spec_path="small", budget="5.3M-macs", data="digits", resolution=64,
 def _stem_similarity(run: Path) -> float:
     """Cosine similarity of the stem conv in final.pt and in the last iteration's chosen network."""
     rows = RunFolder(run).read_iterations()
-    _, chosen = RunFolder.load(RunFolder(run).iteration_checkpoint(int(rows[-1]["iteration"])))
+    _, chosen = RunFolder.load(RunFolder(run).iteration_checkpoint(rows[-1].iteration))
     _, final = RunFolder.load(run / "final.pt")
     a, b = chosen["features.0.0.weight"].flatten(), final["features.0.0.weight"].flatten()
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
 def test_retrain_trains_the_adapted_shape_from_scratch(tmp_path: Path) -> None:
-    fine = tiny_run_folder()  # the same tiny run, finished by --final fine-tune
-    out = tmp_path / "retrain"
-    result = run_netadapt(RunConfig(**TINY, final="retrain"), out=str(out))
+    retrained = tiny_run_folder()  # the shared tiny run: it trained its seed, so `--final auto` retrains
+    out = tmp_path / "fine-tune"
+    result = run_netadapt(RunConfig(**TINY, final="fine-tune"), out=str(out))
     # the same adaptation path (the final stage comes after it), the same final shape
-    assert load_spec(out / "final.yaml") == load_spec(fine / "final.yaml")
-    assert [r["proposal"] for r in RunFolder(out).read_iterations()] == \
-        [r["proposal"] for r in RunFolder(fine).read_iterations()]
+    assert load_spec(out / "final.yaml") == load_spec(retrained / "final.yaml")
+    assert [r.proposal for r in RunFolder(out).read_iterations()] == \
+        [r.proposal for r in RunFolder(retrained).read_iterations()]
     # fine-tuning keeps the adapted weights; retraining starts from a fresh initialisation
-    assert _stem_similarity(fine) > 0.9
-    assert abs(_stem_similarity(out)) < 0.5
+    assert _stem_similarity(out) > 0.9
+    assert abs(_stem_similarity(retrained)) < 0.5
     saved = json.loads((out / "run.json").read_text())
-    assert saved["config"]["final"] == "retrain" and saved["result"]["final_method"] == "retrain"
-    assert json.loads((fine / "run.json").read_text())["result"]["final_method"] == "fine-tune"
+    assert saved["config"]["final"] == "fine-tune" and saved["result"]["final_method"] == "fine-tune"
+    auto = json.loads((retrained / "run.json").read_text())
+    assert auto["config"]["final"] == "auto" and auto["result"]["final_method"] == "retrain"
     assert result.test_accuracy is not None and 0.0 <= result.test_accuracy <= 1.0
 
 

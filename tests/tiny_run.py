@@ -22,6 +22,6 @@ def tiny_run_folder() -> Path:
     atexit.register(shutil.rmtree, root, True)
     out = root / "tiny-small-macs"
     config = RunConfig(spec_path="small", budget="5.3M-macs", data="digits", resolution=64, limit=240,
-                       batch_size=32, short_steps=4, seed_epochs=2, long_epochs=1, threads=1, final="fine-tune")
+                       batch_size=32, short_steps=4, seed_epochs=2, long_epochs=1, threads=1)
     run_netadapt(config, out=str(out), on_event=lambda kind, **info: TINY_RUN_EVENTS.append((kind, info)))
     return out

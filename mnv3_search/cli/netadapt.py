@@ -104,6 +104,8 @@ class NetAdaptView:
                 return (f"the measurement disagreed with the table: target corrected to "
                         f"{self._amount(info['corrected_target'])}, going on")
             case "long_finetune":
+                if info.get("method") == "retrain":
+                    return f"retraining the adapted shape from scratch ({info['epochs']} epochs)"
                 return f"long fine-tune ({info['epochs']} epochs)"
             case "long_step":
                 return f"long fine-tune: step {info['step']}, loss {info['loss']:.3f}"
@@ -190,10 +192,10 @@ def given_settings(ctx: click.Context) -> dict[str, Any]:
 def _summary(result: RunResult, already_finished: bool = False) -> dict[str, Any]:
     return {
         "run_dir": str(result.run_dir), "nothing_to_do": result.nothing_to_do, "already_finished": already_finished,
-        "seed_resource": result.seed_value,
-        "target": result.target, "final_resource": result.final_value, "iterations": result.iterations,
-        "measured_latency_ms": result.measured_ms, "seed_measured_latency_ms": result.seed_measured_ms,
-        "test_accuracy": result.test_accuracy,
+        "seed_resource": result.seed_resource,
+        "target": result.target, "final_resource": result.final_resource, "iterations": result.iterations,
+        "measured_latency_ms": result.measured_latency_ms,
+        "seed_measured_latency_ms": result.seed_measured_latency_ms, "test_accuracy": result.test_accuracy,
     }
 
 ARTIFACTS_HELP = ("Optuna artifact store through which checkpoints travel between the run and its workers: a "
@@ -337,15 +339,15 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif result.nothing_to_do:
-        click.echo(f"nothing to do: the seed already meets the budget ({amount(result.seed_value)} <= "
+        click.echo(f"nothing to do: the seed already meets the budget ({amount(result.seed_resource)} <= "
                    f"{amount(result.target)}); no network was changed")
     else:
         if already_finished:
             click.echo(f"already finished: {result.run_dir} holds a finished run; nothing was trained (a new "
                        f"run needs another --out)")
-        measured = (f", measured {result.measured_ms:.3f} ms vs seed {result.seed_measured_ms:.3f} ms"
-                    if result.measured_ms else "")
-        click.echo(f"budget met after {result.iterations} iterations: {amount(result.final_value or 0)} (target "
+        measured = (f", measured {result.measured_latency_ms:.3f} ms vs seed "
+                    f"{result.seed_measured_latency_ms:.3f} ms" if result.measured_latency_ms else "")
+        click.echo(f"budget met after {result.iterations} iterations: {amount(result.final_resource or 0)} (target "
                    f"{amount(result.target)}){measured}; test accuracy {100 * (result.test_accuracy or 0):.1f}%; "
                    f"results in {result.run_dir}")
 

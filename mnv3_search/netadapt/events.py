@@ -24,7 +24,7 @@ EventKind = Literal[
     "unreliable",        # attempt, ratio_shift, spread: the host disturbed a confirmation; measuring again
     "confirm",           # measured, seed_measured, ok, reliable: the whole network timed beside the seed
     "disagreement",      # the confirmation's row update and corrected_target: the table was off; going on
-    "long_finetune",     # epochs: the final fine-tune (or retrain)
+    "long_finetune",     # epochs, method: the final fine-tune, or the retrain (--final)
     "long_step",         # step, loss
     "finished",          # test_accuracy
 ]

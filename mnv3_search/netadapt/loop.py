@@ -22,7 +22,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,7 +49,7 @@ from .config import RunConfig
 from .events import Event, ignore
 from .evaluate import (EVAL_ATTR, FROM_ATTR, START_ATTR, STOP_ATTR, Evaluator, holdout_metrics,
                        load_run_dataset)
-from .runfolder import RunFolder
+from .runfolder import IterationRecord, RunFolder, RunSummary
 from .selection import Candidate, Ranked, rank, survivors, tolerance
 from .study import (ATTEMPT_ATTR, CONFIG_ATTR, FAILURE_ATTR, claim_lock_path, make_storage, GROUPS_ATTR,
                     ITERATION_ATTR, RUN_DIR_ATTR, RUNG_ATTR, claim, create_study, enqueue, iteration_trials, redact,
@@ -68,14 +68,16 @@ class BudgetUnreachable(UserError):
 
 @dataclass
 class RunResult:
+    """What `run_netadapt` returns: the run's summary (run.json's "result", same names) plus the final spec."""
+
     run_dir: Path
     nothing_to_do: bool
-    seed_value: float
+    seed_resource: float
     target: float
     final_spec: Optional[ArchSpec] = None
-    final_value: Optional[float] = None
-    measured_ms: Optional[float] = None
-    seed_measured_ms: Optional[float] = None
+    final_resource: Optional[float] = None
+    measured_latency_ms: Optional[float] = None
+    seed_measured_latency_ms: Optional[float] = None
     test_accuracy: Optional[float] = None
     iterations: int = 0
 
@@ -286,13 +288,13 @@ class NetAdapt:
         stop_local_workers(self._worker_procs)
         self._worker_procs = []
 
-    def run_iterations(self, study: optuna.Study, evaluator: Evaluator, rows: list[dict[str, Any]],
+    def run_iterations(self, study: optuna.Study, evaluator: Evaluator, rows: list[IterationRecord],
                        seed_value: float, target: float) -> tuple[ArchSpec, dict[str, torch.Tensor]]:
         config = self.config
         effective_target = target
         spec, state = self.seed_spec, None
         if len(rows) > 1:
-            last = int(rows[-1]["iteration"])
+            last = rows[-1].iteration
             spec, state = RunFolder.load(self.run.iteration_checkpoint(last))
             effective_target = self._corrected_target(rows, target)
             # a kill between an iteration's row and its clean-up leaves its trials' checkpoints (100s of MB)
@@ -303,14 +305,14 @@ class NetAdapt:
             current = self.resource(spec)
             if current <= effective_target:
                 confirmed, row_update = self._confirm(spec, target)
-                rows[-1].update(row_update)
+                rows[-1] = replace(rows[-1], **row_update)
                 self.run.write_iterations(rows)
                 if confirmed:
                     return spec, state
                 effective_target = self._corrected_target(rows, target)
                 self.emit("disagreement", **row_update, corrected_target=effective_target)
                 continue
-            iteration = int(rows[-1]["iteration"]) + 1
+            iteration = rows[-1].iteration + 1
             if iteration > config.max_iterations:
                 raise BudgetUnreachable(f"stopped after --max-iterations {config.max_iterations}; reached "
                                         f"{self._describe(current)}, budget {self._describe(target)}; the results so "
@@ -337,7 +339,8 @@ class NetAdapt:
             if self.artifacts is not None:  # workers without the run folder download it from there
                 self.artifacts.publish_parent(study, parent_rel, self.run.path / parent_rel)
             groups_before = {g.name: g.channels for g in proposal_groups(spec, config.step)}
-            parent_accuracy = float(rows[-1]["holdout_accuracy"])
+            assert rows[-1].holdout_accuracy is not None
+            parent_accuracy = rows[-1].holdout_accuracy
             proposals = {g.name: (keep, {
                 "parent": parent_rel, "kind": g.kind, "channels_before": g.channels,
                 "predicted_latency_ms": value if self.budget.resource == LATENCY else None,
@@ -357,26 +360,23 @@ class NetAdapt:
             finished = [t for t in trials if t.state == TrialState.COMPLETE]
             reached_last = {trial_group(t) for t in finished
                             if t.user_attrs.get(RUNG_ATTR) == t.user_attrs["last_rung"]}
-            row = {
-                "iteration": iteration, "proposal": f"{group}={keep}", "group": group,
-                "channels_before": groups_before.get(group), "channels": keep, "target_latency_ms":
-                goal if self.budget.resource == LATENCY else None,
-                "predicted_latency_ms": self.table.predict(child_spec_).calibrated_ms if self.table else None,
-                "measured_latency_ms": None, "seed_measured_latency_ms": None, "macs": spec_macs(child_spec_),
-                "params": spec_params(child_spec_), "holdout_accuracy": best.candidate.accuracy,
-                "holdout_loss": best.candidate.loss, "saving": best.saving, "score": best.score,
-                "tie_tolerance": self.tolerance(parent_accuracy), "tied": best.tied, "decided_by": best.decided_by,
-                "proposals": len({trial_group(t) for t in finished}),
-                "pruned": len({trial_group(t) for t in finished} - reached_last),
-                "steps": sum(int(t.user_attrs.get("steps", 0)) for t in finished),
-                "full_steps": len(found) * config.short_steps,
-                "wall_seconds": time.perf_counter() - started,
-            }
+            row = IterationRecord(
+                iteration=iteration, proposal=f"{group}={keep}", group=group,
+                channels_before=groups_before.get(group), channels=keep,
+                target_latency_ms=goal if self.budget.resource == LATENCY else None,
+                predicted_latency_ms=self.table.predict(child_spec_).calibrated_ms if self.table else None,
+                macs=spec_macs(child_spec_), params=spec_params(child_spec_),
+                holdout_accuracy=best.candidate.accuracy, holdout_loss=best.candidate.loss, saving=best.saving,
+                score=best.score, tie_tolerance=self.tolerance(parent_accuracy), tied=best.tied,
+                decided_by=best.decided_by, proposals=len({trial_group(t) for t in finished}),
+                pruned=len({trial_group(t) for t in finished} - reached_last),
+                steps=sum(int(t.user_attrs.get("steps", 0)) for t in finished),
+                full_steps=len(found) * config.short_steps, wall_seconds=time.perf_counter() - started)
             rows.append(row)
             self.run.write_iterations(rows)
             self._write_proposals(study)
             self._clean_trial_checkpoints(trials)
-            self.emit("chosen", **row, resource=self.resource(child_spec_))
+            self.emit("chosen", **asdict(row), resource=self.resource(child_spec_))
             spec, state = child_spec_, child_state
 
     def tolerance(self, parent_accuracy: float) -> float:
@@ -474,11 +474,11 @@ class NetAdapt:
         return verdict.ok, {"measured_latency_ms": measured, "seed_measured_latency_ms": seed_measured,
                             "latency_reliable": verdict.reliable}
 
-    def _corrected_target(self, rows: list[dict[str, Any]], target: float) -> float:
+    def _corrected_target(self, rows: list[IterationRecord], target: float) -> float:
         """After a measurement disagreed with the table, scale the target by predicted / measured."""
         for row in reversed(rows):
-            measured, seed_measured = row.get("measured_latency_ms"), row.get("seed_measured_latency_ms")
-            predicted = row.get("predicted_latency_ms")
+            measured, seed_measured = row.measured_latency_ms, row.seed_measured_latency_ms
+            predicted = row.predicted_latency_ms
             if measured and predicted and seed_measured:
                 equivalent = measured / seed_measured * self._seed_value if self.budget.relative else measured
                 return target * predicted / equivalent
@@ -490,7 +490,7 @@ class NetAdapt:
     def _write_proposals(self, study: optuna.Study) -> None:
         """One row per proposal, from the study alone: its last finished rung's metrics, its rank there by the
         selection rule, whether it was stopped (PRUNED) before the last rung, steps over all its trials."""
-        chosen = {int(row["iteration"]): row.get("proposal") for row in self.run.read_iterations()}
+        chosen = {row.iteration: row.proposal for row in self.run.read_iterations()}
         by_proposal: dict[tuple[int, str], list[optuna.trial.FrozenTrial]] = {}
         everything = study.get_trials(deepcopy=False)
         for t in everything:
@@ -573,15 +573,15 @@ class NetAdapt:
         return seed_value, target, False
 
     def _finished_result(self) -> Optional[RunResult]:
-        finished = (self.run.read_run_json() or {}).get("result")
-        if not finished or not self.run.final_yaml.exists():
+        finished = self.run.read_summary()
+        if finished is None or not self.run.final_yaml.exists():
             return None
         self.emit("already_finished", run_dir=str(self.run.path))
-        return RunResult(self.run.path, False, finished["seed_resource"], finished["target"],
-                         final_spec=load_spec(self.run.final_yaml), final_value=finished["final_resource"],
-                         measured_ms=finished["measured_latency_ms"],
-                         seed_measured_ms=finished["seed_measured_latency_ms"],
-                         test_accuracy=finished["test_accuracy"], iterations=finished["iterations"])
+        return RunResult(self.run.path, False, finished.seed_resource, finished.target,
+                         final_spec=load_spec(self.run.final_yaml), final_resource=finished.final_resource,
+                         measured_latency_ms=finished.measured_latency_ms,
+                         seed_measured_latency_ms=finished.seed_measured_latency_ms,
+                         test_accuracy=finished.test_accuracy, iterations=finished.iterations)
 
     def _open_study(self) -> optuna.Study:
         return create_study(self.storage_url or self.run.default_storage_url, self.study_name)
@@ -610,10 +610,11 @@ class NetAdapt:
         _, (seed_accuracy, seed_loss) = self._seed_network()
         rows = self.run.read_iterations()
         if not rows:
-            rows = [{"iteration": 0, "proposal": "seed", "predicted_latency_ms":
-                     seed_value if self.budget.resource == LATENCY else None, "macs": spec_macs(self.seed_spec),
-                     "params": spec_params(self.seed_spec), "holdout_accuracy": seed_accuracy,
-                     "holdout_loss": seed_loss, "tie_tolerance": self.tolerance(seed_accuracy), "wall_seconds": 0.0}]
+            rows = [IterationRecord(
+                iteration=0, proposal="seed", predicted_latency_ms=seed_value if self.budget.resource == LATENCY
+                else None, macs=spec_macs(self.seed_spec), params=spec_params(self.seed_spec),
+                holdout_accuracy=seed_accuracy, holdout_loss=seed_loss, tie_tolerance=self.tolerance(seed_accuracy),
+                wall_seconds=0.0)]
             self.run.write_iterations(rows)
         groups = proposal_groups(self.seed_spec, config.step)
         names, widest = [g.name for g in groups], max(g.channels for g in groups)
@@ -633,22 +634,19 @@ class NetAdapt:
         finally:
             set_status(study, "finished")
             self._stop_workers()
+        last = rows[-1]
         result = RunResult(self.run.path, False, seed_value, target, final_spec=spec,
-                           final_value=self.resource(spec), iterations=int(rows[-1]["iteration"]),
-                           measured_ms=rows[-1].get("measured_latency_ms"),
-                           seed_measured_ms=rows[-1].get("seed_measured_latency_ms"))
+                           final_resource=self.resource(spec), iterations=last.iteration,
+                           measured_latency_ms=last.measured_latency_ms,
+                           seed_measured_latency_ms=last.seed_measured_latency_ms)
         result.test_accuracy = self._finish(spec, state)
-        saved = self.run.read_run_json() or {}
-        saved["result"] = {
-            "iterations": result.iterations, "seed_resource": seed_value, "target": target,
-            "final_resource": result.final_value, "measured_latency_ms": result.measured_ms,
-            "seed_measured_latency_ms": result.seed_measured_ms, "test_accuracy": result.test_accuracy,
-            "final_method": self.config.final_method(), "final_macs": spec_macs(spec),
-            "final_params": spec_params(spec),
-            "latency_table_entries_measured": self.table.measured if self.table else None,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        self.run.write_run_json(saved)
+        self.run.write_summary(RunSummary(
+            iterations=result.iterations, seed_resource=seed_value, target=target,
+            final_resource=result.final_resource, measured_latency_ms=result.measured_latency_ms,
+            seed_measured_latency_ms=result.seed_measured_latency_ms, test_accuracy=result.test_accuracy,
+            final_method=self.config.final_method(), final_macs=spec_macs(spec), final_params=spec_params(spec),
+            latency_table_entries_measured=self.table.measured if self.table else None,
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
         return result
 
     def _nothing_to_do(self, seed_value: float, target: float) -> RunResult:
@@ -668,7 +666,7 @@ class NetAdapt:
             model = to_memory_format(build_model(spec), torch.channels_last)  # ~1.6x faster training on CPU
             model.load_state_dict(state, strict=True)
             epochs, lr = config.long_epochs, config.lr * 0.1
-        self.emit("long_finetune", epochs=epochs)
+        self.emit("long_finetune", epochs=epochs, method=config.final_method())
         if epochs > 0:
             train_epochs(model, self.dataset, epochs, batch_size=config.batch_size, lr=lr, seed=config.seed,
                          progress=lambda step, loss: self.emit("long_step", step=step, loss=loss))

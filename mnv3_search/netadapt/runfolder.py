@@ -21,7 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -37,16 +37,87 @@ from ..spec.spaces import resolve_spec_path
 from ..model.weights import read_checkpoint, save_state
 from .config import RESUMABLE, RunConfig
 
-ITERATION_COLUMNS = [
-    "iteration", "proposal", "group", "channels_before", "channels", "target_latency_ms", "predicted_latency_ms",
-    "measured_latency_ms", "seed_measured_latency_ms", "latency_reliable", "macs", "params", "holdout_accuracy",
-    "holdout_loss", "saving", "score", "tie_tolerance", "tied", "decided_by", "proposals", "pruned", "steps",
-    "full_steps", "wall_seconds",
-]
+@dataclass
+class IterationRecord:
+    """One row of iterations.csv: the network an iteration chose and the selection rule's inputs (iteration 0
+    is the seed). The loop, a resumed run and the reports read and write these, never raw CSV rows; the
+    confirmation by measurement fills the latency fields of the last record."""
+
+    iteration: int
+    proposal: str  # "seed", or "group=channels"
+    group: Optional[str] = None
+    channels_before: Optional[int] = None
+    channels: Optional[int] = None
+    target_latency_ms: Optional[float] = None
+    predicted_latency_ms: Optional[float] = None
+    measured_latency_ms: Optional[float] = None
+    seed_measured_latency_ms: Optional[float] = None
+    latency_reliable: Optional[bool] = None
+    macs: Optional[int] = None
+    params: Optional[int] = None
+    holdout_accuracy: Optional[float] = None
+    holdout_loss: Optional[float] = None
+    saving: Optional[float] = None
+    score: Optional[float] = None
+    tie_tolerance: Optional[float] = None
+    tied: Optional[int] = None
+    decided_by: Optional[str] = None
+    proposals: Optional[int] = None
+    pruned: Optional[int] = None
+    steps: Optional[int] = None
+    full_steps: Optional[int] = None
+    wall_seconds: Optional[float] = None
+
+
+ITERATION_COLUMNS = [f.name for f in fields(IterationRecord)]
 ADDED_COLUMNS = {"latency_reliable"}  # columns a run folder of an earlier version lacks (read as blank)
 INTEGER_COLUMNS = ["iteration", "channels_before", "channels", "macs", "params", "tied", "proposals", "pruned",
                    "steps", "full_steps"]
 TEXT_COLUMNS = {"proposal", "group", "decided_by", "state", "worker", "failure", "chosen"}
+BOOLEAN_COLUMNS = {"latency_reliable"}
+
+
+def _typed(column: str, value: Any) -> Any:
+    """A CSV cell as its record field's type (None for a blank)."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    if column in INTEGER_COLUMNS:
+        return int(value)
+    if column in BOOLEAN_COLUMNS:
+        return value if isinstance(value, bool) else str(value) == "True"
+    if column in TEXT_COLUMNS:
+        return str(value)
+    return float(value)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """run.json's "result": what a finished run reached, in the one vocabulary the library, the CLI's --json
+    and the reports share (`*_resource` in the budget's unit: ms, MACs or params)."""
+
+    iterations: int
+    seed_resource: float
+    target: float
+    final_resource: Optional[float]
+    measured_latency_ms: Optional[float]
+    seed_measured_latency_ms: Optional[float]
+    test_accuracy: Optional[float]
+    final_method: Optional[str] = None  # None in runs made before --final auto
+    final_macs: Optional[int] = None
+    final_params: Optional[int] = None
+    latency_table_entries_measured: Optional[int] = None
+    finished: Optional[str] = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: Path) -> "RunSummary":
+        known = {f.name for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise damaged(where, f"damaged run file (its result has no {missing[0]!r})")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
 PROPOSAL_COLUMNS = [
     "trial", "iteration", "group", "channels_before", "channels", "state", "rung", "predicted_latency_ms", "macs",
     "params", "holdout_accuracy", "holdout_loss", "saving", "score", "rank", "trials", "steps", "seconds", "chosen",
@@ -249,16 +320,26 @@ class RunFolder:
             return pd.DataFrame(columns=PROPOSAL_COLUMNS)
         return self._read_table(self.proposals_csv, PROPOSAL_COLUMNS)
 
-    def read_iterations(self) -> list[dict[str, Any]]:
-        """iterations.csv as row dicts (None for blanks): what a resumed run goes on from."""
-        return [{str(k): (None if pd.isna(v) else v) for k, v in row.items()}
+    def read_iterations(self) -> list[IterationRecord]:
+        """iterations.csv as records: what a resumed run goes on from."""
+        return [IterationRecord(**{str(k): _typed(str(k), v) for k, v in row.items()})
                 for row in self.iterations_frame().to_dict("records")]
 
-    def write_iterations(self, rows: list[dict[str, Any]]) -> None:
-        frame = pd.DataFrame(rows, columns=ITERATION_COLUMNS)
+    def write_iterations(self, records: list[IterationRecord]) -> None:
+        frame = pd.DataFrame([asdict(r) for r in records], columns=ITERATION_COLUMNS)
         for column in INTEGER_COLUMNS:
             frame[column] = frame[column].astype("Int64")
         write_csv(frame, self.iterations_csv)
+
+    def read_summary(self) -> Optional[RunSummary]:
+        """The finished run's result from run.json; None while the run is not finished."""
+        result = (self.read_run_json() or {}).get("result")
+        return RunSummary.from_json(result, self.run_json) if isinstance(result, dict) else None
+
+    def write_summary(self, summary: RunSummary) -> None:
+        saved = self.read_run_json() or {}
+        saved["result"] = asdict(summary)
+        self.write_run_json(saved)
 
     def write_proposals(self, rows: list[dict[str, Any]]) -> None:
         write_csv(pd.DataFrame(rows, columns=PROPOSAL_COLUMNS), self.proposals_csv)

@@ -73,11 +73,12 @@ def load_variant(argument: str, weights: Optional[str] = None, label: Optional[s
                             f"`mnv3-search netadapt --resume {path}` first")
         spec = load_spec(final)
         run = folder.read_run_json() or {}
+        summary = folder.read_summary()
         checkpoint = Path(weights) if weights else folder.final_pt
         state = read_state_dict(checkpoint) if checkpoint.is_file() else None
         if state is not None:
             check_fits(state, build_model(spec), str(checkpoint), str(final))
-        accuracy = (run.get("result") or {}).get("test_accuracy")
+        accuracy = summary.test_accuracy if summary is not None else None
         return Variant(label or path.resolve().name, str(path), "run", spec, state,
                        None if accuracy is None else float(accuracy), "run.json test" if accuracy is not None else "",
                        run)

@@ -22,7 +22,7 @@ import pandas as pd
 from ..budget import LATENCY, MACS, PARAMS, parse_budget
 from ..errors import UserError
 from ..fileio import PathLike, atomic_path
-from ..netadapt.runfolder import RunFolder
+from ..netadapt.runfolder import RunFolder, RunSummary
 from ..spec.arch import ArchSpec
 from ..spec.yaml_io import load_spec
 
@@ -43,6 +43,7 @@ class RunData:
     iterations: pd.DataFrame
     proposals: pd.DataFrame
     resource: str
+    result: Optional[RunSummary] = None  # None while the run has not finished
     seed_spec: Optional[ArchSpec] = None
     final_spec: Optional[ArchSpec] = None
     summary: list[tuple[str, str, str]] = field(default_factory=list)  # (figure, seed, final)
@@ -50,10 +51,6 @@ class RunData:
     @property
     def name(self) -> str:
         return self.path.resolve().name
-
-    @property
-    def result(self) -> dict:
-        return self.run.get("result") or {}
 
 
 def is_run_folder(path: Path) -> bool:
@@ -73,9 +70,9 @@ def read_run(path: PathLike) -> RunData:
     proposals = folder.proposals_frame() if folder.proposals_csv.is_file() else pd.DataFrame()
     budget = (run.get("config") or {}).get("budget", "")
     resource = parse_budget(budget).resource if budget else LATENCY
-    data = RunData(path, run, iterations, proposals, resource)
-    if (path / "seed.pt").is_file():
-        data.seed_spec = RunFolder.load(path / "seed.pt")[0]
+    data = RunData(path, run, iterations, proposals, resource, result=folder.read_summary())
+    if folder.seed_checkpoint.is_file():
+        data.seed_spec = RunFolder.load(folder.seed_checkpoint)[0]
     if RunFolder(path).final_yaml.is_file():
         data.final_spec = load_spec(RunFolder(path).final_yaml)
     data.summary = _summary(data)
@@ -102,15 +99,14 @@ def _summary(data: RunData) -> list[tuple[str, str, str]]:
         ("params", _fmt(seed.get("params"), "int"), _fmt(last.get("params"), "int")),
         ("MACs", _fmt(seed.get("macs"), "int"), _fmt(last.get("macs"), "int")),
     ]
-    seed_pred = seed.get("predicted_latency_ms")
     if data.resource == LATENCY:
-        rows.append(("predicted latency", _fmt(res.get("seed_resource", seed_pred), "ms"),
-                     _fmt(res.get("final_resource", last.get("predicted_latency_ms")), "ms")))
-    rows.append(("measured latency (paired)", _fmt(res.get("seed_measured_latency_ms"), "ms"),
-                 _fmt(res.get("measured_latency_ms"), "ms")))
+        rows.append(("predicted latency", _fmt(res.seed_resource if res else seed.get("predicted_latency_ms"), "ms"),
+                     _fmt(res.final_resource if res else last.get("predicted_latency_ms"), "ms")))
+    rows.append(("measured latency (paired)", _fmt(res.seed_measured_latency_ms if res else None, "ms"),
+                 _fmt(res.measured_latency_ms if res else None, "ms")))
     rows.append(("holdout accuracy", _fmt(seed.get("holdout_accuracy"), "pct"),
                  _fmt(last.get("holdout_accuracy"), "pct")))
-    rows.append(("test accuracy", "", _fmt(res.get("test_accuracy"), "pct")))
+    rows.append(("test accuracy", "", _fmt(res.test_accuracy if res else None, "pct")))
     if len(data.proposals):
         pruned = int((data.proposals["state"] == "PRUNED").sum())
         rows.append(("proposals (pruned early)", "", f"{len(data.proposals)} ({pruned})"))
@@ -129,15 +125,15 @@ def plot_iterations(data: RunData, target: Path) -> Path:
     column, scale = RESOURCE_COLUMN[data.resource], RESOURCE_SCALE[data.resource]
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     values = it[column].astype(float) * scale
-    if data.resource == LATENCY and values.isna().iloc[0] and "seed_resource" in data.result:
-        values.iloc[0] = float(data.result["seed_resource"])
+    if data.resource == LATENCY and values.isna().iloc[0] and data.result is not None:
+        values.iloc[0] = float(data.result.seed_resource)
     ax.plot(it["iteration"], values, "o-", color="tab:blue", label=RESOURCE_LABEL[data.resource])
     measured = it["measured_latency_ms"].astype(float) if "measured_latency_ms" in it else None
     if data.resource == LATENCY and measured is not None and measured.notna().any():
         ax.plot(it["iteration"], measured, "s", color="tab:cyan", label="measured (paired)")
     ax.set_xlabel("iteration")
     ax.set_ylabel(RESOURCE_LABEL[data.resource], color="tab:blue")
-    target_value = data.result.get("target")
+    target_value = data.result.target if data.result is not None else None
     if target_value is not None:
         ax.axhline(float(target_value) * scale, color="tab:blue", ls=":", lw=1, label="budget")
     acc = ax.twinx()
@@ -222,16 +218,17 @@ def runs_frame(runs: list[RunData]) -> pd.DataFrame:
     rows = []
     for data in runs:
         res = data.result
-        if res.get("test_accuracy") is None:
+        if res is None or res.test_accuracy is None:
             continue
         last = data.iterations.iloc[-1]
         predicted = last.get("predicted_latency_ms")
         rows.append({
             "run": data.name, "budget": (data.run.get("config") or {}).get("budget"),
-            "measured_latency_ms": res.get("measured_latency_ms"),
+            "measured_latency_ms": res.measured_latency_ms,
             "predicted_latency_ms": None if predicted is None or pd.isna(predicted) else float(predicted),
-            "macs": res.get("final_macs", last.get("macs")), "params": res.get("final_params", last.get("params")),
-            "test_accuracy": float(res["test_accuracy"]),
+            "macs": last.get("macs") if res.final_macs is None else res.final_macs,
+            "params": last.get("params") if res.final_params is None else res.final_params,
+            "test_accuracy": float(res.test_accuracy),
         })
     return pd.DataFrame(rows, columns=["run", "budget", "measured_latency_ms", "predicted_latency_ms", "macs",
                                        "params", "test_accuracy"])
