@@ -31,7 +31,7 @@ def test_retrain_trains_the_adapted_shape_from_scratch(tmp_path: Path) -> None:
     fine = micro_run_folder()  # the session's micro run (7 iterations), finished by the default fine-tune
     out = tmp_path / "retrain"
     micro = dict(spec_path=str(micro_spec_path()), budget=MICRO_BUDGET, data="digits", limit=240, batch_size=32,
-                 short_steps=4, seed_epochs=2, long_epochs=1, threads=1)
+                 short_steps=4, seed_epochs=10, long_epochs=1, threads=1)
     assert RunFolder(fine).read_run_json()["config"] == RunConfig(**micro).as_json()  # the same run but its end
     result = run_netadapt(RunConfig(**micro, final="retrain"), out=str(out))
     # the same adaptation path (the final stage comes after it), the same final shape

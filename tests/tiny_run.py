@@ -28,8 +28,9 @@ last_conv: {out: 128, nl: HS}
 classifier: {hidden: 256, nl: HS}
 """
 MICRO_BUDGET = "0.85M-macs"  # 7 iterations of 7 proposals (1,335,808 -> 817,152 MACs)
-# micro_run_folder()'s settings as command-line options (its own resolution, 32 px)
-MICRO_ARGS = ["--limit", "240", "--batch-size", "32", "--short-steps", "4", "--seed-epochs", "2",
+# micro_run_folder()'s settings as command-line options (its own resolution, 32 px); 10 seed epochs (~4 s) lift
+# the seed from chance (11 % after 2) to a third, so proposals' holdout scores differ and comparisons have teeth
+MICRO_ARGS = ["--limit", "240", "--batch-size", "32", "--short-steps", "4", "--seed-epochs", "10",
               "--long-epochs", "1", "--threads", "1", "--quiet"]
 
 _ROOT = Path(tempfile.mkdtemp(prefix="mnv3-tiny-run-"))
@@ -64,6 +65,6 @@ def micro_run_folder() -> Path:
 
     out = _ROOT / "micro-macs"
     config = RunConfig(spec_path=str(micro_spec_path()), budget=MICRO_BUDGET, data="digits", limit=240,
-                       batch_size=32, short_steps=4, seed_epochs=2, long_epochs=1, threads=1)
+                       batch_size=32, short_steps=4, seed_epochs=10, long_epochs=1, threads=1)
     run_netadapt(config, out=str(out))
     return out
