@@ -28,7 +28,7 @@ def _stem_similarity(run: Path) -> float:
 
 
 def test_retrain_trains_the_adapted_shape_from_scratch(tmp_path: Path) -> None:
-    fine = micro_run_folder()  # the session's micro run (7 iterations), finished by the default fine-tune
+    fine = micro_run_folder()  # the session's micro run (8 iterations), finished by the default fine-tune
     out = tmp_path / "retrain"
     micro = dict(spec_path=str(micro_spec_path()), budget=MICRO_BUDGET, data="digits", limit=240, batch_size=32,
                  short_steps=4, seed_epochs=10, long_epochs=1, threads=1)

@@ -256,7 +256,7 @@ def _complete_trials(folder: Path) -> list[optuna.trial.FrozenTrial]:
 def test_resume_in_the_middle_of_a_rung_loses_nothing(tmp_path: Path) -> None:
     """SIGKILL while iteration 1's first rung is half done; the resumed run reuses every finished trial
     (trial and step counts equal the uninterrupted run's), retries only the one in flight and ends with the
-    same network, weights and test accuracy. (The micro network: 7 proposals a rung, 7 iterations.)"""
+    same network, weights and test accuracy. (The micro network: 7 proposals in the first rung, 8 iterations.)"""
     reference = micro_run_folder()
     result = RunFolder(reference).read_run_json()["result"]
     killed = tmp_path / "killed"
