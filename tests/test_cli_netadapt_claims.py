@@ -2,8 +2,9 @@
 continues a run with the settings in its run.json and refuses a changed one; a finished run run again trains
 nothing; `--select accuracy`; `--max-iterations`; a params budget checked with the exact counter.
 
-Every run starts from the session's tiny seed (tiny_run.py's seed.pt, via --weights), so no seed is trained
-here: Small at 64 px on 240 digits images, 4-step fine-tunes, MACs or params budgets (exact, no timing noise).
+Every run starts from a session seed of tiny_run.py (its seed.pt, via --weights), so no seed is trained here:
+Small at 64 px on 240 digits images (the micro network at 32 px for --select accuracy / --max-iterations),
+4-step fine-tunes, MACs or params budgets (exact, no timing noise).
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ from mnv3_search.netadapt.runfolder import RunFolder
 from mnv3_search.netadapt.selection import LOSS_TIE
 from mnv3_search.netadapt.study import make_storage
 from mnv3_search.spec.spaces import resolve_spec_path
-from tiny_run import tiny_run_folder
+from tiny_run import MICRO_ARGS, micro_run_folder, micro_spec_path, tiny_run_folder
 
 TINY_ARGS = ["--limit", "240", "--batch-size", "32", "--short-steps", "4", "--seed-epochs", "2",
              "--long-epochs", "1", "--resolution", "64", "--threads", "1", "--quiet"]
 SMALL_PARAMS_64 = 1_528_106  # Small at 64 px, 10 classes (README's compare table; checked below)
 RESUME_BUDGET = "5.3M-macs"  # 2 iterations from the tiny seed (5,502,720 -> 5,364,480 -> 5,230,464 MACs)
-ACCURACY_BUDGET = "4M-macs"  # far more than 2 iterations can cut: --max-iterations 2 stops the run
+ACCURACY_BUDGET = "0.85M-macs"  # the micro network: 8 iterations, so --max-iterations 2 stops the run
 
 
 def run_cli(*args: str) -> Result:
@@ -96,9 +97,12 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def accuracy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
-    """`--select accuracy --max-iterations 2` with a budget 2 iterations cannot reach."""
+    """`--select accuracy --max-iterations 2` with a budget 2 iterations cannot reach: the session's micro
+    network from its seed (a third of a second a proposal, 7 proposals), 2 rungs so 3 reach the last one."""
     out = tmp_path_factory.mktemp("accuracy") / "run"
-    return out, run_cli(*netadapt_args(out, ACCURACY_BUDGET, "--select", "accuracy", "--max-iterations", "2"))
+    return out, run_cli("netadapt", str(micro_spec_path()), "--budget", ACCURACY_BUDGET, "--weights",
+                        str(micro_run_folder() / "seed.pt"), "--out", str(out), *MICRO_ARGS, "--rungs", "2",
+                        "--select", "accuracy", "--max-iterations", "2")
 
 
 # --- 1. --resume DIR without --budget ------------------------------------------------------------------------
@@ -216,9 +220,9 @@ def test_max_iterations_stops_after_n_with_exit_3(accuracy_run: tuple[Path, Resu
     iterations = pd.read_csv(out / "iterations.csv")
     assert iterations["iteration"].tolist() == [0, 1, 2]  # the seed's row and exactly 2 iterations
     reached = int(iterations["macs"].iloc[-1])
-    assert reached > 4_000_000
+    assert reached > 850_000
     line = one_error_line(result, 3)
-    assert line == (f"Error: stopped after --max-iterations 2; reached {reached:,} macs, budget 4,000,000 macs; "
+    assert line == (f"Error: stopped after --max-iterations 2; reached {reached:,} macs, budget 850,000 macs; "
                     f"the results so far are in {out}")
     assert sorted(set(pd.read_csv(out / "proposals.csv")["iteration"])) == [1, 2]
     assert (out / "iterations" / "002.pt").exists() and not (out / "iterations" / "003.pt").exists()

@@ -35,24 +35,12 @@ from mnv3_search.netadapt.study import (ATTEMPT_ATTR, FAILURE_ATTR, HEARTBEAT_AT
                                         claim, claim_lock_path, create_study, heartbeat, load_study, make_storage,
                                         redact, redact_argv, requeue_stale, resolve_storage)
 from postgres import postgres_bin, running_postgres
+from tiny_run import MICRO_SPEC  # two blocks at 32 px: a run is a minute on 2 busy cores, not three
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD = "Zq8vLw3tRk5nPx"  # distinctive: any occurrence anywhere is a leak
 TINY_ARGS = ["--limit", "240", "--batch-size", "32", "--short-steps", "4", "--rungs", "2", "--seed-epochs", "2",
              "--long-epochs", "1", "--threads", "1", "--quiet"]
-# Two blocks at 32 px: 1,335,808 MACs, 7 proposal groups; a run is a minute on 2 busy cores, not three.
-MICRO_SPEC = """\
-name: micro
-resolution: 32
-num_classes: 10
-dropout: 0.0
-stem: {out: 32, k: 3, s: 2, nl: HS}
-bneck:
-  - [3,  64,  32, false, RE, 2]
-  - [3,  96,  48, true,  HS, 2]
-last_conv: {out: 128, nl: HS}
-classifier: {hidden: 256, nl: HS}
-"""
 needs_postgres = pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL is not installed "
                                                                    "(apt-get install postgresql)")
 

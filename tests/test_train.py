@@ -37,14 +37,15 @@ def test_small_learns_digits_from_chance_to_90_percent(small: ArchSpec, digits32
     torch.manual_seed(0)
     model = build_model(_small10(small))
     before = evaluate(model, digits32, digits32.holdout)
-    result = train(model, digits32, 200, lr=0.1, batch_size=64, warmup=20, eval_every=100, seed=0)
+    # 100 steps of 32 (a quarter of the images the README's runs see; 94.4 % here, well clear of 90 %)
+    result = train(model, digits32, 100, lr=0.1, batch_size=32, warmup=10, eval_every=50, seed=0)
     after = evaluate(model, digits32, digits32.holdout)
-    print(f"\ndigits, Small at 32 px, 200 steps of 64: holdout {before:.3f} -> {after:.3f} in {result.seconds:.1f} s "
+    print(f"\ndigits, Small at 32 px, 100 steps of 32: holdout {before:.3f} -> {after:.3f} in {result.seconds:.1f} s "
           f"({result.images_per_s:.0f} images/s)")
     assert before < 0.3
     assert after >= 0.90
     assert result.accuracy == pytest.approx(after)
-    assert [h["step"] for h in result.history] == [100, 200]
+    assert [h["step"] for h in result.history] == [50, 100]
 
 
 def test_same_seed_same_weights_other_seed_other_weights(small: ArchSpec, digits16) -> None:
