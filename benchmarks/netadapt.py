@@ -23,6 +23,9 @@ resumes and seeds can train in parallel processes):
    starting from the same trained seed.
 4. scratch: each latency-guided final architecture trained from scratch like a width multiplier: is it
    the shape, or the inherited weights?
+5. knapsack: HALP-style shapes (benchmarks/knapsack.py: Taylor importance on the first search seed's trained
+   seed, a knapsack over the latency table's price of every group width) at the same shares, trained from
+   scratch like the widths: does one global ranking find shapes as good as NetAdapt's proposals?
 
 `--parts report` builds every final network of every seed and times them interleaved in this one
 process, recording wall-clock and the inference thread's CPU time (`--clock`, default cpu: on a loaded
