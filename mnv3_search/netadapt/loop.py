@@ -52,8 +52,9 @@ from .evaluate import (EVAL_ATTR, FROM_ATTR, START_ATTR, STOP_ATTR, Evaluator, h
 from .runfolder import IterationRecord, RunFolder, RunSummary
 from .selection import Candidate, Ranked, rank, survivors, tolerance
 from .study import (ATTEMPT_ATTR, CONFIG_ATTR, FAILURE_ATTR, claim_lock_path, make_storage, GROUPS_ATTR,
-                    ITERATION_ATTR, RUN_DIR_ATTR, RUNG_ATTR, claim, create_study, enqueue, iteration_trials, redact,
-                    redact_argv, requeue_stale, resolve_storage, set_status, trial_group)
+                    ITERATION_ATTR, RUN_DIR_ATTR, RUNG_ATTR, as_storage_lost, claim, create_study, enqueue,
+                    iteration_trials, lost_connection, redact, redact_argv, requeue_stale, resolve_storage,
+                    set_status, trial_group)
 
 CONFIRM_ATTEMPTS = 3  # whole-network measurements before a disturbed one is used (and marked unreliable)
 MIN_CHOICE = 4  # proposals an iteration should choose among; fewer and the cut is halved (see MIN_CUT_SHARE)
@@ -587,7 +588,17 @@ class NetAdapt:
         return create_study(self.storage_url or self.run.default_storage_url, self.study_name)
 
     def run_all(self) -> RunResult:
-        """Validate everything cheap first (budget, storage), then the run folder, seed, loop and finish."""
+        """Validate everything cheap first (budget, storage), then the run folder, seed, loop and finish. A
+        database server lost mid-run stops it in one line (StorageLost); the same command resumes it."""
+        try:
+            return self._run_all()
+        except Exception as exc:  # self.storage_url: the one resolved from run.json when resuming
+            lost = as_storage_lost(exc, self.storage_url)
+            if lost is None:
+                raise
+            raise lost from None
+
+    def _run_all(self) -> RunResult:
         config = self.config
         if self.storage_url:
             make_storage(self.storage_url)  # an unreachable server is refused before anything is written
@@ -631,9 +642,17 @@ class NetAdapt:
             self._write_proposals(study)  # a kill between the last row and its proposals.csv left it one short
             if self.artifacts is not None:
                 self.artifacts.retire_parents(study)  # no proposal is left to start from them
-        finally:
-            set_status(study, "finished")
+        except BaseException:
+            try:
+                set_status(study, "finished")  # remote workers leave; a resumed run sets it running again
+            except Exception as also:
+                if lost_connection(also) is None:
+                    raise
+                # the server is still down: the first failure is what the user must see, not this one
             self._stop_workers()
+            raise
+        set_status(study, "finished")
+        self._stop_workers()
         last = rows[-1]
         result = RunResult(self.run.path, False, seed_value, target, final_spec=spec,
                            final_resource=self.resource(spec), iterations=last.iteration,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import threading
@@ -46,9 +47,21 @@ FAILURE_ATTR = "failure"  # why an attempt failed (its worker died or went silen
 GIVEN_UP_ATTR = "given_up"  # True on a proposal's last allowed attempt once it failed: never enqueued again
 STORAGE_ENV = "MNV3_SEARCH_STORAGE"  # how a storage URL (password included) reaches workers and commands
 HEARTBEAT_SECONDS = 2.0  # a claimed trial's heartbeat is stamped this often while it is evaluated
+CLAIM_SECONDS = 10.0  # claim() stamps a trial with its worker at once; one unstamped this long lost its claimer
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _not_a_lost_connection(record: logging.LogRecord) -> bool:
+    """Optuna's RDB storage warns, with the whole SQL statement over many lines, when a read fails and it
+    retries another way; on a lost connection the retry fails too and the run says so in one line
+    (StorageLost), or it succeeds and there is nothing to say."""
+    message = record.getMessage()
+    return not (message.startswith("Caught an error from sqlalchemy") and "OperationalError" in message)
+
+
+logging.getLogger("optuna.storages._rdb.storage").addFilter(_not_a_lost_connection)
 
 
 def redact(url: Optional[str]) -> Optional[str]:
@@ -105,6 +118,10 @@ def resolve_storage(given: Optional[str], recorded: Optional[str]) -> Optional[s
                     f"set {STORAGE_ENV} to the full URL (or pass --storage)")
 
 
+class StorageUnreachable(UserError):
+    """The storage URL names a database server that cannot be reached (or a URL that is not one)."""
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL; a path ending in .journal is a journal file (several processes safe)."""
     if url.endswith(".journal"):
@@ -122,8 +139,44 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         password = _password(url)
         if password:
             reason = reason.replace(password, "***")
-        raise UserError(f"storage {redact(url)!r} cannot be opened ({reason[:200]}); check the URL, that the server is "
-                        f"running and that the database exists") from None
+        raise StorageUnreachable(f"storage {redact(url)!r} cannot be opened ({reason[:200]}); check the URL, that the "
+                                 f"server is running and that the database exists") from None
+
+
+class StorageLost(UserError):
+    """The storage server went away in the middle of a run (restarted, network cut): the run stops in one line,
+    and running the same command again resumes it (every finished rung trial is reused)."""
+
+    exit_code = 4  # README: exit codes
+
+
+def lost_connection(exc: BaseException) -> Optional[str]:
+    """The first line of the database's own message when `exc` (or what caused it: Optuna wraps SQLAlchemy's
+    errors) is a lost or refused connection to a database server, else None."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    seen: Optional[BaseException] = exc
+    while seen is not None:
+        if isinstance(seen, OperationalError) or (isinstance(seen, DBAPIError) and seen.connection_invalidated):
+            text = str(getattr(seen, "orig", None) or seen).strip()
+            return text.splitlines()[0] if text else type(seen).__name__
+        seen = seen.__cause__ or seen.__context__  # also SQLAlchemy's PendingRollbackError raised after it
+    return None
+
+
+def as_storage_lost(exc: BaseException, url: Optional[str],
+                    then: str = "run the same command again to resume") -> Optional[StorageLost]:
+    """`exc` as one line (StorageLost) saying `then` when it is a lost connection to the database server at
+    `url`, else None. SQLite files and journals have no server to lose: their errors are not changed."""
+    if not url or url.startswith("sqlite") or url.endswith(".journal"):
+        return None
+    reason = lost_connection(exc)
+    if reason is None:
+        return None
+    password = _password(url)
+    if password:
+        reason = reason.replace(password, "***")
+    return StorageLost(f"storage {redact(url)} lost its connection ({reason[:200]}); {then}")
 
 
 def _journal_storage(path: Path) -> optuna.storages.JournalStorage:
@@ -343,8 +396,9 @@ def _dead_local_worker(name: Optional[str]) -> bool:
 
 
 def requeue_stale(study: optuna.Study, iteration: int, stale_seconds: float, max_attempts: int = 2) -> int:
-    """Fail RUNNING trials of `iteration` whose worker is gone (its heartbeat older than `stale_seconds`, or
-    a local process that no longer exists), each with its reason, and enqueue them again, unless that was
+    """Fail RUNNING trials of `iteration` whose worker is gone (its heartbeat older than `stale_seconds`, a
+    local process that no longer exists, or a claim its worker never stamped: the storage went away between
+    the two), each with its reason, and enqueue them again, unless that was
     their `max_attempts`-th attempt: then the proposal is given up, so one that kills every worker that
     evaluates it cannot stall the run. Returns how many trials were failed."""
     now = time.time()
@@ -354,11 +408,13 @@ def requeue_stale(study: optuna.Study, iteration: int, stale_seconds: float, max
         beat = t.user_attrs.get(HEARTBEAT_ATTR, t.datetime_start.timestamp() if t.datetime_start else now)
         who = t.user_attrs.get(WORKER_ATTR)
         dead = _dead_local_worker(who)
-        if now - beat <= stale_seconds and not dead:
+        unclaimed = who is None and now - beat > CLAIM_SECONDS  # its claimer lost the storage before stamping it
+        if now - beat <= stale_seconds and not dead and not unclaimed:
             continue
         attempt = int(t.user_attrs.get(ATTEMPT_ATTR, 1))
         give_up = attempt >= max_attempts
-        why = f"worker {who or '?'} " + ("died" if dead else f"silent for {now - beat:.0f} s")
+        why = "its claimer never stamped it" if unclaimed else \
+            f"worker {who} " + ("died" if dead else f"silent for {now - beat:.0f} s")
         try:
             storage.set_trial_user_attr(trial_storage_id(t), FAILURE_ATTR, f"{why} (attempt {attempt} of "
                                         f"{max_attempts}" + ("; given up)" if give_up else "; enqueued again)"))

@@ -27,8 +27,8 @@ from .artifacts import ARTIFACTS_ATTR, RunArtifacts, open_store, worker_location
 from .config import RunConfig
 from .evaluate import Evaluator, work
 from .runfolder import RunFolder
-from .study import (CONFIG_ATTR, GROUPS_ATTR, RUN_DIR_ATTR, STATUS_ATTR, STORAGE_ENV, claim_lock_path, load_study,
-                    process_gone)
+from .study import (CONFIG_ATTR, GROUPS_ATTR, RUN_DIR_ATTR, STATUS_ATTR, STORAGE_ENV, StorageLost,
+                    StorageUnreachable, as_storage_lost, claim_lock_path, load_study, process_gone)
 
 JOIN_WAIT_SECONDS = 600.0  # how long a worker waits for a master that has not yet written its seed
 WORKER_MODULE = "mnv3_search.netadapt.worker"  # what local workers run (`python -m`)
@@ -78,8 +78,14 @@ def join_run(storage: str, study_name: str, run_dir: Optional[str | Path] = None
 
         log(f"worker joined study {study_name!r}; " + (f"run folder {folder.path}" if folder is not None else
                                                       f"artifact store {location} (no run folder)"))
-        done = work(study, evaluator, should_stop, claim_lock_path(storage),
-                    on_trial=lambda state: log(f"proposal {state.name.lower()}"))
+        try:
+            done = work(study, evaluator, should_stop, claim_lock_path(storage),
+                        on_trial=lambda state: log(f"proposal {state.name.lower()}"))
+        except Exception as exc:  # the server restarted: its claimed trial is failed and enqueued again by the run
+            lost = as_storage_lost(exc, storage, then="start the worker again to rejoin the run")
+            if lost is None:
+                raise
+            raise lost from None
     log(f"worker done: {done} proposals evaluated")
     return done
 
@@ -124,6 +130,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.environ[DEVICE_ENV] = device
         join_run(storage, args.study, args.run_dir, parent_pid=args.parent_pid, threads=args.threads,
                  log=(lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)))
+    except (StorageLost, StorageUnreachable) as exc:  # the server went away mid-run: a local worker's netadapt
+        # loses it too (it had it open when it started this worker) and says so in its one line
+        if args.parent_pid is None:
+            print(f"Error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except UserError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code
