@@ -25,12 +25,9 @@ from mnv3_search.cli import cli
 from mnv3_search.netadapt.artifacts import ARTIFACTS_ATTR, CHECKPOINT_ATTR, STATE_ATTR
 from mnv3_search.netadapt.study import make_storage
 from postgres import postgres_bin, running_postgres
-from tiny_run import tiny_run_folder
+from tiny_run import MICRO_ARGS, MICRO_BUDGET, micro_run_folder, micro_spec_path
 
 REPO = Path(__file__).resolve().parents[1]
-# tiny_run.py's run as a command (the same settings, so the same choices and network)
-TINY_ARGS = ["--budget", "5.3M-macs", "--limit", "240", "--batch-size", "32", "--short-steps", "4",
-             "--seed-epochs", "2", "--long-epochs", "1", "--resolution", "64", "--threads", "1", "--quiet"]
 # `python -c AUDITED FORBIDDEN LOG mnv3-search-args...`: the real CLI, with every file operation on a path
 # under FORBIDDEN (the run folder) appended to LOG
 AUDITED = r"""
@@ -51,7 +48,9 @@ main()
 
 
 def netadapt_command(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "mnv3_search", "netadapt", "small", "--out", str(out), *TINY_ARGS, *extra]
+    """micro_run_folder()'s run as a command (the same settings, so the same choices and network)."""
+    return [sys.executable, "-m", "mnv3_search", "netadapt", str(micro_spec_path()), "--budget", MICRO_BUDGET,
+            "--out", str(out), *MICRO_ARGS, *extra]
 
 
 def one_error_line(result, exit_code: int = 2) -> str:
@@ -106,7 +105,7 @@ def test_a_worker_without_the_run_folder_completes_proposals_on_postgresql(tmp_p
         # the worker's downloads and uploads are gone (torch leaves an empty torchinductor_<user>/ there)
         assert [p.name for p in alone.rglob("*") if p.is_file() or p.name.startswith("mnv3-")] == []
         assert not (out / "artifacts").exists() and not any((out / "trials").iterdir())
-        reference = tiny_run_folder()
+        reference = micro_run_folder()
         mine, one = pd.read_csv(out / "iterations.csv"), pd.read_csv(reference / "iterations.csv")
         assert mine["proposal"].tolist() == one["proposal"].tolist()
         assert mine["holdout_accuracy"].tolist() == one["holdout_accuracy"].tolist()
@@ -133,7 +132,8 @@ def test_a_bucket_store_without_its_client_library_is_one_line(tmp_path: Path) -
         pass
     else:
         pytest.skip("boto3 is installed here")
-    line = one_error_line(CliRunner().invoke(cli, ["netadapt", "small", "--out", str(tmp_path / "run"), *TINY_ARGS,
+    line = one_error_line(CliRunner().invoke(cli, ["netadapt", str(micro_spec_path()), "--budget", MICRO_BUDGET,
+                                                   "--out", str(tmp_path / "run"), *MICRO_ARGS,
                                                    "--artifacts", "s3://bucket/runs"]))
     assert line == "Error: --artifacts s3://bucket/runs needs the boto3 package here (pip install boto3); or give a " \
                    "folder"
