@@ -351,7 +351,8 @@ def read_table_file(path: PathLike) -> tuple[Header, dict[str, Entry], dict[str,
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        ended = text.rstrip().endswith("}")
+        # a cut file fails at its very end (a cut right after an inner "}" still ends in "}")
+        ended = text.rstrip().endswith("}") and exc.pos < len(text.rstrip())
         what = "is truncated (it stops mid-way)" if text.lstrip().startswith("{") and not ended else \
             f"is not valid JSON (line {exc.lineno}: {exc.msg})"
         raise _bad(path, f"{what}, not a latency table") from None

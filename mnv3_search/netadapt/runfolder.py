@@ -223,8 +223,9 @@ class RunFolder:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            what = "truncated run file (it stops mid-way)" if text.lstrip().startswith("{") and \
-                not text.rstrip().endswith("}") else f"damaged run file (not JSON: line {exc.lineno}: {exc.msg})"
+            cut = not text.rstrip().endswith("}") or exc.pos >= len(text.rstrip())  # fails at its very end
+            what = "truncated run file (it stops mid-way)" if text.lstrip().startswith("{") and cut \
+                else f"damaged run file (not JSON: line {exc.lineno}: {exc.msg})"
             raise damaged(self.run_json, what) from None
         if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
             raise damaged(self.run_json, "not a NetAdapt run file (no \"config\" object)")
