@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -47,3 +48,11 @@ def write_csv(frame: "pd.DataFrame", path: PathLike) -> None:
         return
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
+
+
+def json_cut_short(text: str, error: json.JSONDecodeError) -> bool:
+    """Whether a JSON object file that failed to decode was cut short (a kill or a full disk mid-write) rather
+    than written wrong: it starts an object and the decoder failed at its very end (a cut right after an inner
+    "}" still ends in "}", so the last character alone cannot tell)."""
+    stripped = text.rstrip()
+    return text.lstrip().startswith("{") and (not stripped.endswith("}") or error.pos >= len(stripped))

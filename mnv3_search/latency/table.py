@@ -41,7 +41,7 @@ from torch import nn
 
 from ..model.counts import spec_params, unit_params
 from ..errors import UserError
-from ..fileio import PathLike, atomic_write_text
+from ..fileio import PathLike, atomic_write_text, json_cut_short
 from .measure import (Backend, InterleavedPolicy, Measurement, Together, measure_interleaved, measure_together,
                       thread_clock_ok)
 from ..model.build import build_model, build_unit
@@ -351,9 +351,7 @@ def read_table_file(path: PathLike) -> tuple[Header, dict[str, Entry], dict[str,
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        # a cut file fails at its very end (a cut right after an inner "}" still ends in "}")
-        ended = text.rstrip().endswith("}") and exc.pos < len(text.rstrip())
-        what = "is truncated (it stops mid-way)" if text.lstrip().startswith("{") and not ended else \
+        what = "is truncated (it stops mid-way)" if json_cut_short(text, exc) else \
             f"is not valid JSON (line {exc.lineno}: {exc.msg})"
         raise _bad(path, f"{what}, not a latency table") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from ..errors import CheckpointError, UserError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, json_cut_short
 from ..fileio import write_csv
 from ..spec.arch import ArchSpec
 from ..spec.spaces import resolve_spec_path
@@ -223,8 +223,7 @@ class RunFolder:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            cut = not text.rstrip().endswith("}") or exc.pos >= len(text.rstrip())  # fails at its very end
-            what = "truncated run file (it stops mid-way)" if text.lstrip().startswith("{") and cut \
+            what = "truncated run file (it stops mid-way)" if json_cut_short(text, exc) \
                 else f"damaged run file (not JSON: line {exc.lineno}: {exc.msg})"
             raise damaged(self.run_json, what) from None
         if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
