@@ -22,7 +22,7 @@ from ..budget import LATENCY
 from ..data import SOURCES_HELP
 from ..errors import UserError
 from ..latency.measure import torch_threads
-from ..netadapt.config import EVALUATIONS, FINALS, SELECT_RULES, RunConfig
+from ..netadapt.config import EVALUATIONS, FINALS, METHODS, SELECT_RULES, RunConfig
 from ..netadapt.events import EventKind
 from ..netadapt.loop import NetAdapt, RunResult
 from ..netadapt.runfolder import RunFolder
@@ -103,6 +103,13 @@ class NetAdaptView:
             case "disagreement":
                 return (f"the measurement disagreed with the table: target corrected to "
                         f"{self._amount(info['corrected_target'])}, going on")
+            case "importance":
+                return (f"scoring {info['channels']:,} channels in {info['groups']} groups (Taylor, "
+                        f"{info['batches']} batches)")
+            case "knapsack":
+                timed = "" if self.state.get("unit", "ms") != "ms" else (
+                    ", timed beside the seed: " + ("within the budget" if info["ok"] else "over the budget"))
+                return f"knapsack round {info['round']}: shape at {self._amount(info['predicted'])}{timed}"
             case "long_finetune":
                 if info.get("method") == "retrain":
                     return f"retraining the adapted shape from scratch ({info['epochs']} epochs)"
@@ -214,6 +221,12 @@ ARTIFACTS_HELP = ("Optuna artifact store through which checkpoints travel betwee
 @click.option("--weights", type=click.Path(dir_okay=False), help=WEIGHTS_HELP + " Else a seed is trained first.")
 @click.option("--schedule", default="netadapt", show_default=True,
               help="netadapt (2.5% of the seed, x0.96 per iteration), mobilenetv3 (fixed 1%), or FIRST,DECAY.")
+@click.option("--method", type=click.Choice(METHODS), default="netadapt", show_default=True,
+              help="netadapt: iterations of per-group proposals, each fine-tuned briefly and scored on the holdout "
+              "(minutes per iteration); knapsack: every channel scored once by Taylor importance, one width per "
+              "group chosen by a knapsack under the budget, the shape timed beside the seed and corrected until "
+              "the measurement meets it (HALP-style; seconds; --select, --evaluation, --schedule and the "
+              "short fine-tune options do not apply; no workers).")
 @click.option("--select", type=click.Choice(SELECT_RULES), default="ratio", show_default=True,
               help="ratio: max dAcc/|dLatency| (a gain scores the gain); accuracy: max holdout accuracy. Either "
               "way, accuracy differences within the holdout's standard error tie; ties go to the lower "
@@ -264,7 +277,7 @@ ARTIFACTS_HELP = ("Optuna artifact store through which checkpoints travel betwee
 @click.option("--quiet", is_flag=True, help="No live view; one summary line.")
 @click.option("--json", "as_json", is_flag=True, help="No live view; the summary as JSON on stdout.")
 def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: Optional[str], data: str,
-             weights: Optional[str], schedule: str, select: str, evaluation: str, storage: Optional[str],
+             weights: Optional[str], schedule: str, method: str, select: str, evaluation: str, storage: Optional[str],
              storage_file: Optional[str], artifacts: Optional[str], workers: int, short_steps: int, rungs: int,
              holdout: Optional[float | int],
              short_lr: float, seed_epochs: int, long_epochs: int, final: str, lr: float,
@@ -284,6 +297,7 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
       mnv3-search netadapt --budget 90%
       mnv3-search netadapt search_spaces/large.yaml --budget 15ms --data fashion-mnist
       mnv3-search netadapt small --budget 40M-macs --out results/small-40m
+      mnv3-search netadapt small --budget 50% --method knapsack --data fashion-mnist
       mnv3-search netadapt small --budget 70% --workers 2 --storage postgresql://user@host/db
       mnv3-search netadapt --resume results/small-70pct-seed0
       mnv3-search worker --storage postgresql://user@host/db --study small-70pct-seed0
@@ -305,7 +319,7 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
                            step=step, short_steps=short_steps, short_lr=short_lr, rungs=rungs,
                            holdout=holdout, seed_epochs=seed_epochs, long_epochs=long_epochs, final=final,
                            lr=lr,
-                           seed=seed, evaluation=evaluation,
+                           seed=seed, evaluation=evaluation, method=method,
                            backend=backend, threads=threads, max_iterations=max_iterations, limit=limit,
                            weights=weights, lut=lut)
     err = Console(stderr=True)
@@ -347,7 +361,8 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
                        f"run needs another --out)")
         measured = (f", measured {result.measured_latency_ms:.3f} ms vs seed "
                     f"{result.seed_measured_latency_ms:.3f} ms" if result.measured_latency_ms else "")
-        click.echo(f"budget met after {result.iterations} iterations: {amount(result.final_resource or 0)} (target "
+        steps = "knapsack rounds" if config.method == "knapsack" else "iterations"
+        click.echo(f"budget met after {result.iterations} {steps}: {amount(result.final_resource or 0)} (target "
                    f"{amount(result.target)}){measured}; test accuracy {100 * (result.test_accuracy or 0):.1f}%; "
                    f"results in {result.run_dir}")
 

@@ -10,6 +10,7 @@ from ..errors import UserError
 SELECT_RULES = ("ratio", "accuracy")
 EVALUATIONS = ("halving", "full")
 FINALS = ("auto", "fine-tune", "retrain")
+METHODS = ("netadapt", "knapsack")  # per-group proposals scored by fine-tunes, or one HALP-style knapsack
 # limits on how far a run goes, not on what it computes: a run stopped by --max-iterations continues with a higher one
 RESUMABLE = ("max_iterations",)
 
@@ -52,10 +53,13 @@ class RunConfig:
     weights: Optional[str] = None
     lut: Optional[str] = None
     final: str = "auto"  # fine-tune the adapted weights, retrain the adapted shape from scratch, or auto (below)
+    method: str = "netadapt"  # how the shape is found: NetAdapt's iterations, or a knapsack (prune/knapsack.py)
 
     def __post_init__(self) -> None:
         if self.select not in SELECT_RULES:
             raise UserError(f"--select {self.select!r}: use one of {', '.join(SELECT_RULES)}")
+        if self.method not in METHODS:
+            raise UserError(f"--method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.final not in FINALS:
             raise UserError(f"--final {self.final!r}: use one of {', '.join(FINALS)}")
         if self.evaluation not in EVALUATIONS:

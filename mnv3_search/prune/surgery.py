@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
 
 import torch
 
@@ -150,11 +150,19 @@ def child_spec(spec: ArchSpec, group: Union[str, ProposalGroup], keep: int, step
 
 
 def plan_shrink(spec: ArchSpec, state_dict: Mapping[str, torch.Tensor], group: Union[str, ProposalGroup],
-                keep: int, step: int = 8) -> ShrinkPlan:
-    """Decide which channels of `group` survive (L2 norm) and how every tensor is sliced."""
+                keep: int, step: int = 8, scores: Optional[torch.Tensor] = None) -> ShrinkPlan:
+    """Decide which channels of `group` survive and how every tensor is sliced. Survivors: the largest
+    `scores` (one per channel of the group, e.g. Taylor importance: prune/knapsack.py) when given, else the
+    largest L2 norms of the producing filters (NetAdapt)."""
     spec = spec.scaled()
     group = find_group(spec, group, step)
     _check_keep(group, keep)
+    if scores is not None and tuple(scores.shape) != (group.channels,):
+        raise ValueError(f"scores for group {group.name}: shape {tuple(scores.shape)}, expected ({group.channels},)")
+
+    def top(norms: torch.Tensor) -> torch.Tensor:
+        return _top(norms if scores is None else scores.detach().double(), keep)
+
     sd = state_dict
     configs = list(spec.block_configs())
     se_kept: dict[int, torch.Tensor] = {}
@@ -163,14 +171,14 @@ def plan_shrink(spec: ArchSpec, state_dict: Mapping[str, torch.Tensor], group: U
         config = configs[group.producers[0] - 1]
         prefix = block_keys(config).expand
         assert prefix is not None
-        kept = _top(_filter_norms(sd[f"{prefix}.0.weight"]), keep)
+        kept = top(_filter_norms(sd[f"{prefix}.0.weight"]))
         slices += _conv_bn_out(prefix, kept)
         slices += _exp_space(config, keep, kept, sd, se_kept)
     elif group.kind == COUPLED:
         producers = [stem_prefix() if p == 0 else block_keys(configs[p - 1]).project for p in group.producers]
-        scores = sum(_filter_norms(sd[f"{prefix}.0.weight"]) for prefix in producers)
-        assert isinstance(scores, torch.Tensor)
-        kept = _top(scores, keep)
+        norms = sum(_filter_norms(sd[f"{prefix}.0.weight"]) for prefix in producers)
+        assert isinstance(norms, torch.Tensor)
+        kept = top(norms)
         for prefix in producers:
             slices += _conv_bn_out(prefix, kept)
         members = set(group.producers)
@@ -186,11 +194,11 @@ def plan_shrink(spec: ArchSpec, state_dict: Mapping[str, torch.Tensor], group: U
             slices.append(Slice(f"{last_conv_prefix(spec)}.0.weight", 1, kept))
     elif group.kind == LAST_CONV:
         prefix = last_conv_prefix(spec)
-        kept = _top(_filter_norms(sd[f"{prefix}.0.weight"]), keep)
+        kept = top(_filter_norms(sd[f"{prefix}.0.weight"]))
         slices += _conv_bn_out(prefix, kept)
         slices.append(Slice(f"{HIDDEN_LINEAR}.weight", 1, kept))
     else:
-        kept = _top(_filter_norms(sd[f"{HIDDEN_LINEAR}.weight"]), keep)
+        kept = top(_filter_norms(sd[f"{HIDDEN_LINEAR}.weight"]))
         slices += [Slice(f"{HIDDEN_LINEAR}.weight", 0, kept), Slice(f"{HIDDEN_LINEAR}.bias", 0, kept),
                    Slice(f"{OUTPUT_LINEAR}.weight", 1, kept)]
     child = _child_spec(spec, group, keep)
@@ -221,7 +229,7 @@ def _check_state_dict(spec: ArchSpec, state_dict: Mapping[str, torch.Tensor]) ->
 
 
 def shrink(spec: ArchSpec, state_dict: Mapping[str, torch.Tensor], group: Union[str, ProposalGroup], keep: int,
-           step: int = 8) -> tuple[ArchSpec, StateDict]:
+           step: int = 8, scores: Optional[torch.Tensor] = None) -> tuple[ArchSpec, StateDict]:
     """Shrink `group` (a ProposalGroup or its name) to `keep` channels.
 
     Returns the child spec (width 1.0, concrete channels) and its state_dict, which loads with strict=True
@@ -229,5 +237,5 @@ def shrink(spec: ArchSpec, state_dict: Mapping[str, torch.Tensor], group: Union[
     width (keeping the current width returns an unchanged copy).
     """
     _check_state_dict(spec, state_dict)
-    plan = plan_shrink(spec, state_dict, group, keep, step)
+    plan = plan_shrink(spec, state_dict, group, keep, step, scores)
     return plan.child, apply_plan(state_dict, plan)

@@ -168,7 +168,10 @@ def plot_proposals(data: RunData, target: Path) -> Path:
     ax.set_xlabel(RESOURCE_LABEL[data.resource])
     ax.set_ylabel("holdout accuracy after short fine-tune (%)")
     ax.set_title(f"{data.name}: every proposal (chosen: ★ with its iteration)")
-    ax.legend(loc="best", fontsize=8)
+    if len(props):
+        ax.legend(loc="best", fontsize=8)
+    else:  # --method knapsack: one shape per round, no proposals
+        ax.text(0.5, 0.5, "no proposals in this run", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, target)
 
 

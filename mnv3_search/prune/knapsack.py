@@ -1,0 +1,204 @@
+"""HALP-style shapes (Shen et al., NeurIPS 2022): every channel scored once, the most important ones kept by a
+knapsack under the budget, in one shot from the trained seed.
+
+NetAdapt spends most of its time on short fine-tunes that rank one group's cut at a time. HALP instead
+scores every channel once (first-order Taylor importance of its BatchNorm scale and shift, accumulated over
+batches: Molchanov et al. 2019), prices every width of every group with the same resource function NetAdapt
+uses (latency table, MACs or parameters), and keeps the channels with the largest total importance whose
+resource meets the budget: a multiple-choice knapsack, one width per group.
+
+A group's price is linearised around the seed (the group cut alone); the chosen shape's resource is then
+computed exactly (every group at its width together) and the knapsack's capacity moved until that exact
+figure meets the target (`knapsack_shape`). `netadapt/loop.py` (`--method knapsack`) adds what a table
+cannot: the shape is timed beside the seed and the target corrected until the measurement meets the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import Dataset, batches
+from ..model.build import build_model
+from ..spec.arch import ArchSpec
+from .groups import ProposalGroup, find_group
+from .surgery import StateDict, child_spec, plan_shrink, shrink
+
+TAYLOR_BATCHES = 32  # batches the importance is averaged over (7 s for Small at 32 px on one core)
+MAX_OPTIONS = 16  # widths priced per group below its full width: every table entry is a measurement
+
+
+def width_options(group: ProposalGroup, max_options: int = MAX_OPTIONS) -> list[int]:
+    """The widths the knapsack may give `group`, full width first: its allowed widths (multiples of the step),
+    thinned evenly to `max_options` (the smallest always kept), so a 960-channel expansion costs 16 table
+    entries, not 119."""
+    allowed = list(group.keep_options())
+    if len(allowed) > max_options:
+        picks = np.linspace(0, len(allowed) - 1, max_options).round().astype(int)
+        allowed = [allowed[i] for i in sorted(set(picks.tolist()))]
+    return [group.channels, *allowed]
+
+
+@dataclass(frozen=True)
+class GroupScores:
+    """Per-channel importance of one group of the seed, in channel order; a width of k keeps the k largest."""
+
+    group: ProposalGroup
+    importance: np.ndarray
+
+    def kept_importance(self, keep: int) -> float:
+        return float(np.sort(self.importance)[::-1][:keep].sum())
+
+
+def _group_tensors(spec: ArchSpec, state: Mapping[str, torch.Tensor], group: ProposalGroup) -> list[tuple[str, int]]:
+    """(tensor, channel dim) pairs whose slices are this group's own channels: BatchNorm scale and shift where
+    the group has them (HALP's Taylor score), else the producing layer's outputs (the classifier's hidden units)."""
+    plan = plan_shrink(spec, state, group, group.channels, group.step)
+    own = [(s.key, s.dim) for s in plan.slices if s.index is plan.kept]
+    bn = [(k, d) for k, d in own if k.endswith(".1.weight") or k.endswith(".1.bias")]
+    return bn or [(k, d) for k, d in own if d == 0]
+
+
+def taylor_importance(spec: ArchSpec, state: Mapping[str, torch.Tensor], dataset: Dataset,
+                      groups: Sequence[ProposalGroup], num_batches: int = TAYLOR_BATCHES, batch_size: int = 64,
+                      seed: int = 0) -> list[GroupScores]:
+    """First-order Taylor importance per channel: mean over training batches of (sum over the channel's
+    tensors of weight x gradient)^2, the loss change its removal would cause to first order. The network is
+    in training mode (BatchNorm on batch statistics), the loss a fine-tune would see, as HALP scores."""
+    model = build_model(spec)
+    model.load_state_dict(state, strict=True)
+    model.train()
+    params = dict(model.named_parameters())
+    tensors = [_group_tensors(spec, state, g) for g in groups]
+    totals = [np.zeros(g.channels) for g in groups]
+    loss_fn = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(seed)
+    seen = 0
+    for x, y in batches(dataset, dataset.train, batch_size, shuffle=True, generator=generator):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        with torch.no_grad():
+            for n, pairs in enumerate(tensors):
+                score = torch.zeros(groups[n].channels, dtype=torch.float64)
+                for key, dim in pairs:
+                    p = params[key]
+                    assert p.grad is not None
+                    wg = (p * p.grad).double()
+                    score += wg.movedim(dim, 0).reshape(wg.shape[dim], -1).sum(dim=1)
+                totals[n] += (score ** 2).numpy()
+        seen += 1
+        if seen == num_batches:
+            break
+    return [GroupScores(g, t / max(seen, 1)) for g, t in zip(groups, totals)]
+
+
+def solve_multiple_choice(costs: Sequence[np.ndarray], values: Sequence[np.ndarray], capacity: float,
+                          bins: int = 2000) -> list[int]:
+    """Multiple-choice knapsack by dynamic programming: one option per group, total cost <= capacity, the
+    largest total value. Costs (>= 0) are discretised into `bins` units of capacity, rounded up, so the
+    chosen set never exceeds the capacity. Raises ValueError when no choice fits."""
+    unit = capacity / bins if capacity > 0 else 1.0
+    if capacity <= 0:  # only options that cost nothing fit
+        bins = 0
+    best = np.full(bins + 1, -np.inf)
+    best[0] = 0.0
+    choice: list[np.ndarray] = []
+    steps_per_group: list[np.ndarray] = []
+    for cost, value in zip(costs, values):
+        steps = np.ceil(np.maximum(np.asarray(cost, dtype=float), 0.0) / unit - 1e-9).astype(int)
+        steps_per_group.append(steps)
+        new = np.full(bins + 1, -np.inf)
+        arg = np.full(bins + 1, -1)
+        for option, (c, v) in enumerate(zip(steps, value)):
+            if c > bins:
+                continue
+            shifted = np.full(bins + 1, -np.inf)
+            shifted[c:] = best[:bins + 1 - c] + v
+            better = shifted > new
+            new[better], arg[better] = shifted[better], option
+        best = new
+        choice.append(arg)
+    if not np.isfinite(best).any():
+        raise ValueError(f"no choice fits a capacity of {capacity:g}")
+    at = int(np.argmax(best))
+    picks: list[int] = []
+    for steps, arg in zip(reversed(steps_per_group), reversed(choice)):
+        option = int(arg[at])
+        picks.append(option)
+        at -= int(steps[option])
+    return picks[::-1]
+
+
+def _combine(seed: ArchSpec, scores: Sequence[GroupScores], widths: Sequence[int]) -> ArchSpec:
+    spec = seed
+    for s, width in zip(scores, widths):
+        if width != s.group.channels:
+            spec = child_spec(spec, s.group.name, width, s.group.step)
+    return spec
+
+
+def knapsack_shape(seed: ArchSpec, scores: Sequence[GroupScores], price: Callable[[ArchSpec], float],
+                   target: float, rounds: int = 24, bins: int = 2000, max_options: int = MAX_OPTIONS
+                   ) -> tuple[ArchSpec, float]:
+    """The shape keeping the most importance whose exact `price` meets `target`: one width per group from a
+    knapsack over prices linearised at the seed, its capacity moved until the combined shape's exact price
+    meets the target within 0.5 % of the seed's. Cuts interact (a narrower block output also narrows the next
+    block's input), so the linearised capacity is only a start: each round steps it by the exact miss (at least
+    one knapsack unit, so the choice changes), bisecting once a step leaves the bracket of capacities known to
+    meet / miss the target. Returns the shape and its price; raises ValueError when even the cheapest shape
+    (every group at its smallest width) misses the target."""
+    seed_price = price(seed)
+    options = [width_options(s.group, max_options) for s in scores]
+    cheapest = _combine(seed, scores, [widths[-1] for widths in options])
+    if price(cheapest) > target:
+        raise ValueError(f"no shape meets {target:g}: every group at its smallest width is {price(cheapest):g}")
+    deltas = [np.array([price(child_spec(seed, s.group.name, k, s.group.step)) - seed_price
+                        if k != s.group.channels else 0.0 for k in widths]) for s, widths in zip(scores, options)]
+    values = [np.array([s.kept_importance(k) for k in widths]) for s, widths in zip(scores, options)]
+    kept_cost = [d - d.min() for d in deltas]  # "price kept" per group above its cheapest width, >= 0
+    top = float(sum(c.max() for c in kept_cost))  # every group at full width
+    floor = seed_price - top  # the linearised price of the cheapest shape
+    capacity = min(max(target - floor, 0.0), top)
+    unit = max(top, 1e-12) / bins
+    feasible, infeasible = 0.0, top + unit  # capacity 0 is every group at its cheapest width: it meets the target
+    best: tuple[ArchSpec, float] = (cheapest, price(cheapest))
+    for _ in range(rounds):
+        picks = solve_multiple_choice(kept_cost, values, capacity, bins=max(1, round(capacity / unit)))
+        spec = _combine(seed, scores, [widths[p] for widths, p in zip(options, picks)])
+        exact = price(spec)
+        used = float(sum(c[p] for c, p in zip(kept_cost, picks)))  # the choice's linearised cost (<= capacity)
+        if exact <= target:
+            feasible = max(feasible, capacity)
+            if exact > best[1]:
+                best = (spec, exact)
+            if target - exact < 0.005 * seed_price:
+                break
+            capacity = max(capacity, used) + max(target - exact, unit)
+        else:
+            infeasible = min(infeasible, used)  # any capacity >= used may choose this shape again
+            capacity = used - max(exact - target, unit)
+        if not feasible < capacity < infeasible:  # the step left the bracket: bisect
+            capacity = (feasible + infeasible) / 2
+        if infeasible - feasible < unit:
+            break
+    return best
+
+
+def widths_of(spec: ArchSpec, groups: Sequence[ProposalGroup]) -> list[int]:
+    """Each seed group's width in `spec` (a shape made from the seed by shrinks of those groups)."""
+    return [find_group(spec, g.name, g.step).channels for g in groups]
+
+
+def shrink_to(seed: ArchSpec, state: Mapping[str, torch.Tensor], scores: Sequence[GroupScores],
+              shape: ArchSpec) -> StateDict:
+    """The seed's weights cut to `shape`, keeping in every group the channels with the largest importance
+    (what the knapsack valued), so a fine-tune starts from the channels it chose."""
+    spec, sd = seed, dict(state)
+    for s, width in zip(scores, widths_of(shape, [s.group for s in scores])):
+        if width != s.group.channels:
+            spec, sd = shrink(spec, sd, s.group.name, width, s.group.step, torch.from_numpy(s.importance))
+    return sd
