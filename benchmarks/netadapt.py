@@ -23,9 +23,11 @@ resumes and seeds can train in parallel processes):
    starting from the same trained seed.
 4. scratch: each latency-guided final architecture trained from scratch like a width multiplier: is it
    the shape, or the inherited weights?
-5. knapsack: HALP-style shapes (benchmarks/knapsack.py: Taylor importance on the first search seed's trained
-   seed, a knapsack over the latency table's price of every group width) at the same shares, trained from
-   scratch like the widths: does one global ranking find shapes as good as NetAdapt's proposals?
+5. knapsack: the library's `--method knapsack` (HALP-style, prune/knapsack.py: Taylor importance on the first
+   search seed's trained seed, a knapsack over the latency table's price of every group width, the shape timed
+   beside the seed until the measurement meets the budget) at the same shares, trained from scratch like the
+   widths: does one global ranking find shapes as good as NetAdapt's proposals? (`knapsack-table`: networks
+   of an earlier version that trusted the table alone, reported when the work folder holds them.)
 
 `--parts report` builds every final network of every seed and times them interleaved in this one
 process, recording wall-clock and the inference thread's CPU time (`--clock`, default cpu: on a loaded
@@ -59,7 +61,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mnv3_search import build_model, load_spec, proposal_groups, spec_to_yaml  # noqa: E402
 from mnv3_search.data import Dataset, load_dataset  # noqa: E402
 from mnv3_search.errors import UserError  # noqa: E402
-from mnv3_search.latency.table import LatencyTable  # noqa: E402
 from mnv3_search.latency.measure import InterleavedPolicy, make_backend, measure_interleaved, torch_threads  # noqa: E402
 from mnv3_search.model.counts import spec_macs, spec_params  # noqa: E402
 from mnv3_search.model.weights import read_checkpoint, save_state  # noqa: E402
@@ -71,10 +72,11 @@ from mnv3_search.train import evaluate, steps_per_epoch, train, train_epochs  # 
 
 OUT = Path("results/benchmarks")
 PLOT = Path("docs/netadapt-vs-width.png")
-METHODS = ("netadapt", "macs", "scratch", "macs-scratch", "knapsack")
+METHODS = ("netadapt", "macs", "scratch", "macs-scratch", "knapsack", "knapsack-table")
 LABELS = {"netadapt": "NetAdapt (latency table), fine-tuned", "macs": "NetAdapt guided by MACs, fine-tuned",
           "scratch": "NetAdapt (latency table), shape retrained", "macs-scratch": "guided by MACs, shape retrained",
-          "knapsack": "HALP-style knapsack (Taylor x latency table), shape retrained", "width": "width multiplier"}
+          "knapsack": "--method knapsack (Taylor x latency table, timed), shape retrained",
+          "knapsack-table": "knapsack by the table alone (earlier run), shape retrained", "width": "width multiplier"}
 
 
 def parse() -> argparse.Namespace:
@@ -158,9 +160,17 @@ def check_settings(args: argparse.Namespace) -> None:
     mine = settings(args)
     if path.exists():
         theirs = json.loads(path.read_text())
-        diffs = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        # budgets above the chain's smallest are earlier iterations of the same chains, and every width is trained
+        # on its own: both may be added to a work folder (the chains' budget, min(budgets), may not change)
+        extendable = {"budgets": lambda a, b: min(a) == min(b), "widths": lambda a, b: True}
+        diffs = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v
+                 and not (k in extendable and theirs.get(k) and extendable[k](theirs[k], v))]
         if diffs:
             raise SystemExit(f"{args.work} holds a benchmark with other settings ({'; '.join(diffs)}); use --tag")
+        merged = {**theirs, **{k: sorted(set(theirs[k]) | set(mine[k]), reverse=k == "budgets")
+                               for k in extendable}}
+        if merged != theirs:
+            path.write_text(json.dumps(merged, indent=1) + "\n")
     else:
         path.write_text(json.dumps(mine, indent=1) + "\n")
 
@@ -232,7 +242,8 @@ def on_event(seed: int, guide: str):
             log(f"seed {seed} {guide} iteration {info['iteration']}: {info['proposal']} -> resource "
                 f"{info['resource']:.4g}, holdout {100 * info['holdout_accuracy']:.2f} %, {info['proposals']} "
                 f"proposals ({info['pruned']} pruned), {info['wall_seconds']:.0f} s")
-        elif kind in ("seed_training", "confirm", "disagreement", "calibrating", "resume", "already_finished"):
+        elif kind in ("seed_training", "confirm", "disagreement", "calibrating", "resume", "already_finished",
+                      "knapsack"):
             log(f"seed {seed} {guide} {kind} {info}")
     return emit
 
@@ -386,35 +397,27 @@ def scratch(args: argparse.Namespace, seed: int, guide: str = "netadapt") -> Non
 
 
 def knapsack_shapes(args: argparse.Namespace) -> dict[float, ArchSpec]:
-    """One HALP-style shape per budget from the first search seed's trained seed network (benchmarks/
-    knapsack.py), cached as YAML so every seed retrains the same shapes."""
-    from benchmarks.knapsack import group_table, knapsack_shape, taylor_importance
-
+    """One shape per budget from the library's `--method knapsack` (prune/knapsack.py: Taylor importance on the
+    first search seed's trained seed, a knapsack over the latency table, the shape timed beside the seed and
+    corrected until the measurement meets the budget), run without a final training: every seed retrains the
+    shapes from scratch like the widths. Each budget's run folder is kept, so a rerun reuses its shape."""
     search = args.search_seeds[0]
-    folder = seed_dir(args, search) / "knapsack"
-    paths = {share: folder / f"{share:g}.yaml" for share in args.budgets}
-    if all(p.exists() for p in paths.values()):
-        return {share: load_spec(p) for share, p in paths.items()}
     weights = seed_dir(args, search) / "netadapt" / "seed.pt"
     if not weights.exists():
         raise SystemExit(f"{weights} is missing: run --parts latency for seed {search} first")
-    spec, state = read_checkpoint(weights)
-    ds = dataset(args, search)
-    groups = group_table(spec)
-    t0 = time.perf_counter()
-    scores = taylor_importance(spec, state, ds, groups)
-    log(f"knapsack: Taylor importance of {sum(g.channels for g in groups)} channels in {len(groups)} groups "
-        f"({time.perf_counter() - t0:.0f} s)")
-    table = LatencyTable.open(OUT / "netadapt-lut.json", make_backend("onnxruntime", 1))
-    seed_ms = table.raw_ms(spec)
-    folder.mkdir(parents=True, exist_ok=True)
     shapes = {}
     for share in sorted(args.budgets, reverse=True):
-        log(f"knapsack {share:g} %: seed {seed_ms:.3f} ms (table)")
-        shape, predicted = knapsack_shape(spec, scores, table, share / 100 * seed_ms, log=log)
-        paths[share].write_text(spec_to_yaml(shape))
-        log(f"knapsack {share:g} %: {shape_change(shape, spec)}")
-        shapes[share] = shape
+        folder = seed_dir(args, search) / f"knapsack-{share:g}"
+        if not (folder / "final.yaml").exists():
+            t0 = time.perf_counter()
+            config = run_config(args, search, f"{share:g}%", lut=str(OUT / "netadapt-lut.json"), weights=str(weights),
+                                method="knapsack", final="fine-tune")
+            result = run_netadapt(config, out=str(folder), on_event=on_event(search, f"knapsack {share:g} %"))
+            log(f"knapsack {share:g} %: measured {result.measured_latency_ms:.3f} ms vs seed "
+                f"{result.seed_measured_latency_ms:.3f} ms after {result.iterations} rounds "
+                f"({time.perf_counter() - t0:.0f} s)")
+        shapes[share] = load_spec(folder / "final.yaml")
+        log(f"knapsack {share:g} %: {shape_change(shapes[share], seed_spec(shapes[share].num_classes))}")
     return shapes
 
 
@@ -671,7 +674,8 @@ def goal(summary: pd.DataFrame, args: argparse.Namespace) -> None:
     """The issue's goal per budget: >= +1 point at equal latency or >= 1.3x faster at equal accuracy, and
     ahead of the MACs-guided network; for the fine-tuned networks and for the retrained shapes."""
     print("\ngoal (>= +1 point or >= 1.3x, and ahead of MACs-guided):")
-    for mine, theirs in (("netadapt", "macs"), ("scratch", "macs-scratch"), ("knapsack", "macs-scratch")):
+    for mine, theirs in (("netadapt", "macs"), ("scratch", "macs-scratch"), ("knapsack", "macs-scratch"),
+                         ("knapsack-table", "macs-scratch")):
         for budget in args.budgets:
             na = summary[(summary["method"] == mine) & (summary["budget_pct"] == budget)]
             mc = summary[(summary["method"] == theirs) & (summary["budget_pct"] == budget)]
@@ -702,7 +706,8 @@ def plot(frame: pd.DataFrame, seed_ms: float, args: argparse.Namespace) -> None:
         ax.annotate(f"{width:g}", (r["lat"], r["acc"]), textcoords="offset points", xytext=(4, -12), fontsize=8,
                     color="0.35")
     styles = {"netadapt": ("tab:red", "s"), "macs": ("tab:blue", "^"), "scratch": ("tab:green", "D"),
-              "macs-scratch": ("tab:purple", "v"), "knapsack": ("tab:orange", "P")}
+              "macs-scratch": ("tab:purple", "v"), "knapsack": ("tab:orange", "P"),
+              "knapsack-table": ("tab:brown", "X")}
     for method, (color, marker) in styles.items():
         g = frame[frame["method"] == method].groupby("budget").agg(
             lat=("latency_ms", "mean"), lat_std=("latency_ms", "std"), acc=("test_accuracy_pct", "mean"),
