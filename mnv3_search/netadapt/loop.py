@@ -638,6 +638,8 @@ class NetAdapt:
             seed_value, target, nothing = self._check_budget()
             if nothing:
                 return self._nothing_to_do(seed_value, target)
+        # the study exists before the seed trains, so a worker started with the run finds it (knapsack: none)
+        study = self._open_study() if config.method == "netadapt" else None
         self.emit("seed", value=seed_value, target=target, unit="ms" if self.budget.resource == LATENCY
                   else self.budget.resource)
         _, (seed_accuracy, seed_loss) = self._seed_network()
@@ -649,10 +651,10 @@ class NetAdapt:
                 holdout_accuracy=seed_accuracy, holdout_loss=seed_loss, tie_tolerance=self.tolerance(seed_accuracy),
                 wall_seconds=0.0)]
             self.run.write_iterations(rows)
-        if config.method == "knapsack":
+        if study is None:
             spec, state, last = self._knapsack(rows, target)
         else:
-            spec, state = self._netadapt(self._open_study(), rows, seed_value, target)
+            spec, state = self._netadapt(study, rows, seed_value, target)
             last = rows[-1]
         result = RunResult(self.run.path, False, seed_value, target, final_spec=spec,
                            final_resource=self.resource(spec), iterations=rows[-1].iteration,
