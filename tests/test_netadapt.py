@@ -239,7 +239,12 @@ def test_latency_budget_is_confirmed_by_measurement(tmp_path: Path) -> None:
     assert pd.notna(iterations["measured_latency_ms"].iloc[-1])
     # the verdict came from a measurement of the network beside the seed, and says whether the host disturbed it
     assert str(iterations["latency_reliable"].iloc[-1]) in ("True", "False")
-    assert iterations["latency_reliable"].iloc[:-1].isna().all()
+    # earlier rows are timed only when their prediction met the budget and the measurement disagreed (the loop
+    # went on, as a loaded host sometimes makes it): every such row was predicted within the budget
+    earlier = iterations.iloc[:-1]
+    timed = earlier[earlier["measured_latency_ms"].notna()]
+    assert (timed["predicted_latency_ms"] <= 0.96 * predicted[0]).all()
+    assert earlier.loc[earlier["measured_latency_ms"].isna(), "latency_reliable"].isna().all()
     assert Path(json.loads((out / "run.json").read_text())["latency_table"]["path"]).exists()  # the machine's table
 
 
