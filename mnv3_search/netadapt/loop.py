@@ -41,7 +41,7 @@ from ..prune.groups import ProposalGroup, find_group, proposal_groups
 from ..spec.spaces import resolve_spec_path
 from ..spec.arch import ArchSpec
 from ..spec.yaml_io import dump_spec, load_spec, spec_to_yaml
-from ..prune.knapsack import TAYLOR_BATCHES, knapsack_shape, shrink_to, taylor_importance, width_options
+from ..prune.knapsack import TAYLOR_BATCHES, KnapsackProblem, shrink_to, taylor_importance, width_options
 from ..prune.surgery import child_spec
 from ..train import evaluate, to_memory_format, train_epochs
 from ..model.weights import read_state_dict, transfer_state_dict
@@ -718,6 +718,7 @@ class NetAdapt:
         scores = taylor_importance(self.seed_spec, seed_state, self.dataset, groups, batch_size=config.batch_size,
                                    seed=config.seed)
         self._prefetch([child_spec(self.seed_spec, g, k, config.step) for g in groups for k in width_options(g)])
+        problem = KnapsackProblem.build(self.seed_spec, scores, self.resource)  # priced once for every round
         goal: float = target
         best: Optional[tuple[float, int, IterationRecord]] = None
         reached_by_shape: dict[str, float] = {}  # every timed shape's measured equivalent
@@ -728,7 +729,7 @@ class NetAdapt:
                 break
             started = time.perf_counter()
             try:
-                shape, predicted = knapsack_shape(self.seed_spec, scores, self.resource, goal)
+                shape, predicted = problem.shape_for(goal)
             except ValueError:
                 raise BudgetUnreachable(f"budget {config.budget} cannot be reached: every group at its smallest "
                                         f"width is over it") from None
@@ -801,15 +802,25 @@ class NetAdapt:
         return accuracy
 
 
+def _bracket(timed: list[tuple[float, float]], target: float
+             ) -> Optional[tuple[tuple[float, float], tuple[float, float]]]:
+    """Of the (goal, measured equivalent) rounds, the one measured closest under the target and the one
+    closest over it; None without both."""
+    under = [t for t in timed if t[1] <= target]
+    over = [t for t in timed if t[1] > target]
+    if not (under and over):
+        return None
+    return max(under, key=lambda t: t[1]), min(over, key=lambda t: t[1])
+
+
 def next_goal(timed: list[tuple[float, float]], target: float) -> float:
     """The knapsack's next table goal from the rounds timed so far, (goal, measured equivalent) each: between
     the closest round under the target and the closest over it, the goal where the straight line through them
     reaches the target (the table's error changes with the shape, so one ratio does not carry over); without
     both, the last goal scaled by target / measured."""
-    under = [t for t in timed if t[1] <= target]
-    over = [t for t in timed if t[1] > target]
-    if under and over:
-        (g0, m0), (g1, m1) = max(under, key=lambda t: t[1]), min(over, key=lambda t: t[1])
+    bracket = _bracket(timed, target)
+    if bracket is not None:
+        (g0, m0), (g1, m1) = bracket
         if m1 > m0 and g1 != g0:
             return g0 + (target - m0) * (g1 - g0) / (m1 - m0)
     goal, reached = timed[-1]
@@ -819,11 +830,8 @@ def next_goal(timed: list[tuple[float, float]], target: float) -> float:
 def bisect_goal(timed: list[tuple[float, float]], target: float) -> Optional[float]:
     """Halfway between the goals of the closest round under the target and the closest over it (when the
     interpolated goal gives a shape already timed); None without both."""
-    under = [t for t in timed if t[1] <= target]
-    over = [t for t in timed if t[1] > target]
-    if not (under and over):
-        return None
-    return (max(under, key=lambda t: t[1])[0] + min(over, key=lambda t: t[1])[0]) / 2
+    bracket = _bracket(timed, target)
+    return None if bracket is None else (bracket[0][0] + bracket[1][0]) / 2
 
 
 def run_netadapt(config: RunConfig, **kwargs: Any) -> RunResult:

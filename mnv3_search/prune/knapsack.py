@@ -141,51 +141,79 @@ def _combine(seed: ArchSpec, scores: Sequence[GroupScores], widths: Sequence[int
     return spec
 
 
-def knapsack_shape(seed: ArchSpec, scores: Sequence[GroupScores], price: Callable[[ArchSpec], float],
-                   target: float, rounds: int = 24, bins: int = 2000, max_options: int = MAX_OPTIONS
-                   ) -> tuple[ArchSpec, float]:
-    """The shape keeping the most importance whose exact `price` meets `target`: one width per group from a
-    knapsack over prices linearised at the seed, its capacity moved until the combined shape's exact price
-    meets the target within 0.5 % of the seed's. Cuts interact (a narrower block output also narrows the next
-    block's input), so the linearised capacity is only a start: each round steps it by the exact miss (at least
-    one knapsack unit, so the choice changes), bisecting once a step leaves the bracket of capacities known to
-    meet / miss the target. Returns the shape and its price; raises ValueError when even the cheapest shape
-    (every group at its smallest width) misses the target."""
-    seed_price = price(seed)
-    options = [width_options(s.group, max_options) for s in scores]
-    cheapest = _combine(seed, scores, [widths[-1] for widths in options])
-    if price(cheapest) > target:
-        raise ValueError(f"no shape meets {target:g}: every group at its smallest width is {price(cheapest):g}")
-    deltas = [np.array([price(child_spec(seed, s.group.name, k, s.group.step)) - seed_price
-                        if k != s.group.channels else 0.0 for k in widths]) for s, widths in zip(scores, options)]
-    values = [np.array([s.kept_importance(k) for k in widths]) for s, widths in zip(scores, options)]
-    kept_cost = [d - d.min() for d in deltas]  # "price kept" per group above its cheapest width, >= 0
-    top = float(sum(c.max() for c in kept_cost))  # every group at full width
-    floor = seed_price - top  # the linearised price of the cheapest shape
-    capacity = min(max(target - floor, 0.0), top)
-    unit = max(top, 1e-12) / bins
-    feasible, infeasible = 0.0, top + unit  # capacity 0 is every group at its cheapest width: it meets the target
-    best: tuple[ArchSpec, float] = (cheapest, price(cheapest))
-    for _ in range(rounds):
-        picks = solve_multiple_choice(kept_cost, values, capacity, bins=max(1, round(capacity / unit)))
-        spec = _combine(seed, scores, [widths[p] for widths, p in zip(options, picks)])
-        exact = price(spec)
-        used = float(sum(c[p] for c, p in zip(kept_cost, picks)))  # the choice's linearised cost (<= capacity)
-        if exact <= target:
-            feasible = max(feasible, capacity)
-            if exact > best[1]:
-                best = (spec, exact)
-            if target - exact < 0.005 * seed_price:
+@dataclass(frozen=True)
+class KnapsackProblem:
+    """Everything about the seed's widths that does not depend on the target, priced once: each group's width
+    options (full width first), their linearised price above the group's cheapest width and their kept
+    importance, and the cheapest shape. A search that tries several targets (the loop's timed rounds) builds it
+    once instead of pricing the same options every round (Small at 224 px: ~180 table predictions, 0.2 s)."""
+
+    seed: ArchSpec
+    scores: tuple[GroupScores, ...]
+    price: Callable[[ArchSpec], float]
+    seed_price: float
+    options: tuple[list[int], ...]
+    kept_cost: tuple[np.ndarray, ...]  # price kept per option above the group's cheapest width, >= 0
+    values: tuple[np.ndarray, ...]
+    cheapest: ArchSpec  # every group at its smallest width
+    cheapest_price: float
+
+    @classmethod
+    def build(cls, seed: ArchSpec, scores: Sequence[GroupScores], price: Callable[[ArchSpec], float],
+              max_options: int = MAX_OPTIONS) -> "KnapsackProblem":
+        seed_price = price(seed)
+        options = tuple(width_options(s.group, max_options) for s in scores)
+        deltas = [np.array([price(child_spec(seed, s.group.name, k, s.group.step)) - seed_price
+                            if k != s.group.channels else 0.0 for k in widths]) for s, widths in zip(scores, options)]
+        values = tuple(np.array([s.kept_importance(k) for k in widths]) for s, widths in zip(scores, options))
+        cheapest = _combine(seed, scores, [widths[-1] for widths in options])
+        return cls(seed, tuple(scores), price, seed_price, options, tuple(d - d.min() for d in deltas), values,
+                   cheapest, price(cheapest))
+
+    def shape_for(self, target: float, rounds: int = 24, bins: int = 2000) -> tuple[ArchSpec, float]:
+        """The shape keeping the most importance whose exact price meets `target`: one width per group from a
+        knapsack over the linearised prices, its capacity moved until the combined shape's exact price meets
+        the target within 0.5 % of the seed's. Cuts interact (a narrower block output also narrows the next
+        block's input), so the linearised capacity is only a start: each round steps it by the exact miss (at
+        least one knapsack unit, so the choice changes), bisecting once a step leaves the bracket of capacities
+        known to meet / miss the target. Returns the shape and its price; raises ValueError when even the
+        cheapest shape (every group at its smallest width) misses the target."""
+        if self.cheapest_price > target:
+            raise ValueError(f"no shape meets {target:g}: every group at its smallest width is "
+                             f"{self.cheapest_price:g}")
+        kept_cost = self.kept_cost
+        top = float(sum(c.max() for c in kept_cost))  # every group at full width
+        floor = self.seed_price - top  # the linearised price of the cheapest shape
+        capacity = min(max(target - floor, 0.0), top)
+        unit = max(top, 1e-12) / bins
+        feasible, infeasible = 0.0, top + unit  # capacity 0 is every group at its cheapest width: it meets the target
+        best: tuple[ArchSpec, float] = (self.cheapest, self.cheapest_price)
+        for _ in range(rounds):
+            picks = solve_multiple_choice(kept_cost, self.values, capacity, bins=max(1, round(capacity / unit)))
+            spec = _combine(self.seed, self.scores, [widths[p] for widths, p in zip(self.options, picks)])
+            exact = self.price(spec)
+            used = float(sum(c[p] for c, p in zip(kept_cost, picks)))  # the choice's linearised cost (<= capacity)
+            if exact <= target:
+                feasible = max(feasible, capacity)
+                if exact > best[1]:
+                    best = (spec, exact)
+                if target - exact < 0.005 * self.seed_price:
+                    break
+                capacity = max(capacity, used) + max(target - exact, unit)
+            else:
+                infeasible = min(infeasible, used)  # any capacity >= used may choose this shape again
+                capacity = used - max(exact - target, unit)
+            if not feasible < capacity < infeasible:  # the step left the bracket: bisect
+                capacity = (feasible + infeasible) / 2
+            if infeasible - feasible < unit:
                 break
-            capacity = max(capacity, used) + max(target - exact, unit)
-        else:
-            infeasible = min(infeasible, used)  # any capacity >= used may choose this shape again
-            capacity = used - max(exact - target, unit)
-        if not feasible < capacity < infeasible:  # the step left the bracket: bisect
-            capacity = (feasible + infeasible) / 2
-        if infeasible - feasible < unit:
-            break
-    return best
+        return best
+
+
+def knapsack_shape(seed: ArchSpec, scores: Sequence[GroupScores], price: Callable[[ArchSpec], float],
+                   target: float, max_options: int = MAX_OPTIONS) -> tuple[ArchSpec, float]:
+    """One target's shape and price (`KnapsackProblem.shape_for`); build the problem once to try several."""
+    return KnapsackProblem.build(seed, scores, price, max_options).shape_for(target)
 
 
 def widths_of(spec: ArchSpec, groups: Sequence[ProposalGroup]) -> list[int]:
