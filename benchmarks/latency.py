@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mnv3_search.fileio import atomic_write_text  # noqa: E402
 from mnv3_search.latency.measure import InterleavedPolicy, make_backend, measure_interleaved  # noqa: E402
-from mnv3_search.latency.table import (LatencyTable, build_table, check_table, check_variants,  # noqa: E402
+from mnv3_search.latency.table import (LatencyTable, build_table, check_table, check_variants, heldout_text,  # noqa: E402
                                       summarize_errors)
 from mnv3_search.model.build import build_model  # noqa: E402
 from mnv3_search.fileio import write_csv  # noqa: E402
@@ -189,8 +189,7 @@ def under_load(out: Path, variants: int, resolution, companions: int, models: li
                 t0 = time.perf_counter()
                 cal = table.calibrate(spec, companions=companions)
                 print(f"(d) {model} {spec.resolution} px: calibrated on {cal.networks} networks ({cal.model}; held-out "
-                      f"seed-relative error two-term {cal.heldout_two_term_pct or float('nan'):.2f}% vs raw sum "
-                      f"{cal.heldout_plain_pct or float('nan'):.2f}%), {time.perf_counter() - t0:.0f} s", flush=True)
+                      f"seed-relative error {heldout_text(cal)}), {time.perf_counter() - t0:.0f} s", flush=True)
             for condition in ("quiet", "loaded"):
                 competitor = None
                 if condition == "loaded":

@@ -14,9 +14,12 @@ from click.testing import CliRunner
 from mnv3_search import UserError, build_model
 from mnv3_search.cli import cli
 from mnv3_search.latency.measure import InterleavedPolicy, OnnxRuntimeBackend
-from mnv3_search.latency.table import (BlockKey, Entry, LatencyTable, build_table, check_table, check_variants,
-                                      choose_calibration, fit_calibration, netadapt_keys, read_table_file,
-                                      relative_to_reference, spec_keys, summarize_errors, variant_specs)
+from mnv3_search.latency.measure import Measurement
+from mnv3_search.latency.table import (ANCHORS, UNIFORM_COMPANIONS, BlockKey, Entry, LatencyTable, anchor_level,
+                                      build_table, calibration_companions, check_table, check_variants,
+                                      choose_calibration, fit_calibration, fit_model, netadapt_keys,
+                                      read_table_file, relative_to_reference, spec_keys, summarize_errors,
+                                      variant_specs)
 from mnv3_search.model.build import count_params
 from mnv3_search.model.counts import spec_params
 from mnv3_search.prune.surgery import child_spec
@@ -231,10 +234,11 @@ def test_each_entry_is_measured_once(tiny, tmp_path):
     assert len(backend.opened) == unique and table.measured == unique
     child = child_spec(tiny, "exp2", 64)  # bneck 2 exp 72 -> 64: exactly one new entry
     table.predict(child)
-    assert len(backend.opened) == unique + 1
+    assert len(backend.opened) == unique + 1 + ANCHORS  # timed beside anchors: entries the table already holds
+    assert table.measured == unique + 1
     reopened = LatencyTable.open(tmp_path / "t.json", backend, 1, FAST)  # cached on disk too
     assert reopened.ensure(keys + [key for _, key in spec_keys(child)]) == 0
-    assert len(backend.opened) == unique + 1
+    assert len(backend.opened) == unique + 1 + ANCHORS
 
 
 def test_calibration_reproduces_the_seed(built, tiny):
@@ -272,7 +276,8 @@ def test_calibration_with_companions_is_applied_to_predictions(table_file, tiny)
     cal = table.calibrate(tiny, companions=3)
     assert cal.networks == 4 and cal.params == count_params(build_model(tiny))
     p = table.predict(tiny, measure_missing=False)
-    assert p.calibrated_ms == pytest.approx(cal.a * p.raw_ms + cal.b_ms_per_mparam * p.params / 1e6, rel=1e-12)
+    assert p.calibrated_ms == pytest.approx(cal.a * p.raw_ms + cal.b_ms_per_mparam * p.params / 1e6 + cal.c_ms,
+                                            rel=1e-12)
     assert p.factor == pytest.approx(cal.factor, rel=1e-12)
     assert LatencyTable.load(table_file).calibrations[tiny.name] == cal  # saved and read back exactly
 
@@ -282,41 +287,129 @@ def test_two_term_calibration_is_kept_only_when_it_predicts_held_out_networks_be
     truth = [(raw, params, a * raw + b * params / 1e6) for raw, params in
              [(5.0, 5_400_000), (3.0, 2_000_000), (4.0, 4_500_000), (2.5, 3_000_000), (3.5, 1_000_000)]]
     got = choose_calibration(truth)
-    assert got[:3] == (pytest.approx(a, rel=1e-9), pytest.approx(b, rel=1e-9), "two-term")
-    assert got[3] == pytest.approx(0.0, abs=1e-9) and got[4] > 1.0  # held out: exact vs the raw sum's error
+    assert (got.model, got.a, got.b_ms_per_mparam, got.c_ms) == ("two-term", pytest.approx(a, rel=1e-9),
+                                                                 pytest.approx(b, rel=1e-9), 0.0)
+    assert got.heldout_pct is not None and set(got.heldout_pct) == {"plain", "two-term", "overhead", "three-term"}
+    # held out: exact (three-term too, its c fitted to 0: the simpler model wins the tie) vs the raw sum's error
+    assert got.heldout_pct["two-term"] == pytest.approx(0.0, abs=1e-9) and got.heldout_pct["plain"] > 1.0
     # whole = 1.3 x blocks exactly, params irrelevant, but one companion measured 3 % slow: the fit bends
     # its b to that outlier and predicts the others worse than the plain factor does
     plain = [(5.0, 5_400_000, 6.5), (3.0, 2_000_000, 3.9), (4.0, 4_500_000, 5.2 * 1.03), (2.5, 3_000_000, 3.25),
              (3.5, 1_000_000, 4.55)]
     fitted = fit_calibration(plain)
     assert fitted[1] > 0  # the fit alone would have kept a memory term
-    a_p, b_p, model, two_term_pct, plain_pct = choose_calibration(plain)
-    assert (a_p, b_p, model) == (pytest.approx(1.3), 0.0, "plain") and two_term_pct > plain_pct
-    assert choose_calibration(plain[:3])[2] == "two-term"  # 3 points: nothing held out, the fit decides
-    assert choose_calibration(plain[:2])[:3] == (pytest.approx(1.3), 0.0, "plain")
+    chosen = choose_calibration(plain)
+    assert (chosen.model, chosen.a, chosen.b_ms_per_mparam, chosen.c_ms) == ("plain", pytest.approx(1.3), 0.0, 0.0)
+    assert chosen.heldout_pct is not None and chosen.heldout_pct["two-term"] > chosen.heldout_pct["plain"]
+    assert choose_calibration(plain[:3]).model == "two-term"  # 3 points: nothing held out, the fit decides
+    assert (choose_calibration(plain[:2]).model, choose_calibration(plain[:2]).a) == ("plain", pytest.approx(1.3))
+
+
+def test_per_call_term_is_fitted_and_kept_when_the_sum_counts_a_call_per_block():
+    """whole = 1.2 x blocks - 0.3 ms: each of 14 blocks was timed as its own call, the network is one call. The
+    overhead model recovers it exactly; the raw sum over-predicts the small networks' share."""
+    truth = [(raw, params, 1.2 * raw - 0.3) for raw, params in
+             [(3.0, 1_500_000), (1.3, 400_000), (0.9, 100_000), (2.1, 800_000), (2.4, 1_200_000), (1.8, 700_000)]]
+    got = choose_calibration(truth)
+    assert (got.model, got.a, got.c_ms) == ("overhead", pytest.approx(1.2, rel=1e-9), pytest.approx(-0.3, rel=1e-9))
+    assert got.b_ms_per_mparam == 0.0
+    assert got.heldout_pct is not None and got.heldout_pct["overhead"] == pytest.approx(0.0, abs=1e-9)
+    # raw share of the 0.9 ms network: 30 %; measured (0.78 / 3.3): 23.6 %, i.e. +27 % off; the fit predicts it
+    assert got.heldout_pct["plain"] > 5.0
+    three = [(raw, params, 1.1 * raw + 0.2 * params / 1e6 - 0.25) for raw, params, _ in truth]
+    got3 = choose_calibration(three)
+    assert (got3.model, got3.a, got3.b_ms_per_mparam, got3.c_ms) == (
+        "three-term", pytest.approx(1.1, rel=1e-9), pytest.approx(0.2, rel=1e-9), pytest.approx(-0.25, rel=1e-9))
+    # an intercept that would make a network of the fit cost less than a tenth of its sum is not physical
+    assert fit_model([(3.0, 0, 3.0), (2.0, 0, 1.0), (1.0, 0, 0.01)], "overhead") == (1.0, 0.0, 0.0)
+    assert fit_model(truth[:2], "overhead") == (pytest.approx(1.1), 0.0, 0.0)  # 2 points: no fit
 
 
 def test_calibration_records_its_model_and_reads_old_tables(table_file, tiny):
     table = LatencyTable.open(table_file, OnnxRuntimeBackend(), 1, FAST)
     cal = table.calibrate(tiny, companions=4)
-    assert cal.networks == 5 and cal.model in ("two-term", "plain")
-    assert cal.heldout_two_term_pct is not None and cal.heldout_plain_pct is not None
+    assert cal.networks == 5 and cal.model in ("plain", "two-term", "overhead", "three-term")
+    assert cal.heldout_pct is not None and set(cal.heldout_pct) == {"plain", "two-term", "overhead", "three-term"}
     if cal.model == "plain":
-        assert cal.b_ms_per_mparam == 0.0 and cal.a == pytest.approx(cal.measured_ms / cal.raw_ms)
-    else:
-        assert cal.heldout_two_term_pct < cal.heldout_plain_pct
+        assert (cal.b_ms_per_mparam, cal.c_ms) == (0.0, 0.0) and cal.a == pytest.approx(cal.measured_ms / cal.raw_ms)
+    else:  # a fitted model is kept only when it predicts held-out networks better than the plain factor
+        assert cal.heldout_pct[cal.model] < cal.heldout_pct["plain"]
     data = json.loads(table_file.read_text())
     assert data["calibrations"][tiny.name]["model"] == cal.model
-    for name in ("model", "heldout_two_term_pct", "heldout_plain_pct"):  # a table written before the choice
-        del data["calibrations"][tiny.name][name]
-    data["calibrations"][tiny.name]["b_ms_per_mparam"] = 0.5
+    assert LatencyTable.load(table_file).calibrations[tiny.name] == cal
+    written = data["calibrations"][tiny.name]
+    written.update(model="overhead", c_ms=-0.2)  # the per-call term takes time back: negative is valid
+    table_file.write_text(json.dumps(data))
+    assert LatencyTable.load(table_file).calibrations[tiny.name].c_ms == -0.2
+    for name in ("model", "heldout_pct", "c_ms"):  # a table written before the choice
+        del written[name]
+    written.update(b_ms_per_mparam=0.5, heldout_two_term_pct=2.5, heldout_plain_pct=3.5)
     table_file.write_text(json.dumps(data))
     old = LatencyTable.load(table_file).calibrations[tiny.name]
-    assert (old.model, old.heldout_plain_pct) == ("two-term", None)
+    assert (old.model, old.c_ms, old.heldout_pct) == ("two-term", 0.0, {"two-term": 2.5, "plain": 3.5})
     data["calibrations"][tiny.name]["model"] = "cubic"
     table_file.write_text(json.dumps(data))
     with pytest.raises(UserError, match="calibration 'mobilenet_v3_small' is malformed \\(model is 'cubic'"):
         LatencyTable.load(table_file)
+
+
+def test_calibration_companions_reach_small_networks(small):
+    """The first companions shrink every group alike (a fit that never saw a small network cannot say what the
+    per-call term costs it); the rest are the random variants, as before."""
+    seed = small.scaled()
+    companions = calibration_companions(seed, 5)
+    assert len(companions) == 5 and UNIFORM_COMPANIONS == (0.5, 0.25)
+    half, quarter = companions[0].blocks, companions[1].blocks
+    # Small's expansions 16 / 72 / 88 / 96 -> the allowed width nearest half (ties: the smaller) and a quarter
+    assert [b.exp for b in half][:4] == [8, 32, 40, 48] and [b.exp for b in quarter][:4] == [8, 16, 24, 24]
+    assert spec_params(companions[1]) < spec_params(companions[0]) < 0.5 * spec_params(seed)
+    assert companions[2:] == variant_specs(seed, 3, seed=-1)
+    assert calibration_companions(seed, 1) == companions[:1]
+
+
+def test_anchor_level_is_the_median_ratio_of_anchors_now_to_stored():
+    def entry(ms: float) -> Entry:
+        return Entry(BASE, ms, ms, ms, ms, ms, 5)
+
+    def now(ms: float) -> Measurement:
+        return Measurement(median_ms=ms, p10_ms=ms, p90_ms=ms, repeats=5, p25_ms=ms, min_ms=ms)
+
+    stored = [entry(1.0), entry(2.0), entry(0.5)]
+    assert anchor_level(stored, [now(1.5), now(3.2), now(0.5)]) == pytest.approx(1.5)  # ratios 1.5, 1.6, 1.0
+    assert anchor_level(stored[:2], [now(1.5), now(3.2)]) == pytest.approx(1.55)
+    assert anchor_level([], []) == 1.0
+    scaled = Entry.from_measurement(BASE, now(3.0), level=1.5)
+    assert (scaled.latency_ms, scaled.min_ms, scaled.level) == (pytest.approx(2.0), pytest.approx(2.0), 1.5)
+
+
+def test_entries_timed_later_are_put_on_the_tables_level(tiny, tmp_path):
+    """A table whose entries were timed while the host ran four times as slow: entries measured now are scaled to
+    that level through the anchors timed beside them, so sums mixing both stay comparable. Without anchors
+    the re-timed entries would sit near a quarter of the stored ones (blocks at 32 px take microseconds, and a
+    chunk's size moves them too: the level lands between 0.2 and 0.45 here)."""
+    path = tmp_path / "t.json"
+    policy = InterleavedPolicy(passes=6, runs_per_pass=3)
+    LatencyTable.open(path, OnnxRuntimeBackend(), 1, policy).ensure(
+        key for spec in (tiny, *variant_specs(tiny, 2)) for _, key in spec_keys(spec))
+    data = json.loads(path.read_text())
+    for entry in data["entries"].values():
+        assert entry["level"] == 1.0  # one chunk: the table's own level
+        for name in ("latency_ms", "median_ms", "p10_ms", "p90_ms", "min_ms"):
+            entry[name] *= 4.0
+    path.write_text(json.dumps(data))
+    table = LatencyTable.open(path, OnnxRuntimeBackend(), 1, policy)
+    chosen = table.anchors()
+    assert len(chosen) == ANCHORS and chosen == table.anchors()  # deterministic
+    latencies = sorted(e.latency_ms for e in table.entries.values())
+    assert (chosen[0].latency_ms, chosen[-1].latency_ms) == (latencies[0], latencies[-1])  # spread over all
+    seed_ids = [key.id for _, key in spec_keys(tiny)]
+    before = {i: table.entries.pop(i).latency_ms for i in seed_ids[:4]}  # forget four blocks, time them again
+    assert table.ensure(key for _, key in spec_keys(tiny)) == 4
+    levels = {table.entries[i].level for i in before}
+    assert len(levels) == 1 and 0.1 < levels.pop() < 0.6  # the host is about 4x as fast as the table says
+    ratios = [table.entries[i].latency_ms / before[i] for i in before]
+    assert all(0.6 < r < 1.6 for r in ratios), ratios  # on the table's level, not near 0.25
+    assert LatencyTable.load(path).entries[seed_ids[0]] == table.entries[seed_ids[0]]  # saved with its level
 
 
 def test_calibration_for_another_spec_takes_the_nearest_resolution_then_size(tiny, large, table_file):

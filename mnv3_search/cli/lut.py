@@ -18,7 +18,8 @@ from .common import load_spec_argument, stdout_console
 from .options import (BATCH_HELP, CSV_HELP, LUT_HELP, SEED_HELP, THREADS_HELP, backend_option, resolution_option)
 from ..errors import UserError
 from ..latency.measure import InterleavedPolicy, make_backend
-from ..latency.table import LatencyTable, build_table, check_table, default_table_path, summarize_errors
+from ..latency.table import (LatencyTable, build_table, check_table, default_table_path, heldout_text,
+                             summarize_errors)
 from ..fileio import write_csv
 
 
@@ -110,7 +111,8 @@ def build(spec: str, table_path: Optional[str], table_alias: Optional[str], back
         f"{report.entries_needed} entries for {arch.name} at {arch.resolution} px: {report.entries_measured} "
         f"measured, {report.entries_needed - report.entries_measured} already in the table "
         f"({report.seconds:.1f} s). Calibration on {cal.networks} networks ({cal.model}): whole = {cal.a:.3f} x "
-        f"blocks sum + {cal.b_ms_per_mparam:.3f} ms per M params; seed: blocks sum {cal.raw_ms:.3f} ms, measured "
+        f"blocks sum + {cal.b_ms_per_mparam:.3f} ms per M params {cal.c_ms:+.3f} ms; seed: blocks sum "
+        f"{cal.raw_ms:.3f} ms, measured "
         f"{cal.measured_ms:.3f} ms (p25), predicted {cal.apply(cal.raw_ms, cal.params):.3f} ms. Table: {table.path}",
         highlight=False)
 
@@ -237,17 +239,19 @@ def show(table_arg: Optional[str], table_path: Optional[str], backend: str, thre
     console.print(f"[bold]{path}[/bold]\nbackend {h.backend} ({versions}), {h.threads} thread(s), batch {h.batch}\n"
                   f"device {device}\nprotocol {h.protocol}\n{len(table.entries)} entries", highlight=False)
     if table.calibrations:
-        cal = Table(title="calibrations: whole = a x blocks sum + b x params (p25)", box=box.SIMPLE_HEAD,
+        cal = Table(title="calibrations: whole = a x blocks sum + b x params + c (p25)", box=box.SIMPLE_HEAD,
                     header_style="bold")
         for name in ("seed", "resolution", "params", "blocks sum p25 ms", "measured p25 ms", "a", "b ms/Mparam",
-                     "networks", "seed factor", "model", "held-out ratio error two-term / plain"):
-            cal.add_column(name, justify="left" if name == "seed" else "right")
+                     "c ms", "networks", "seed factor", "model"):
+            cal.add_column(name, justify="left" if name == "seed" else "right", no_wrap=name == "seed")
         for c in table.calibrations.values():
             cal.add_row(c.spec_name, str(c.resolution), f"{c.params:,}", f"{c.raw_ms:.3f}", f"{c.measured_ms:.3f}",
-                        f"{c.a:.3f}", f"{c.b_ms_per_mparam:.3f}", str(c.networks), f"{c.factor:.3f}", c.model,
-                        "-" if c.heldout_plain_pct is None else
-                        f"{c.heldout_two_term_pct:.1f}% / {c.heldout_plain_pct:.1f}%")
+                        f"{c.a:.3f}", f"{c.b_ms_per_mparam:.3f}", f"{c.c_ms:+.3f}", str(c.networks), f"{c.factor:.3f}",
+                        c.model)
         console.print(cal)
+        for c in table.calibrations.values():
+            console.print(f"{c.spec_name}: held-out seed-relative error by model: {heldout_text(c)}",
+                          highlight=False)
     if limit and records:
         out = Table(title=f"entries ({min(limit, len(records))} of {len(records)}; latency = p25)",
                     box=box.SIMPLE_HEAD, header_style="bold")

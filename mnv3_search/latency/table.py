@@ -5,14 +5,19 @@ in/exp/out channels, kernel, stride, SE, nonlinearity and whether the expansion 
 a block timed in isolation; entries are timed in shuffled round-robin passes and store the 25th percentile,
 which survives the host's slow bursts (REFERENCE §4).
 
-The sum of entries under-predicts the whole network: a block timed alone keeps its weights in cache, the
-whole network streams all of them from memory every run. So `predict` reports the raw sum and a calibrated
-figure, `a * sum + b * params`, fitted on whole networks measured with the same protocol (p25): the seed and a
-few random variants of it, timed interleaved. With the seed alone, b = 0 and a = measured / sum (the plain
-factor of REFERENCE §4); here that factor missed Small's variants (it grows with the parameter count), the
-two-term fit did not. The fit earns its place only by predicting held-out companions relative to the seed
-better than the raw block sum (leave-one-out); otherwise the plain factor stays, and `Calibration.model` says
-which.
+The sum of entries is not the whole network's latency: a block timed alone keeps its weights in cache (the
+whole network streams all of them from memory every run), and each entry pays a call's fixed cost that the
+whole network pays once. So `predict` reports the raw sum and a calibrated figure, `a * sum + b * params + c`,
+fitted on whole networks measured with the same protocol (p25): the seed, two uniform shrinks of it (half and a
+quarter of its channels) and random variants, timed interleaved. Four models compete (`MODEL_TERMS`): plain
+(the seed's factor, b = c = 0), two-term (a, b), overhead (a, c) and three-term; each is fitted with one
+network held out at a time, and the one that predicts held-out networks relative to the seed best is kept
+(`Calibration.model`). With the seed alone, b = c = 0 and a = measured / sum (the plain factor of REFERENCE §4).
+On Small at 224 px the per-call surplus made the raw sum put width 0.1 at 31 % of the seed (measured 22 %) and
+a 35 % NetAdapt network at 37 % (measured 27 %), so the loop overshot its budget.
+
+Entries timed minutes apart sit on different levels of a shared host, so every chunk of new entries is timed
+beside `ANCHORS` entries already in the table and divided by their median ratio (`anchor_level`).
 
 Absolute levels drift on a shared host (tens of percent within a minute) while ratios of networks timed
 together hold, so `check_table` reports errors relative to the seed timed beside the variants as well as
@@ -37,6 +42,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 from torch import nn
 
 from ..model.counts import spec_params, unit_params
@@ -47,14 +53,15 @@ from .measure import (Backend, InterleavedPolicy, Measurement, Together, measure
 from ..model.build import build_model, build_unit
 from ..spec.arch import ArchSpec, BlockConfig, default_residual, se_width
 from ..spec.units import BneckUnit, ClassifierUnit, LastConvUnit, StemUnit, Unit, spec_units
-from ..prune.variants import random_variant, single_axis_variants
+from ..prune.variants import random_variant, single_axis_variants, uniform_variant
 
 SCHEMA = "mnv3-search/latency-table"
 SCHEMA_VERSION = 1
 KINDS = ("stem", "bneck", "last_conv", "classifier")
-MODELS = ("two-term", "plain")
 # Entries are timed in chunks: every session of a chunk is open at once and interleaved.
 CHUNK_ENTRIES = 160
+# Entries already in the table timed again with every chunk, to put the chunk on the table's level.
+ANCHORS = 8
 
 Progress = Callable[[float, float, str], None]  # (done, total, what)
 
@@ -147,6 +154,15 @@ class BlockKey:
         return (batch, self.in_channels, self.resolution, self.resolution)
 
 
+def anchor_level(anchors: Sequence["Entry"], now: Sequence[Measurement]) -> float:
+    """The host's level now relative to the table's: the median of anchors' p25 now / stored (1.0 without)."""
+    ratios = sorted(m.p25_ms / e.latency_ms for e, m in zip(anchors, now))
+    if not ratios:
+        return 1.0
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else 0.5 * (ratios[mid - 1] + ratios[mid])
+
+
 def spec_keys(spec: ArchSpec) -> list[tuple[str, BlockKey]]:
     """(label, key) of every unit of `spec`, in order: stem, bneck 1..n, last_conv, classifier.
 
@@ -178,21 +194,32 @@ class Entry:
     p90_ms: float
     min_ms: float
     runs: int
+    # the host's level when this entry was timed, relative to the table's (`anchor_level`); the figures above are
+    # already divided by it
+    level: float = 1.0
 
     def as_json(self) -> dict:
         return {"key": asdict(self.key), "latency_ms": self.latency_ms, "median_ms": self.median_ms,
-                "p10_ms": self.p10_ms, "p90_ms": self.p90_ms, "min_ms": self.min_ms, "runs": self.runs}
+                "p10_ms": self.p10_ms, "p90_ms": self.p90_ms, "min_ms": self.min_ms, "runs": self.runs,
+                "level": self.level}
 
     @staticmethod
-    def from_measurement(key: BlockKey, m: Measurement) -> "Entry":
-        return Entry(key, m.p25_ms, m.median_ms, m.p10_ms, m.p90_ms, m.min_ms, m.repeats)
+    def from_measurement(key: BlockKey, m: Measurement, level: float = 1.0) -> "Entry":
+        """The entry of a measurement taken while the host ran at `level` times the table's level."""
+        return Entry(key, m.p25_ms / level, m.median_ms / level, m.p10_ms / level, m.p90_ms / level,
+                     m.min_ms / level, m.repeats, level)
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """whole_ms = a * sum_of_entries_ms + b_ms_per_mparam * params / 1e6, fitted for one seed.
+    """whole_ms = a * sum_of_entries_ms + b_ms_per_mparam * params / 1e6 + c_ms, fitted for one seed.
 
     raw_ms / measured_ms / params are the seed's; `networks` is how many whole networks the fit used.
+    `b` is the memory term: a block timed alone keeps its weights in cache, the whole network streams them.
+    `c_ms` is the per-call term: every entry was timed as its own call, so the sum counts a call's fixed cost
+    once per block while the whole network pays it once (c_ms < 0 takes the surplus back). Networks of the seed's
+    depth carry the same surplus, so it weighs most on small ones: on a Small at 224 px the raw sum put width 0.1
+    at 31 % of the seed, measured 22 %.
     """
 
     spec_name: str
@@ -203,14 +230,16 @@ class Calibration:
     a: float
     b_ms_per_mparam: float
     networks: int
-    # which model earned its place: "two-term" (a, b fitted) or "plain" (a = measured / raw, b = 0, i.e. the raw
-    # block sum scaled by the seed's factor), chosen by seed-relative error on held-out networks
+    # which model earned its place (`MODEL_TERMS`; "plain" = the raw block sum scaled by the seed's factor),
+    # chosen by seed-relative error on held-out networks
     model: str = "plain"
-    heldout_two_term_pct: Optional[float] = None  # leave-one-out seed-relative MAPE of the two-term fit
-    heldout_plain_pct: Optional[float] = None  # the same for the raw block sum (plain factor)
+    c_ms: float = 0.0
+    heldout_pct: Optional[dict[str, float]] = None  # model -> leave-one-out seed-relative MAPE (%)
 
     def apply(self, raw_ms: float, params: int) -> float:
-        return self.a * raw_ms + self.b_ms_per_mparam * params / 1e6
+        whole = self.a * raw_ms + self.b_ms_per_mparam * params / 1e6 + self.c_ms
+        # a network far smaller than any the fit saw must not be predicted free: never below a tenth of its sum
+        return max(whole, MIN_SHARE_OF_SUM * self.a * raw_ms)
 
     @property
     def factor(self) -> float:
@@ -221,28 +250,55 @@ class Calibration:
         return {**asdict(self), "factor": self.factor}
 
 
-def fit_calibration(points: Sequence[tuple[float, int, float]]) -> tuple[float, float]:
-    """(a, b) of measured ~ a * raw + b * params/1e6, minimising relative squared error.
+def heldout_text(cal: Calibration) -> str:
+    """'plain 4.9% · two-term 5.1% · ...': each model's held-out seed-relative error, for tables and logs."""
+    if not cal.heldout_pct:
+        return "-"
+    return " · ".join(f"{model} {pct:.1f}%" for model, pct in cal.heldout_pct.items())
 
-    The first point is the seed. One point, or a fit that is not physical (a <= 0 or b < 0), gives
-    the seed's plain factor: a = measured / raw, b = 0.
+
+Point = tuple[float, int, float]  # (raw block sum ms, params, measured whole ms)
+Coefficients = tuple[float, float, float]  # (a, b ms per M params, c ms)
+
+# the terms each fitted model has beside `a * raw`: "params" (b) and "call" (c)
+MODEL_TERMS: dict[str, tuple[str, ...]] = {"two-term": ("params",), "overhead": ("call",),
+                                           "three-term": ("params", "call")}
+MODELS = ("plain", *MODEL_TERMS)
+MIN_SHARE_OF_SUM = 0.1
+
+
+def _plain(points: Sequence[Point]) -> Coefficients:
+    return points[0][2] / points[0][0], 0.0, 0.0
+
+
+def fit_model(points: Sequence[Point], model: str) -> Coefficients:
+    """(a, b, c) of measured ~ a * raw + b * params/1e6 + c for one of `MODEL_TERMS`, minimising relative
+    squared error (every network counts alike, small or large).
+
+    The first point is the seed. Too few points for the terms, a singular fit, or one that is not physical
+    (a <= 0, b < 0, or a network of the fit predicted below a tenth of its sum) give the seed's plain factor:
+    a = measured / raw, b = c = 0.
     """
-    raw0, _, measured0 = points[0]
-    plain = (measured0 / raw0, 0.0)
-    if len(points) < 3:
-        return plain
-    rows = [(r / m, p / 1e6 / m) for r, p, m in points]  # each row divided by its measurement
-    s11 = sum(x * x for x, _ in rows)
-    s12 = sum(x * y for x, y in rows)
-    s22 = sum(y * y for _, y in rows)
-    t1 = sum(x for x, _ in rows)
-    t2 = sum(y for _, y in rows)
-    det = s11 * s22 - s12 * s12
-    if abs(det) < 1e-12 * s11 * s22:
-        return plain
-    a = (t1 * s22 - t2 * s12) / det
-    b = (s11 * t2 - s12 * t1) / det
-    return (a, b) if a > 0 and b >= 0 else plain
+    terms = MODEL_TERMS[model]
+    if len(points) < len(terms) + 2:  # one more point than unknowns: a fit that is not merely solved
+        return _plain(points)
+    rows = np.array([[r, *(q / 1e6 if t == "params" else 1.0 for t in terms)] for r, q, _ in points])
+    measured = np.array([m for _, _, m in points])
+    weighted = rows / measured[:, None]  # each row divided by its measurement: relative error
+    if np.linalg.matrix_rank(weighted) < len(terms) + 1:
+        return _plain(points)
+    solution = np.linalg.lstsq(weighted, np.ones(len(points)), rcond=None)[0]
+    fitted = dict(zip(("raw", *terms), (float(x) for x in solution)))
+    a, b, c = fitted["raw"], fitted.get("params", 0.0), fitted.get("call", 0.0)
+    if a <= 0 or b < 0 or any(a * r + b * q / 1e6 + c < MIN_SHARE_OF_SUM * a * r for r, q, _ in points):
+        return _plain(points)
+    return a, b, c
+
+
+def fit_calibration(points: Sequence[Point]) -> tuple[float, float]:
+    """(a, b) of the two-term model, measured ~ a * raw + b * params/1e6 (`fit_model`)."""
+    a, b, _ = fit_model(points, "two-term")
+    return a, b
 
 
 def _relative_error_pct(predicted: Sequence[float], measured: Sequence[float]) -> list[float]:
@@ -250,32 +306,45 @@ def _relative_error_pct(predicted: Sequence[float], measured: Sequence[float]) -
     return [100.0 * ((p / predicted[0]) / (m / measured[0]) - 1.0) for p, m in zip(predicted[1:], measured[1:])]
 
 
-def choose_calibration(points: Sequence[tuple[float, int, float]]) -> tuple[float, float, str, Optional[float],
-                                                                            Optional[float]]:
-    """(a, b, model, two-term held-out MAPE %, plain held-out MAPE %) for points (raw, params, measured).
+@dataclass(frozen=True)
+class CalibrationChoice:
+    """`choose_calibration`'s answer: the kept model, its coefficients, and every model's held-out error."""
 
-    The first point is the seed. Each companion is held out in turn: the two-term model is fitted on the
-    seed and the other companions and predicts the held-out one relative to the seed (what NetAdapt's
-    decisions depend on); the plain model's relative prediction is the raw sum's ratio. The two-term fit is
-    kept only if its mean abs seed-relative error is lower; otherwise the plain factor (b = 0) is.
-    With fewer than 4 points nothing can be held out and the fit rules alone decide (`fit_calibration`).
+    model: str
+    a: float
+    b_ms_per_mparam: float
+    c_ms: float
+    heldout_pct: Optional[dict[str, float]]
+
+
+def choose_calibration(points: Sequence[Point]) -> CalibrationChoice:
+    """The calibration model that best predicts held-out networks relative to the seed, for points (raw, params,
+    measured); the first point is the seed.
+
+    Each companion is held out in turn: every fitted model (`MODEL_TERMS`) is fitted on the seed and the other
+    companions and predicts the held-out one relative to the seed (what NetAdapt's decisions depend on); the
+    plain model's relative prediction is the raw sum's ratio. The model with the lowest mean abs error is kept;
+    ties go to the simpler (plain first). With fewer than 4 points nothing can be held out: the two-term fit is
+    kept when it is physical, as before the other models existed.
     """
-    a, b = fit_calibration(points)
-    plain = (points[0][2] / points[0][0], 0.0)
+    plain = _plain(points)
     if len(points) < 4:
-        return (*plain, "plain", None, None) if (a, b) == plain else (a, b, "two-term", None, None)
+        coefficients = fit_model(points, "two-term")
+        return CalibrationChoice("plain" if coefficients == plain else "two-term", *coefficients, None)
     seed = points[0]
-    two_term, raw_only = [], []
+    errors: dict[str, list[float]] = {name: [] for name in MODELS}
     for i in range(1, len(points)):
-        fit_a, fit_b = fit_calibration([p for j, p in enumerate(points) if j != i])
+        rest = [p for j, p in enumerate(points) if j != i]
         held = points[i]
-        predicted = [fit_a * r + fit_b * q / 1e6 for r, q, _ in (seed, held)]
-        two_term.append(abs(_relative_error_pct(predicted, [seed[2], held[2]])[0]))
-        raw_only.append(abs(_relative_error_pct([seed[0], held[0]], [seed[2], held[2]])[0]))
-    two_term_pct, plain_pct = sum(two_term) / len(two_term), sum(raw_only) / len(raw_only)
-    if (a, b) != plain and two_term_pct < plain_pct:
-        return a, b, "two-term", two_term_pct, plain_pct
-    return (*plain, "plain", two_term_pct, plain_pct)
+        for name in MODELS:
+            a, b, c = plain if name == "plain" else fit_model(rest, name)
+            pair = [a * r + b * q / 1e6 + c for r, q, _ in (seed, held)]
+            errors[name].append(abs(_relative_error_pct(pair, [seed[2], held[2]])[0]))
+    pct = {name: sum(e) / len(e) for name, e in errors.items()}
+    fits = {name: plain if name == "plain" else fit_model(points, name) for name in MODELS}
+    kept = [name for name in MODELS if name == "plain" or fits[name] != plain]  # a fit that fell back is plain
+    model = min(kept, key=lambda name: (round(pct[name], 9), MODELS.index(name)))
+    return CalibrationChoice(model, *fits[model], pct)
 
 
 @dataclass
@@ -329,9 +398,11 @@ def _parse_key(raw: object) -> BlockKey:
     return key
 
 
-def _number(raw: dict, name: str) -> float:
+def _number(raw: dict, name: str, signed: bool = False) -> float:
     value = raw.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} is {value!r}, not a number")
+    if value < 0 and not signed:
         raise ValueError(f"{name} is {value!r}, not a non-negative number")
     return float(value)
 
@@ -381,7 +452,8 @@ def read_table_file(path: PathLike) -> tuple[Header, dict[str, Entry], dict[str,
                 raise ValueError(f"its key says {key.id!r}")
             entries[entry_id] = Entry(key, _number(raw, "latency_ms"), _number(raw, "median_ms"),
                                       _number(raw, "p10_ms"), _number(raw, "p90_ms"), _number(raw, "min_ms"),
-                                      int(_number(raw, "runs")))
+                                      int(_number(raw, "runs")),
+                                      _number(raw, "level") if "level" in raw else 1.0)
         except (TypeError, ValueError) as exc:
             raise _bad(path, f"entry {entry_id!r} is malformed ({exc})") from None
     calibrations: dict[str, Calibration] = {}
@@ -391,12 +463,17 @@ def read_table_file(path: PathLike) -> tuple[Header, dict[str, Entry], dict[str,
             model = raw.get("model", "two-term" if b > 0 else "plain")  # tables from before the choice
             if model not in MODELS:
                 raise ValueError(f"model is {model!r}, not one of {', '.join(MODELS)}")
-            heldout = [None if raw.get(k) is None else _number(raw, k)
-                       for k in ("heldout_two_term_pct", "heldout_plain_pct")]
+            c = _number(raw, "c_ms", signed=True) if "c_ms" in raw else 0.0  # tables from before the per-call term
+            heldout = raw.get("heldout_pct")
+            if heldout is None:  # tables from before: one field per model
+                heldout = {m: raw[f"heldout_{m.replace('-', '_')}_pct"] for m in ("two-term", "plain")
+                           if raw.get(f"heldout_{m.replace('-', '_')}_pct") is not None} or None
+            if heldout is not None:
+                heldout = {str(m): float(v) for m, v in heldout.items()}
             calibrations[name] = Calibration(str(raw["spec_name"]), _number(raw, "raw_ms"),
                                              _number(raw, "measured_ms"), int(raw["params"]),
                                              int(raw["resolution"]), _number(raw, "a"), b,
-                                             int(raw["networks"]), model, *heldout)
+                                             int(raw["networks"]), model, c, heldout)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise _bad(path, f"calibration {name!r} is malformed ({exc})") from None
     return header, entries, calibrations
@@ -523,8 +600,25 @@ class LatencyTable:
             raise UserError(f"{self.path}: opened read-only; open it with a backend to measure missing entries")
         return self.backend
 
+    def anchors(self, exclude: Iterable[BlockKey] = ()) -> list[Entry]:
+        """Up to `ANCHORS` entries already in the table, spread evenly over its latencies (deterministic)."""
+        skip = {key.id for key in exclude}
+        ranked = sorted((e for e in self.entries.values() if e.key.id not in skip),
+                        key=lambda e: (e.latency_ms, e.key.id))
+        if len(ranked) <= ANCHORS:
+            return ranked
+        return [ranked[round(i * (len(ranked) - 1) / (ANCHORS - 1))] for i in range(ANCHORS)]
+
     def ensure(self, keys: Iterable[BlockKey], progress: Optional[Progress] = None) -> int:
-        """Measure the entries of `keys` not yet in the table (interleaved, in chunks); returns how many."""
+        """Measure the entries of `keys` not yet in the table (interleaved, in chunks); returns how many.
+
+        Every chunk also times `anchors`, entries the table already holds: the median of their new / stored
+        figures is the host's level at that moment (`anchor_level`), and the chunk's entries are divided by it.
+        Without this, entries timed minutes apart (a NetAdapt run measures new widths as it goes) carry the
+        host's drift of 15-30 % into the sums, and a network's predicted share depends on when its blocks were
+        timed: a Small table grown over a benchmark had a quarter of its entries 19-115 % above a fresh
+        timing of the same blocks.
+        """
         todo = self.missing(keys)
         if not todo:
             return 0
@@ -535,12 +629,14 @@ class LatencyTable:
         rng.shuffle(todo)  # neighbours in a chunk should not all be the same block
         for start in range(0, len(todo), CHUNK_ENTRIES):
             chunk = todo[start:start + CHUNK_ENTRIES]
+            anchors = self.anchors(exclude=todo[start:])  # a new table's first chunk has none; the next ones do
             runners = []
             for key in chunk:
                 runners.append(backend.runner(key.module(), key.input_shape(self.header.batch)))
                 done += 1
                 if progress:
                     progress(done, total, f"opening {key.kind}")
+            runners += [backend.runner(e.key.module(), e.key.input_shape(self.header.batch)) for e in anchors]
             base = done
 
             def on_pass(passes_done: int, passes: int, base: float = base, n: int = len(chunk)) -> None:
@@ -548,9 +644,10 @@ class LatencyTable:
                     progress(base + n * passes_done / passes, total, "timing entries")
 
             measurements = measure_interleaved(runners, self.policy, on_pass=on_pass)
+            level = anchor_level(anchors, measurements[len(chunk):])
             done = base + len(chunk)
             for key, m in zip(chunk, measurements):
-                self.entries[key.id] = Entry.from_measurement(key, m)
+                self.entries[key.id] = Entry.from_measurement(key, m, level)
             self.measured += len(chunk)
             del runners
             self.save()
@@ -575,22 +672,22 @@ class LatencyTable:
                   on_pass: Optional[Callable[[int, int], None]] = None) -> Calibration:
         """Fit the calibration for `spec.name` on whole networks timed with the table's protocol.
 
-        The seed is timed interleaved with `companions` random variants of itself (as `check` times
-        networks) and (a, b) are fitted on all of them; the fit is kept only if it predicts held-out
-        companions relative to the seed better than the raw block sum does (`choose_calibration`), and
+        The seed is timed interleaved with `companions` networks of its depth (`calibration_companions`) and
+        each model is fitted on all of them; a fitted model is kept only if it predicts held-out companions
+        relative to the seed better than the raw block sum does (`choose_calibration`), and
         `Calibration.model` records which. With `measured_ms` given, or no companions, the seed alone sets a
         plain factor. Entries the networks need are measured first.
         """
-        networks = [spec] if measured_ms is not None else [spec] + variant_specs(spec, companions, seed=-1)
+        networks = [spec] if measured_ms is not None else [spec] + calibration_companions(spec, companions)
         self.ensure(key for s in networks for _, key in spec_keys(s))
         if measured_ms is None:
             measured = [m.p25_ms for m in self.measure_networks(networks, on_pass)]
         else:
             measured = [measured_ms]
         points = [(self.raw_ms(s), spec_params(s), m) for s, m in zip(networks, measured)]
-        a, b, model, two_term_pct, plain_pct = choose_calibration(points)
-        cal = Calibration(spec.name, points[0][0], points[0][2], points[0][1], spec.resolution, a, b, len(points),
-                          model, two_term_pct, plain_pct)
+        choice = choose_calibration(points)
+        cal = Calibration(spec.name, points[0][0], points[0][2], points[0][1], spec.resolution, choice.a,
+                          choice.b_ms_per_mparam, len(points), choice.model, choice.c_ms, choice.heldout_pct)
         self.calibrations[spec.name] = cal
         self.save()
         return cal
@@ -731,6 +828,18 @@ def variant_specs(spec: ArchSpec, n: int, seed: int = 0, step: int = 8) -> list[
     """`n` random channel variants of `spec` (multiples of `step`), named variant-1..n, reproducible by seed."""
     rng = random.Random(seed)
     return [replace(random_variant(spec, rng, step), name=spec.name) for _ in range(n)]
+
+
+# the first companions shrink every group alike, to these shares of the seed's channels; the rest are random
+UNIFORM_COMPANIONS = (0.5, 0.25)
+
+
+def calibration_companions(spec: ArchSpec, n: int, step: int = 8) -> list[ArchSpec]:
+    """`n` networks the calibration is fitted on beside the seed: uniform shrinks (`UNIFORM_COMPANIONS`), so the
+    fit sees networks as small as low budgets reach (random variants keep most groups: 60-90 % of the seed),
+    then random variants."""
+    uniform = [replace(uniform_variant(spec, f, step), name=spec.name) for f in UNIFORM_COMPANIONS[:n]]
+    return uniform + variant_specs(spec, n - len(uniform), seed=-1, step=step)
 
 
 @dataclass(frozen=True)

@@ -38,3 +38,15 @@ def random_variant(spec: ArchSpec, rng: random.Random, step: int = 8, keep: floa
         if options:
             child = child_spec(child, group, rng.choice(options), step)
     return child
+
+
+def uniform_variant(spec: ArchSpec, fraction: float, step: int = 8) -> ArchSpec:
+    """Every group shrunk to the allowed width nearest `fraction` of the seed's: a small network of the seed's
+    own depth, so a calibration fitted with it spans the sizes NetAdapt reaches at low budgets."""
+    child = spec.scaled()
+    for seed_group in proposal_groups(child, step):
+        group = find_group(child, seed_group.name, step)
+        keep = min([*group.keep_options(), group.channels], key=lambda k: (abs(k - fraction * seed_group.channels), k))
+        if keep != group.channels:
+            child = child_spec(child, group, keep, step)
+    return child
