@@ -239,12 +239,11 @@ def test_latency_budget_is_confirmed_by_measurement(tmp_path: Path) -> None:
     assert pd.notna(iterations["measured_latency_ms"].iloc[-1])
     # the verdict came from a measurement of the network beside the seed, and says whether the host disturbed it
     assert str(iterations["latency_reliable"].iloc[-1]) in ("True", "False")
-    # earlier rows are timed only when their prediction met the budget and the measurement disagreed (the loop
-    # went on, as a loaded host sometimes makes it): every such row was predicted within the budget
-    earlier = iterations.iloc[:-1]
-    timed = earlier[earlier["measured_latency_ms"].notna()]
-    assert (timed["predicted_latency_ms"] <= 0.96 * predicted[0]).all()
-    assert earlier.loc[earlier["measured_latency_ms"].isna(), "latency_reliable"].isna().all()
+    # every iteration's network was timed beside the seed (the seed row is not); the loop stopped at the first
+    # whose measurement met the budget: every earlier one measured above it
+    earlier = iterations.iloc[1:-1]
+    assert earlier["measured_latency_ms"].notna().all() and pd.isna(iterations["measured_latency_ms"].iloc[0])
+    assert (earlier["measured_latency_ms"] / earlier["seed_measured_latency_ms"] > 0.96).all()
     assert Path(json.loads((out / "run.json").read_text())["latency_table"]["path"]).exists()  # the machine's table
 
 
