@@ -12,8 +12,9 @@ killed run
 resumes and seeds can train in parallel processes):
 
 1. latency: one NetAdapt chain (library API, latency table) down to the smallest `--budgets` share of the
-   seed's latency. The larger budgets are the first iterations of the same chain whose predicted latency
-   meets them (the loop would have stopped there: same seed, same schedule, same choices). Every budget's
+   seed's latency. The larger budgets are the first iterations of the same chain whose latency, measured
+   beside the seed by the loop (predicted by the table for chains from before the loop timed every
+   iteration), meets them (the loop would have stopped there: same seed, same schedule, same choices). Every budget's
    network gets the same long fine-tune (`--long-epochs`, cosine from lr/10, as the library's).
 2. widths: MobileNetV3-Small at each `--widths` multiplier, trained from scratch (one cosine run from
    `--lr`) for exactly as many SGD steps as the deepest NetAdapt network sees on its path: seed epochs +
@@ -27,7 +28,8 @@ resumes and seeds can train in parallel processes):
    search seed's trained seed, a knapsack over the latency table's price of every group width, the shape timed
    beside the seed until the measurement meets the budget) at the same shares, trained from scratch like the
    widths: does one global ranking find shapes as good as NetAdapt's proposals? (`knapsack-table`: networks
-   of an earlier version that trusted the table alone, reported when the work folder holds them.)
+   of an earlier version that trusted the table alone, reported when the work folder holds them; likewise
+   `netadapt-table1` / `scratch-table1`: the chain of the table before its per-call term and anchors.)
 
 `--parts report` builds every final network of every seed and times them interleaved in this one
 process, recording wall-clock and the inference thread's CPU time (`--clock`, default cpu: on a loaded
@@ -72,11 +74,14 @@ from mnv3_search.train import evaluate, steps_per_epoch, train, train_epochs  # 
 
 OUT = Path("results/benchmarks")
 PLOT = Path("docs/netadapt-vs-width.png")
-METHODS = ("netadapt", "macs", "scratch", "macs-scratch", "knapsack", "knapsack-table")
+METHODS = ("netadapt", "macs", "scratch", "macs-scratch", "knapsack", "knapsack-table", "netadapt-table1",
+           "scratch-table1")
 LABELS = {"netadapt": "NetAdapt (latency table), fine-tuned", "macs": "NetAdapt guided by MACs, fine-tuned",
           "scratch": "NetAdapt (latency table), shape retrained", "macs-scratch": "guided by MACs, shape retrained",
           "knapsack": "--method knapsack (Taylor x latency table, timed), shape retrained",
-          "knapsack-table": "knapsack by the table alone (earlier run), shape retrained", "width": "width multiplier"}
+          "knapsack-table": "knapsack by the table alone (earlier run), shape retrained", "width": "width multiplier",
+          "netadapt-table1": "NetAdapt, earlier table (no per-call term), fine-tuned",
+          "scratch-table1": "NetAdapt, earlier table (no per-call term), shape retrained"}
 
 
 def parse() -> argparse.Namespace:
@@ -252,14 +257,19 @@ def on_event(seed: int, guide: str):
 
 
 def budget_iterations(rows: pd.DataFrame, column: str, shares: list[float], finished: bool) -> dict[float, int]:
-    """Per budget share, the first iteration whose resource meets it; the smallest share takes the chain's end
-    when the run finished (the loop stopped there after confirming by measurement)."""
+    """Per budget share, the first iteration that meets it; the smallest share takes the chain's end when the run
+    finished (the loop stopped there after confirming by measurement). A row timed beside the seed (the loop
+    times every iteration of a latency chain) is judged by its measured share, others by `column`."""
     seed_value = float(rows.loc[rows["iteration"] == 0, column].iloc[0])
+    share = rows[column] / seed_value
+    if "measured_latency_ms" in rows and "seed_measured_latency_ms" in rows:
+        measured = rows["measured_latency_ms"] / rows["seed_measured_latency_ms"]
+        share = measured.where(measured.notna(), share)
     found = {}
-    for share in shares:
-        meets = rows[(rows[column] <= share / 100 * seed_value) & (rows["iteration"] > 0)]
+    for budget in shares:
+        meets = rows[(share <= budget / 100) & (rows["iteration"] > 0)]
         if not meets.empty:
-            found[share] = int(meets["iteration"].min())
+            found[budget] = int(meets["iteration"].min())
     if finished:
         found[min(shares)] = int(rows["iteration"].max())
     return found
@@ -675,7 +685,7 @@ def goal(summary: pd.DataFrame, args: argparse.Namespace) -> None:
     ahead of the MACs-guided network; for the fine-tuned networks and for the retrained shapes."""
     print("\ngoal (>= +1 point or >= 1.3x, and ahead of MACs-guided):")
     for mine, theirs in (("netadapt", "macs"), ("scratch", "macs-scratch"), ("knapsack", "macs-scratch"),
-                         ("knapsack-table", "macs-scratch")):
+                         ("knapsack-table", "macs-scratch"), ("scratch-table1", "macs-scratch")):
         for budget in args.budgets:
             na = summary[(summary["method"] == mine) & (summary["budget_pct"] == budget)]
             mc = summary[(summary["method"] == theirs) & (summary["budget_pct"] == budget)]
@@ -707,7 +717,7 @@ def plot(frame: pd.DataFrame, seed_ms: float, args: argparse.Namespace) -> None:
                     color="0.35")
     styles = {"netadapt": ("tab:red", "s"), "macs": ("tab:blue", "^"), "scratch": ("tab:green", "D"),
               "macs-scratch": ("tab:purple", "v"), "knapsack": ("tab:orange", "P"),
-              "knapsack-table": ("tab:brown", "X")}
+              "knapsack-table": ("tab:brown", "X"), "scratch-table1": ("tab:olive", "d")}
     for method, (color, marker) in styles.items():
         g = frame[frame["method"] == method].groupby("budget").agg(
             lat=("latency_ms", "mean"), lat_std=("latency_ms", "std"), acc=("test_accuracy_pct", "mean"),
