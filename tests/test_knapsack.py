@@ -142,7 +142,8 @@ def test_knapsack_run_meets_a_macs_budget_from_the_cli(tmp_path: Path) -> None:
     assert rows["macs"].iloc[-1] == spec_macs(final)
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["method"] == "knapsack" and run["result"]["final_method"] == "retrain"
-    assert not (out / "study.journal").exists()  # no proposals, no study
+    assert not (out / "study.journal").exists() and not (out / "artifacts").exists()  # no proposals, no study
+    assert (run["storage"], run["study"], run["artifacts"]) == (None, None, None)
     # the report reads a run without proposals
     shown = CliRunner().invoke(cli, ["report", str(out)])
     assert shown.exit_code == 0, shown.output
@@ -153,13 +154,16 @@ def test_knapsack_run_meets_a_macs_budget_from_the_cli(tmp_path: Path) -> None:
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
 
 
-def test_knapsack_refuses_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra, named", [
+    (["--workers", "2"], "--workers 2"), (["--storage", "sqlite:///x.db"], "--storage"),
+    (["--workers", "2", "--artifacts", "store"], "--workers 2 and --artifacts")])
+def test_knapsack_refuses_study_options(tmp_path: Path, extra: list[str], named: str) -> None:
     result = CliRunner().invoke(cli, ["netadapt", str(micro_spec_path()), "--budget", "0.7M-macs", "--method",
-                                      "knapsack", "--workers", "2", "--out", str(tmp_path / "w"), *MICRO_ARGS])
+                                      "knapsack", *extra, "--out", str(tmp_path / "w"), *MICRO_ARGS])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("spec:")]
-    assert lines == ["Error: --method knapsack scores every channel once in this process and trains no proposals: "
-                     "--workers 2 has nothing to do; leave it out"]
+    assert lines == ["Error: --method knapsack scores every channel once in this process and keeps no Optuna "
+                     f"study: {named} has nothing to do; leave it out"]
     assert not (tmp_path / "w").exists()
 
 

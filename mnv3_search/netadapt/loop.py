@@ -140,9 +140,12 @@ class NetAdapt:
         # folder. A bucket is checked now (its client library), a folder made when the run folder is
         if artifacts and "://" in artifacts:
             open_store(artifacts)
-        if config.method == "knapsack" and workers > 1:
-            raise UserError(f"--method knapsack scores every channel once in this process and trains no proposals: "
-                            f"--workers {workers} has nothing to do; leave it out")
+        if config.method == "knapsack":
+            given = [f"--workers {workers}"] * (workers > 1) + ["--storage"] * bool(storage) + \
+                ["--artifacts"] * bool(artifacts)
+            if given:
+                raise UserError(f"--method knapsack scores every channel once in this process and keeps no Optuna "
+                                f"study: {' and '.join(given)} has nothing to do; leave it out")
         self.artifacts_given = artifacts if not artifacts or "://" in artifacts else str(Path(artifacts).resolve())
         self.artifacts: Optional[RunArtifacts] = None
 
@@ -170,14 +173,17 @@ class NetAdapt:
                                 f"store {recorded} (run.json); leave --artifacts out to go on with it")
             self.run.sweep_temporary_files()
             self.emit("resume", run_dir=str(self.run.path))
-        self.storage_url = self.storage_url or self.run.default_storage_url
-        location = (previous or {}).get("artifacts") or self.artifacts_given or default_location(self.run.path)
-        self.artifacts = RunArtifacts(location, open_store(location, create=True))
+        if self.config.method == "netadapt":  # a knapsack run keeps no study and moves no checkpoints
+            self.storage_url = self.storage_url or self.run.default_storage_url
+            location = (previous or {}).get("artifacts") or self.artifacts_given or default_location(self.run.path)
+            self.artifacts = RunArtifacts(location, open_store(location, create=True))
         if previous is None:
             backend = make_backend(self.config.backend, self.config.threads)
             self.run.write_run_json({
                 "command": self.command, "config": self.config.as_json(), "spec_file": str(self.spec_file),
-                "storage": redact(self.storage_url), "study": self.study_name, "artifacts": self.artifacts_given,
+                "storage": redact(self.storage_url),
+                "study": self.study_name if self.config.method == "netadapt" else None,
+                "artifacts": self.artifacts_given,
                 "versions": versions(),
                 "holdout_images": len(self.dataset.holdout), "train_images": len(self.dataset.train),
                 "device": backend.fingerprint(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
