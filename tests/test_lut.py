@@ -693,6 +693,7 @@ def test_show_prints_header_calibration_and_entries(table_file, tmp_path, tiny):
     assert f"entries (3 of {n}" in result.output
     assert len(csv.read_text().strip().splitlines()) == 1 + n
     assert ",se,nl,expand,residual,latency_p25_ms," in csv.read_text().splitlines()[0]
+    assert csv.read_text().splitlines()[0].endswith(",runs,level")
 
 
 def test_show_missing_table_says_how_to_build_one(tmp_path):

@@ -226,7 +226,7 @@ def show(table_arg: Optional[str], table_path: Optional[str], backend: str, thre
     records = [{**{f: getattr(e.key, f) for f in ("kind", "resolution", "in_channels", "exp", "out", "kernel",
                                                   "stride", "se", "nl", "expand", "residual")},
                 "latency_p25_ms": e.latency_ms, "median_ms": e.median_ms, "p10_ms": e.p10_ms, "p90_ms": e.p90_ms,
-                "runs": e.runs} for e in entries]
+                "runs": e.runs, "level": e.level} for e in entries]
     if csv_path:
         write_csv(pd.DataFrame(records), csv_path)
         if csv_path == "-":
@@ -253,7 +253,8 @@ def show(table_arg: Optional[str], table_path: Optional[str], backend: str, thre
             console.print(f"{c.spec_name}: held-out seed-relative error by model: {heldout_text(c)}",
                           highlight=False)
     if limit and records:
-        out = Table(title=f"entries ({min(limit, len(records))} of {len(records)}; latency = p25)",
+        out = Table(title=f"entries ({min(limit, len(records))} of {len(records)}; latency = p25, divided by level: "
+                          f"the anchors' time when the entry was timed / their time in the table)",
                     box=box.SIMPLE_HEAD, header_style="bold")
         columns = list(records[0])
         for name in columns:
