@@ -466,8 +466,8 @@ def read_table_file(path: PathLike) -> tuple[Header, dict[str, Entry], dict[str,
             c = _number(raw, "c_ms", signed=True) if "c_ms" in raw else 0.0  # tables from before the per-call term
             heldout = raw.get("heldout_pct")
             if heldout is None:  # tables from before: one field per model
-                heldout = {m: raw[f"heldout_{m.replace('-', '_')}_pct"] for m in ("two-term", "plain")
-                           if raw.get(f"heldout_{m.replace('-', '_')}_pct") is not None} or None
+                legacy = {"two-term": raw.get("heldout_two_term_pct"), "plain": raw.get("heldout_plain_pct")}
+                heldout = {m: v for m, v in legacy.items() if v is not None} or None
             if heldout is not None:
                 heldout = {str(m): float(v) for m, v in heldout.items()}
             calibrations[name] = Calibration(str(raw["spec_name"]), _number(raw, "raw_ms"),

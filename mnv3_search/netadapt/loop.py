@@ -239,10 +239,15 @@ class NetAdapt:
         assert self.table is not None
         return self.table.predict(spec).calibrated_ms
 
+    def _timing_table(self) -> Optional[LatencyTable]:
+        """The latency table when the budget is latency (networks are priced by it and timed), else None."""
+        return self.table if self.budget.resource == LATENCY else None
+
     def _prefetch(self, specs: list[ArchSpec]) -> None:
         """Measure the missing table entries of many candidates at once (interleaved, in chunks)."""
-        if self.budget.resource == LATENCY and self.table is not None:
-            self.table.ensure(key for spec in specs for _, key in spec_keys(spec))
+        table = self._timing_table()
+        if table is not None:
+            table.ensure(key for spec in specs for _, key in spec_keys(spec))
 
     def _smallest(self, spec: ArchSpec) -> ArchSpec:
         """Every group at its smallest allowed width: the floor of this search."""
@@ -326,7 +331,7 @@ class NetAdapt:
             # with a latency budget every chosen network is timed beside the seed: the table ranks a parent's
             # children well, but its error grows as the network shrinks (on Small at 224 px it put a network
             # measured at 27 % of the seed at 37 %), so the measurement, not the table, says when to stop
-            timed_each = (self.budget.resource == LATENCY and self.table is not None and rows[-1].iteration > 0
+            timed_each = (self._timing_table() is not None and rows[-1].iteration > 0
                           and rows[-1].measured_latency_ms is None)
             if within or timed_each:
                 confirmed, row_update = self._confirm_median(spec, target)
@@ -481,16 +486,17 @@ class NetAdapt:
             time.sleep(0.2)
 
     def _confirm(self, spec: ArchSpec, target: float) -> tuple[bool, dict[str, Any]]:
-        """A prediction that meets the budget is checked by timing the network beside the seed, now: the
+        """The network timed beside the seed, now (`_confirm_median` does it for every iteration): the
         budget is judged on their ratio (an absolute budget through the seed measured in the same
         measurement, never through a calibration from an earlier minute). A measurement disturbed by the
         host is repeated; if all `CONFIRM_ATTEMPTS` are disturbed the verdict of the last is used and the
         row says `latency_reliable` False."""
-        if self.budget.resource != LATENCY or self.table is None:
+        table = self._timing_table()
+        if table is None:
             return True, {}
         limit = {"budget_ratio": self.budget.value} if self.budget.relative else {"budget_ms": self.budget.value}
         for attempt in range(1, CONFIRM_ATTEMPTS + 1):
-            verdict = relative_to_reference(self.table, self.seed_spec, spec, **limit)
+            verdict = relative_to_reference(table, self.seed_spec, spec, **limit)
             if verdict.reliable:
                 break
             self.emit("unreliable", attempt=attempt, ratio_shift=verdict.ratio_shift, spread=verdict.spread)
@@ -502,7 +508,7 @@ class NetAdapt:
 
     def _confirm_median(self, spec: ArchSpec, target: float) -> tuple[bool, dict[str, Any]]:
         """`_confirm` CONFIRM_TIMINGS times; the timing with the median share of the seed decides."""
-        if self.budget.resource != LATENCY or self.table is None:
+        if self._timing_table() is None:
             return self._confirm(spec, target)
         timings = [self._confirm(spec, target) for _ in range(CONFIRM_TIMINGS)]
         timings.sort(key=lambda t: t[1]["measured_latency_ms"] / t[1]["seed_measured_latency_ms"])
