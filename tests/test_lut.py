@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -550,6 +551,41 @@ def test_check_cli_reports_seed_relative_error_and_drift(table_file, tmp_path, t
             f"({100 * (seed_ms / cal.measured_ms - 1):+.1f}%); calibration model: {cal.model}") in result.output
     assert frame["measured_ratio"].to_numpy() == pytest.approx((frame["measured_ms"] / seed_ms).to_numpy())
     assert ("unreliable: ratios to the seed moved" in result.output) == (not frame["reliable"].iloc[0])
+
+
+class ExportingBackend(OnnxRuntimeBackend):
+    """The real ONNX Runtime backend, recording every module it opens a session on (and so exports)."""
+
+    def __init__(self) -> None:
+        super().__init__(threads=1)
+        self.modules: list[object] = []
+
+    def runner(self, module, input_shape):
+        self.modules.append(module)
+        return super().runner(module, input_shape)
+
+
+def test_repeated_timings_of_a_shape_reuse_its_module_and_export(table_file, tiny, monkeypatch):
+    """NetAdapt times the seed beside each iteration's network three times: each shape is exported once, and
+    every timing still opens its own session."""
+    measure_module = sys.modules["mnv3_search.latency.measure"]  # the package's `measure` is the function
+    backend = ExportingBackend()
+    table = LatencyTable.open(table_file, backend, 1, FAST)
+    child, other = child_spec(tiny, "exp2", 16), child_spec(tiny, "hidden", 128)
+    table.predict(child)
+    table.predict(other)  # their missing entries measured first: only whole networks are counted below
+    exports: list[tuple[int, ...]] = []
+    real = measure_module.onnx_bytes
+    monkeypatch.setattr(measure_module, "onnx_bytes",
+                        lambda module, shape, *args, **kw: exports.append(shape) or real(module, shape, *args, **kw))
+    backend.modules.clear()
+    for _ in range(3):
+        relative_to_reference(table, tiny, child, budget_ratio=1.0)
+    assert exports == [(1, 3, 32, 32)] * 2  # the seed and the child, once each
+    assert len(backend.modules) == 6 and len({id(m) for m in backend.modules}) == 2
+    relative_to_reference(table, tiny, other, budget_ratio=1.0)
+    assert exports == [(1, 3, 32, 32)] * 3  # only the new network
+    assert backend.modules[-2] is backend.modules[0]  # the seed's module again
 
 
 def test_relative_to_reference_judges_through_the_reference_measured_now(table_file, tiny):

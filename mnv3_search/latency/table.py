@@ -37,8 +37,10 @@ import math
 import os
 import random
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
@@ -48,7 +50,7 @@ from torch import nn
 from ..model.counts import spec_params, unit_params
 from ..errors import UserError
 from ..fileio import PathLike, atomic_write_text, json_cut_short
-from .measure import (Backend, InterleavedPolicy, Measurement, Together, measure_interleaved, measure_together,
+from .measure import (Backend, InterleavedPolicy, Measurement, Runner, Together, measure_interleaved, measure_together,
                       thread_clock_ok)
 from ..model.build import build_model, build_unit
 from ..spec.arch import ArchSpec, BlockConfig, default_residual, se_width
@@ -62,6 +64,7 @@ KINDS = ("stem", "bneck", "last_conv", "classifier")
 CHUNK_ENTRIES = 160
 # Entries already in the table timed again with every chunk, to put the chunk on the table's level.
 ANCHORS = 8
+MODULES_KEPT = 16  # networks and anchor blocks kept built (and exported) for the next timing of the same shape
 
 Progress = Callable[[float, float, str], None]  # (done, total, what)
 
@@ -504,6 +507,7 @@ class LatencyTable:
     backend: Optional[Backend] = None
     policy: InterleavedPolicy = InterleavedPolicy()
     measured: int = 0  # entries measured by this object (each entry is measured once)
+    _modules: "OrderedDict[object, nn.Module]" = field(default_factory=OrderedDict, repr=False, compare=False)
 
     # -- opening and saving --
 
@@ -636,7 +640,8 @@ class LatencyTable:
                 done += 1
                 if progress:
                     progress(done, total, f"opening {key.kind}")
-            runners += [backend.runner(e.key.module(), e.key.input_shape(self.header.batch)) for e in anchors]
+            runners += [backend.runner(self._module(e.key.id, e.key.module), e.key.input_shape(self.header.batch))
+                        for e in anchors]
             base = done
 
             def on_pass(passes_done: int, passes: int, base: float = base, n: int = len(chunk)) -> None:
@@ -656,17 +661,34 @@ class LatencyTable:
     def measure_networks(self, specs: Sequence[ArchSpec],
                          on_pass: Optional[Callable[[int, int], None]] = None) -> list[Measurement]:
         """Whole networks under the table's protocol (interleaved, p25): what predictions are compared with."""
-        backend = self._require_backend()
-        runners = [backend.runner(build_model(s), (self.header.batch, 3, s.resolution, s.resolution)) for s in specs]
-        return measure_interleaved(runners, self.policy, on_pass=on_pass)
+        return measure_interleaved(self._network_runners(specs), self.policy, on_pass=on_pass)
 
     def measure_together(self, specs: Sequence[ArchSpec], tolerance: float = 0.05,
                          on_pass: Optional[Callable[[int, int], None]] = None) -> Together:
         """Whole networks in one interleaved measurement, ratios to `specs[0]` checked for interference
         (re-measured once when disturbed, then marked unreliable)."""
+        return measure_together(self._network_runners(specs), self.policy, reference=0, tolerance=tolerance,
+                                on_pass=on_pass)
+
+    def _network_runners(self, specs: Sequence[ArchSpec]) -> list[Runner]:
+        """A fresh runner (session) per network, on a module built once per shape (`_module`)."""
         backend = self._require_backend()
-        runners = [backend.runner(build_model(s), (self.header.batch, 3, s.resolution, s.resolution)) for s in specs]
-        return measure_together(runners, self.policy, reference=0, tolerance=tolerance, on_pass=on_pass)
+        return [backend.runner(self._module(s, partial(build_model, s)),
+                               (self.header.batch, 3, s.resolution, s.resolution)) for s in specs]
+
+    def _module(self, shape: object, build: Callable[[], nn.Module]) -> nn.Module:
+        """The module for `shape` (an ArchSpec or an entry id), built on first use and kept for the next
+        `MODULES_KEPT` shapes. Why: an ONNX backend exports once per module object (`export_onnx`), and the
+        export (about 1.4 s for Large at 224 px here) cost more than the timing itself when NetAdapt times the
+        seed beside every iteration's network three times, and every chunk of new entries beside the same
+        anchors. Each timing still opens a new session."""
+        module = self._modules.pop(shape, None)
+        if module is None:
+            module = build()
+        self._modules[shape] = module
+        while len(self._modules) > MODULES_KEPT:
+            self._modules.popitem(last=False)
+        return module
 
     def calibrate(self, spec: ArchSpec, measured_ms: Optional[float] = None, companions: int = 8,
                   on_pass: Optional[Callable[[int, int], None]] = None) -> Calibration:
