@@ -4,7 +4,7 @@ nothing; `--select accuracy`; `--max-iterations`; a params budget checked with t
 
 Every run starts from a session seed of tiny_run.py (its seed.pt, via --weights), so no seed is trained here:
 Small at 64 px on 240 digits images (the micro network at 32 px for --select accuracy / --max-iterations),
-4-step fine-tunes, MACs or params budgets (exact, no timing noise).
+8-step fine-tunes, MACs or params budgets (exact, no timing noise).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from mnv3_search.netadapt.study import make_storage
 from mnv3_search.spec.spaces import resolve_spec_path
 from tiny_run import MICRO_ARGS, micro_run_folder, micro_spec_path, tiny_run_folder
 
-TINY_ARGS = ["--limit", "240", "--batch-size", "32", "--short-steps", "4", "--seed-epochs", "2",
+TINY_ARGS = ["--limit", "240", "--batch-size", "32", "--short-steps", "8", "--seed-epochs", "2",
              "--long-epochs", "1", "--resolution", "64", "--threads", "1", "--quiet"]
 SMALL_PARAMS_64 = 1_528_106  # Small at 64 px, 10 classes (README's compare table; checked below)
 RESUME_BUDGET = "5.3M-macs"  # 2 iterations from the tiny seed (5,502,720 -> 5,364,480 -> 5,230,464 MACs)
@@ -98,7 +98,7 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.fixture(scope="module")
 def accuracy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
     """`--select accuracy --max-iterations 2` with a budget 2 iterations cannot reach: the session's micro
-    network from its seed (a third of a second a proposal, 7 proposals), 2 rungs so 3 reach the last one."""
+    network from its seed (a third of a second a proposal, 7 proposals), 2 rungs so 4 reach the last one."""
     out = tmp_path_factory.mktemp("accuracy") / "run"
     return out, run_cli("netadapt", str(micro_spec_path()), "--budget", ACCURACY_BUDGET, "--weights",
                         str(micro_run_folder() / "seed.pt"), "--out", str(out), *MICRO_ARGS, "--rungs", "2",
@@ -126,8 +126,10 @@ def test_resume_without_budget_continues_with_the_runs_own_settings(resumed_run:
     # the settings are run.json's (budget, tiny steps, weights), unchanged by the resume
     run_json = RunFolder(out).read_run_json()
     assert run_json["config"] == killed["run_json"]["config"]
-    assert run_json["config"]["budget"] == RESUME_BUDGET and run_json["config"]["short_steps"] == 4
-    assert {t.user_attrs["steps"] for t in now.values() if t.state == optuna.trial.TrialState.COMPLETE} == {1, 2}
+    assert run_json["config"]["budget"] == RESUME_BUDGET and run_json["config"]["short_steps"] == 8
+    assert (run_json["config"]["ladder"], run_json["config"]["keep"]) == ("early", 0.6)
+    # rungs at 1, 2 and 8 steps: each trial trains its rung's share
+    assert {t.user_attrs["steps"] for t in now.values() if t.state == optuna.trial.TrialState.COMPLETE} == {1, 6}
     final = load_spec(out / "final.yaml")
     assert spec_macs(final) == run_json["result"]["final_resource"] == after["macs"].iloc[-1] <= 5.3e6
 
@@ -136,7 +138,8 @@ def test_resume_refuses_a_changed_setting_in_one_line(resumed_run: dict, tmp_pat
     out = resumed_run["out"]
     before = snapshot(out)
     cases = [
-        (["--short-steps", "8"], "--short-steps 8 differs from this run's 4 (run.json)"),
+        (["--short-steps", "16"], "--short-steps 16 differs from this run's 8 (run.json)"),
+        (["--keep", "0.5"], "--keep 0.5 differs from this run's 0.6 (run.json)"),
         (["--budget", "5M-macs"], f"--budget 5M-macs differs from this run's {RESUME_BUDGET} (run.json)"),
         (["--select", "accuracy"], "--select accuracy differs from this run's ratio (run.json)"),
         (["--holdout", "0.1"], "--holdout 0.1 differs from this run's default (run.json)"),
@@ -155,7 +158,7 @@ def test_resume_refuses_a_changed_setting_in_one_line(resumed_run: dict, tmp_pat
     assert snapshot(out) == before and not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     # the same settings given again are no change: accepted (and the finished run says so)
     same = run_cli("netadapt", str(resolve_spec_path("small")), "--resume", str(out), "--quiet", "--budget",
-                   RESUME_BUDGET, "--short-steps", "4", "--limit", "240", "--select", "ratio")
+                   RESUME_BUDGET, "--short-steps", "8", "--limit", "240", "--select", "ratio")
     assert same.exit_code == 0, same.output
     assert same.stdout.startswith("already finished: ")
 

@@ -30,7 +30,7 @@ from tiny_run import tiny_run_folder
 DO = "the run cannot go on from it: restore the file from a copy, or start the run again in another folder (--out)"
 LUT_DO = "it was left untouched: fix or move it, or give another --lut path"
 FAST = InterleavedPolicy(passes=2, runs_per_pass=1, warmup_runs=1, min_passes=1)
-TINY_ARGS = ["--limit", "240", "--batch-size", "32", "--short-steps", "4", "--seed-epochs", "2", "--long-epochs", "1",
+TINY_ARGS = ["--limit", "240", "--batch-size", "32", "--short-steps", "8", "--seed-epochs", "2", "--long-epochs", "1",
              "--resolution", "64", "--threads", "1", "--quiet"]
 
 

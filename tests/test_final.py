@@ -16,7 +16,7 @@ from mnv3_search.netadapt.runfolder import RunFolder
 from tiny_run import MICRO_BUDGET, micro_run_folder, micro_spec_path
 
 TINY = dict(spec_path="small", budget="5.3M-macs", data="digits", resolution=64, limit=240, batch_size=32,
-            short_steps=4, seed_epochs=2, long_epochs=1, threads=1)
+            short_steps=8, seed_epochs=2, long_epochs=1, threads=1)
 
 
 def _stem_similarity(run: Path) -> float:
@@ -32,7 +32,7 @@ def test_retrain_trains_the_adapted_shape_from_scratch(tmp_path: Path) -> None:
     retrained = micro_run_folder()  # the session's micro run (8 iterations): it trained its seed, so auto retrains
     out = tmp_path / "fine-tune"
     micro = dict(spec_path=str(micro_spec_path()), budget=MICRO_BUDGET, data="digits", limit=240, batch_size=32,
-                 short_steps=4, seed_epochs=10, long_epochs=1, threads=1)
+                 short_steps=8, seed_epochs=10, long_epochs=1, threads=1)
     assert RunFolder(retrained).read_run_json()["config"] == RunConfig(**micro).as_json()  # the same run but its end
     result = run_netadapt(RunConfig(**micro, final="fine-tune"), out=str(out))
     # the same adaptation path (the final stage comes after it), the same final shape

@@ -27,7 +27,7 @@ from mnv3_search.prune.surgery import child_spec, shrink
 from mnv3_search.spec.arch import ArchSpec
 from tiny_run import MICRO_ARGS, micro_run_folder, micro_spec_path, tiny_run_folder
 
-TINY = dict(data="digits", limit=240, batch_size=32, short_steps=4, seed_epochs=2, long_epochs=1,
+TINY = dict(data="digits", limit=240, batch_size=32, short_steps=8, seed_epochs=2, long_epochs=1,
             resolution=64, threads=1)
 
 

@@ -19,11 +19,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mnv3_search import build_model, load_spec
+from mnv3_search import UserError, build_model, load_spec
 from mnv3_search.budget import LATENCY, MACS, PARAMS, Schedule, parse_budget, parse_schedule
 from mnv3_search.cli import cli
 from mnv3_search.netadapt import BudgetUnreachable, RunConfig, run_netadapt
-from mnv3_search.netadapt.selection import Candidate, rank
+from mnv3_search.netadapt.selection import Candidate, rank, survivors
 from mnv3_search.netadapt.runfolder import ITERATION_COLUMNS, PROPOSAL_COLUMNS, RunFolder
 from mnv3_search.netadapt.study import ITERATION_ATTR, create_study, make_storage, requeue_stale
 from mnv3_search.spec.spaces import resolve_spec_path
@@ -31,9 +31,9 @@ from mnv3_search.model.weights import read_checkpoint
 from postgres import postgres_bin, running_postgres
 from tiny_run import MICRO_ARGS, MICRO_BUDGET, micro_run_folder, micro_spec_path, tiny_run_folder
 
-TINY = dict(data="digits", limit=240, batch_size=32, short_steps=4, seed_epochs=2, long_epochs=1,
+TINY = dict(data="digits", limit=240, batch_size=32, short_steps=8, seed_epochs=2, long_epochs=1,
             resolution=64, threads=1)
-TINY_ARGS = ["--limit", "240", "--batch-size", "32", "--short-steps", "4", "--seed-epochs", "2",
+TINY_ARGS = ["--limit", "240", "--batch-size", "32", "--short-steps", "8", "--seed-epochs", "2",
              "--long-epochs", "1", "--resolution", "64", "--threads", "1", "--quiet"]
 SMALL_MACS_64 = 5_502_720  # Small at 64 px, 10 classes (checked against fvcore in the tests below)
 HALVING_BUDGET = "5.3M-macs"  # tiny_run.py's run
@@ -130,12 +130,16 @@ def test_macs_budget_met_one_row_per_proposal(halving_run) -> None:
 
 def test_halving_every_proposal_reaches_the_first_rung_and_stopped_ones_stop_there(halving_run) -> None:
     """Synchronous successive halving, checked trial by trial in the study: every proposal is scored at rung
-    0; exactly the better half by the selection rule (recomputed here) goes on; nothing trains past the rung
-    it was stopped at; a comparison never mixes iterations."""
+    0; exactly the best 60 % by the selection rule (recomputed here) go on; nothing trains past the rung it
+    was stopped at; a comparison never mixes iterations."""
     out, _ = halving_run
     config = RunConfig(spec_path="small", budget=HALVING_BUDGET, **TINY)
     boundaries = config.rung_steps()
-    assert boundaries == [1, 2, 4]
+
+    def kept(n: int) -> int:  # 60 %, the nearest whole number, at least one
+        return max(1, round(0.6 * n))
+
+    assert boundaries == [1, 2, 8]
     study = study_of(out)
     assert {t.state for t in study.get_trials()} == {optuna.trial.TrialState.COMPLETE}
     iterations = pd.read_csv(out / "iterations.csv")
@@ -155,7 +159,7 @@ def test_halving_every_proposal_reaches_the_first_rung_and_stopped_ones_stop_the
                                          t.user_attrs["resource"]) for g, t in by_rung[rung - 1].items()],
                               "ratio", t.user_attrs["parent_accuracy"], t.user_attrs["parent_resource"],
                               t.user_attrs["tie_tolerance"])
-                assert set(by_rung[rung]) == {r.candidate.group for r in ranked[:len(ranked) // 2]}
+                assert set(by_rung[rung]) == {r.candidate.group for r in ranked[:kept(len(ranked))]}
                 assert all(t.user_attrs["resume_from"] == by_rung[rung - 1][g].number for g, t in by_rung[rung].items())
         stopped = mine[mine["state"] == "PRUNED"]
         assert len(stopped) > 0 and len(stopped) == len(mine) - len(by_rung[2])
@@ -166,7 +170,7 @@ def test_halving_every_proposal_reaches_the_first_rung_and_stopped_ones_stop_the
         assert (mine.loc[mine["state"] == "COMPLETE", "steps"] == config.short_steps).all()
         row = iterations[iterations["iteration"] == it].iloc[0]
         n = len(mine)
-        assert row["steps"] == mine["steps"].sum() == n * 1 + max(1, n // 2) * 1 + max(1, n // 2 // 2) * 2
+        assert row["steps"] == mine["steps"].sum() == n * 1 + kept(n) * 1 + kept(kept(n)) * 6
         assert row["full_steps"] == n * config.short_steps and row["steps"] <= row["full_steps"] / 2
         assert row["pruned"] == len(stopped)
         chosen = mine[mine["chosen"]]
@@ -189,7 +193,7 @@ def test_halving_sees_what_full_evaluation_sees(halving_run, tmp_path: Path) -> 
                for t in study_of(out).get_trials() if t.user_attrs["iteration"] == 1}
     seen = 0
     for t in study_of(full).get_trials():
-        assert t.user_attrs["steps"] == 4 and [m[0] for m in t.user_attrs["metrics"]] == [1, 2, 4]
+        assert t.user_attrs["steps"] == 8 and [m[0] for m in t.user_attrs["metrics"]] == [1, 2, 8]
         for step, accuracy, loss in t.user_attrs["metrics"]:
             if (t.params["group"], step) in halving:
                 assert halving[(t.params["group"], step)] == [step, accuracy, loss]
@@ -504,10 +508,42 @@ def test_holdout_sizes() -> None:
     assert holdout_size(1_000, 0.2) == 200 and holdout_size(1_000, 300) == 300 and holdout_size(10, 50) == 9
     with pytest.raises(Exception, match="--holdout 1.5"):
         RunConfig(spec_path="small", budget="90%", holdout=1.5)
-    with pytest.raises(Exception, match="too few for --rungs 4"):
-        RunConfig(spec_path="small", budget="90%", short_steps=4, rungs=4)
-    assert RunConfig(spec_path="small", budget="90%", short_steps=20, rungs=3).rung_steps() == [5, 10, 20]
-    assert RunConfig(spec_path="small", budget="90%", short_steps=20, rungs=4).rung_steps() == [2, 5, 10, 20]
+
+
+def test_rung_ladders_and_keep() -> None:
+    """The default ladder scores at short-steps/8, /4 and /1 and keeps 60 % a rung; runs recorded before the
+    ladder existed resume on theirs (/4, /2, /1, the better half)."""
+    def config(**kw):
+        return RunConfig(spec_path="small", budget="90%", **kw)
+
+    assert config(short_steps=20).rung_steps() == [2, 5, 20]
+    assert config(short_steps=16).rung_steps() == [2, 4, 16]
+    assert config(short_steps=20, rungs=4).rung_steps() == [1, 2, 5, 20]
+    assert config(short_steps=20, rungs=2).rung_steps() == [5, 20]
+    assert config(short_steps=20, rungs=1).rung_steps() == [20]
+    assert config(short_steps=20, ladder="geometric").rung_steps() == [5, 10, 20]
+    assert config(short_steps=20, rungs=4, ladder="geometric").rung_steps() == [2, 5, 10, 20]
+    with pytest.raises(UserError, match=r"--short-steps 15 is too few for --rungs 4: the first rung scores after "
+                                        r"short-steps/16, so use at least 16 steps or fewer rungs"):
+        config(short_steps=15, rungs=4)
+    config(short_steps=8, rungs=4, ladder="geometric")  # /8 of 8 is one step
+    for keep in (0.0, 1.0, 1.5):
+        with pytest.raises(UserError, match=f"--keep {keep}: give the fraction of proposals"):
+            config(keep=keep)
+    with pytest.raises(UserError, match="ladder 'steep': use one of early, geometric"):
+        config(ladder="steep")
+    old = {k: v for k, v in config().as_json().items() if k not in ("ladder", "keep")}
+    legacy = RunConfig.from_json(old, "run.json")
+    assert (legacy.ladder, legacy.keep, legacy.rung_steps()) == ("geometric", 0.5, [5, 10, 20])
+    assert RunConfig.from_json(config().as_json(), "run.json") == config()
+
+
+def test_survivors_keep_the_nearest_whole_share_a_half_rounded_down() -> None:
+    ranked = rank([Candidate(f"g{i:02d}", 0.9 - i / 100, 0.3, 9.0) for i in range(17)], "accuracy", 0.9, 10.0, 0.0)
+    kept = {n: len(survivors(ranked[:n], 0.6)) for n in (1, 2, 3, 4, 5, 10, 11, 17)}
+    assert kept == {1: 1, 2: 1, 3: 2, 4: 2, 5: 3, 10: 6, 11: 7, 17: 10}
+    assert [len(survivors(ranked[:n], 0.5)) for n in (1, 2, 3, 7, 17)] == [1, 1, 1, 3, 8]  # n // 2, at least 1
+    assert [r.candidate.group for r in survivors(ranked, 0.6)] == [f"g{i:02d}" for i in range(10)]  # the best
 
 
 def test_a_remote_worker_joins_through_the_path_the_run_folder_is_mounted_at(tmp_path: Path) -> None:

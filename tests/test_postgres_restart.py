@@ -25,7 +25,7 @@ from postgres import postgres_bin, restartable_postgres
 from tiny_run import tiny_run_folder
 
 # tests/tiny_run.py's run as a command (tests/test_netadapt.py's TINY_ARGS, HALVING_BUDGET)
-TINY_ARGS = ["--budget", "5.3M-macs", "--limit", "240", "--batch-size", "32", "--short-steps", "4",
+TINY_ARGS = ["--budget", "5.3M-macs", "--limit", "240", "--batch-size", "32", "--short-steps", "8",
              "--seed-epochs", "2", "--long-epochs", "1", "--resolution", "64", "--threads", "1", "--quiet"]
 DOWN_SECONDS = 2.0
 

@@ -30,7 +30,7 @@ classifier: {hidden: 256, nl: HS}
 MICRO_BUDGET = "0.85M-macs"  # 8 iterations of 6-7 proposals (1,335,808 -> 774,656 MACs)
 # micro_run_folder()'s settings as command-line options (its own resolution, 32 px); 10 seed epochs (~4 s) lift
 # the seed from chance (11 % after 2) to a third, so proposals' holdout scores differ and comparisons have teeth
-MICRO_ARGS = ["--limit", "240", "--batch-size", "32", "--short-steps", "4", "--seed-epochs", "10",
+MICRO_ARGS = ["--limit", "240", "--batch-size", "32", "--short-steps", "8", "--seed-epochs", "10",
               "--long-epochs", "1", "--threads", "1", "--quiet"]
 
 _ROOT = Path(tempfile.mkdtemp(prefix="mnv3-tiny-run-"))
@@ -39,12 +39,12 @@ atexit.register(shutil.rmtree, _ROOT, True)
 
 @lru_cache(maxsize=None)
 def tiny_run_folder() -> Path:
-    """~15-40 s on 2 shared cores: 1-2 iterations, 4-step fine-tunes, 2 seed epochs on 240 images."""
+    """~15-40 s on 2 shared cores: 1-2 iterations, 8-step fine-tunes, 2 seed epochs on 240 images."""
     from mnv3_search.netadapt import RunConfig, run_netadapt
 
     out = _ROOT / "tiny-small-macs"
     config = RunConfig(spec_path="small", budget="5.3M-macs", data="digits", resolution=64, limit=240,
-                       batch_size=32, short_steps=4, seed_epochs=2, long_epochs=1, threads=1)
+                       batch_size=32, short_steps=8, seed_epochs=2, long_epochs=1, threads=1)
     run_netadapt(config, out=str(out), on_event=lambda kind, **info: TINY_RUN_EVENTS.append((kind, info)))
     return out
 
@@ -65,6 +65,6 @@ def micro_run_folder() -> Path:
 
     out = _ROOT / "micro-macs"
     config = RunConfig(spec_path=str(micro_spec_path()), budget=MICRO_BUDGET, data="digits", limit=240,
-                       batch_size=32, short_steps=4, seed_epochs=10, long_epochs=1, threads=1)
+                       batch_size=32, short_steps=8, seed_epochs=10, long_epochs=1, threads=1)
     run_netadapt(config, out=str(out))
     return out

@@ -232,8 +232,9 @@ ARTIFACTS_HELP = ("Optuna artifact store through which checkpoints travel betwee
               "way, accuracy differences within the holdout's standard error tie; ties go to the lower "
               "holdout loss, then the larger saving.")
 @click.option("--evaluation", type=click.Choice(EVALUATIONS), default="halving", show_default=True,
-              help="halving: every proposal is scored after short-steps/2^(rungs-1) steps, the better half "
-              "trains on, rung by rung (about half the steps); full: every proposal trains all short-steps.")
+              help="halving: every proposal is scored after a few steps (short-steps/8 with 3 rungs), the best "
+              "--keep fraction trains on, rung by rung (about half the steps); full: every proposal trains all "
+              "short-steps.")
 @click.option("--storage", envvar=STORAGE_ENV, show_envvar=True,
               help="Optuna storage URL or journal file (default: study.journal in the run folder); "
               "e.g. postgresql://user@host/db, sqlite:///study.db. " + STORAGE_HELP)
@@ -244,7 +245,10 @@ ARTIFACTS_HELP = ("Optuna artifact store through which checkpoints travel betwee
 @click.option("--short-steps", type=click.IntRange(min=1), default=20, show_default=True,
               help="Fine-tune steps per proposal.")
 @click.option("--rungs", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Successive-halving rungs (scored at short-steps/4, /2, /1 for 3).")
+              help="Successive-halving rungs (scored at short-steps/8, /4, /1 for 3; /4, /1 for 2).")
+@click.option("--keep", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.6,
+              show_default=True, metavar="FRACTION",
+              help="Share of a rung's proposals that train on to the next (by the selection rule).")
 @holdout_option()
 @click.option("--short-lr", type=float, default=0.005, show_default=True, help="Fine-tune learning rate (constant).")
 @click.option("--seed-epochs", type=click.IntRange(min=1), default=15, show_default=True,
@@ -279,7 +283,7 @@ ARTIFACTS_HELP = ("Optuna artifact store through which checkpoints travel betwee
 def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: Optional[str], data: str,
              weights: Optional[str], schedule: str, method: str, select: str, evaluation: str, storage: Optional[str],
              storage_file: Optional[str], artifacts: Optional[str], workers: int, short_steps: int, rungs: int,
-             holdout: Optional[float | int],
+             keep: float, holdout: Optional[float | int],
              short_lr: float, seed_epochs: int, long_epochs: int, final: str, lr: float,
              batch_size: int, train_resolution: int, resolution: Optional[int], limit: Optional[int], step: int,
              seed: int, backend: str, threads: int, lut: Optional[str], device: str, max_iterations: int,
@@ -288,7 +292,7 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
 
     NetAdapt as MobileNetV3 used it: each iteration proposes one smaller network per channel group
     (expansions, residual-coupled outputs, last conv, classifier hidden), sized by the latency table;
-    Optuna fine-tunes and scores them on the holdout by successive halving (the better half trains on);
+    Optuna fine-tunes and scores them on the holdout by successive halving (the best 60 % train on);
     the best dAcc/|dLatency| wins, ties going to the lower holdout loss, then the larger saving.
     Run the same command again (or --resume DIR) to continue an interrupted run.
 
@@ -316,7 +320,7 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
     else:
         config = RunConfig(spec_path=spec, budget=budget, schedule=schedule, select=select, data=data,
                            train_resolution=train_resolution, resolution=resolution, batch_size=batch_size,
-                           step=step, short_steps=short_steps, short_lr=short_lr, rungs=rungs,
+                           step=step, short_steps=short_steps, short_lr=short_lr, rungs=rungs, keep=keep,
                            holdout=holdout, seed_epochs=seed_epochs, long_epochs=long_epochs, final=final,
                            lr=lr,
                            seed=seed, evaluation=evaluation, method=method,

@@ -3,7 +3,7 @@
 While the network's resource exceeds the budget: target = current - schedule's cut; for every proposal
 group, the largest channel count whose child meets the target by the latency table (or by exact MAC/param
 counts); the proposals are fine-tuned briefly and scored on the holdout by synchronous successive halving
-(every proposal reaches the first rung, the better half by the selection rule goes on; each rung of each
+(every proposal reaches the first rung, the best 60 % by the selection rule go on; each rung of each
 proposal is one Optuna trial that continues the previous rung's checkpoint); the selection rule
 (selection.py: dAcc / |dLatency| or accuracy; differences within the holdout's standard error tie and go to
 the lower holdout loss, then the larger saving, then the group name) picks the winner among the last rung.
@@ -438,7 +438,7 @@ class NetAdapt:
                             proposals: dict[str, tuple[int, dict[str, Any]]], parent_accuracy: float,
                             current: float) -> list[Ranked]:
         """Synchronous successive halving: every proposal is enqueued for rung 0; once all of them finished,
-        the better half by the selection rule is enqueued for the next rung, continuing from its checkpoint;
+        the best `keep` fraction by the selection rule is enqueued for the next rung, continuing from its checkpoint;
         and so on. Returns the last rung's ranking. Finished trials are reused after a resume."""
         entrants = sorted(proposals)
         previous: dict[str, int] = {}
@@ -459,7 +459,7 @@ class NetAdapt:
                                      float(t.user_attrs["resource"])) for name, t in finished.items()],
                           self.config.select, parent_accuracy, current, self.tolerance(parent_accuracy))
             previous = {name: t.number for name, t in finished.items()}
-            entrants = sorted(r.candidate.group for r in survivors(ranked))
+            entrants = sorted(r.candidate.group for r in survivors(ranked, self.config.keep))
         return ranked
 
     def _wait_rung(self, study: optuna.Study, evaluator: Evaluator, iteration: int, rung: int, names: list[str],

@@ -14,7 +14,7 @@ holdout cross-entropy (a finer, steadier signal) wins, then (losses equal within
 saving, then the group name. Nothing depends on trial numbers or the order proposals finished in.
 
 Ranking repeats the choice on what is left, so a rung of halving keeps exactly the proposals the final
-choice would prefer.
+choice would prefer (`survivors`: the best `keep` fraction).
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def rank(candidates: Iterable[Candidate], rule: str, parent_accuracy: float, cur
     return order
 
 
-def survivors(ranked: Sequence[Ranked]) -> list[Ranked]:
-    """Successive halving keeps the better half (at least one) for the next rung."""
-    return list(ranked[:max(1, len(ranked) // 2)])
+def survivors(ranked: Sequence[Ranked], keep: float) -> list[Ranked]:
+    """The best `keep` fraction of a rung (at least one) goes on to the next: the nearest whole number, a
+    half rounded down (so `keep` 0.5 is the better half, n // 2, as runs made before `keep` existed)."""
+    return list(ranked[:max(1, math.ceil(keep * len(ranked) - 0.5))])
