@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from mnv3_search.netadapt.evaluate import KILL_EXIT_CODE, KILL_GROUP_ENV  # noqa: E402
 
-TINY = ["--data", "digits", "--limit", "240", "--batch-size", "32", "--short-steps", "4", "--seed-epochs", "2",
+TINY = ["--data", "digits", "--limit", "240", "--batch-size", "32", "--short-steps", "8", "--seed-epochs", "2",
         "--long-epochs", "3", "--resolution", "64", "--threads", "1", "--quiet"]
 BUDGET_A = "5.3M-macs"  # 2 iterations from Small's 5.50M MACs at 64 px
 BUDGET_B = "96%"  # 2 iterations of the netadapt schedule (2.5 % of the seed each)

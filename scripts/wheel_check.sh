@@ -81,7 +81,7 @@ run profile large --no-latency
 run profile small --resolution 64 --json  # latency with ONNX Runtime, from the installed wheel
 # a tiny NetAdapt run on the bundled digits data; a MACs budget keeps it to seconds: latency budgets
 # are covered by the test suite
-run netadapt small --budget 5.3M-macs --resolution 64 --limit 120 --batch-size 16 --short-steps 2 --rungs 2 \
+run netadapt small --budget 5.3M-macs --resolution 64 --limit 120 --batch-size 16 --short-steps 4 --rungs 2 \
     --seed-epochs 1 --long-epochs 1 --out "$tmp/work/run" --quiet
 tail -n 1 "$tmp/out.txt"
 for f in run.json final.yaml final.pt final.onnx iterations.csv; do
