@@ -19,7 +19,7 @@ from mnv3_search.cli import cli
 from mnv3_search.data import load_dataset
 from mnv3_search.model.counts import spec_macs
 from mnv3_search.netadapt import RunConfig, run_netadapt
-from mnv3_search.netadapt.loop import bisect_goal, next_goal
+from mnv3_search.netadapt.loop import bisect_goal, next_goal, push_goal
 from mnv3_search.prune.knapsack import (GroupScores, knapsack_shape, shrink_to, solve_multiple_choice,
                                         taylor_importance, widths_of)
 from mnv3_search.model.weights import read_checkpoint
@@ -205,3 +205,8 @@ def test_the_next_goal_interpolates_between_the_rounds_either_side_of_the_budget
     # a goal whose shape was timed already: halfway between the bracket's goals, none without a bracket
     assert bisect_goal([(1.0, 0.9), (1.5, 1.26), (2.2, 2.4), (1.8, 1.75)], 1.5) == pytest.approx(1.65)
     assert bisect_goal([(1.5, 1.26), (1.0, 0.9)], 1.5) is None
+    # a goal that gave a shape timed already, every round on one side: pushed on by at least KNAPSACK_SLACK
+    assert push_goal(1.0, 0.71, 0.70) == pytest.approx(0.97)  # scaling alone (x0.986) gave the same shape
+    assert push_goal(1.0, 0.80, 0.70) == pytest.approx(0.875)  # a larger miss scales as next_goal would
+    assert push_goal(1.0, 0.69, 0.70) == pytest.approx(1.03)
+    assert push_goal(1.0, 0.50, 0.70) == pytest.approx(1.4)
