@@ -78,7 +78,7 @@ class RunConfig:
         if not 0 < self.keep < 1:
             raise UserError(f"--keep {self.keep}: give the fraction of proposals that go on to the next rung, "
                             f"between 0 and 1 (0.6)")
-        fewest = self.rung_divisor() if self.rungs > 1 else 1
+        fewest = self.rung_divisor()
         if self.short_steps < fewest:
             raise UserError(f"--short-steps {self.short_steps} is too few for --rungs {self.rungs}: the first rung "
                             f"scores after short-steps/{fewest}, so use at least {fewest} steps or fewer rungs")
@@ -97,7 +97,9 @@ class RunConfig:
         return "fine-tune" if self.weights else "retrain"
 
     def rung_divisor(self) -> int:
-        """short_steps / this is the first rung's step count."""
+        """short_steps / this is the first rung's step count (1 with a single rung)."""
+        if self.rungs == 1:
+            return 1
         return 2 ** self.rungs if self.ladder == "early" else 2 ** (self.rungs - 1)
 
     def rung_steps(self) -> list[int]:
@@ -110,11 +112,9 @@ class RunConfig:
         little; spending its steps on keeping 60 % instead of half picked full evaluation's choice in 28 of
         32 iterations (geometric, half: 23) at 53 % of the steps saved (51 %).
         """
-        if self.rungs == 1:
-            return [self.short_steps]
-        if self.ladder == "geometric":
-            return [self.short_steps * 2 ** i // 2 ** (self.rungs - 1) for i in range(self.rungs)]
-        return [self.short_steps // 2 ** (self.rungs - i) for i in range(self.rungs - 1)] + [self.short_steps]
+        steps = [self.short_steps * 2 ** i // self.rung_divisor() for i in range(self.rungs)]
+        steps[-1] = self.short_steps  # the last rung is the whole fine-tune (on the early ladder, not /2)
+        return steps
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
