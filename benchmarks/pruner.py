@@ -80,12 +80,12 @@ def replay(proposals: list[dict], rung_steps: list[int], select: str, keep: floa
     return ranked[0].candidate.group, spent
 
 
-def setting_steps(config: RunConfig, ladder: str, rungs: int, keep: float) -> list[int]:
-    """The step counts a halving run with this setting (and the full run's short_steps) scores at."""
-    return replace(config, evaluation="halving", ladder=ladder, rungs=rungs, keep=keep).rung_steps()
+def setting_steps(config: RunConfig, ladder: str, rungs: int) -> list[int]:
+    """The step counts a halving run with this ladder (and the full run's short_steps) scores at."""
+    return replace(config, ladder=ladder, rungs=rungs).rung_steps()
 
 
-def replay_run(run: RunFolder, args: argparse.Namespace) -> list[dict]:
+def replay_run(run: RunFolder) -> list[dict]:
     """One row per finished iteration of `run` and setting (SETTINGS) whose step counts the run recorded."""
     study = optuna.load_study(study_name=run.path.resolve().name, storage=make_storage(run.default_storage_url))
     config = run.resume_config()
@@ -110,7 +110,7 @@ def replay_run(run: RunFolder, args: argparse.Namespace) -> list[dict]:
         assert full_choice == chosen[it] or not same_rule, (it, full_choice, chosen[it])
         final = {p["group"]: p["metrics"][recorded[-1]][0] for p in proposals}
         for label, ladder, rungs, keep in SETTINGS:
-            steps_at = setting_steps(config, ladder, rungs, keep)
+            steps_at = setting_steps(config, ladder, rungs)
             if not set(steps_at) <= set(recorded):
                 continue  # this run did not score at those steps
             choice, steps = replay(proposals, steps_at, config.select, keep)
@@ -140,7 +140,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
     rows = []
     for folder in args.out:
-        rows += replay_run(RunFolder(folder), args)
+        rows += replay_run(RunFolder(folder))
     frame = pd.DataFrame(rows)
     OUT.mkdir(parents=True, exist_ok=True)
     write_csv(frame, OUT / "pruner.csv")
