@@ -52,6 +52,7 @@ def test_nothing_to_explore() -> None:
     assert "nothing to explore" in result.output and len(result.output.strip().splitlines()) == 1
 
 
+@pytest.mark.timing
 def test_explore_five_trials_within_budget(tmp_path: Path) -> None:
     out = tmp_path / "explore"
     config = ExploreConfig(spec_path=str(EXAMPLE), budget="85%", trials=5, resolution=64, steps=6, reports=2,

@@ -167,6 +167,7 @@ def test_knapsack_refuses_study_options(tmp_path: Path, extra: list[str], named:
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.timing
 def test_knapsack_latency_budget_is_met_by_measurement(tmp_path: Path) -> None:
     """Every round's shape is timed beside the seed; the chosen one's measured share meets the budget and is
     the measured one closest to it; the rounds' targets move by the measurement (table -> measured ratio)."""

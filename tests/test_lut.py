@@ -448,6 +448,7 @@ def _relative_errors(table: LatencyTable, networks, together) -> list[float]:
     return [100.0 * ((predicted[i] / predicted[0]) / together.ratio(i) - 1.0) for i in range(1, len(networks))]
 
 
+@pytest.mark.timing
 def test_table_predicts_variants_relative_to_the_seed_timed_beside_them(small, tmp_path):
     """The table's promise: a child's latency relative to the seed, checked against both timed together.
 

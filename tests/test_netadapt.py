@@ -230,6 +230,7 @@ def test_short_tune_resumes_exactly() -> None:
     assert not torch.equal(start["classifier.3.weight"], straight.model.state_dict()["classifier.3.weight"])
 
 
+@pytest.mark.timing
 def test_latency_budget_is_confirmed_by_measurement(tmp_path: Path) -> None:
     out = tmp_path / "latency"
     # from the session's tiny seed (the same Small at 64 px), so no seed is trained here

@@ -163,7 +163,7 @@ def export(source: str, fmt: str, out_path: str, weights: Optional[str], resolut
         result = export_model(model, shape, fmt, out_path, measure=not no_latency, threads=threads)
     out = stdout_console()
     out.print(f"wrote {result.path} ({fmt}, input {'x'.join(map(str, shape))}): {result.folded_bn} conv+BN pairs "
-              f"folded, {result.bn_left} batch norms left", highlight=False)
+              f"folded, {result.bn_left} batch norms left", highlight=False, soft_wrap=True)  # a path stays whole
     out.print(f"outputs vs PyTorch: max abs error {result.max_abs_error:.2e} (tolerance {result.tolerance:.1e}, "
               f"outputs up to {result.output_scale:.3g})", highlight=False)
     if result.latency is not None and result.torch_latency is not None:
