@@ -29,7 +29,9 @@ resumes and seeds can train in parallel processes):
    beside the seed until the measurement meets the budget) at the same shares, trained from scratch like the
    widths: does one global ranking find shapes as good as NetAdapt's proposals? (`knapsack-table`: networks
    of an earlier version that trusted the table alone, reported when the work folder holds them; likewise
-   `netadapt-table1` / `scratch-table1`: the chain of the table before its per-call term and anchors.)
+   `netadapt-table1` / `scratch-table1`: the chain of the table before its per-call term and anchors;
+   `netadapt-ladder1` / `scratch-ladder1`: the chain made with the earlier halving ladder, /4, /2, /1 keeping
+   half, before the default became /8, /4, /1 keeping 60 %.)
 
 `--parts report` builds every final network of every seed and times them interleaved in this one
 process, recording wall-clock and the inference thread's CPU time (`--clock`, default cpu: on a loaded
@@ -75,13 +77,15 @@ from mnv3_search.train import evaluate, steps_per_epoch, train, train_epochs  # 
 OUT = Path("results/benchmarks")
 PLOT = Path("docs/netadapt-vs-width.png")
 METHODS = ("netadapt", "macs", "scratch", "macs-scratch", "knapsack", "knapsack-table", "netadapt-table1",
-           "scratch-table1")
+           "scratch-table1", "netadapt-ladder1", "scratch-ladder1")
 LABELS = {"netadapt": "NetAdapt (latency table), fine-tuned", "macs": "NetAdapt guided by MACs, fine-tuned",
           "scratch": "NetAdapt (latency table), shape retrained", "macs-scratch": "guided by MACs, shape retrained",
           "knapsack": "--method knapsack (Taylor x latency table, timed), shape retrained",
           "knapsack-table": "knapsack by the table alone (earlier run), shape retrained", "width": "width multiplier",
           "netadapt-table1": "NetAdapt, earlier table (no per-call term), fine-tuned",
-          "scratch-table1": "NetAdapt, earlier table (no per-call term), shape retrained"}
+          "scratch-table1": "NetAdapt, earlier table (no per-call term), shape retrained",
+          "netadapt-ladder1": "NetAdapt, earlier halving ladder (/4, /2, /1, keep half), fine-tuned",
+          "scratch-ladder1": "NetAdapt, earlier halving ladder (/4, /2, /1, keep half), shape retrained"}
 
 
 def parse() -> argparse.Namespace:
@@ -685,7 +689,8 @@ def goal(summary: pd.DataFrame, args: argparse.Namespace) -> None:
     ahead of the MACs-guided network; for the fine-tuned networks and for the retrained shapes."""
     print("\ngoal (>= +1 point or >= 1.3x, and ahead of MACs-guided):")
     for mine, theirs in (("netadapt", "macs"), ("scratch", "macs-scratch"), ("knapsack", "macs-scratch"),
-                         ("knapsack-table", "macs-scratch"), ("scratch-table1", "macs-scratch")):
+                         ("knapsack-table", "macs-scratch"), ("scratch-table1", "macs-scratch"),
+                         ("scratch-ladder1", "macs-scratch")):
         for budget in args.budgets:
             na = summary[(summary["method"] == mine) & (summary["budget_pct"] == budget)]
             mc = summary[(summary["method"] == theirs) & (summary["budget_pct"] == budget)]
@@ -717,7 +722,8 @@ def plot(frame: pd.DataFrame, seed_ms: float, args: argparse.Namespace) -> None:
                     color="0.35")
     styles = {"netadapt": ("tab:red", "s"), "macs": ("tab:blue", "^"), "scratch": ("tab:green", "D"),
               "macs-scratch": ("tab:purple", "v"), "knapsack": ("tab:orange", "P"),
-              "knapsack-table": ("tab:brown", "X"), "scratch-table1": ("tab:olive", "d")}
+              "knapsack-table": ("tab:brown", "X"), "scratch-table1": ("tab:olive", "d"),
+              "scratch-ladder1": ("tab:cyan", "o")}
     for method, (color, marker) in styles.items():
         g = frame[frame["method"] == method].groupby("budget").agg(
             lat=("latency_ms", "mean"), lat_std=("latency_ms", "std"), acc=("test_accuracy_pct", "mean"),
