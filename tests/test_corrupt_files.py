@@ -214,7 +214,9 @@ def test_a_moved_run_resumes_on_its_own_journal_and_sweeps_cut_writes(tmp_path: 
     del run["result"]
     (moved / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     (moved / "final.yaml").unlink()
-    leftovers = [moved / ".final.yaml.k1ll3d.tmp", moved / "iterations" / ".009.pt.k1ll3d.tmp"]
+    leftovers = [moved / ".final.yaml.k1ll3d.tmp", moved / "iterations" / ".009.pt.k1ll3d.tmp",
+                 moved / "trials" / ".00018.state.pt.k1ll3d.tmp"]
+    (moved / "trials").mkdir(exist_ok=True)
     for path in leftovers:
         path.write_text("")
     original_journal = (source / "study.journal").read_bytes()
