@@ -23,7 +23,9 @@ resumes and seeds can train in parallel processes):
 3. macs: the same loop guided by exact MAC counts (`NNN-macs` at the same shares of the seed's MACs),
    starting from the same trained seed.
 4. scratch: each latency-guided final architecture trained from scratch like a width multiplier: is it
-   the shape, or the inherited weights?
+   the shape, or the inherited weights? A seed in `--search-seeds` retrains its own chain's shapes, the
+   others the first search seed's (`scratch-chain0`: seeds 1-3's retrains of seed 0's shapes, from the
+   benchmark that searched once, kept beside the per-seed chains).
 5. knapsack: the library's `--method knapsack` (HALP-style, prune/knapsack.py: Taylor importance on the first
    search seed's trained seed, a knapsack over the latency table's price of every group width, the shape timed
    beside the seed until the measurement meets the budget) at the same shares, trained from scratch like the
@@ -77,7 +79,7 @@ from mnv3_search.train import evaluate, steps_per_epoch, train, train_epochs  # 
 OUT = Path("results/benchmarks")
 PLOT = Path("docs/netadapt-vs-width.png")
 METHODS = ("netadapt", "macs", "scratch", "macs-scratch", "knapsack", "knapsack-table", "netadapt-table1",
-           "scratch-table1", "netadapt-ladder1", "scratch-ladder1")
+           "scratch-table1", "netadapt-ladder1", "scratch-ladder1", "scratch-chain0")
 LABELS = {"netadapt": "NetAdapt (latency table), fine-tuned", "macs": "NetAdapt guided by MACs, fine-tuned",
           "scratch": "NetAdapt (latency table), shape retrained", "macs-scratch": "guided by MACs, shape retrained",
           "knapsack": "--method knapsack (Taylor x latency table, timed), shape retrained",
@@ -85,7 +87,8 @@ LABELS = {"netadapt": "NetAdapt (latency table), fine-tuned", "macs": "NetAdapt 
           "netadapt-table1": "NetAdapt, earlier table (no per-call term), fine-tuned",
           "scratch-table1": "NetAdapt, earlier table (no per-call term), shape retrained",
           "netadapt-ladder1": "NetAdapt, earlier halving ladder (/4, /2, /1, keep half), fine-tuned",
-          "scratch-ladder1": "NetAdapt, earlier halving ladder (/4, /2, /1, keep half), shape retrained"}
+          "scratch-ladder1": "NetAdapt, earlier halving ladder (/4, /2, /1, keep half), shape retrained",
+          "scratch-chain0": "NetAdapt, seed 0's chain's shapes retrained on every seed (search once)"}
 
 
 def parse() -> argparse.Namespace:
@@ -690,7 +693,7 @@ def goal(summary: pd.DataFrame, args: argparse.Namespace) -> None:
     print("\ngoal (>= +1 point or >= 1.3x, and ahead of MACs-guided):")
     for mine, theirs in (("netadapt", "macs"), ("scratch", "macs-scratch"), ("knapsack", "macs-scratch"),
                          ("knapsack-table", "macs-scratch"), ("scratch-table1", "macs-scratch"),
-                         ("scratch-ladder1", "macs-scratch")):
+                         ("scratch-ladder1", "macs-scratch"), ("scratch-chain0", "macs-scratch")):
         for budget in args.budgets:
             na = summary[(summary["method"] == mine) & (summary["budget_pct"] == budget)]
             mc = summary[(summary["method"] == theirs) & (summary["budget_pct"] == budget)]
@@ -722,8 +725,8 @@ def plot(frame: pd.DataFrame, seed_ms: float, args: argparse.Namespace) -> None:
                     color="0.35")
     styles = {"netadapt": ("tab:red", "s"), "macs": ("tab:blue", "^"), "scratch": ("tab:green", "D"),
               "macs-scratch": ("tab:purple", "v"), "knapsack": ("tab:orange", "P"),
-              "knapsack-table": ("tab:brown", "X"), "scratch-table1": ("tab:olive", "d"),
-              "scratch-ladder1": ("tab:cyan", "o")}
+              "scratch-ladder1": ("tab:cyan", "o"), "scratch-chain0": ("tab:pink", "*")}
+    # the earlier table's networks (knapsack-table, scratch-table1) stay in the CSV and the goal lines, off the plot
     for method, (color, marker) in styles.items():
         g = frame[frame["method"] == method].groupby("budget").agg(
             lat=("latency_ms", "mean"), lat_std=("latency_ms", "std"), acc=("test_accuracy_pct", "mean"),
