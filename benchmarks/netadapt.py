@@ -26,10 +26,11 @@ resumes and seeds can train in parallel processes):
    the shape, or the inherited weights? A seed in `--search-seeds` retrains its own chain's shapes, the
    others the first search seed's (`scratch-chain0`: seeds 1-3's retrains of seed 0's shapes, from the
    benchmark that searched once, kept beside the per-seed chains).
-5. knapsack: the library's `--method knapsack` (HALP-style, prune/knapsack.py: Taylor importance on the first
-   search seed's trained seed, a knapsack over the latency table's price of every group width, the shape timed
-   beside the seed until the measurement meets the budget) at the same shares, trained from scratch like the
-   widths: does one global ranking find shapes as good as NetAdapt's proposals? (`knapsack-table`: networks
+5. knapsack: the library's `--method knapsack` (HALP-style, prune/knapsack.py: Taylor importance on a search
+   seed's trained seed, its own for a seed in `--search-seeds`, a knapsack over the latency table's price of
+   every group width, the shape timed beside the seed until the measurement meets the budget) at the same
+   shares, trained from scratch like the widths: does one global ranking find shapes as good as NetAdapt's
+   proposals? (`knapsack-chain0`: seeds 1-3's retrains of seed 0's shapes; `knapsack-table`: networks
    of an earlier version that trusted the table alone, reported when the work folder holds them; likewise
    `netadapt-table1` / `scratch-table1`: the chain of the table before its per-call term and anchors;
    `netadapt-ladder1` / `scratch-ladder1`: the chain made with the earlier halving ladder, /4, /2, /1 keeping
@@ -79,7 +80,7 @@ from mnv3_search.train import evaluate, steps_per_epoch, train, train_epochs  # 
 OUT = Path("results/benchmarks")
 PLOT = Path("docs/netadapt-vs-width.png")
 METHODS = ("netadapt", "macs", "scratch", "macs-scratch", "knapsack", "knapsack-table", "netadapt-table1",
-           "scratch-table1", "netadapt-ladder1", "scratch-ladder1", "scratch-chain0")
+           "scratch-table1", "netadapt-ladder1", "scratch-ladder1", "scratch-chain0", "knapsack-chain0")
 LABELS = {"netadapt": "NetAdapt (latency table), fine-tuned", "macs": "NetAdapt guided by MACs, fine-tuned",
           "scratch": "NetAdapt (latency table), shape retrained", "macs-scratch": "guided by MACs, shape retrained",
           "knapsack": "--method knapsack (Taylor x latency table, timed), shape retrained",
@@ -88,7 +89,8 @@ LABELS = {"netadapt": "NetAdapt (latency table), fine-tuned", "macs": "NetAdapt 
           "scratch-table1": "NetAdapt, earlier table (no per-call term), shape retrained",
           "netadapt-ladder1": "NetAdapt, earlier halving ladder (/4, /2, /1, keep half), fine-tuned",
           "scratch-ladder1": "NetAdapt, earlier halving ladder (/4, /2, /1, keep half), shape retrained",
-          "scratch-chain0": "NetAdapt, seed 0's chain's shapes retrained on seeds 1-3 (search once)"}
+          "scratch-chain0": "NetAdapt, seed 0's chain's shapes retrained on seeds 1-3 (search once)",
+          "knapsack-chain0": "--method knapsack, seed 0's shapes retrained on seeds 1-3 (search once)"}
 
 
 def parse() -> argparse.Namespace:
@@ -120,10 +122,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--passes", type=int, default=60, help="interleaved timing passes in the report")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timings of every network in the report; "
                    "latency = the median share of the seed over them (shares drift less than absolute levels)")
-    p.add_argument("--time-chains", choices=("first", "all"), default="first", help="whose chain iterations the "
-                   "report times for its guide-vs-measurement table: the first search seed's (default) or every "
-                   "seed's (with 4 per-seed chains, 101 networks instead of 62: each timing takes twice as long and "
-                   "the shares spread more)")
+    p.add_argument("--time-chains", choices=("first", "all", "none"), default="first", help="whose chain "
+                   "iterations the report times for its guide-vs-measurement table: the first search seed's "
+                   "(default), every seed's or none (only the final networks: a report in half the time)")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="latency in the report: p25 of the "
                    "inference thread's CPU time (default: robust on a loaded shared machine) or of wall-clock time")
     p.add_argument("--finish-only", action="store_true", help="do not run or resume the chains: long fine-tune "
@@ -417,12 +418,11 @@ def scratch(args: argparse.Namespace, seed: int, guide: str = "netadapt") -> Non
                                                              "source_chain": str(folder)})
 
 
-def knapsack_shapes(args: argparse.Namespace) -> dict[float, ArchSpec]:
-    """One shape per budget from the library's `--method knapsack` (prune/knapsack.py: Taylor importance on the
-    first search seed's trained seed, a knapsack over the latency table, the shape timed beside the seed and
-    corrected until the measurement meets the budget), run without a final training: every seed retrains the
-    shapes from scratch like the widths. Each budget's run folder is kept, so a rerun reuses its shape."""
-    search = args.search_seeds[0]
+def knapsack_shapes(args: argparse.Namespace, search: int) -> dict[float, ArchSpec]:
+    """One shape per budget from the library's `--method knapsack` (prune/knapsack.py: Taylor importance on
+    seed `search`'s trained seed, a knapsack over the latency table, the shape timed beside the seed and
+    corrected until the measurement meets the budget), run without a final training: seeds retrain the shapes
+    from scratch like the widths. Each budget's run folder is kept, so a rerun reuses its shape."""
     weights = seed_dir(args, search) / "netadapt" / "seed.pt"
     if not weights.exists():
         raise SystemExit(f"{weights} is missing: run --parts latency for seed {search} first")
@@ -434,23 +434,27 @@ def knapsack_shapes(args: argparse.Namespace) -> dict[float, ArchSpec]:
             config = run_config(args, search, f"{share:g}%", lut=str(OUT / "netadapt-lut.json"), weights=str(weights),
                                 method="knapsack", final="fine-tune")
             result = run_netadapt(config, out=str(folder), on_event=on_event(search, f"knapsack {share:g} %"))
-            log(f"knapsack {share:g} %: measured {result.measured_latency_ms:.3f} ms vs seed "
+            log(f"seed {search} knapsack {share:g} %: measured {result.measured_latency_ms:.3f} ms vs seed "
                 f"{result.seed_measured_latency_ms:.3f} ms after {result.iterations} rounds "
                 f"({time.perf_counter() - t0:.0f} s)")
         shapes[share] = load_spec(folder / "final.yaml")
-        log(f"knapsack {share:g} %: {shape_change(shapes[share], seed_spec(shapes[share].num_classes))}")
+        log(f"seed {search} knapsack {share:g} %: {shape_change(shapes[share], seed_spec(shapes[share].num_classes))}")
     return shapes
 
 
 def knapsack(args: argparse.Namespace, seed: int) -> None:
-    """Each budget's knapsack shape trained from scratch like a width multiplier."""
-    shapes = knapsack_shapes(args)
+    """Each budget's knapsack shape trained from scratch like a width multiplier: a seed in `--search-seeds`
+    retrains the shapes of its own search (Taylor importance from its own trained seed), the others the first
+    search seed's (`knapsack-chain0` on seeds 1-3: seed 0's shapes, from the benchmark that searched once)."""
+    search = seed if seed in args.search_seeds else args.search_seeds[0]
+    shapes = knapsack_shapes(args, search)
     ds = dataset(args, seed)
     steps = equal_steps(args, ds, expected_path(args))
     for share, spec in sorted(shapes.items(), reverse=True):
         name = f"knapsack-{share:g}"
         if not done(args, seed, name):
-            from_scratch(args, seed, name, spec, steps, ds, {"method": "knapsack", "budget": share, "width": None})
+            from_scratch(args, seed, name, spec, steps, ds, {"method": "knapsack", "budget": share, "width": None,
+                                                             "source_search_seed": search})
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -539,7 +543,7 @@ def report(args: argparse.Namespace) -> None:
     base = seed_spec(specs[keys[0]].num_classes)
     specs.setdefault(spec_to_yaml(base), base)
     chain_steps: list[tuple[int, str, int, float, str]] = []  # (seed, guide, iteration, predicted share, key)
-    for seed in args.seeds if args.time_chains == "all" else args.search_seeds[:1]:
+    for seed in {"all": args.seeds, "first": args.search_seeds[:1], "none": []}[args.time_chains]:
         for guide in ("netadapt", "macs"):
             folder = seed_dir(args, seed) / guide
             if not (folder / "iterations.csv").exists():
@@ -697,7 +701,8 @@ def goal(summary: pd.DataFrame, args: argparse.Namespace) -> None:
     print("\ngoal (>= +1 point or >= 1.3x, and ahead of MACs-guided):")
     for mine, theirs in (("netadapt", "macs"), ("scratch", "macs-scratch"), ("knapsack", "macs-scratch"),
                          ("knapsack-table", "macs-scratch"), ("scratch-table1", "macs-scratch"),
-                         ("scratch-ladder1", "macs-scratch"), ("scratch-chain0", "macs-scratch")):
+                         ("scratch-ladder1", "macs-scratch"), ("scratch-chain0", "macs-scratch"),
+                         ("knapsack-chain0", "macs-scratch")):
         for budget in args.budgets:
             na = summary[(summary["method"] == mine) & (summary["budget_pct"] == budget)]
             mc = summary[(summary["method"] == theirs) & (summary["budget_pct"] == budget)]
@@ -729,7 +734,8 @@ def plot(frame: pd.DataFrame, seed_ms: float, args: argparse.Namespace) -> None:
                     color="0.35")
     styles = {"netadapt": ("tab:red", "s"), "macs": ("tab:blue", "^"), "scratch": ("tab:green", "D"),
               "macs-scratch": ("tab:purple", "v"), "knapsack": ("tab:orange", "P"),
-              "scratch-ladder1": ("tab:cyan", "o"), "scratch-chain0": ("tab:pink", "*")}
+              "scratch-ladder1": ("tab:cyan", "o"), "scratch-chain0": ("tab:pink", "*"),
+              "knapsack-chain0": ("tab:brown", "X")}
     # the earlier table's networks (knapsack-table, scratch-table1) stay in the CSV and the goal lines, off the plot
     for method, (color, marker) in styles.items():
         g = frame[frame["method"] == method].groupby("budget").agg(
