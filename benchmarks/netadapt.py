@@ -23,9 +23,10 @@ resumes and seeds can train in parallel processes):
 3. macs: the same loop guided by exact MAC counts (`NNN-macs` at the same shares of the seed's MACs),
    starting from the same trained seed.
 4. scratch: each latency-guided final architecture trained from scratch like a width multiplier: is it
-   the shape, or the inherited weights? A seed in `--search-seeds` retrains its own chain's shapes, the
-   others the first search seed's (`scratch-chain0`: seeds 1-3's retrains of seed 0's shapes, from the
-   benchmark that searched once, kept beside the per-seed chains).
+   the shape, or the inherited weights? A seed whose own chain exists in the work folder (it ran part latency
+   as a search seed) retrains that chain's shapes, the others the first search seed's (`chain_folder`;
+   `scratch-chain0`: seeds 1-3's retrains of seed 0's shapes, from the benchmark that searched once, kept
+   beside the per-seed chains).
 5. knapsack: the library's `--method knapsack` (HALP-style, prune/knapsack.py: Taylor importance on a search
    seed's trained seed, its own for a seed in `--search-seeds`, a knapsack over the latency table's price of
    every group width, the shape timed beside the seed until the measurement meets the budget) at the same
