@@ -82,6 +82,7 @@ OUT = Path("results/benchmarks")
 PLOT = Path("docs/netadapt-vs-width.png")
 METHODS = ("netadapt", "macs", "scratch", "macs-scratch", "knapsack", "knapsack-table", "netadapt-table1",
            "scratch-table1", "netadapt-ladder1", "scratch-ladder1", "scratch-chain0", "knapsack-chain0")
+SMALL_HOLDOUT = "holdout1k"  # item-5 experiment: the chain ranking on the first 1,000 holdout images
 LABELS = {"netadapt": "NetAdapt (latency table), fine-tuned", "macs": "NetAdapt guided by MACs, fine-tuned",
           "scratch": "NetAdapt (latency table), shape retrained", "macs-scratch": "guided by MACs, shape retrained",
           "knapsack": "--method knapsack (Taylor x latency table, timed), shape retrained",
@@ -91,7 +92,10 @@ LABELS = {"netadapt": "NetAdapt (latency table), fine-tuned", "macs": "NetAdapt 
           "netadapt-ladder1": "NetAdapt, earlier halving ladder (/4, /2, /1, keep half), fine-tuned",
           "scratch-ladder1": "NetAdapt, earlier halving ladder (/4, /2, /1, keep half), shape retrained",
           "scratch-chain0": "NetAdapt, seed 0's chain's shapes retrained on seeds 1-3 (search once)",
-          "knapsack-chain0": "--method knapsack, seed 0's shapes retrained on seeds 1-3 (search once)"}
+          "knapsack-chain0": "--method knapsack, seed 0's shapes retrained on seeds 1-3 (search once)",
+          f"netadapt-{SMALL_HOLDOUT}": "NetAdapt ranking on 1,000 holdout images, fine-tuned",
+          f"scratch-{SMALL_HOLDOUT}": "NetAdapt ranking on 1,000 holdout images, shape retrained"}
+METHODS = METHODS + (f"netadapt-{SMALL_HOLDOUT}", f"scratch-{SMALL_HOLDOUT}")
 
 
 def parse() -> argparse.Namespace:
@@ -106,6 +110,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="training images (default 20000; quick 6000)")
     p.add_argument("--holdout-images", type=int, default=None, help="holdout carved from the training set "
                    "(default 1,000: one image is 0.1 point; quick 500)")
+    p.add_argument("--small-holdout-chain", action="store_true", help="item 5: beside the latency chain (ranking "
+                   "proposals on --holdout-images, e.g. 5000), a second latency chain from the same trained seed "
+                   "that ranks on the first 1,000 of those images (a subset: never trained on), its shapes "
+                   f"retrained as scratch-{SMALL_HOLDOUT}: does a finer selection signal find better shapes?")
     p.add_argument("--budgets", default=None, help="shares of the seed's latency in %% (default 75,50,35; quick 80,60)")
     p.add_argument("--widths", default=None, help="width multipliers (default 0.25,0.35,0.5,0.75,1.0; "
                                                  "quick 0.4,0.7,1.0)")
@@ -146,7 +154,8 @@ def parse() -> argparse.Namespace:
                                                             "0.25,0.35,0.5,0.75,1.0")).split(","))
     if args.tag is None:
         changed = [f"{name}{getattr(args, name.replace('-', '_'))}" for name, default in
-                   (("short-steps", 32), ("short-lr", 0.005), ("train-resolution", 32), ("schedule", default_schedule))
+                   (("short-steps", 32), ("short-lr", 0.005), ("train-resolution", 32), ("schedule", default_schedule),
+                    ("holdout-images", 500 if quick else 1000))
                    if getattr(args, name.replace("-", "_")) != default]
         args.tag = "-".join(["quick" if quick else "full"] + [c.replace(",", "_") for c in changed])
     args.work = OUT / f"netadapt-work-{args.tag}"
@@ -155,6 +164,9 @@ def parse() -> argparse.Namespace:
     if "train" in parts:
         parts |= {"latency", "widths", "macs", "scratch", "macs-scratch", "knapsack"}
     args.parts = parts
+    if args.small_holdout_chain and args.holdout_images <= 1000:
+        p.error("--small-holdout-chain compares against 1,000 holdout images: give --holdout-images above 1000")
+    args.guides = ["netadapt"] + ([f"netadapt-{SMALL_HOLDOUT}"] if args.small_holdout_chain else [])
     return args
 
 
@@ -294,7 +306,7 @@ def chain_budgets(args: argparse.Namespace, folder: Path, guide: str) -> dict[fl
     if not (folder / "iterations.csv").exists():
         return None
     rows = pd.read_csv(folder / "iterations.csv")
-    column = "predicted_latency_ms" if guide == "netadapt" else "macs"
+    column = "predicted_latency_ms" if guide.startswith("netadapt") else "macs"
     return budget_iterations(rows, column, args.budgets, (folder / "final.yaml").exists())
 
 
@@ -309,11 +321,16 @@ def chain(args: argparse.Namespace, seed: int, guide: str) -> None:
         waited = time.perf_counter()
         while not weights.exists():  # the latency chain (another process) trains it
             if time.perf_counter() - waited > 3600:
-                log(f"seed {seed} macs: the latency chain's seed.pt is missing; run part latency first")
+                log(f"seed {seed} {guide}: the latency chain's seed.pt is missing; run part latency first")
                 return
             time.sleep(10)
-        macs = spec_macs(read_checkpoint(weights)[0])
-        config = run_config(args, seed, f"{math.floor(smallest / 100 * macs)}-macs", weights=str(weights))
+        if guide == "macs":
+            macs = spec_macs(read_checkpoint(weights)[0])
+            config = run_config(args, seed, f"{math.floor(smallest / 100 * macs)}-macs", weights=str(weights))
+        else:  # the same latency chain ranking on the first 1,000 images of the same permutation's holdout
+            config = dataclasses.replace(
+                run_config(args, seed, f"{smallest:g}%", lut=str(OUT / "netadapt-lut.json"), weights=str(weights)),
+                holdout=1000)
     start = time.perf_counter()
     if not args.finish_only:
         try:
@@ -403,7 +420,7 @@ def scratch(args: argparse.Namespace, seed: int, guide: str = "netadapt") -> Non
     """Each budget's architecture of a chain (from its iteration checkpoint, so this can run beside the
     chain), re-initialised and trained like a width multiplier: is it the shape, or the inherited weights?"""
     folder = chain_folder(args, seed, guide)
-    method = "scratch" if guide == "netadapt" else "macs-scratch"
+    method = {"netadapt": "scratch", "macs": "macs-scratch"}.get(guide, guide.replace("netadapt", "scratch"))
     chosen = chain_budgets(args, folder, guide)
     if chosen is None:
         log(f"seed {seed} {method}: the {guide} chain has no iteration yet")
@@ -545,12 +562,12 @@ def report(args: argparse.Namespace) -> None:
     specs.setdefault(spec_to_yaml(base), base)
     chain_steps: list[tuple[int, str, int, float, str]] = []  # (seed, guide, iteration, predicted share, key)
     for seed in {"all": args.seeds, "first": args.search_seeds[:1], "none": []}[args.time_chains]:
-        for guide in ("netadapt", "macs"):
+        for guide in (*args.guides, "macs"):
             folder = seed_dir(args, seed) / guide
             if not (folder / "iterations.csv").exists():
                 continue
             rows = pd.read_csv(folder / "iterations.csv")
-            column = "predicted_latency_ms" if guide == "netadapt" else "macs"
+            column = "predicted_latency_ms" if guide.startswith("netadapt") else "macs"
             first = float(rows.loc[rows["iteration"] == 0, column].iloc[0])
             for _, row in rows[rows["iteration"] > 0].iterrows():
                 spec, _ = read_checkpoint(folder / "iterations" / f"{int(row['iteration']):03d}.pt")
@@ -664,11 +681,12 @@ def selection_signal(args: argparse.Namespace) -> None:
     """How well the proposals' holdout accuracy separates them. With halving only the proposals that reached
     an iteration's last rung were scored after the same number of steps, so the spread and the "within one
     image" count compare those finalists; an iteration with a single finalist was decided at an earlier rung."""
-    one = 1 / args.holdout_images
-    print(f"\nselection signal (holdout {args.holdout_images} images: one image = {100 * one:.2f} points; "
-          f"compared among each iteration's finalists, the proposals scored at its last rung):")
+    print(f"\nselection signal (holdout {args.holdout_images} images, {SMALL_HOLDOUT} chains 1,000: one image = "
+          f"{100 / args.holdout_images:.2f} / 0.10 points; compared among each iteration's finalists, the proposals "
+          f"scored at its last rung):")
     for seed in args.seeds:
-        for guide in ("netadapt", "macs"):
+        for guide in (*args.guides, "macs"):
+            one = 1 / (1000 if guide.endswith(SMALL_HOLDOUT) else args.holdout_images)
             path = seed_dir(args, seed) / guide / "proposals.csv"
             if not path.exists():
                 continue
@@ -703,7 +721,8 @@ def goal(summary: pd.DataFrame, args: argparse.Namespace) -> None:
     for mine, theirs in (("netadapt", "macs"), ("scratch", "macs-scratch"), ("knapsack", "macs-scratch"),
                          ("knapsack-table", "macs-scratch"), ("scratch-table1", "macs-scratch"),
                          ("scratch-ladder1", "macs-scratch"), ("scratch-chain0", "macs-scratch"),
-                         ("knapsack-chain0", "macs-scratch")):
+                         ("knapsack-chain0", "macs-scratch"), (f"scratch-{SMALL_HOLDOUT}", "macs-scratch"),
+                         (f"netadapt-{SMALL_HOLDOUT}", "macs")):
         for budget in args.budgets:
             na = summary[(summary["method"] == mine) & (summary["budget_pct"] == budget)]
             mc = summary[(summary["method"] == theirs) & (summary["budget_pct"] == budget)]
@@ -736,7 +755,7 @@ def plot(frame: pd.DataFrame, seed_ms: float, args: argparse.Namespace) -> None:
     styles = {"netadapt": ("tab:red", "s"), "macs": ("tab:blue", "^"), "scratch": ("tab:green", "D"),
               "macs-scratch": ("tab:purple", "v"), "knapsack": ("tab:orange", "P"),
               "scratch-ladder1": ("tab:cyan", "o"), "scratch-chain0": ("tab:pink", "*"),
-              "knapsack-chain0": ("tab:brown", "X")}
+              "knapsack-chain0": ("tab:brown", "X"), f"scratch-{SMALL_HOLDOUT}": ("tab:olive", "h")}
     # the earlier table's networks (knapsack-table, scratch-table1) stay in the CSV and the goal lines, off the plot
     for method, (color, marker) in styles.items():
         g = frame[frame["method"] == method].groupby("budget").agg(
@@ -768,13 +787,15 @@ def main() -> None:
     log(f"work folder {args.work}; settings {settings(args)}; seeds {args.seeds}; parts {sorted(args.parts)}")
     for seed in args.seeds:
         if "latency" in args.parts and seed in args.search_seeds:
-            chain(args, seed, "netadapt")
+            for guide in args.guides:
+                chain(args, seed, guide)
         if "widths" in args.parts:
             widths(args, seed)
         if "macs" in args.parts and seed in args.search_seeds:
             chain(args, seed, "macs")
         if "scratch" in args.parts:
-            scratch(args, seed, "netadapt")
+            for guide in args.guides:
+                scratch(args, seed, guide)
         if "macs-scratch" in args.parts:
             scratch(args, seed, "macs")
         if "knapsack" in args.parts:
