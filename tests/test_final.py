@@ -29,7 +29,7 @@ def _stem_similarity(run: Path) -> float:
 
 
 def test_retrain_trains_the_adapted_shape_from_scratch(tmp_path: Path) -> None:
-    retrained = micro_run_folder()  # the session's micro run (8 iterations): it trained its seed, so auto retrains
+    retrained = micro_run_folder()  # the session's micro run (4 iterations): it trained its seed, so auto retrains
     out = tmp_path / "fine-tune"
     micro = dict(spec_path=str(micro_spec_path()), budget=MICRO_BUDGET, data="digits", limit=240, batch_size=32,
                  short_steps=8, seed_epochs=10, long_epochs=1, threads=1)

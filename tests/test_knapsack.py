@@ -25,7 +25,7 @@ from mnv3_search.prune.knapsack import (GroupScores, knapsack_shape, shrink_to, 
 from mnv3_search.model.weights import read_checkpoint
 from mnv3_search.prune.surgery import child_spec, shrink
 from mnv3_search.spec.arch import ArchSpec
-from tiny_run import MICRO_ARGS, micro_run_folder, micro_spec_path, tiny_run_folder
+from tiny_run import MICRO_ARGS, micro_run_folder, micro_spec_path, tiny_seed_checkpoint
 
 TINY = dict(data="digits", limit=240, batch_size=32, short_steps=8, seed_epochs=2, long_epochs=1,
             resolution=64, threads=1)
@@ -173,7 +173,7 @@ def test_knapsack_latency_budget_is_met_by_measurement(tmp_path: Path) -> None:
     the measured one closest to it; the rounds' targets move by the measurement (table -> measured ratio)."""
     out = tmp_path / "latency"
     result = run_netadapt(RunConfig(spec_path="small", budget="70%", method="knapsack",
-                                    weights=str(tiny_run_folder() / "seed.pt"),
+                                    weights=str(tiny_seed_checkpoint()),  # the tiny run's seed alone
                                     **{**TINY, "long_epochs": 0}), out=str(out))
     assert result.measured_latency_ms is not None and result.seed_measured_latency_ms is not None
     share = result.measured_latency_ms / result.seed_measured_latency_ms

@@ -29,7 +29,8 @@ from mnv3_search.netadapt.study import ITERATION_ATTR, create_study, make_storag
 from mnv3_search.spec.spaces import resolve_spec_path
 from mnv3_search.model.weights import read_checkpoint
 from postgres import postgres_bin, running_postgres
-from tiny_run import MICRO_ARGS, MICRO_BUDGET, micro_run_folder, micro_spec_path, tiny_run_folder
+from tiny_run import (MICRO_ARGS, MICRO_BUDGET, micro_run_folder, micro_spec_path, tiny_run_folder,
+                      tiny_seed_checkpoint)
 
 TINY = dict(data="digits", limit=240, batch_size=32, short_steps=8, seed_epochs=2, long_epochs=1,
             resolution=64, threads=1)
@@ -233,8 +234,8 @@ def test_short_tune_resumes_exactly() -> None:
 @pytest.mark.timing
 def test_latency_budget_is_confirmed_by_measurement(tmp_path: Path) -> None:
     out = tmp_path / "latency"
-    # from the session's tiny seed (the same Small at 64 px), so no seed is trained here
-    result = run_netadapt(RunConfig(spec_path="small", budget="96%", weights=str(tiny_run_folder() / "seed.pt"),
+    # from the tiny run's seed (the same Small at 64 px), trained alone: this pass runs in a process of its own
+    result = run_netadapt(RunConfig(spec_path="small", budget="96%", weights=str(tiny_seed_checkpoint()),
                                     **TINY), out=str(out))
     assert result.measured_latency_ms is not None and result.seed_measured_latency_ms is not None
     assert result.measured_latency_ms / result.seed_measured_latency_ms <= 0.96
@@ -252,6 +253,15 @@ def test_latency_budget_is_confirmed_by_measurement(tmp_path: Path) -> None:
     assert Path(json.loads((out / "run.json").read_text())["latency_table"]["path"]).exists()  # the machine's table
 
 
+def test_the_timing_tests_seed_is_the_tiny_runs_seed() -> None:
+    """The `timing` tests adapt tiny_seed_checkpoint() (seconds) instead of building the tiny run (~30 s) in
+    their pass: the same network, bit for bit."""
+    spec, state = read_checkpoint(tiny_seed_checkpoint())
+    run_spec, run_state = read_checkpoint(tiny_run_folder() / "seed.pt")
+    assert spec == run_spec and state.keys() == run_state.keys()
+    assert all(torch.equal(state[k], run_state[k]) for k in run_state)
+
+
 def micro_command(out: Path, *extra: str) -> list[str]:
     """micro_run_folder()'s run as a user would type it: the micro network, MICRO_BUDGET, MICRO_ARGS."""
     return [sys.executable, "-m", "mnv3_search", "netadapt", str(micro_spec_path()), "--budget", MICRO_BUDGET,
@@ -265,7 +275,7 @@ def _complete_trials(folder: Path) -> list[optuna.trial.FrozenTrial]:
 def test_resume_in_the_middle_of_a_rung_loses_nothing(tmp_path: Path) -> None:
     """SIGKILL while iteration 1's first rung is half done; the resumed run reuses every finished trial
     (trial and step counts equal the uninterrupted run's), retries only the one in flight and ends with the
-    same network, weights and test accuracy. (The micro network: 7 proposals in the first rung, 8 iterations.)"""
+    same network, weights and test accuracy. (The micro network: 7 proposals in the first rung, 4 iterations.)"""
     reference = micro_run_folder()
     result = RunFolder(reference).read_run_json()["result"]
     killed = tmp_path / "killed"

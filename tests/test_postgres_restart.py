@@ -1,7 +1,8 @@
 """A PostgreSQL restart in the middle of a run (issue 11): the run survives it, or stops in one line and resumes.
 
 The real throwaway server of tests/postgres.py is stopped (fast: every connection is cut) and started again on
-the same port while a two-process tiny run (tests/tiny_run.py's settings) is evaluating proposals. Either the
+the same port while a two-process micro run (tests/tiny_run.py's micro network and settings) is evaluating
+proposals. Either the
 leader and its worker reconnect and the run completes, or it exits with one line naming the storage and the
 same command resumes it; either way it ends with the network of the uninterrupted run, and no proposal rung is
 evaluated twice to completion.
@@ -22,11 +23,8 @@ from mnv3_search.netadapt.study import (CLAIM_SECONDS, FAILURE_ATTR, HEARTBEAT_A
                                        _pop_waiting_trial_id, as_storage_lost, create_study, make_storage,
                                        requeue_stale, storage_of, trial_storage_id)
 from postgres import postgres_bin, restartable_postgres
-from tiny_run import tiny_run_folder
+from tiny_run import MICRO_ARGS, MICRO_BUDGET, micro_run_folder, micro_spec_path
 
-# tests/tiny_run.py's run as a command (tests/test_netadapt.py's TINY_ARGS, HALVING_BUDGET)
-TINY_ARGS = ["--budget", "5.3M-macs", "--limit", "240", "--batch-size", "32", "--short-steps", "8",
-             "--seed-epochs", "2", "--long-epochs", "1", "--resolution", "64", "--threads", "1", "--quiet"]
 DOWN_SECONDS = 2.0
 
 
@@ -46,8 +44,9 @@ def _complete_trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
 def test_a_postgresql_restart_mid_run_loses_nothing(tmp_path: Path) -> None:
     out = tmp_path / "pgrestart"
     for server in restartable_postgres():
-        command = [sys.executable, "-m", "mnv3_search", "netadapt", "small", "--out", str(out), *TINY_ARGS,
-                   "--workers", "2", "--storage", server.url]
+        # micro_run_folder()'s run as a command, in two processes (a third of the tiny run's cost)
+        command = [sys.executable, "-m", "mnv3_search", "netadapt", str(micro_spec_path()), "--budget", MICRO_BUDGET,
+                   "--out", str(out), *MICRO_ARGS, "--workers", "2", "--storage", server.url]
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 300
@@ -71,7 +70,7 @@ def test_a_postgresql_restart_mid_run_loses_nothing(tmp_path: Path) -> None:
         complete = _complete_trials(server.url, out.name)
     rungs = Counter((t.user_attrs["iteration"], t.params["group"], t.user_attrs["rung"]) for t in complete)
     assert rungs and max(rungs.values()) == 1, [key for key, n in rungs.items() if n > 1]
-    assert (out / "final.yaml").read_text() == (tiny_run_folder() / "final.yaml").read_text()
+    assert (out / "final.yaml").read_text() == (micro_run_folder() / "final.yaml").read_text()
 
 
 def test_a_claim_its_worker_never_stamped_is_enqueued_again(tmp_path: Path) -> None:
