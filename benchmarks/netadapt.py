@@ -85,9 +85,11 @@ from mnv3_search.train import evaluate, steps_per_epoch, train, train_epochs  # 
 
 OUT = Path("results/benchmarks")
 PLOT = Path("docs/netadapt-vs-width.png")
+SMALL_HOLDOUT_IMAGES = 1000  # item-5 experiment: the second chain ranks on the first 1,000 holdout images
+SMALL_HOLDOUT = "holdout1k"  # its guide is netadapt-holdout1k, its retrained shapes scratch-holdout1k
 METHODS = ("netadapt", "macs", "scratch", "macs-scratch", "knapsack", "knapsack-table", "netadapt-table1",
-           "scratch-table1", "netadapt-ladder1", "scratch-ladder1", "scratch-chain0", "knapsack-chain0")
-SMALL_HOLDOUT = "holdout1k"  # item-5 experiment: the chain ranking on the first 1,000 holdout images
+           "scratch-table1", "netadapt-ladder1", "scratch-ladder1", "scratch-chain0", "knapsack-chain0",
+           f"netadapt-{SMALL_HOLDOUT}", f"scratch-{SMALL_HOLDOUT}")
 LABELS = {"netadapt": "NetAdapt (latency table), fine-tuned", "macs": "NetAdapt guided by MACs, fine-tuned",
           "scratch": "NetAdapt (latency table), shape retrained", "macs-scratch": "guided by MACs, shape retrained",
           "knapsack": "--method knapsack (Taylor x latency table, timed), shape retrained",
@@ -100,7 +102,6 @@ LABELS = {"netadapt": "NetAdapt (latency table), fine-tuned", "macs": "NetAdapt 
           "knapsack-chain0": "--method knapsack, seed 0's shapes retrained on seeds 1-3 (search once)",
           f"netadapt-{SMALL_HOLDOUT}": "NetAdapt ranking on 1,000 holdout images, fine-tuned",
           f"scratch-{SMALL_HOLDOUT}": "NetAdapt ranking on 1,000 holdout images, shape retrained"}
-METHODS = METHODS + (f"netadapt-{SMALL_HOLDOUT}", f"scratch-{SMALL_HOLDOUT}")
 
 
 def parse() -> argparse.Namespace:
@@ -150,7 +151,8 @@ def parse() -> argparse.Namespace:
     args.seeds = [int(s) for s in (args.seeds or ("0" if quick else "0,1,2")).split(",")]
     args.search_seeds = [int(s) for s in args.search_seeds.split(",")] if args.search_seeds else list(args.seeds)
     args.limit = args.limit or (6000 if quick else 20000)
-    args.holdout_images = args.holdout_images or (500 if quick else 1000)
+    default_holdout = 500 if quick else 1000
+    args.holdout_images = args.holdout_images or default_holdout
     default_schedule = "0.1,1.0" if quick else "0.05,1.0"
     args.schedule = args.schedule or default_schedule
     args.budgets = sorted((float(b) for b in (args.budgets or ("80,60" if quick else "75,50,35")).split(",")),
@@ -160,7 +162,7 @@ def parse() -> argparse.Namespace:
     if args.tag is None:
         changed = [f"{name}{getattr(args, name.replace('-', '_'))}" for name, default in
                    (("short-steps", 32), ("short-lr", 0.005), ("train-resolution", 32), ("schedule", default_schedule),
-                    ("holdout-images", 500 if quick else 1000))
+                    ("holdout-images", default_holdout))
                    if getattr(args, name.replace("-", "_")) != default]
         args.tag = "-".join(["quick" if quick else "full"] + [c.replace(",", "_") for c in changed])
     args.work = OUT / f"netadapt-work-{args.tag}"
@@ -169,7 +171,7 @@ def parse() -> argparse.Namespace:
     if "train" in parts:
         parts |= {"latency", "widths", "macs", "scratch", "macs-scratch", "knapsack"}
     args.parts = parts
-    if args.small_holdout_chain and args.holdout_images <= 1000:
+    if args.small_holdout_chain and args.holdout_images <= SMALL_HOLDOUT_IMAGES:
         p.error("--small-holdout-chain compares against 1,000 holdout images: give --holdout-images above 1000")
     args.guides = ["netadapt"] + ([f"netadapt-{SMALL_HOLDOUT}"] if args.small_holdout_chain else [])
     return args
@@ -305,14 +307,18 @@ def budget_iterations(rows: pd.DataFrame, column: str, shares: list[float], fini
     return found
 
 
+def guide_column(guide: str) -> str:
+    """The iterations.csv column a chain was guided by: the table's prediction for latency chains, else MACs."""
+    return "predicted_latency_ms" if guide.startswith("netadapt") else "macs"
+
+
 def chain_budgets(args: argparse.Namespace, folder: Path, guide: str) -> dict[float, int] | None:
     """The iteration of a chain's folder that stands for each budget (see `budget_iterations`); None before
     the chain has finished an iteration. Used by the fine-tuned and the retrained networks alike."""
     if not (folder / "iterations.csv").exists():
         return None
     rows = pd.read_csv(folder / "iterations.csv")
-    column = "predicted_latency_ms" if guide.startswith("netadapt") else "macs"
-    return budget_iterations(rows, column, args.budgets, (folder / "final.yaml").exists())
+    return budget_iterations(rows, guide_column(guide), args.budgets, (folder / "final.yaml").exists())
 
 
 def chain(args: argparse.Namespace, seed: int, guide: str) -> None:
@@ -335,7 +341,7 @@ def chain(args: argparse.Namespace, seed: int, guide: str) -> None:
         else:  # the same latency chain ranking on the first 1,000 images of the same permutation's holdout
             config = dataclasses.replace(
                 run_config(args, seed, f"{smallest:g}%", lut=str(OUT / "netadapt-lut.json"), weights=str(weights)),
-                holdout=1000)
+                holdout=SMALL_HOLDOUT_IMAGES)
     start = time.perf_counter()
     if not args.finish_only:
         try:
@@ -572,7 +578,7 @@ def report(args: argparse.Namespace) -> None:
             if not (folder / "iterations.csv").exists():
                 continue
             rows = pd.read_csv(folder / "iterations.csv")
-            column = "predicted_latency_ms" if guide.startswith("netadapt") else "macs"
+            column = guide_column(guide)
             first = float(rows.loc[rows["iteration"] == 0, column].iloc[0])
             for _, row in rows[rows["iteration"] > 0].iterrows():
                 spec, _ = read_checkpoint(folder / "iterations" / f"{int(row['iteration']):03d}.pt")
@@ -691,7 +697,7 @@ def selection_signal(args: argparse.Namespace) -> None:
           f"scored at its last rung):")
     for seed in args.seeds:
         for guide in (*args.guides, "macs"):
-            one = 1 / (1000 if guide.endswith(SMALL_HOLDOUT) else args.holdout_images)
+            one = 1 / (SMALL_HOLDOUT_IMAGES if guide.endswith(SMALL_HOLDOUT) else args.holdout_images)
             path = seed_dir(args, seed) / guide / "proposals.csv"
             if not path.exists():
                 continue
