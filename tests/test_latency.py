@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from mnv3_search import UserError
-from mnv3_search.latency.measure import (Comparison, InterleavedPolicy, OnnxRuntimeBackend, TimingPolicy,
-                                         TorchEagerBackend, compare, device_fingerprint, export_onnx, make_backend,
-                                         measure, measure_interleaved, measure_together, ratio_shift, summarize)
+from mnv3_search.latency import (Comparison, InterleavedPolicy, OnnxRuntimeBackend, TimingPolicy, TorchEagerBackend,
+                                 compare, device_fingerprint, export_onnx, make_backend, measure, measure_interleaved,
+                                 measure_together, ratio_shift, summarize)
 from mnv3_search.model.build import ConvBNAct
 
 

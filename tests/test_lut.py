@@ -14,17 +14,15 @@ from click.testing import CliRunner
 
 from mnv3_search import UserError, build_model
 from mnv3_search.cli import cli
-from mnv3_search.latency.measure import InterleavedPolicy, OnnxRuntimeBackend
-from mnv3_search.latency.measure import Measurement
-from mnv3_search.latency.table import (ANCHORS, UNIFORM_COMPANIONS, BlockKey, Entry, LatencyTable, anchor_level,
-                                      build_table, calibration_companions, check_table, check_variants,
-                                      choose_calibration, fit_calibration, fit_model, netadapt_keys,
-                                      read_table_file, relative_to_reference, spec_keys, summarize_errors,
-                                      variant_specs)
+from mnv3_search.latency import (BlockKey, Entry, InterleavedPolicy, LatencyTable, Measurement, OnnxRuntimeBackend,
+                                 build_table, check_table, check_variants, choose_calibration, fit_calibration,
+                                 fit_model, read_table_file, relative_to_reference, spec_keys, summarize_errors)
+from mnv3_search.latency.table import ANCHORS, anchor_level
 from mnv3_search.model.build import count_params
 from mnv3_search.model.counts import spec_params
 from mnv3_search.prune.surgery import child_spec
-from mnv3_search.prune.variants import random_variant
+from mnv3_search.prune.variants import (UNIFORM_COMPANIONS, calibration_companions, netadapt_keys, random_variant,
+                                        variant_specs)
 
 FAST = InterleavedPolicy(passes=2, runs_per_pass=1, warmup_runs=1, min_passes=1)
 
@@ -52,7 +50,7 @@ def built(tiny, tmp_path_factory) -> Path:
     """A calibrated table for `tiny`, built once; tests copy it."""
     path = tmp_path_factory.mktemp("lut") / "table.json"
     table = LatencyTable.open(path, OnnxRuntimeBackend(), 1, FAST)
-    table.calibrate(tiny, companions=1)
+    table.calibrate(tiny, calibration_companions(tiny, 1))
     return path
 
 
@@ -274,7 +272,7 @@ def test_fit_falls_back_to_the_seeds_plain_factor():
 
 def test_calibration_with_companions_is_applied_to_predictions(table_file, tiny):
     table = LatencyTable.open(table_file, OnnxRuntimeBackend(), 1, FAST)
-    cal = table.calibrate(tiny, companions=3)
+    cal = table.calibrate(tiny, calibration_companions(tiny, 3))
     assert cal.networks == 4 and cal.params == count_params(build_model(tiny))
     p = table.predict(tiny, measure_missing=False)
     assert p.calibrated_ms == pytest.approx(cal.a * p.raw_ms + cal.b_ms_per_mparam * p.params / 1e6 + cal.c_ms,
@@ -328,7 +326,7 @@ def test_per_call_term_is_fitted_and_kept_when_the_sum_counts_a_call_per_block()
 
 def test_calibration_records_its_model_and_reads_old_tables(table_file, tiny):
     table = LatencyTable.open(table_file, OnnxRuntimeBackend(), 1, FAST)
-    cal = table.calibrate(tiny, companions=4)
+    cal = table.calibrate(tiny, calibration_companions(tiny, 4))
     assert cal.networks == 5 and cal.model in ("plain", "two-term", "overhead", "three-term")
     assert cal.heldout_pct is not None and set(cal.heldout_pct) == {"plain", "two-term", "overhead", "three-term"}
     if cal.model == "plain":
@@ -511,10 +509,11 @@ def test_missing_entries_without_measuring_are_a_user_error(tiny, tmp_path):
 def test_build_and_check_on_a_tiny_network(tmp_path, tiny):
     table = LatencyTable.open(tmp_path / "t.json", OnnxRuntimeBackend(), 1, FAST)
     calls = []
-    report = build_table(table, tiny, step=256, progress=lambda d, t, w: calls.append((d, t)))
+    report = build_table(table, tiny, netadapt_keys(tiny, 256), calibration_companions(tiny),
+                         progress=lambda d, t, w: calls.append((d, t)))
     assert report.entries_measured == report.entries_needed == len(netadapt_keys(tiny, 256))
     assert calls[-1][0] == pytest.approx(calls[-1][1])  # progress ends at its total
-    report = check_table(table, tiny, 3, seed=1)
+    report = check_table(table, tiny, variant_specs(tiny, 3, seed=1), calibration_companions(tiny))
     rows = report.rows
     assert [r.network for r in rows] == ["seed", "variant 1", "variant 2", "variant 3"]
     seed_row = rows[0]
@@ -530,7 +529,8 @@ def test_build_and_check_on_a_tiny_network(tmp_path, tiny):
     assert summary.count == 3
     assert summary.worst_pct == max(abs(r.error_pct) for r in rows[1:])
     assert summary.rel_worst_pct == max(abs(r.relative_error_pct) for r in rows[1:])
-    assert [r.network for r in check_variants(table, tiny, 2, seed=1)] == ["seed", "variant 1", "variant 2"]
+    rows = check_variants(table, tiny, variant_specs(tiny, 2, seed=1), calibration_companions(tiny))
+    assert [r.network for r in rows] == ["seed", "variant 1", "variant 2"]
 
 
 def test_check_cli_reports_seed_relative_error_and_drift(table_file, tmp_path, tiny):
@@ -569,15 +569,15 @@ class ExportingBackend(OnnxRuntimeBackend):
 def test_repeated_timings_of_a_shape_reuse_its_module_and_export(table_file, tiny, monkeypatch):
     """NetAdapt times the seed beside each iteration's network three times: each shape is exported once, and
     every timing still opens its own session."""
-    measure_module = sys.modules["mnv3_search.latency.measure"]  # the package's `measure` is the function
+    backends_module = sys.modules["mnv3_search.latency.backends"]
     backend = ExportingBackend()
     table = LatencyTable.open(table_file, backend, 1, FAST)
     child, other = child_spec(tiny, "exp2", 16), child_spec(tiny, "hidden", 128)
     table.predict(child)
     table.predict(other)  # their missing entries measured first: only whole networks are counted below
     exports: list[tuple[int, ...]] = []
-    real = measure_module.onnx_bytes
-    monkeypatch.setattr(measure_module, "onnx_bytes",
+    real = backends_module.onnx_bytes
+    monkeypatch.setattr(backends_module, "onnx_bytes",
                         lambda module, shape, *args, **kw: exports.append(shape) or real(module, shape, *args, **kw))
     backend.modules.clear()
     for _ in range(3):
