@@ -102,9 +102,8 @@ class LatencyTable:
                             f"machine's latency: give another --lut path to build a new one")
         # entries of one table share one protocol: the file's wins over the caller's
         protocol = header.protocol
-        policy = replace(policy, passes=int(protocol.get("passes", policy.passes)),
-                         runs_per_pass=int(protocol.get("runs_per_pass", policy.runs_per_pass)),
-                         clock=str(protocol.get("clock", "wall")))  # tables from before the clock: wall
+        policy = replace(policy, passes=int(protocol["passes"]), runs_per_pass=int(protocol["runs_per_pass"]),
+                         clock=str(protocol["clock"]))
         return cls(path, header, entries, calibrations, backend=backend, policy=policy)
 
     @classmethod

@@ -2,6 +2,11 @@
 
 A file that cannot be read, or was made on another device, backend, thread count or batch, is refused with one
 line naming it and is never overwritten (the caller writes atomically, `LatencyTable.save`).
+
+Format versions: version 1 grew fields over time and read a missing one as its old meaning; version 2 writes
+every field. An older file is brought up to date in memory by the numbered steps of `MIGRATIONS` right after
+it is read, so the reader below knows only the current version; the next save writes the current version.
+To change the format: bump `FORMAT_VERSION`, add the step from the previous version to `MIGRATIONS`.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional, TypeGuard
+from typing import Callable, Optional, TypeGuard
 
 from ..errors import UserError
 from ..fileio import PathLike, json_cut_short
@@ -19,7 +24,7 @@ from .keys import KINDS, BlockKey
 from .protocol import Measurement
 
 SCHEMA = "mnv3-search/latency-table"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -78,9 +83,55 @@ class Entry:
                      m.min_ms / level, m.repeats, level)
 
 
+# --- migrations: each takes a document of version n and returns it as version n + 1 ---------------------------
+# A step patches only what has the shape it expects and leaves anything else alone, so a damaged file still
+# reaches the reader and is refused with the reader's own message.
+
 def _is_number(value: object) -> TypeGuard[float]:
     """A finite JSON number (true and false are not numbers here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _v1_to_v2(data: dict) -> dict:
+    """Write out what version 1 left implicit: the fields added after its first files, at their old meaning."""
+    protocol = data.get("protocol")
+    if isinstance(protocol, dict):
+        protocol.setdefault("clock", "wall")  # files from before the thread clock were timed on the wall clock
+    entries = data.get("entries")
+    for raw in entries.values() if isinstance(entries, dict) else ():
+        if not isinstance(raw, dict):
+            continue
+        raw.setdefault("level", 1.0)  # files from before the anchors: every entry on the table's own level
+        key = raw.get("key")
+        if isinstance(key, dict) and "residual" not in key:  # files from before the flag: the paper's rule
+            try:
+                key["residual"] = BlockKey(**key).residual
+            except (TypeError, ValueError):
+                pass
+    calibrations = data.setdefault("calibrations", {})  # files without a calibration could leave it out
+    for raw in calibrations.values() if isinstance(calibrations, dict) else ():
+        if not isinstance(raw, dict):
+            continue
+        b = raw.get("b_ms_per_mparam")
+        if "model" not in raw and _is_number(b) and b >= 0:  # files from before the choice: a memory term or none
+            raw["model"] = "two-term" if b > 0 else "plain"
+        raw.setdefault("c_ms", 0.0)  # files from before the per-call term
+        legacy = {"two-term": raw.pop("heldout_two_term_pct", None), "plain": raw.pop("heldout_plain_pct", None)}
+        if raw.get("heldout_pct") is None:  # files from before: one field per model
+            raw["heldout_pct"] = {m: v for m, v in legacy.items() if v is not None} or None
+    return data
+
+
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2}
+
+
+def migrate(data: dict) -> dict:
+    """`data` (a table document of a known version) brought to `FORMAT_VERSION`, one numbered step at a time."""
+    while data["version"] < FORMAT_VERSION:
+        version = data["version"]
+        data = MIGRATIONS[version](data)
+        data["version"] = version + 1
+    return data
 
 
 # --- reading and writing -------------------------------------------------------------------------------------
@@ -93,7 +144,7 @@ def _parse_key(raw: object) -> BlockKey:
     if not isinstance(raw, dict):
         raise ValueError("key is not an object")
     names = {f.name for f in fields(BlockKey)}
-    if set(raw) not in (names, names - {"residual"}):  # tables from before the flag: the rule
+    if set(raw) != names:
         raise ValueError(f"key fields {sorted(raw)} differ from {sorted(names)}")
     key = BlockKey(**raw)
     if key.kind not in KINDS:
@@ -117,7 +168,7 @@ def _number(raw: dict, name: str, signed: bool = False) -> float:
 
 
 def _load_json(path: Path) -> dict:
-    """The file's document: read, parsed, its schema and version checked."""
+    """The file's document at `FORMAT_VERSION`: read, parsed, its schema and version checked, migrated."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -135,10 +186,11 @@ def _load_json(path: Path) -> dict:
         raise _bad(path, f"{what}, not a latency table") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise _bad(path, f"is not a latency table (no \"schema\": \"{SCHEMA}\")")
-    if data.get("version") != FORMAT_VERSION:
-        raise _bad(path, f"has table version {data.get('version')!r}; this mnv3-search reads version "
-                         f"{FORMAT_VERSION}")
-    return data
+    version = data.get("version")
+    if type(version) is not int or not (version == FORMAT_VERSION or version in MIGRATIONS):
+        raise _bad(path, f"has table version {version!r}; this mnv3-search reads versions "
+                         f"{min(MIGRATIONS)} to {FORMAT_VERSION}")
+    return migrate(data)
 
 
 def read_table_file(path: PathLike) -> tuple[Header, dict[str, Entry], dict[str, Calibration]]:
@@ -149,12 +201,15 @@ def read_table_file(path: PathLike) -> tuple[Header, dict[str, Entry], dict[str,
         header = Header(str(data["backend"]), dict(data["versions"]), int(data["threads"]), int(data["batch"]),
                         dict(data["device"]), dict(data["protocol"]))
         raw_entries = data["entries"]
-        raw_cal = data.get("calibrations", {})
+        raw_cal = data["calibrations"]
         if not isinstance(raw_entries, dict) or not isinstance(raw_cal, dict):
             raise ValueError("entries/calibrations are not objects")
         for name in ("passes", "runs_per_pass"):  # LatencyTable.open measures with the file's protocol
-            if name in header.protocol and not (isinstance(header.protocol[name], int) and header.protocol[name] > 0):
-                raise ValueError(f"protocol {name} is {header.protocol[name]!r}, not a positive integer")
+            value = header.protocol.get(name)
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"protocol {name} is {value!r}, not a positive integer")
+        if "clock" not in header.protocol:
+            raise ValueError("protocol has no clock")
     except (KeyError, TypeError, ValueError) as exc:
         raise _bad(path, f"has a malformed header ({exc})") from None
     entries: dict[str, Entry] = {}
@@ -167,22 +222,18 @@ def read_table_file(path: PathLike) -> tuple[Header, dict[str, Entry], dict[str,
                 raise ValueError(f"its key says {key.id!r}")
             entries[entry_id] = Entry(key, _number(raw, "latency_ms"), _number(raw, "median_ms"),
                                       _number(raw, "p10_ms"), _number(raw, "p90_ms"), _number(raw, "min_ms"),
-                                      int(_number(raw, "runs")),
-                                      _number(raw, "level") if "level" in raw else 1.0)
+                                      int(_number(raw, "runs")), _number(raw, "level"))
         except (TypeError, ValueError) as exc:
             raise _bad(path, f"entry {entry_id!r} is malformed ({exc})") from None
     calibrations: dict[str, Calibration] = {}
     for name, raw in raw_cal.items():
         try:
             b = _number(raw, "b_ms_per_mparam")
-            model = raw.get("model", "two-term" if b > 0 else "plain")  # tables from before the choice
+            model = raw.get("model")
             if model not in MODELS:
                 raise ValueError(f"model is {model!r}, not one of {', '.join(MODELS)}")
-            c = _number(raw, "c_ms", signed=True) if "c_ms" in raw else 0.0  # tables from before the per-call term
-            heldout = raw.get("heldout_pct")
-            if heldout is None:  # tables from before: one field per model
-                legacy = {"two-term": raw.get("heldout_two_term_pct"), "plain": raw.get("heldout_plain_pct")}
-                heldout = {m: v for m, v in legacy.items() if v is not None} or None
+            c = _number(raw, "c_ms", signed=True)
+            heldout = raw["heldout_pct"]
             if heldout is not None:
                 heldout = {str(m): float(v) for m, v in heldout.items()}
             calibrations[name] = Calibration(str(raw["spec_name"]), _number(raw, "raw_ms"),
@@ -195,7 +246,7 @@ def read_table_file(path: PathLike) -> tuple[Header, dict[str, Entry], dict[str,
 
 
 def table_text(header: Header, entries: dict[str, Entry], calibrations: dict[str, Calibration]) -> str:
-    """The file's text (entries and calibrations sorted: the same table, the same bytes)."""
+    """The file's text at `FORMAT_VERSION` (entries and calibrations sorted: the same table, the same bytes)."""
     h = header
     data = {"schema": SCHEMA, "version": FORMAT_VERSION, "backend": h.backend, "versions": h.versions,
             "threads": h.threads, "batch": h.batch, "device": h.device, "protocol": h.protocol,
