@@ -275,6 +275,7 @@ class Comparison:
 
 
 def compare(a: Runner, b: Runner, policy: InterleavedPolicy = InterleavedPolicy()) -> Comparison:
-    """Paired measurement of two runners (alternating runs), the only fair way to say which is faster here."""
+    """Paired measurement of two runners (alternating runs), the only fair way to say which is faster on a
+    shared host."""
     ma, mb = measure_interleaved([a, b], policy)
     return Comparison(ma, mb)

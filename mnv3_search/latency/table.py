@@ -242,7 +242,7 @@ class LatencyTable:
     def _module(self, shape: object, build: Callable[[], nn.Module]) -> nn.Module:
         """The module for `shape` (an ArchSpec or an entry id), built on first use and kept for the next
         `MODULES_KEPT` shapes. Why: an ONNX backend exports once per module object (`export_onnx`), and the
-        export (about 1.4 s for Large at 224 px here) cost more than the timing itself when NetAdapt times the
+        export (about 1.4 s for Large at 224 px) costs more than the timing itself when NetAdapt times the
         seed beside every iteration's network three times, and every chunk of new entries beside the same
         anchors. Each timing still opens a new session."""
         module = self._modules.pop(shape, None)
