@@ -21,7 +21,7 @@ from .options import (LUT_HELP, SEED_HELP, THREADS_HELP, WEIGHTS_HELP, backend_o
 from ..budget import LATENCY
 from ..data import SOURCES_HELP
 from ..errors import UserError
-from ..latency.measure import torch_threads
+from ..latency import torch_threads
 from ..netadapt.config import EVALUATIONS, FINALS, METHODS, SELECT_RULES, RunConfig
 from ..netadapt.events import EventKind
 from ..netadapt.loop import NetAdapt, RunResult

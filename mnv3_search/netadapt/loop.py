@@ -35,8 +35,9 @@ from ..budget import LATENCY, MACS, PARAMS, Budget, parse_budget, parse_schedule
 from ..model.counts import spec_macs, spec_params
 from ..errors import UserError
 from ..fileio import atomic_path
-from ..latency.measure import export_onnx, make_backend, torch_threads
-from ..latency.table import LatencyTable, open_for_run, relative_to_reference, spec_keys, table_record
+from ..latency import (LatencyTable, export_onnx, make_backend, open_for_run, relative_to_reference, spec_keys,
+                       table_record, torch_threads)
+from ..prune.variants import calibration_companions
 from ..model.build import build_model
 from ..prune.groups import ProposalGroup, find_group, proposal_groups
 from ..spec.spaces import resolve_spec_path
@@ -223,7 +224,8 @@ class NetAdapt:
     def _open_table(self) -> LatencyTable:
         """The machine's table (or --lut), shared with other runs; run.json records which, and its hash."""
         backend = make_backend(self.config.backend, self.config.threads)
-        table = open_for_run(self.config.lut, backend, self.seed_spec, lambda: self.emit("calibrating"))
+        table = open_for_run(self.config.lut, backend, self.seed_spec, calibration_companions(self.seed_spec),
+                             lambda: self.emit("calibrating"))
         saved = self.run.read_run_json() or {}
         saved["latency_table"] = table_record(table)
         self.run.write_run_json(saved)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..errors import UserError
-from ..latency.measure import torch_threads
+from ..latency import torch_threads
 from .artifacts import ARTIFACTS_ATTR, RunArtifacts, open_store, worker_location
 from .config import RunConfig
 from .evaluate import Evaluator, work

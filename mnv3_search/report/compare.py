@@ -20,7 +20,7 @@ import torch
 from ..model.counts import spec_macs, spec_params
 from ..data import Dataset
 from ..errors import UserError
-from ..latency.measure import Backend, InterleavedPolicy, measure_interleaved
+from ..latency import Backend, InterleavedPolicy, measure_interleaved
 from ..model.build import build_model
 from ..netadapt.runfolder import RunFolder
 from ..spec.spaces import resolve_spec_path
