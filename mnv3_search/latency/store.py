@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +50,13 @@ def open_for_run(path: Optional[PathLike], backend: Backend, seed: ArchSpec, com
                  on_calibrate: Optional[Callable[[], None]] = None) -> LatencyTable:
     """The table a run predicts with: `path`, or the machine's default table. Entries it holds are never
     measured again; the seed is calibrated (beside `companions`, see `LatencyTable.calibrate`) only when the
-    table has no calibration for this very network (same name, resolution and parameter count), so runs on one
-    machine share and extend one file."""
+    table has no calibration for this very network (same name, resolution and parameter count) or has one that
+    never saw a small network (`Calibration.spans_small_networks`: fitted on mild cuts, or written before that
+    was recorded), so runs on one machine share and extend one file."""
     table = LatencyTable.open(Path(path) if path else default_table_path(backend), backend)
     cal = table.calibrations.get(seed.name)
-    if cal is None or (cal.resolution, cal.params) != (seed.resolution, spec_params(seed)):
+    if cal is None or (cal.resolution, cal.params) != (seed.resolution, spec_params(seed)) or \
+            (companions and not cal.spans_small_networks):
         if on_calibrate:
             on_calibrate()
         table.calibrate(seed, companions)
@@ -67,19 +70,33 @@ def table_record(table: LatencyTable) -> dict:
             "entries": len(table.entries)}
 
 
+def cpu_seconds() -> float:
+    """CPU time this process has used so far (user + system, every thread): what a build costs on a shared
+    machine, where wall time depends on the other tenants."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 @dataclass(frozen=True)
 class BuildReport:
     entries_needed: int
     entries_measured: int
     seconds: float
     calibration: Calibration
+    cpu_seconds: float = 0.0  # CPU time of the build (this process)
 
 
 def build_table(table: LatencyTable, spec: ArchSpec, keys: Sequence[BlockKey], companions: Sequence[ArchSpec],
                 progress: Optional[Progress] = None) -> BuildReport:
     """Pre-populate `keys` (what NetAdapt will ask for: `prune.variants.netadapt_keys`), then calibrate on the
-    seed network beside `companions`."""
-    start = time.perf_counter()
+    seed network beside `companions` (their entries first, then the whole networks), reporting both to
+    `progress`."""
+    start, cpu = time.perf_counter(), cpu_seconds()
     measured = table.ensure(keys, progress)
-    calibration = table.calibrate(spec, companions)
-    return BuildReport(len(keys), measured, time.perf_counter() - start, calibration)
+
+    def on_pass(done: int, total: int) -> None:
+        if progress:
+            progress(done, total, "timing whole networks (calibration)")
+
+    calibration = table.calibrate(spec, companions, on_pass=on_pass, progress=progress)
+    return BuildReport(len(keys), measured, time.perf_counter() - start, calibration, cpu_seconds() - cpu)
