@@ -96,12 +96,15 @@ def build(target: str, table: LatencyTable, specs: dict[str, ArchSpec]) -> list[
     return rows
 
 
+# the cores this process may use at start: pinning itself to the first must not hide the second
+CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
 def _pin(pid: int, core: int) -> bool:
-    """Pin a process to one core where the machine has two or more (returns whether it did)."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cores) < 2:
+    """Pin a process to one of `CORES` where there are two or more (returns whether it did)."""
+    if len(CORES) < 2:
         return False
-    os.sched_setaffinity(pid, {cores[core % len(cores)]})
+    os.sched_setaffinity(pid, {CORES[core % len(CORES)]})
     return True
 
 
