@@ -510,10 +510,12 @@ def test_table_predicts_variants_relative_to_the_seed_timed_beside_them(small, t
 
     Small at 224 px, the deployment size (at 64 px fixed costs outside the blocks dominate: the raw sum's
     seed-relative error was +8 to +21 % there; at 128 px on the CPU clock a fresh CI table read +18 to +29 %,
-    at 224 px -4.5 to +9.6 %: per-call costs summed over blocks over-predict small networks); variants are
-    renamed, so they are predicted through `calibration_for`'s fallback
-    (the seed's, not Large's at another resolution). A table with its entries' latencies reversed (largest
-    block gets the smallest time) must miss by far more than the tolerance, in the same measurement.
+    at 224 px -4.5 to +9.6 %: per-call costs summed over blocks over-predict small networks). The variants span
+    a quarter to all of the seed's channels (a plain factor put the smallest, at 26 % of the seed, +22 % slow
+    on a loaded host), so the seed is calibrated as `lut build` does, beside companions (four here). Variants
+    are renamed, so they are predicted through `calibration_for`'s fallback (the seed's, not Large's at another
+    resolution). A table with its entries' latencies reversed (largest block gets the smallest time) must miss
+    by far more than the tolerance, in the same measurement.
     """
     seed = replace(small, resolution=224, num_classes=10)
     variants = [replace(v, name=f"custom-{i}") for i, v in enumerate(variant_specs(seed, 3, seed=3))]
@@ -521,7 +523,7 @@ def test_table_predicts_variants_relative_to_the_seed_timed_beside_them(small, t
     table = LatencyTable.open(tmp_path / "t.json", OnnxRuntimeBackend(), 1, policy)
     networks = [seed] + variants
     table.ensure(key for s in networks for _, key in spec_keys(s))
-    table.calibrate(seed, measured_ms=1.7 * table.raw_ms(seed))
+    table.calibrate(seed, calibration_companions(seed, 4))  # a quarter and a half of the seed, two spanning
     table.calibrate(replace(seed, resolution=64, name="other"), measured_ms=9.9)  # wrong if ever chosen
     assert {table.predict(v, measure_missing=False).calibration for v in variants} == {seed.name}
     together = table.measure_together(networks, tolerance=0.15)  # halves of 5 passes are noisier than the whole
@@ -530,7 +532,7 @@ def test_table_predicts_variants_relative_to_the_seed_timed_beside_them(small, t
                     f"p25 sat {100 * together.spread:.0f}% above the fastest run, after a re-measurement (the "
                     f"measurement marks itself unreliable; no decision is made on it)")
     ratios = [together.ratio(i) for i in range(1, len(networks))]
-    assert all(0.3 < r < 1.0 for r in ratios), ratios  # the variants are really smaller and really faster
+    assert all(0.15 < r < 1.0 for r in ratios), ratios  # the variants are really smaller and really faster
     errors = _relative_errors(table, networks, together)
     print(f"seed-relative errors {', '.join(f'{e:+.1f}%' for e in errors)}; ratio shift "
           f"{100 * together.ratio_shift:.1f}%")
@@ -880,6 +882,24 @@ def test_version_2_calibrations_are_fitted_again_on_small_networks_when_a_run_op
     again = open_for_run(table_file, backend, tiny, companions)
     assert len(backend.opened) == opened and again.calibrations[tiny.name] == fitted  # not fitted again
     assert table_file.read_bytes() == before
+
+
+def test_a_calibration_is_not_fitted_again_when_its_companions_cannot_reach_smaller_networks(table_file, tiny):
+    """A calibration that saw no small network is fitted again only where the companions offered reach a
+    smaller one than it saw: a seed that cannot shrink that far is not calibrated anew by every run."""
+    table = LatencyTable.load(table_file)
+    cal = table.calibrations[tiny.name]
+    table.calibrations[tiny.name] = replace(cal, smallest_macs_share=0.6)
+    table.save()
+    big = [c for c in calibration_companions(tiny) if spec_macs(c) / spec_macs(tiny) >= 0.6]
+    assert big
+    backend = CountingBackend()
+    before = table_file.read_bytes()
+    opened = open_for_run(table_file, backend, tiny, big)
+    assert opened.calibrations[tiny.name].smallest_macs_share == 0.6 and not backend.opened
+    assert table_file.read_bytes() == before
+    small = calibration_companions(tiny, 3)  # reach below 0.6: fitted again
+    assert open_for_run(table_file, backend, tiny, small).calibrations[tiny.name].spans_small_networks
 
 
 def test_version_3_files_round_trip_byte_identically(table_file):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..fileio import PathLike
-from ..model.counts import spec_params
+from ..model.counts import spec_macs, spec_params
 from ..spec.arch import ArchSpec
 from .backends import Backend
 from .calibration import Calibration
@@ -51,16 +51,27 @@ def open_for_run(path: Optional[PathLike], backend: Backend, seed: ArchSpec, com
     """The table a run predicts with: `path`, or the machine's default table. Entries it holds are never
     measured again; the seed is calibrated (beside `companions`, see `LatencyTable.calibrate`) only when the
     table has no calibration for this very network (same name, resolution and parameter count) or has one that
-    never saw a small network (`Calibration.spans_small_networks`: fitted on mild cuts, or written before that
-    was recorded), so runs on one machine share and extend one file."""
+    never saw a small network while `companions` reach smaller ones (`_refit_for_span`), so runs on one machine
+    share and extend one file."""
     table = LatencyTable.open(Path(path) if path else default_table_path(backend), backend)
     cal = table.calibrations.get(seed.name)
     if cal is None or (cal.resolution, cal.params) != (seed.resolution, spec_params(seed)) or \
-            (companions and not cal.spans_small_networks):
+            _refit_for_span(cal, seed, companions):
         if on_calibrate:
             on_calibrate()
         table.calibrate(seed, companions)
     return table
+
+
+def _refit_for_span(cal: Calibration, seed: ArchSpec, companions: Sequence[ArchSpec]) -> bool:
+    """Whether a calibration that never saw a small network (`Calibration.spans_small_networks`: fitted on mild
+    cuts, or written before its span was recorded) should be fitted again on `companions`: only where they
+    reach a smaller network than it saw, so a seed whose companions cannot shrink that far is not fitted again
+    by every run."""
+    if not companions or cal.spans_small_networks:
+        return False
+    reach = min(spec_macs(c) for c in companions) / spec_macs(seed)
+    return cal.smallest_macs_share is None or reach < cal.smallest_macs_share
 
 
 def table_record(table: LatencyTable) -> dict:
