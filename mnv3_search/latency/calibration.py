@@ -4,12 +4,13 @@ The sum of entries is not the whole network's latency: a block timed alone keeps
 whole network streams all of them from memory every run), and each entry pays a call's fixed cost that the
 whole network pays once. So a prediction carries a calibrated figure, `a * sum + b * params + c`, fitted on
 whole networks measured with the table's protocol (p25): the seed and companions of its depth timed
-interleaved. Four models compete (`MODEL_TERMS`): plain (the seed's factor, b = c = 0), two-term (a, b),
-overhead (a, c) and three-term; each is fitted with one network held out at a time, and the one that predicts
-held-out networks relative to the seed best is kept (`Calibration.model`). With the seed alone, b = c = 0 and
-a = measured / sum (the plain factor of REFERENCE §4). On Small at 224 px the per-call surplus made the raw sum
-put width 0.1 at 31 % of the seed (measured 22 %) and a 35 % NetAdapt network at 37 % (measured 27 %), so the
-loop overshot its budget.
+interleaved, spanning a quarter to all of its channels (`prune.variants.calibration_companions`). Four models
+compete (`MODEL_TERMS`): plain (the seed's factor, b = c = 0), two-term (a, b), overhead (a, c) and three-term;
+each is fitted on ratios to the seed (what decisions use) with one network held out at a time, and the one that
+predicts held-out networks relative to the seed best is kept (`Calibration.model`). With the seed alone,
+b = c = 0 and a = measured / sum (the plain factor of REFERENCE §4). On Small at 224 px the raw sum put networks
+at a fifth to a quarter of the seed's latency 23-51 % too slow relative to the seed: the per-call surplus weighs
+most on small networks.
 """
 
 from __future__ import annotations
