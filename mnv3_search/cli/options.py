@@ -9,12 +9,19 @@ from __future__ import annotations
 import click
 
 # latency.BACKENDS, spelled out so that building the commands imports no torch (a test keeps them equal)
-BACKEND_NAMES = ["onnxruntime", "torch", "torch-cuda"]
+BACKEND_NAMES = ["onnxruntime", "torch", "torch-cuda", "executorch", "openvino"]
+PRECISIONS = ["fp32", "int8"]
 DEVICES = ["auto", "cpu", "cuda"]
 
 RESOLUTION_HELP = "Deployment input size in pixels (latency and MACs are for this size); default: the spec's."
 TRAIN_RESOLUTION_HELP = "Size the training images are resized to (independent of --resolution)."
-BACKEND_HELP = "Latency backend (torch-cuda only with a GPU)."
+BACKEND_HELP = ("Latency backend (torch-cuda only with a GPU; executorch and openvino with their extras: "
+                "pip install 'mnv3-search[executorch]' or '[openvino]').")
+PRECISION_HELP = ("fp32, or int8: post-training static quantization (latency calibrated on random inputs, which "
+                  "do not change the speed; accuracy on --data training images). A table holds one precision.")
+RUNNER_HELP = ("Time on a device reached by a command, e.g. 'adb shell /data/local/tmp/run {model} {runs}': the "
+               "model file is written here, the command prints one run's ms a line (see docs/latency-table.md).")
+RUNNER_DEVICE_HELP = "The --runner device's name (keys its table); default: the name the runner prints."
 THREADS_HELP = "CPU threads (latency and training); on a small shared box keep 1: a second thread spin-waits."
 BATCH_HELP = "Batch size for latency."
 SEED_HELP = "Random seed (init, holdout split, batch order, sampling): the same seed repeats a run."
@@ -75,6 +82,18 @@ def limit_option():
 def backend_option(default: str = "onnxruntime"):
     return click.option("--backend", type=click.Choice(BACKEND_NAMES), default=default, show_default=True,
                         help=BACKEND_HELP)
+
+
+def precision_option():
+    """--precision: what the timed (and, with --data, scored) network computes in, in every command."""
+    return click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                        help=PRECISION_HELP)
+
+
+def runner_options(f):
+    """--runner and --runner-device: time on a device reached by a command instead of on this machine."""
+    f = click.option("--runner-device", "runner_device", metavar="NAME", help=RUNNER_DEVICE_HELP)(f)
+    return click.option("--runner", metavar="'CMD {model}'", help=RUNNER_HELP)(f)
 
 
 def device_option(inherit: bool = False):

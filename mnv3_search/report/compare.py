@@ -101,8 +101,9 @@ def unique_labels(variants: Sequence[Variant]) -> None:
             v.label = f"{v.label}#{n}"
 
 
-def evaluate_variants(variants: Sequence[Variant], dataset: Dataset) -> None:
-    """Test accuracy on `dataset` for every variant with weights whose classifier fits the dataset."""
+def evaluate_variants(variants: Sequence[Variant], dataset: Dataset, precision: str = "fp32") -> None:
+    """Test accuracy on `dataset` for every variant with weights whose classifier fits the dataset; at INT8, of
+    the network quantized on the dataset's training images (`quantize.int8_accuracy`)."""
     from ..train import evaluate
 
     for v in variants:
@@ -111,8 +112,14 @@ def evaluate_variants(variants: Sequence[Variant], dataset: Dataset) -> None:
         if v.spec.num_classes != dataset.num_classes:
             raise UserError(f"{v.source}: the network has {v.spec.num_classes} outputs but --data "
                             f"{dataset.name} has {dataset.num_classes} classes")
-        v.accuracy = evaluate(v.model(), dataset, dataset.test)
-        v.accuracy_source = f"{dataset.name} test"
+        if precision == "int8":
+            from ..quantize import int8_accuracy
+
+            v.accuracy = int8_accuracy(v.model(), dataset)[0].file_accuracy
+            v.accuracy_source = f"{dataset.name} test, INT8"
+        else:
+            v.accuracy = evaluate(v.model(), dataset, dataset.test)
+            v.accuracy_source = f"{dataset.name} test"
 
 
 def measure_variants(variants: Sequence[Variant], backend: Backend, batch: int = 1,
