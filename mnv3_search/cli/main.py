@@ -146,7 +146,8 @@ def _render_profile(profile: "Profile", console: "Console") -> None:
         assert w is not None
         threads = f"{profile.threads} thread{'s' if profile.threads != 1 else ''}"
         console.print(
-            f"latency ({profile.backend} {profile.precision.upper()}, {threads}, batch {profile.batch}): whole "
+            f"latency ({profile.backend} {profile.precision.upper()}"
+            f"{f' on {profile.device}' if profile.device else ''}, {threads}, batch {profile.batch}): whole "
             f"network median "
             f"[bold]{w.median_ms:.3f} ms[/bold] (p10–p90 {w.p10_ms:.3f}–{w.p90_ms:.3f}, {w.repeats} runs); "
             f"blocks timed alone sum to {profile.blocks_latency_ms:.3f} ms", highlight=False)

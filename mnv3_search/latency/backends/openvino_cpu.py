@@ -10,6 +10,7 @@ INT8 ran at 1.0-1.3x of FP32). `pip install 'mnv3-search[openvino]'` installs bo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import io
@@ -40,12 +41,14 @@ def read_onnx(data: bytes) -> Any:  # -> openvino.Model
 
 
 def nncf_int8(model: Any, calibration: Sequence[np.ndarray]) -> Any:
-    """`model` (an openvino.Model) quantized by NNCF on `calibration`, its progress bars and logs kept quiet."""
+    """`model` (an openvino.Model) quantized by NNCF on `calibration`, its progress bars and logs kept off the
+    terminal (a command's stdout may carry CSV or JSON)."""
     import nncf
 
     nncf.set_log_level(logging.ERROR)
-    return nncf.quantize(model, nncf.Dataset(list(calibration)), subset_size=len(calibration),
-                         preset=nncf.QuantizationPreset.PERFORMANCE)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return nncf.quantize(model, nncf.Dataset(list(calibration)), subset_size=len(calibration),
+                             preset=nncf.QuantizationPreset.PERFORMANCE)
 
 
 def ov_model(onnx_fp32: bytes, calibration: Optional[Sequence[np.ndarray]]) -> Any:
