@@ -19,6 +19,7 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
@@ -38,11 +39,13 @@ _PROGRAMS: ProgramCache[bytes] = ProgramCache()
 def quiet_native_stderr() -> Iterator[None]:
     """Silence what native code writes to the process's stderr meanwhile (torchao reports each optional kernel
     library it cannot load, ExecuTorch each thread-pool reset): one line per event on every command's terminal.
-    Python exceptions still propagate and are printed after the stream is restored."""
+    Python exceptions still propagate and are printed after the stream is restored; Python warnings (its
+    runtime calls itself experimental on every import) are dropped too."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:
-        with open(os.devnull, "w") as null:
+        with open(os.devnull, "w") as null, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             os.dup2(null.fileno(), 2)
             yield
     finally:
