@@ -191,9 +191,11 @@ def export(source: str, fmt: str, out_path: str, weights: Optional[str], resolut
         result = export_model(model, shape, fmt, out_path, measure=not no_latency, threads=threads,
                               precision=precision, dataset=dataset)
     out = stdout_console()
-    kind = f"{fmt}, {precision.upper()}" + (", any batch and input size" if dataset is not None else "")
-    out.print(f"wrote {result.path} ({kind}, traced at {'x'.join(map(str, shape))}): {result.folded_bn} conv+BN "
-              f"pairs folded, {result.bn_left} batch norms left", highlight=False, soft_wrap=True)  # a path stays whole
+    size = "x".join(map(str, shape))
+    kind = f"{fmt}, {precision.upper()}, " + (f"any batch and input size, traced at {size}" if dataset is not None
+                                             else f"input {size}")
+    out.print(f"wrote {result.path} ({kind}): {result.folded_bn} conv+BN pairs folded, {result.bn_left} batch norms "
+              f"left", highlight=False, soft_wrap=True)  # a path stays whole
     if result.tolerance is not None:
         out.print(f"outputs vs PyTorch: max abs error {result.max_abs_error:.2e} (tolerance {result.tolerance:.1e}, "
                   f"outputs up to {result.output_scale:.3g})", highlight=False)
