@@ -46,17 +46,16 @@ from ..prune.knapsack import TAYLOR_BATCHES, KnapsackProblem, shrink_to, taylor_
 from ..prune.surgery import child_spec
 from ..train import evaluate, to_memory_format, train_epochs
 from ..model.weights import read_state_dict, transfer_state_dict
-from .artifacts import ARTIFACTS_ATTR, RunArtifacts, default_location, open_store
+from .artifacts import RunArtifacts, default_location, open_store
+from .attrs import (ARTIFACTS_ATTR, ATTEMPT_ATTR, CONFIG_ATTR, EVAL_ATTR, FAILURE_ATTR, FROM_ATTR, GROUPS_ATTR,
+                    ITERATION_ATTR, RUN_DIR_ATTR, RUNG_ATTR, START_ATTR, STOP_ATTR)
 from .config import RunConfig
 from .events import Event, ignore
-from .evaluate import (EVAL_ATTR, FROM_ATTR, START_ATTR, STOP_ATTR, Evaluator, holdout_metrics,
-                       load_run_dataset)
+from .evaluate import Evaluator, holdout_metrics, load_run_dataset
 from .runfolder import IterationRecord, RunFolder, RunSummary
 from .selection import Candidate, Ranked, rank, survivors, tolerance
-from .study import (ATTEMPT_ATTR, CONFIG_ATTR, FAILURE_ATTR, claim_lock_path, make_storage, GROUPS_ATTR,
-                    ITERATION_ATTR, RUN_DIR_ATTR, RUNG_ATTR, as_storage_lost, claim, create_study, enqueue,
-                    iteration_trials, lost_connection, redact, redact_argv, requeue_stale, resolve_storage,
-                    set_status, trial_group)
+from .study import (claim_lock_path, make_storage, as_storage_lost, claim, create_study, enqueue, iteration_trials,
+                    lost_connection, redact, redact_argv, requeue_stale, resolve_storage, set_status, trial_group)
 
 CONFIRM_ATTEMPTS = 3  # whole-network measurements before a disturbed one is used (and marked unreliable)
 MIN_CHOICE = 4  # proposals an iteration should choose among; fewer and the cut is halved (see MIN_CUT_SHARE)
