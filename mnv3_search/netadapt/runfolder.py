@@ -247,8 +247,8 @@ class RunFolder:
 
     def sweep_temporary_files(self) -> int:
         """Delete the temporary files of atomic writes a kill cut short (`.NAME.xxxx.tmp`, never renamed into
-        place) in the folder, its iterations/ and trials/ (a trial's training state cut mid-write stayed there
-        after the rerun in the kill matrix); called when a run resumes, before its workers start."""
+        place) in the folder, its iterations/ and trials/ (nothing else ever removes one: a trial's training
+        state cut mid-write would stay for good); called when a run resumes, before its workers start."""
         swept = 0
         for folder in (self.path, self.path / "iterations", self.path / "trials"):
             for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():

@@ -1,13 +1,13 @@
 """The run's Optuna study: one trial per rung of each proposal, enqueued by the master, claimed by workers.
 
 Proposals are enqueued as WAITING trials with fixed params (group, channels); the master decides which
-proposals go on to the next rung (successive halving, see loop.py), so no Optuna pruner is involved.
-A worker claims one by moving it WAITING -> RUNNING in the storage, which the storage does atomically (Optuna's \
-own mechanism for
-enqueued trials), so no proposal is evaluated twice. A claimed trial stamps a heartbeat at every report;
-the master fails a RUNNING trial whose heartbeat went stale and enqueues it again, so a dead worker's
-proposal is retried, never lost — at most `max_attempts` times: a proposal that kills every process that
-evaluates it is then marked failed with its reason, and its iteration goes on with the others.
+proposals go on to the next rung (successive halving, see halving.py), so no Optuna pruner is involved.
+A worker claims one by moving it WAITING -> RUNNING in the storage, which the storage does atomically
+(Optuna's own mechanism for enqueued trials), so no proposal is evaluated twice. A claimed trial stamps a
+heartbeat at every report; the master fails a RUNNING trial whose heartbeat went stale and enqueues it
+again, so a dead worker's proposal is retried, never lost — at most `max_attempts` times: a proposal that
+kills every process that evaluates it is then marked failed with its reason, and its iteration goes on with
+the others.
 Any Optuna storage URL works: SQLite (default), PostgreSQL, MySQL, or a journal file (`*.journal`).
 
 Storage URLs may hold a password. It is never written (run.json, CSVs, study attributes, messages): every
