@@ -5,7 +5,7 @@ user attribute (`artifact:<path in the run folder>`); every worker uploads the f
 training state of each trial it finishes and records their ids in the trial's user attributes. The next
 rung and the leader download what they need into a private temporary folder. A worker on another machine
 therefore needs only the storage URL and the study name: the study records where the store is
-(`ARTIFACTS_ATTR`: a folder, or `s3://bucket/prefix`, `gs://bucket/prefix`; never a credential, which
+(attrs.ARTIFACTS_ATTR: a folder, or `s3://bucket/prefix`, `gs://bucket/prefix`; never a credential, which
 boto3 or the GCS client read from their usual environment).
 
 The default store is the folder `artifacts/` in the run folder (a FileSystemArtifactStore); a worker that
@@ -27,12 +27,9 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from ..errors import UserError
+from .attrs import CHECKPOINT_ATTR, PARENT_PREFIX, STATE_ATTR
 from .study import storage_of, study_storage_id
 
-ARTIFACTS_ATTR = "artifact_store"  # study user attr: where this run's checkpoints travel (no secret in it)
-PARENT_PREFIX = "artifact:"  # study user attr per parent network: "artifact:seed.pt" -> artifact id (None: removed)
-CHECKPOINT_ATTR = "checkpoint_artifact"  # trial user attr: artifact id of the trial's fine-tuned weights
-STATE_ATTR = "state_artifact"  # trial user attr: artifact id of its optimizer, data-order and RNG state
 DEFAULT_FOLDER = "artifacts"  # the default store's folder inside the run folder
 
 

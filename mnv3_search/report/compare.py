@@ -73,7 +73,7 @@ def load_variant(argument: str, weights: Optional[str] = None, label: Optional[s
                             f"`mnv3-search netadapt --resume {path}` first")
         spec = load_spec(final)
         run = folder.read_run_json() or {}
-        summary = folder.read_summary()
+        summary = folder.read_result()
         checkpoint = Path(weights) if weights else folder.final_pt
         state = read_state_dict(checkpoint) if checkpoint.is_file() else None
         if state is not None:
