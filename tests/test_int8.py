@@ -25,6 +25,7 @@ from mnv3_search.latency import (InterleavedPolicy, LatencyTable, OnnxRuntimeBac
                                  make_backend, onnx_bytes, quantize_onnx, spec_keys)
 from mnv3_search.latency.backends.onnxfile import random_calibration
 from mnv3_search.model.weights import save_checkpoint
+from mnv3_search.netadapt.runfolder import RunFolder
 from mnv3_search.quantize import calibration_images, int8_accuracy
 from mnv3_search.train import evaluate, train
 from tiny_run import micro_spec_path
@@ -158,3 +159,35 @@ def test_backends_refuse_a_precision_they_cannot_time():
         make_backend("torch", 1, "int8")
     with pytest.raises(UserError, match="unknown precision 'int4'"):
         make_backend("onnxruntime", 1, "int4")
+
+
+# --- netadapt --precision int8 ---------------------------------------------------------------------------------
+
+def test_an_int8_run_decides_on_int8_latency_and_reports_the_int8_files_accuracy(tmp_path, digits):
+    """The micro network to 80 % of its INT8 latency (knapsack: one shot), on digits: the table is INT8, the
+    confirmation timed the INT8 candidate beside the INT8 seed, and the test accuracy the run reports and
+    run.json records is final_int8.onnx's own, with the FP32 network's beside it."""
+    out = tmp_path / "run"
+    done = CliRunner().invoke(cli, ["netadapt", str(micro_spec_path()), "--budget", "80%", "--precision", "int8",
+                                    "--method", "knapsack", "--data", "digits", "--limit", "240", "--batch-size",
+                                    "32", "--seed-epochs", "10", "--long-epochs", "1", "--threads", "1", "--json",
+                                    "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    shown = json.loads(done.stdout)
+    saved = json.loads((out / "run.json").read_text())
+    result = saved["result"]
+    assert saved["config"]["precision"] == "int8" and result["precision"] == shown["precision"] == "int8"
+    assert result["measured_latency_ms"] / result["seed_measured_latency_ms"] <= 0.8  # measured in INT8
+    table = json.loads(Path(saved["latency_table"]["path"]).read_text())
+    assert Path(saved["latency_table"]["path"]).name.endswith("-onnxruntime-int8-t1-b1.json")
+    assert (table["precision"], table["backend"]) == ("int8", "onnxruntime")
+    labels = digits.test.labels.numpy()
+    assert result["test_accuracy"] == shown["test_accuracy"] == float(np.mean(
+        _fresh_predictions(out / "final_int8.onnx", digits) == labels))
+    spec, state = RunFolder.load(out / "final.pt")
+    final = build_model(spec)
+    final.load_state_dict(state)
+    assert result["fp32_test_accuracy"] == shown["fp32_test_accuracy"] == evaluate(final, digits, digits.test)
+    resumed = CliRunner().invoke(cli, ["netadapt", "--resume", str(out), "--precision", "fp32"])
+    assert resumed.exit_code == 2
+    assert "--precision fp32 differs from this run's int8 (run.json)" in resumed.output

@@ -16,8 +16,8 @@ from rich.live import Live
 from rich.table import Table
 
 from .options import (LUT_HELP, SEED_HELP, THREADS_HELP, WEIGHTS_HELP, backend_option, batch_size_option,
-                      device_option, holdout_option, limit_option, resolution_option, train_resolution_option,
-                      use_device)
+                      device_option, holdout_option, limit_option, precision_option, resolution_option,
+                      train_resolution_option, use_device)
 from ..budget import LATENCY
 from ..data import SOURCES_HELP
 from ..errors import UserError
@@ -259,6 +259,7 @@ ARTIFACTS_HELP = ("Optuna artifact store through which checkpoints travel betwee
               help="Channel step of the proposals' widths.")
 @click.option("--seed", type=int, default=0, show_default=True, help=SEED_HELP)
 @backend_option()
+@precision_option()
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
 @click.option("--lut", type=click.Path(dir_okay=False), help=LUT_HELP)
 @device_option()
@@ -277,7 +278,8 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
              keep: float, holdout: Optional[float | int],
              short_lr: float, seed_epochs: int, long_epochs: int, final: str, lr: float,
              batch_size: int, train_resolution: int, resolution: Optional[int], limit: Optional[int], step: int,
-             seed: int, backend: str, threads: int, lut: Optional[str], device: str, max_iterations: int,
+             seed: int, backend: str, precision: str, threads: int, lut: Optional[str], device: str,
+             max_iterations: int,
              stale_after: float, max_attempts: int, quiet: bool, as_json: bool) -> None:
     """Shrink SPEC (default: the shipped Large) step by step until it meets a budget.
 
@@ -293,6 +295,7 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
       mnv3-search netadapt search_spaces/large.yaml --budget 15ms --data fashion-mnist
       mnv3-search netadapt small --budget 40M-macs --out results/small-40m
       mnv3-search netadapt small --budget 50% --method knapsack --data fashion-mnist
+      mnv3-search netadapt small --budget 50% --precision int8 --data fashion-mnist
       mnv3-search netadapt small --budget 70% --workers 2 --storage postgresql://user@host/db
       mnv3-search netadapt --resume results/small-70pct-seed0
       mnv3-search worker --storage postgresql://user@host/db --study small-70pct-seed0
@@ -315,7 +318,8 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
                            holdout=holdout, seed_epochs=seed_epochs, long_epochs=long_epochs, final=final,
                            lr=lr,
                            seed=seed, evaluation=evaluation, method=method,
-                           backend=backend, threads=threads, max_iterations=max_iterations, limit=limit,
+                           backend=backend, precision=precision, threads=threads, max_iterations=max_iterations,
+                           limit=limit,
                            weights=weights, lut=lut)
     err = Console(stderr=True)
     live = not (quiet or as_json)
@@ -353,9 +357,12 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
         measured = (f", measured {result.measured_latency_ms:.3f} ms vs seed "
                     f"{result.seed_measured_latency_ms:.3f} ms" if result.measured_latency_ms else "")
         steps = "knapsack rounds" if config.method == "knapsack" else "iterations"
+        accuracy = f"test accuracy {100 * (result.test_accuracy or 0):.1f}%"
+        if result.precision != "fp32":
+            accuracy = (f"{result.precision.upper()} {accuracy} (FP32 {100 * (result.fp32_test_accuracy or 0):.1f}%)")
+            measured = measured.replace("measured", f"measured {result.precision.upper()}", 1)
         click.echo(f"budget met after {result.iterations} {steps}: {amount(result.final_resource or 0)} (target "
-                   f"{amount(result.target)}){measured}; test accuracy {100 * (result.test_accuracy or 0):.1f}%; "
-                   f"results in {result.run_dir}")
+                   f"{amount(result.target)}){measured}; {accuracy}; results in {result.run_dir}")
 
 
 @click.command()

@@ -14,6 +14,7 @@ LADDERS = ("early", "geometric")  # where halving's rungs score (`RunConfig.rung
 # what a run.json written before a setting existed meant by it: such a run resumes exactly as it started
 LEGACY_SETTINGS = {"ladder": "geometric", "keep": 0.5}
 METHODS = ("netadapt", "knapsack")  # per-group proposals scored by fine-tunes, or one HALP-style knapsack
+PRECISIONS = ("fp32", "int8")  # latency.PRECISIONS, spelled out: this module imports no torch
 # limits on how far a run goes, not on what it computes: a run stopped by --max-iterations continues with a higher one
 RESUMABLE = ("max_iterations",)
 
@@ -52,6 +53,9 @@ class RunConfig:
     seed: int = 0
     evaluation: str = "halving"
     backend: str = "onnxruntime"
+    # what the latency table, the confirmation beside the seed and the reported test accuracy compute in: fp32,
+    # or int8 (post-training static quantization; the final network is scored as the quantized file)
+    precision: str = "fp32"
     threads: int = 1
     max_iterations: int = 200
     holdout: Optional[float | int] = None
@@ -66,6 +70,8 @@ class RunConfig:
             raise UserError(f"--select {self.select!r}: use one of {', '.join(SELECT_RULES)}")
         if self.method not in METHODS:
             raise UserError(f"--method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.final not in FINALS:
             raise UserError(f"--final {self.final!r}: use one of {', '.join(FINALS)}")
         if self.evaluation not in EVALUATIONS:

@@ -107,6 +107,10 @@ class RunResult:
     final_macs: Optional[int] = None
     final_params: Optional[int] = None
     latency_table_entries_measured: Optional[int] = None
+    # what `test_accuracy` (and the latencies) were measured in; an INT8 run's test accuracy is the quantized
+    # file's (final_int8.onnx), and the FP32 network's stands beside it
+    precision: str = "fp32"
+    fp32_test_accuracy: Optional[float] = None
     finished: Optional[str] = None
     run_dir: Optional[Path] = None  # not in run.json: a moved folder is still the same run
     nothing_to_do: bool = False  # the seed met the budget: no folder was written
@@ -135,7 +139,8 @@ class RunResult:
 _RESULT_FIELDS = [f.name for f in fields(RunResult)]
 RUN_JSON_RESULT = _RESULT_FIELDS[:_RESULT_FIELDS.index("finished") + 1]  # run.json's "result"
 CALLER_JSON = ["run_dir", "nothing_to_do", "already_finished", "seed_resource", "target", "final_resource",
-               "iterations", "measured_latency_ms", "seed_measured_latency_ms", "test_accuracy"]
+               "iterations", "measured_latency_ms", "seed_measured_latency_ms", "test_accuracy", "precision",
+               "fp32_test_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,11 @@ class RunFolder:
     @property
     def final_onnx(self) -> Path:
         return self.path / "final.onnx"
+
+    @property
+    def final_int8_onnx(self) -> Path:
+        """An INT8 run's deployable network: QDQ ONNX calibrated on training images, any batch and size."""
+        return self.path / "final_int8.onnx"
 
     @staticmethod
     def is_run(path: str | os.PathLike) -> bool:

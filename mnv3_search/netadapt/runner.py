@@ -99,7 +99,7 @@ def finish(session: RunSession, found: Found) -> RunResult:
     """The final training of what the search found, its files, and the run's result in run.json."""
     config, spec = session.config, found.spec
     final_resource = session.pricing.resource(spec)  # before the training: a table may time what it lacks
-    accuracy = final_training(session, spec, found.state)
+    accuracy, fp32_accuracy = final_training(session, spec, found.state)
     result = RunResult(
         iterations=session.log.last.iteration, seed_resource=session.seed_value, target=session.target,
         final_resource=final_resource, measured_latency_ms=found.row.measured_latency_ms,
@@ -107,14 +107,17 @@ def finish(session: RunSession, found: Found) -> RunResult:
         final_method=config.final_method(),
         final_macs=spec_macs(spec), final_params=spec_params(spec),
         latency_table_entries_measured=session.pricing.table.measured if session.pricing.table else None,
+        precision=config.precision, fp32_test_accuracy=fp32_accuracy if config.precision != "fp32" else None,
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"), run_dir=session.folder.path, final_spec=spec)
     session.folder.write_result(result)
     return result
 
 
-def final_training(session: RunSession, spec: ArchSpec, state: dict[str, torch.Tensor]) -> float:
+def final_training(session: RunSession, spec: ArchSpec, state: dict[str, torch.Tensor]) -> tuple[float, float]:
     """Long fine-tune of the chosen network (or, with `final="retrain"`, its shape trained again from a
-    fresh initialisation, as MobileNetV3 did after NetAdapt), test accuracy, and the deployable files."""
+    fresh initialisation, as MobileNetV3 did after NetAdapt), the deployable files, and the test accuracy at
+    the run's precision beside the FP32 network's. An INT8 run's is the quantized file's own (final_int8.onnx,
+    calibrated on training images: `quantize.int8_accuracy`), the network it would deploy."""
     config, dataset, folder, emit = session.config, session.dataset, session.folder, session.emit
     if config.final_method() == "retrain":
         # as many epochs as the adapted weights saw (seed training + long fine-tune), at the seed's lr
@@ -129,14 +132,21 @@ def final_training(session: RunSession, spec: ArchSpec, state: dict[str, torch.T
     if epochs > 0:
         train_epochs(model, dataset, epochs, batch_size=config.batch_size, lr=lr, seed=config.seed,
                      progress=lambda step, loss: emit("long_step", step=step, loss=loss))
-    accuracy = evaluate(model, dataset, dataset.test)
+    fp32_accuracy = accuracy = evaluate(model, dataset, dataset.test)
     to_memory_format(model, torch.contiguous_format)
     dump_spec(spec, folder.final_yaml)
     RunFolder.save(spec, model.state_dict(), folder.final_pt)
     with atomic_path(folder.final_onnx) as tmp:
         tmp.write_bytes(export_onnx(model, (1, 3, spec.resolution, spec.resolution)))
+    if config.precision == "int8":
+        from ..quantize import int8_accuracy
+
+        scores, int8_file = int8_accuracy(model.eval(), dataset, threads=config.threads)
+        with atomic_path(folder.final_int8_onnx) as tmp:
+            tmp.write_bytes(int8_file)
+        accuracy = scores.file_accuracy
     emit("finished", test_accuracy=accuracy)
-    return accuracy
+    return accuracy, fp32_accuracy
 
 
 def run_netadapt(config: RunConfig, **kwargs: Any) -> RunResult:

@@ -145,7 +145,7 @@ def start_folder(plan: RunPlan, emit: Event) -> StartedFolder:
         location = (previous or {}).get("artifacts") or plan.artifacts or default_location(folder.path)
         artifacts = RunArtifacts(location, open_store(location, create=True))
     if previous is None:
-        backend = make_backend(config.backend, config.threads)
+        backend = make_backend(config.backend, config.threads, config.precision)
         folder.write_run_json({
             "command": plan.command, "config": config.as_json(), "spec_file": str(plan.spec_file),
             "storage": redact(storage_url), "study": study_name if config.method == "netadapt" else None,
@@ -167,7 +167,7 @@ def finished_result(folder: RunFolder, emit: Event) -> Optional[RunResult]:
 
 def open_table(plan: RunPlan, emit: Event) -> LatencyTable:
     """The machine's table (or --lut), shared with other runs; run.json records which, and its hash."""
-    backend = make_backend(plan.config.backend, plan.config.threads)
+    backend = make_backend(plan.config.backend, plan.config.threads, plan.config.precision)  # an INT8 run: INT8 table
     table = open_for_run(plan.config.lut, backend, plan.seed_spec, calibration_companions(plan.seed_spec),
                          lambda: emit("calibrating"))
     saved = plan.folder.read_run_json() or {}
