@@ -79,9 +79,9 @@ def load_variant(argument: str, weights: Optional[str] = None, label: Optional[s
         if state is not None:
             check_fits(state, build_model(spec), str(checkpoint), str(final))
         accuracy = summary.test_accuracy if summary is not None else None
+        source = "run.json test" + (", INT8" if summary is not None and summary.precision == "int8" else "")
         return Variant(label or path.resolve().name, str(path), "run", spec, state,
-                       None if accuracy is None else float(accuracy), "run.json test" if accuracy is not None else "",
-                       run)
+                       None if accuracy is None else float(accuracy), source if accuracy is not None else "", run)
     spec_path = resolve_spec_path(argument)
     spec = load_spec(spec_path)
     state = None
