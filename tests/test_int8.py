@@ -159,6 +159,14 @@ def test_backends_refuse_a_precision_they_cannot_time():
         make_backend("torch", 1, "int8")
     with pytest.raises(UserError, match="unknown precision 'int4'"):
         make_backend("onnxruntime", 1, "int4")
+    # a run refuses the pair before it writes a folder; its list is the registry's
+    from mnv3_search.latency import BACKENDS
+    from mnv3_search.netadapt import RunConfig
+    from mnv3_search.netadapt.config import FP32_BACKENDS
+
+    assert sorted(FP32_BACKENDS) == sorted(n for n, c in BACKENDS.items() if "int8" not in c.precisions)
+    with pytest.raises(UserError, match="backend torch times FP32 only, not INT8"):
+        RunConfig("small", "50%", precision="int8", backend="torch")
 
 
 # --- netadapt --precision int8 ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ LADDERS = ("early", "geometric")  # where halving's rungs score (`RunConfig.rung
 LEGACY_SETTINGS = {"ladder": "geometric", "keep": 0.5}
 METHODS = ("netadapt", "knapsack")  # per-group proposals scored by fine-tunes, or one HALP-style knapsack
 PRECISIONS = ("fp32", "int8")  # latency.PRECISIONS, spelled out: this module imports no torch
+FP32_BACKENDS = ("torch", "torch-cuda")  # the latency backends without INT8 (latency.BACKENDS' precisions)
 # limits on how far a run goes, not on what it computes: a run stopped by --max-iterations continues with a higher one
 RESUMABLE = ("max_iterations",)
 
@@ -72,6 +73,9 @@ class RunConfig:
             raise UserError(f"--method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.precision != "fp32" and self.backend in FP32_BACKENDS:  # refused before a folder is written
+            raise UserError(f"backend {self.backend} times FP32 only, not {self.precision.upper()}; use --backend "
+                            f"onnxruntime, executorch or openvino for INT8")
         if self.final not in FINALS:
             raise UserError(f"--final {self.final!r}: use one of {', '.join(FINALS)}")
         if self.evaluation not in EVALUATIONS:
