@@ -60,11 +60,12 @@ def test_one_record_is_run_json_and_the_cli_json(tmp_path: Path) -> None:
                        final_params=5, finished="2026-01-01T00:00:00", run_dir=tmp_path, already_finished=True)
     assert list(result.to_run_json()) == [
         "iterations", "seed_resource", "target", "final_resource", "measured_latency_ms", "seed_measured_latency_ms",
-        "test_accuracy", "final_method", "final_macs", "final_params", "latency_table_entries_measured", "finished"]
+        "test_accuracy", "final_method", "final_macs", "final_params", "latency_table_entries_measured", "precision",
+        "fp32_test_accuracy", "finished"]
     assert result.as_json() == {
         "run_dir": str(tmp_path), "nothing_to_do": False, "already_finished": True, "seed_resource": 10.5,
         "target": 9.9, "final_resource": 9.8, "iterations": 3, "measured_latency_ms": None,
-        "seed_measured_latency_ms": None, "test_accuracy": 0.99}
+        "seed_measured_latency_ms": None, "test_accuracy": 0.99, "precision": "fp32", "fp32_test_accuracy": None}
     assert list(result.as_json())[:3] == ["run_dir", "nothing_to_do", "already_finished"]
     folder = RunFolder(tmp_path)
     folder.write_run_json({"config": {}})
