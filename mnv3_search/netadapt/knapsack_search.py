@@ -14,7 +14,8 @@ from typing import Optional
 
 from ..model.counts import spec_macs, spec_params
 from ..prune.groups import proposal_groups
-from ..prune.knapsack import TAYLOR_BATCHES, KnapsackProblem, shrink_to, taylor_importance, width_options
+from ..prune.importance import TAYLOR_BATCHES, Taylor
+from ..prune.knapsack import KnapsackProblem, shrink_to, width_options
 from ..prune.surgery import child_spec
 from ..spec.yaml_io import spec_to_yaml
 from .pricing import BudgetUnreachable
@@ -35,8 +36,7 @@ class KnapsackSearch:
         groups = proposal_groups(seed_spec, config.step)
         session.emit("importance", groups=len(groups), channels=sum(g.channels for g in groups),
                      batches=TAYLOR_BATCHES)
-        scores = taylor_importance(seed_spec, seed_state, session.dataset, groups, batch_size=config.batch_size,
-                                   seed=config.seed)
+        scores = Taylor(session.dataset, batch_size=config.batch_size, seed=config.seed)(seed_spec, seed_state, groups)
         pricing.prefetch([child_spec(seed_spec, g, k, config.step) for g in groups for k in width_options(g)])
         problem = KnapsackProblem.build(seed_spec, scores, pricing.resource)  # priced once for every round
         goal: float = target
