@@ -25,6 +25,7 @@ from torch import nn
 from ..data import Dataset, batches
 from ..model.build import build_model
 from ..spec.arch import ArchSpec
+from ..train import placed
 from .groups import ProposalGroup, find_group
 from .surgery import StateDict, child_spec, plan_shrink, shrink
 
@@ -68,7 +69,8 @@ def taylor_importance(spec: ArchSpec, state: Mapping[str, torch.Tensor], dataset
                       seed: int = 0) -> list[GroupScores]:
     """First-order Taylor importance per channel: mean over training batches of (sum over the channel's
     tensors of weight x gradient)^2, the loss change its removal would cause to first order. The network is
-    in training mode (BatchNorm on batch statistics), the loss a fine-tune would see, as HALP scores."""
+    in training mode (BatchNorm on batch statistics, as a fine-tune sees it) and the loss is plain
+    cross-entropy, as HALP scores; the gradients are taken on the training's device (train.placed)."""
     model = build_model(spec)
     model.load_state_dict(state, strict=True)
     model.train()
@@ -78,21 +80,22 @@ def taylor_importance(spec: ArchSpec, state: Mapping[str, torch.Tensor], dataset
     loss_fn = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(seed)
     seen = 0
-    for x, y in batches(dataset, dataset.train, batch_size, shuffle=True, generator=generator):
-        model.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        with torch.no_grad():
-            for n, pairs in enumerate(tensors):
-                score = torch.zeros(groups[n].channels, dtype=torch.float64)
-                for key, dim in pairs:
-                    p = params[key]
-                    assert p.grad is not None
-                    wg = (p * p.grad).double()
-                    score += wg.movedim(dim, 0).reshape(wg.shape[dim], -1).sum(dim=1)
-                totals[n] += (score ** 2).numpy()
-        seen += 1
-        if seen == num_batches:
-            break
+    with placed(model) as device:
+        for x, y in batches(dataset, dataset.train, batch_size, shuffle=True, generator=generator):
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(x.to(device)), y.to(device)).backward()
+            with torch.no_grad():
+                for n, pairs in enumerate(tensors):
+                    score = torch.zeros(groups[n].channels, dtype=torch.float64, device=device)
+                    for key, dim in pairs:
+                        p = params[key]
+                        assert p.grad is not None
+                        wg = (p * p.grad).double()
+                        score += wg.movedim(dim, 0).reshape(wg.shape[dim], -1).sum(dim=1)
+                    totals[n] += (score ** 2).cpu().numpy()
+            seen += 1
+            if seen == num_batches:
+                break
     return [GroupScores(g, t / max(seen, 1)) for g, t in zip(groups, totals)]
 
 
