@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -169,7 +170,7 @@ RECIPE_PARTS = ("advance", "evaluate", "holdout_metrics", "refresh_bn", "taylor_
 
 
 class DeviceSpy:
-    """A GPU stood in for on the CPU. Training resolves the device to SPY; every Module.to and Tensor.to is
+    """A GPU stood in for on the CPU. `cuda` resolves to SPY (cpu stays cpu); every Module.to and Tensor.to is
     recorded, and a network or tensor moved to SPY counts as there until moved elsewhere. Every forward of a
     whole network must find it and its input there (ONNX export aside, which must find it on the CPU), and
     every checkpoint and export must find no network there. What it saw of a run: `pieces`, as
@@ -238,7 +239,15 @@ class DeviceSpy:
 
         monkeypatch.setattr(torch.nn.Module, "to", spy_module_to)
         monkeypatch.setattr(torch.Tensor, "to", spy_tensor_to)
-        monkeypatch.setattr(recipe, "resolve_device", lambda device=None: SPY)
+        real_resolve = recipe.resolve_device
+
+        def resolve(device: str | torch.device | None = None) -> torch.device:  # cuda is the spy's
+            if isinstance(device, torch.device):
+                return device
+            name = device or os.environ.get(recipe.DEVICE_ENV) or "cpu"
+            return SPY if name == "cuda" else real_resolve(name)
+
+        monkeypatch.setattr(recipe, "resolve_device", resolve)
         monkeypatch.setattr(recipe, "device_of",
                             lambda model: SPY if model in spy.on_device else torch.device("cpu"))
         monkeypatch.setattr(RunFolder, "save", staticmethod(none_on_device("a checkpoint", RunFolder.save)))
@@ -288,7 +297,7 @@ def test_a_run_on_a_device_trains_and_scores_everything_there(method: str, final
 
     monkeypatch.setenv(DEVICE_ENV, "cpu")  # --device sets it for worker processes: put back afterwards
     result = CliRunner().invoke(cli, ["netadapt", str(micro_spec_path()), "--budget", "1.3M-macs", "--method",
-                                      method, "--final", final, "--device", "cpu", "--limit", "240",
+                                      method, "--final", final, "--device", "cuda", "--limit", "240",
                                       "--batch-size", "32", "--short-steps", "8", "--seed-epochs", "1",
                                       "--long-epochs", "1", "--quiet", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
@@ -303,8 +312,9 @@ def test_the_device_spy_catches_a_piece_that_ignores_the_device(device_spy: Devi
     from contextlib import contextmanager
 
     from mnv3_search import train as recipe
-    from mnv3_search.train import holdout_metrics
+    from mnv3_search.train import DEVICE_ENV, holdout_metrics
 
+    monkeypatch.setenv(DEVICE_ENV, "cuda")
     model = build_model(_small10(small))
     holdout_metrics(model, digits16)
     assert device_spy.problems == [] and device_spy.pieces == {"?/holdout_metrics": 1}
