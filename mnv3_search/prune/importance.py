@@ -139,7 +139,8 @@ def _own_tensors(spec: ArchSpec, group: ProposalGroup) -> list[tuple[str, int]]:
 class Taylor:
     """First-order Taylor importance per channel: the mean over training batches of (sum over the channel's
     own tensors of weight x gradient)^2, the loss change its removal would cause to first order. The network
-    is in training mode (BatchNorm on batch statistics): the loss a fine-tune would see, as HALP scores."""
+    is in training mode (BatchNorm on batch statistics, as a fine-tune sees it) and the loss is plain
+    cross-entropy, as HALP scores."""
 
     dataset: Dataset
     num_batches: int = TAYLOR_BATCHES
@@ -149,33 +150,42 @@ class Taylor:
 
     def __call__(self, spec: ArchSpec, state: Mapping[str, torch.Tensor],
                  groups: Sequence[ProposalGroup]) -> list[GroupScores]:
-        from ..model.build import build_model
+        return taylor_importance(spec, state, self.dataset, groups, self.num_batches, self.batch_size, self.seed)
 
-        model = build_model(spec)
-        model.load_state_dict(state, strict=True)
-        model.train()
-        params = dict(model.named_parameters())
-        tensors = [_own_tensors(spec, g) for g in groups]
-        totals = [np.zeros(g.channels) for g in groups]
-        loss_fn = nn.CrossEntropyLoss()
-        generator = torch.Generator().manual_seed(self.seed)
-        seen = 0
-        for x, y in batches(self.dataset, self.dataset.train, self.batch_size, shuffle=True, generator=generator):
+
+def taylor_importance(spec: ArchSpec, state: Mapping[str, torch.Tensor], dataset: Dataset,
+                      groups: Sequence[ProposalGroup], num_batches: int = TAYLOR_BATCHES, batch_size: int = 64,
+                      seed: int = 0) -> list[GroupScores]:
+    """`Taylor`'s scores, on the training's device (`train.placed`)."""
+    from ..model.build import build_model
+    from ..train import placed
+
+    model = build_model(spec)
+    model.load_state_dict(state, strict=True)
+    model.train()
+    params = dict(model.named_parameters())
+    tensors = [_own_tensors(spec, g) for g in groups]
+    totals = [np.zeros(g.channels) for g in groups]
+    loss_fn = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(seed)
+    seen = 0
+    with placed(model) as device:  # the gradients are taken on the training's device
+        for x, y in batches(dataset, dataset.train, batch_size, shuffle=True, generator=generator):
             model.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
+            loss_fn(model(x.to(device)), y.to(device)).backward()
             with torch.no_grad():
                 for n, pairs in enumerate(tensors):
-                    score = torch.zeros(groups[n].channels, dtype=torch.float64)
+                    score = torch.zeros(groups[n].channels, dtype=torch.float64, device=device)
                     for key, dim in pairs:
                         p = params[key]
                         assert p.grad is not None
                         wg = (p * p.grad).double()
                         score += wg.movedim(dim, 0).reshape(wg.shape[dim], -1).sum(dim=1)
-                    totals[n] += (score ** 2).numpy()
+                    totals[n] += (score ** 2).cpu().numpy()
             seen += 1
-            if seen == self.num_batches:
+            if seen == num_batches:
                 break
-        return [GroupScores(g, t / max(seen, 1)) for g, t in zip(groups, totals)]
+    return [GroupScores(g, t / max(seen, 1)) for g, t in zip(groups, totals)]
 
 
 IMPORTANCES = ("l1", "l2", "bn", "taylor")
