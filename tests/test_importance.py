@@ -68,3 +68,50 @@ def test_estimators_by_name() -> None:
         make_importance("taylor")
     with pytest.raises(UserError, match=r"--importance 'snip': use one of l1, l2, bn, taylor"):
         make_importance("snip")
+
+
+def test_a_runs_importance_decides_which_channels_its_cuts_keep(tmp_path) -> None:
+    """--importance bn: the iteration's network is the seed cut by BN scale, not by the default L2 norms."""
+    from mnv3_search.model.weights import read_checkpoint
+    from mnv3_search.netadapt import RunConfig, run_netadapt
+    from mnv3_search.prune.groups import find_group
+    from tiny_run import micro_run_folder, micro_spec_path
+
+    seed = micro_run_folder() / "seed.pt"
+    config = RunConfig(spec_path=str(micro_spec_path()), budget="1.30M-macs", data="digits", limit=240,
+                       batch_size=32, short_steps=8, long_epochs=0, final="fine-tune", threads=1,
+                       weights=str(seed), importance="bn")
+    events: list = []
+    run_netadapt(config, out=str(tmp_path / "bn"), on_event=lambda kind, **info: events.append((kind, info)))
+    chosen = next(info for kind, info in events if kind == "chosen")
+    group, channels = chosen["group"], chosen["channels"]
+    seed_spec, seed_state = read_checkpoint(seed)
+    by_bn = BNScale()(seed_spec, seed_state, [find_group(seed_spec, group)])[0].importance
+    expected = plan_shrink(seed_spec, seed_state, group, channels, scores=torch.from_numpy(by_bn)).kept
+    by_l2 = plan_shrink(seed_spec, seed_state, group, channels).kept
+    assert not torch.equal(expected, by_l2)  # the two criteria keep different channels here: the test has teeth
+    # iteration 1 was fine-tuned from the cut: its channel count is the cut's, its first BN shift started from
+    # the kept channels' (the fine-tune moved them little); compare against both choices
+    child_spec, child_state = read_checkpoint(tmp_path / "bn" / "iterations" / "001.pt")
+    assert find_group(child_spec, group).channels == channels
+    prefix = producer_prefixes(seed_spec, find_group(seed_spec, group))[0]
+    key = f"{prefix}.1.running_mean" if prefix != "classifier.0" else "classifier.0.bias"
+    after = child_state[key]
+    close_bn = (after - seed_state[key][expected]).abs().mean()
+    close_l2 = (after - seed_state[key][by_l2]).abs().mean()
+    assert close_bn < close_l2
+
+
+def test_the_knapsack_scores_with_the_runs_importance(tmp_path) -> None:
+    from mnv3_search.netadapt import RunConfig, run_netadapt
+    from tiny_run import micro_run_folder, micro_spec_path
+
+    config = RunConfig(spec_path=str(micro_spec_path()), budget="1.0M-macs", data="digits", limit=240,
+                       batch_size=32, long_epochs=0, final="fine-tune", threads=1, method="knapsack",
+                       weights=str(micro_run_folder() / "seed.pt"), importance="l1")
+    events: list = []
+    run_netadapt(config, out=str(tmp_path / "k"), on_event=lambda kind, **info: events.append((kind, info)))
+    scored = [info for kind, info in events if kind == "importance"]
+    assert [(s["name"], s["batches"]) for s in scored] == [("l1", 0)]
+    assert RunConfig("small", "50%").importance_name() == "l2"
+    assert RunConfig("small", "50%", method="knapsack").importance_name() == "taylor"

@@ -102,8 +102,8 @@ class NetAdaptView:
                 return (f"the measurement disagreed with the table: target corrected to "
                         f"{self._amount(info['corrected_target'])}, going on")
             case "importance":
-                return (f"scoring {info['channels']:,} channels in {info['groups']} groups (Taylor, "
-                        f"{info['batches']} batches)")
+                over = f", {info['batches']} batches" if info["batches"] else ""
+                return f"scoring {info['channels']:,} channels in {info['groups']} groups ({info['name']}{over})"
             case "knapsack":
                 timed = "" if self.state.get("unit", "ms") != "ms" else (
                     ", timed beside the seed: " + ("within the budget" if info["ok"] else "over the budget"))

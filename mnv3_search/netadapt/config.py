@@ -15,6 +15,9 @@ LADDERS = ("early", "geometric")  # where halving's rungs score (`RunConfig.rung
 # what a run.json written before a setting existed meant by it: such a run resumes exactly as it started
 LEGACY_SETTINGS = {"ladder": "geometric", "keep": 0.5}
 METHODS = ("netadapt", "knapsack")  # per-group proposals scored by fine-tunes, or one HALP-style knapsack
+# which channels a cut keeps (prune/importance.py); auto: each method's own (NetAdapt's L2, HALP's Taylor)
+IMPORTANCE_CHOICES = ("auto", "l1", "l2", "bn", "taylor")
+METHOD_IMPORTANCE = {"netadapt": "l2", "knapsack": "taylor"}
 # limits on how far a run goes, not on what it computes: a run stopped by --max-iterations continues with a higher one
 RESUMABLE = ("max_iterations",)
 
@@ -42,10 +45,14 @@ class RunConfig:
     # how the shape is found: NetAdapt's iterations, or a knapsack (prune/knapsack.py)
     method: str = setting(
         "netadapt", "netadapt: iterations of per-group proposals, each fine-tuned briefly and scored on the holdout "
-        "(minutes per iteration); knapsack: every channel scored once by Taylor importance, one width per group "
+        "(minutes per iteration); knapsack: every channel scored once (--importance), one width per group "
         "chosen by a knapsack under the budget, the shape timed beside the seed and corrected until the "
         "measurement meets it (HALP-style; seconds; --select, --evaluation, --schedule and the short fine-tune "
         "options do not apply; no workers).", choices=METHODS)
+    importance: str = setting(
+        "auto", "Which channels a cut keeps, and what the knapsack maximises: l1 or l2 (the producing weights' "
+        "norm), bn (BatchNorm scale), taylor (first-order Taylor, over 32 training batches); auto: l2 for netadapt "
+        "(NetAdapt's), taylor for knapsack (HALP's).", choices=IMPORTANCE_CHOICES)
     select: str = setting(
         "ratio", "ratio: max dAcc/|dLatency| (a gain scores the gain); accuracy: max holdout accuracy. Either way, "
         "accuracy differences within the holdout's standard error tie; ties go to the lower holdout loss, then the "
@@ -108,6 +115,10 @@ class RunConfig:
         if self.final != "auto":
             return self.final
         return "fine-tune" if self.weights else "retrain"
+
+    def importance_name(self) -> str:
+        """The importance estimator this run uses (`auto` resolved by the method)."""
+        return METHOD_IMPORTANCE[self.method] if self.importance == "auto" else self.importance
 
     def rung_divisor(self) -> int:
         """short_steps / this is the first rung's step count (1 with a single rung)."""

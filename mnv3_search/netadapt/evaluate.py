@@ -26,6 +26,8 @@ from torch import nn
 from ..data import Dataset, load_dataset
 from ..fileio import atomic_path
 from ..model.build import build_model
+from ..prune.groups import proposal_groups
+from ..prune.importance import make_importance
 from ..prune.surgery import shrink
 from ..train import Trainer, holdout_metrics, refresh_bn, to_memory_format
 from .artifacts import RunArtifacts, staging
@@ -84,6 +86,11 @@ class Evaluator:
         self.max_channels = max_channels
         self.dataset = dataset if dataset is not None else load_run_dataset(config)
         self._parent: tuple[str, Any, dict[str, torch.Tensor]] | None = None
+        # the run's importance estimator, unless it is surgery's own default (L2): then no scores are passed
+        name = config.importance_name()
+        self.importance = None if name == "l2" else make_importance(name, self.dataset, batch_size=config.batch_size,
+                                                                    seed=config.seed)
+        self._scores: tuple[str, dict[str, torch.Tensor]] | None = None  # the current parent's, per group
 
     def _parent_of(self, study: optuna.Study, relative: str) -> tuple[Any, dict[str, torch.Tensor]]:
         if self._parent is None or self._parent[0] != relative:
@@ -96,6 +103,18 @@ class Evaluator:
                     spec, state = RunFolder.load(path)
             self._parent = (relative, spec, state)
         return self._parent[1], self._parent[2]
+
+    def _channel_scores(self, relative: str, spec: Any, state: dict[str, torch.Tensor], group: str
+                        ) -> Optional[torch.Tensor]:
+        """The importance of `group`'s channels in the parent `relative`, which decides what its cut keeps; every
+        group of a parent is scored at once (Taylor passes over the data once) and kept for its other proposals."""
+        if self.importance is None:
+            return None
+        if self._scores is None or self._scores[0] != relative:
+            groups = proposal_groups(spec, self.config.step)
+            self._scores = (relative, {s.group.name: torch.from_numpy(s.importance)
+                                       for s in self.importance(spec, state, groups)})
+        return self._scores[1][group]
 
     def _previous(self, study: optuna.Study, number: int) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
         """The weights and training state trial `number` (the previous rung) left: from the run folder when
@@ -116,8 +135,10 @@ class Evaluator:
         previous = trial.user_attrs.get(FROM_ATTR)
         training: Optional[dict[str, Any]] = None
         if previous is None:
-            parent_spec, parent_state = self._parent_of(study, str(trial.user_attrs[PARENT_ATTR]))
-            spec, state = shrink(parent_spec, parent_state, group, channels, config.step)
+            relative = str(trial.user_attrs[PARENT_ATTR])
+            parent_spec, parent_state = self._parent_of(study, relative)
+            spec, state = shrink(parent_spec, parent_state, group, channels, config.step,
+                                 self._channel_scores(relative, parent_spec, parent_state, group))
         else:
             spec, state, training = self._previous(study, int(previous))
         model = to_memory_format(build_model(spec), torch.channels_last)  # faster on CPU, refresh_bn included
