@@ -28,7 +28,7 @@ from ..fileio import atomic_path
 from ..model.build import build_model
 from ..prune.surgery import shrink
 from ..train import bn_layers, endless_batches, refresh_bn, to_memory_format
-from .artifacts import RunArtifacts, staging
+from .artifacts import KILL_EXIT_CODE, RunArtifacts, staging
 from .config import RunConfig
 from .runfolder import RunFolder
 from .study import HEARTBEAT_ATTR, ITERATION_ATTR, claim, heartbeat, storage_of, trial_storage_id
@@ -36,8 +36,7 @@ from .study import HEARTBEAT_ATTR, ITERATION_ATTR, claim, heartbeat, storage_of,
 # Test hook: a proposal of the group named here kills the process evaluating it (os._exit, like a crashing
 # kernel or the OOM killer), so the retry and give-up path is tested with real process deaths
 # (tests/test_reliability.py). Never set outside tests.
-KILL_GROUP_ENV = "MNV3_SEARCH_TEST_KILL_GROUP"
-KILL_EXIT_CODE = 86
+KILL_GROUP_ENV = "MNV3_SEARCH_TEST_KILL_GROUP"  # its process exits with KILL_EXIT_CODE (artifacts.py's)
 
 # what a rung trial carries (user attrs, with study.RUNG_ATTR), besides the proposal's own attributes
 START_ATTR = "start_step"
