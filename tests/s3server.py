@@ -1,5 +1,5 @@
 """A real S3-protocol server for the artifact-store tests: moto's standalone server (`moto_server`, from the
-test extra's `moto[server]`) in its own process on a free loopback port, stopped at the end.
+test extra's moto[s3] with flask and flask-cors) in its own process on a free loopback port, stopped at the end.
 
 Processes reach it as a user's processes reach any S3 endpoint that is not AWS (MinIO, Ceph, a cloud's own):
 through their environment, `AWS_ENDPOINT_URL` and the credentials, which boto3 reads by itself; the run
