@@ -32,10 +32,10 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mnv3_search.fileio import atomic_write_text  # noqa: E402
-from mnv3_search.latency.measure import InterleavedPolicy, make_backend, measure_interleaved  # noqa: E402
-from mnv3_search.latency.table import (LatencyTable, build_table, check_table, check_variants, heldout_text,  # noqa: E402
-                                      summarize_errors)
+from mnv3_search.latency import (InterleavedPolicy, LatencyTable, build_table, check_table, check_variants,  # noqa: E402
+                                 heldout_text, make_backend, measure_interleaved, summarize_errors)
 from mnv3_search.model.build import build_model  # noqa: E402
+from mnv3_search.prune.variants import calibration_companions, netadapt_keys, variant_specs  # noqa: E402
 from mnv3_search.fileio import write_csv  # noqa: E402
 from mnv3_search.spec.spaces import resolve_spec_path  # noqa: E402
 from mnv3_search.spec.yaml_io import load_spec  # noqa: E402
@@ -126,7 +126,7 @@ def cost_and_prediction(out: Path, variants: int, cost: bool, prediction: bool) 
         table_path.unlink(missing_ok=True)
     table = LatencyTable.open(table_path, make_backend("onnxruntime", 1), 1, InterleavedPolicy())
     large = load_spec(resolve_spec_path("large"))
-    report = build_table(table, large, step=8)
+    report = build_table(table, large, netadapt_keys(large, 8), calibration_companions(large))
     cal = report.calibration
     print(f"(c) Large table: {report.entries_needed} entries in {report.seconds:.1f} s; calibration on "
           f"{cal.networks} networks: a {cal.a:.3f}, b {cal.b_ms_per_mparam:.3f} ms/Mparam; seed blocks "
@@ -142,7 +142,7 @@ def cost_and_prediction(out: Path, variants: int, cost: bool, prediction: bool) 
         spec = load_spec(resolve_spec_path(model))
         t0 = time.perf_counter()
         before = len(table.entries)
-        check = check_variants(table, spec, variants, seed=0)
+        check = check_variants(table, spec, variant_specs(spec, variants, seed=0), calibration_companions(spec))
         s = summarize_errors(check)
         write_csv(pd.DataFrame([{**r.__dict__, "error_pct": r.error_pct, "raw_error_pct": r.raw_error_pct}
                                 for r in check]), out / f"latency_check_{model}.csv")
@@ -187,7 +187,7 @@ def under_load(out: Path, variants: int, resolution, companions: int, models: li
                                       1, InterleavedPolicy())
             if spec.name not in table.calibrations:
                 t0 = time.perf_counter()
-                cal = table.calibrate(spec, companions=companions)
+                cal = table.calibrate(spec, calibration_companions(spec, companions))
                 print(f"(d) {model} {spec.resolution} px: calibrated on {cal.networks} networks ({cal.model}; held-out "
                       f"seed-relative error {heldout_text(cal)}), {time.perf_counter() - t0:.0f} s", flush=True)
             for condition in ("quiet", "loaded"):
@@ -199,7 +199,8 @@ def under_load(out: Path, variants: int, resolution, companions: int, models: li
                     time.sleep(0.5)
                 try:
                     t0 = time.perf_counter()
-                    report = check_table(table, spec, variants, seed=0)
+                    report = check_table(table, spec, variant_specs(spec, variants, seed=0),
+                                         calibration_companions(spec))
                 finally:
                     if competitor is not None:
                         competitor.kill()

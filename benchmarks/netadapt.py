@@ -74,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mnv3_search import build_model, load_spec, proposal_groups, spec_to_yaml  # noqa: E402
 from mnv3_search.data import Dataset, load_dataset  # noqa: E402
 from mnv3_search.errors import UserError  # noqa: E402
-from mnv3_search.latency.measure import InterleavedPolicy, make_backend, measure_interleaved, torch_threads  # noqa: E402
+from mnv3_search.latency import InterleavedPolicy, make_backend, measure_interleaved, torch_threads  # noqa: E402
 from mnv3_search.model.counts import spec_macs, spec_params  # noqa: E402
 from mnv3_search.model.weights import read_checkpoint, save_state  # noqa: E402
 from mnv3_search.netadapt import RunConfig, run_netadapt  # noqa: E402

@@ -28,8 +28,8 @@ from .model.counts import spec_macs, spec_params
 from .data import load_dataset
 from .errors import SpecError, UserError
 from .fileio import PathLike, atomic_write_text
-from .latency.measure import make_backend, torch_threads
-from .latency.table import LatencyTable, open_for_run, table_record
+from .latency import LatencyTable, make_backend, open_for_run, table_record, torch_threads
+from .prune.variants import calibration_companions
 from .model.build import build_model
 from .netadapt.study import make_storage
 from .fileio import write_csv
@@ -178,7 +178,8 @@ def run_explore(config: ExploreConfig, out: PathLike, storage: Optional[str] = N
     table: Optional[LatencyTable] = None
     base = finish(space.base())
     if budget.resource == LATENCY:
-        table = open_for_run(config.lut, make_backend(config.backend, config.threads), base)
+        table = open_for_run(config.lut, make_backend(config.backend, config.threads), base,
+                             calibration_companions(base))
 
     def figure(spec: ArchSpec) -> tuple[float, dict[str, Any]]:
         attrs: dict[str, Any] = {"macs": spec_macs(spec), "params": spec_params(spec)}

@@ -24,8 +24,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import UserError
 from .fileio import PathLike, atomic_path
-from .latency.measure import (InterleavedPolicy, Measurement, OnnxRuntimeBackend, make_backend, measure_interleaved,
-                               onnx_bytes, torch_threads)
+from .latency import (InterleavedPolicy, Measurement, OnnxRuntimeBackend, make_backend, measure_interleaved, onnx_bytes,
+                      torch_threads)
 
 FORMATS = ("onnx", "torchscript")
 ATOL = 1e-4  # on outputs of magnitude <= 1; scaled by the largest |output| above that (float32 rounding)

@@ -14,8 +14,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from .latency.measure import Backend, Measurement, TimingPolicy, measure
-from .latency.table import LatencyTable, Prediction
+from .latency import Backend, LatencyTable, Measurement, Prediction, TimingPolicy, measure
 from .model.build import MobileNetV3
 from .model.layout import unit_modules
 from .spec.arch import ArchSpec

@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from mnv3_search.cli import cli
-from mnv3_search.netadapt.artifacts import ARTIFACTS_ATTR, CHECKPOINT_ATTR, STATE_ATTR
+from mnv3_search.netadapt.attrs import ARTIFACTS_ATTR, CHECKPOINT_ATTR, STATE_ATTR
 from mnv3_search.netadapt.study import make_storage
 from postgres import postgres_bin, running_postgres
 from tiny_run import MICRO_ARGS, MICRO_BUDGET, micro_run_folder, micro_spec_path

@@ -322,7 +322,7 @@ def test_every_option_has_help_and_shared_names_mean_one_thing() -> None:
 
 
 def test_backend_names_are_the_librarys() -> None:
-    from mnv3_search.latency.measure import BACKENDS
+    from mnv3_search.latency import BACKENDS
 
     assert sorted(shared.BACKEND_NAMES) == sorted(BACKENDS)
 
@@ -405,8 +405,7 @@ def test_compare_predicts_from_the_machines_table(tmp_path: Path) -> None:
     import io
     import os
 
-    from mnv3_search.latency.measure import make_backend
-    from mnv3_search.latency.table import LatencyTable, default_table_path
+    from mnv3_search.latency import LatencyTable, default_table_path, make_backend
 
     result = run("compare", "small", "small", "--resolution", "64", "--no-latency", "--lut", "--csv", "-")
     assert result.exit_code == 0, result.output

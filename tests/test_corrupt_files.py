@@ -22,9 +22,9 @@ import pytest
 from click.testing import CliRunner
 
 from mnv3_search.cli import cli
-from mnv3_search.latency.measure import InterleavedPolicy, OnnxRuntimeBackend
-from mnv3_search.latency.table import LatencyTable
+from mnv3_search.latency import InterleavedPolicy, LatencyTable, OnnxRuntimeBackend
 from mnv3_search.netadapt.study import make_storage
+from mnv3_search.prune.variants import calibration_companions
 from tiny_run import tiny_run_folder
 
 DO = "the run cannot go on from it: restore the file from a copy, or start the run again in another folder (--out)"
@@ -174,8 +174,8 @@ def lut_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mnv3_search import load_spec
 
     path = tmp_path_factory.mktemp("lut") / "lut.json"
-    LatencyTable.open(path, OnnxRuntimeBackend(), 1, FAST).calibrate(replace(load_spec("small"), resolution=32),
-                                                                      companions=1)
+    seed = replace(load_spec("small"), resolution=32)
+    LatencyTable.open(path, OnnxRuntimeBackend(), 1, FAST).calibrate(seed, calibration_companions(seed, 1))
     return path
 
 

@@ -8,7 +8,8 @@ import optuna
 
 from dashboard import dashboard_trials, running_dashboard
 from mnv3_search.netadapt.artifacts import recorded_artifacts
-from mnv3_search.netadapt.study import ITERATION_ATTR, RUNG_ATTR, make_storage
+from mnv3_search.netadapt.attrs import ITERATION_ATTR, RUNG_ATTR
+from mnv3_search.netadapt.study import make_storage
 from tiny_run import micro_run_folder
 
 

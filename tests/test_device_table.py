@@ -11,8 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from mnv3_search.cli import cli
-from mnv3_search.latency.measure import make_backend
-from mnv3_search.latency.table import default_table_dir, default_table_path
+from mnv3_search.latency import default_table_dir, default_table_path, make_backend
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "search_spaces" / "examples" / "small_choices.yaml"
 

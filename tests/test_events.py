@@ -22,10 +22,10 @@ from mnv3_search.cli import cli
 from mnv3_search.cli.netadapt import NetAdaptView
 from mnv3_search.errors import UserError
 from mnv3_search.netadapt import RunConfig, run_netadapt
+from mnv3_search.netadapt.attrs import CONFIG_ATTR, GROUPS_ATTR, RUN_DIR_ATTR
 from mnv3_search.netadapt.events import EVENT_KINDS
 from mnv3_search.netadapt.runfolder import RunFolder
-from mnv3_search.netadapt.study import (CONFIG_ATTR, GROUPS_ATTR, RUN_DIR_ATTR, STORAGE_ENV, create_study,
-                                        load_study, set_status)
+from mnv3_search.netadapt.study import STORAGE_ENV, create_study, load_study, set_status
 from mnv3_search.netadapt.worker import WORKER_MODULE, join_run
 from tiny_run import TINY_RUN_EVENTS, tiny_run_folder
 

@@ -14,8 +14,7 @@ from click.testing import CliRunner
 from mnv3_search import SpecError, load_spec
 from mnv3_search.cli import cli
 from mnv3_search.explore import ExploreConfig, load_space, run_explore
-from mnv3_search.latency.measure import make_backend
-from mnv3_search.latency.table import LatencyTable
+from mnv3_search.latency import LatencyTable, make_backend
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "search_spaces" / "examples" / "small_choices.yaml"

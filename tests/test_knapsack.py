@@ -19,7 +19,7 @@ from mnv3_search.cli import cli
 from mnv3_search.data import load_dataset
 from mnv3_search.model.counts import spec_macs
 from mnv3_search.netadapt import RunConfig, run_netadapt
-from mnv3_search.netadapt.loop import bisect_goal, next_goal, push_goal
+from mnv3_search.netadapt.knapsack_search import bisect_goal, next_goal, push_goal
 from mnv3_search.prune.knapsack import (GroupScores, knapsack_shape, shrink_to, solve_multiple_choice,
                                         taylor_importance, widths_of)
 from mnv3_search.model.weights import read_checkpoint

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from mnv3_search import UserError
-from mnv3_search.latency.measure import (Comparison, InterleavedPolicy, OnnxRuntimeBackend, TimingPolicy,
-                                         TorchEagerBackend, compare, device_fingerprint, export_onnx, make_backend,
-                                         measure, measure_interleaved, measure_together, ratio_shift, summarize)
+from mnv3_search.latency import (Comparison, InterleavedPolicy, OnnxRuntimeBackend, TimingPolicy, TorchEagerBackend,
+                                 compare, device_fingerprint, export_onnx, make_backend, measure, measure_interleaved,
+                                 measure_together, ratio_shift, summarize)
 from mnv3_search.model.build import ConvBNAct
 
 
@@ -217,3 +217,41 @@ def test_cuda_backend_measures_on_gpu():  # pragma: no cover - only with a GPU
     m = backend.time(ConvBNAct(3, 8, 3, 2, nl="HS"), (1, 3, 32, 32), TimingPolicy(min_repeats=3, max_repeats=3))
     assert m.context.device["gpu"]
     assert math.isfinite(m.median_ms)
+
+
+LAYERS_ABOVE = ("prune", "netadapt", "cli", "report", "explore")
+
+
+def test_latency_never_imports_a_layer_above_it() -> None:
+    """latency/ sits below prune/ (and netadapt, cli, report, explore): what it needs from them is passed in.
+
+    Checked twice: every import statement of every module, lazy ones inside functions included, and what
+    importing all of them loads (so a lower module that imported one of them would be caught too)."""
+    import ast
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "mnv3_search" / "latency"
+    forbidden = tuple(f"mnv3_search.{name}" for name in LAYERS_ABOVE)
+    found = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ["mnv3_search", "latency"][:3 - node.level] if node.level else []  # `.x` / `..x` from here
+                module = ".".join([*base, *([node.module] if node.module else [])])
+                names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            found += [f"{path.name}:{node.lineno} {name}" for name in names if name.startswith(forbidden)]
+    assert found == []
+    modules = [f"mnv3_search.latency.{path.stem}" for path in sorted(package.glob("*.py"))]
+    code = (f"import importlib, sys\nfor name in {modules!r}: importlib.import_module(name)\n"
+            f"print(sorted(m for m in sys.modules if m.startswith({forbidden!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(package.parents[1])})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

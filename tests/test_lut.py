@@ -14,17 +14,16 @@ from click.testing import CliRunner
 
 from mnv3_search import UserError, build_model
 from mnv3_search.cli import cli
-from mnv3_search.latency.measure import InterleavedPolicy, OnnxRuntimeBackend
-from mnv3_search.latency.measure import Measurement
-from mnv3_search.latency.table import (ANCHORS, UNIFORM_COMPANIONS, BlockKey, Entry, LatencyTable, anchor_level,
-                                      build_table, calibration_companions, check_table, check_variants,
-                                      choose_calibration, fit_calibration, fit_model, netadapt_keys,
-                                      read_table_file, relative_to_reference, spec_keys, summarize_errors,
-                                      variant_specs)
+from mnv3_search.latency import (BlockKey, Entry, InterleavedPolicy, LatencyTable, Measurement, OnnxRuntimeBackend,
+                                 build_table, check_table, check_variants, choose_calibration, fit_calibration,
+                                 fit_model, read_table_file, relative_to_reference, spec_keys, summarize_errors)
+from mnv3_search.latency.table import ANCHORS, anchor_level
+from mnv3_search.latency.tablefile import FORMAT_VERSION, MIGRATIONS, table_text
 from mnv3_search.model.build import count_params
 from mnv3_search.model.counts import spec_params
 from mnv3_search.prune.surgery import child_spec
-from mnv3_search.prune.variants import random_variant
+from mnv3_search.prune.variants import (UNIFORM_COMPANIONS, calibration_companions, netadapt_keys, random_variant,
+                                        variant_specs)
 
 FAST = InterleavedPolicy(passes=2, runs_per_pass=1, warmup_runs=1, min_passes=1)
 
@@ -52,7 +51,7 @@ def built(tiny, tmp_path_factory) -> Path:
     """A calibrated table for `tiny`, built once; tests copy it."""
     path = tmp_path_factory.mktemp("lut") / "table.json"
     table = LatencyTable.open(path, OnnxRuntimeBackend(), 1, FAST)
-    table.calibrate(tiny, companions=1)
+    table.calibrate(tiny, calibration_companions(tiny, 1))
     return path
 
 
@@ -168,6 +167,7 @@ def test_variants_keep_residual_groups_and_expand_convs(large):
 
 def test_tables_written_before_the_residual_flag_read_the_same(built, table_file):
     data = json.loads(table_file.read_text())
+    data["version"] = 1  # the flag came within version 1
     for entry in data["entries"].values():
         del entry["key"]["residual"]
     table_file.write_text(json.dumps(data))
@@ -274,7 +274,7 @@ def test_fit_falls_back_to_the_seeds_plain_factor():
 
 def test_calibration_with_companions_is_applied_to_predictions(table_file, tiny):
     table = LatencyTable.open(table_file, OnnxRuntimeBackend(), 1, FAST)
-    cal = table.calibrate(tiny, companions=3)
+    cal = table.calibrate(tiny, calibration_companions(tiny, 3))
     assert cal.networks == 4 and cal.params == count_params(build_model(tiny))
     p = table.predict(tiny, measure_missing=False)
     assert p.calibrated_ms == pytest.approx(cal.a * p.raw_ms + cal.b_ms_per_mparam * p.params / 1e6 + cal.c_ms,
@@ -328,7 +328,7 @@ def test_per_call_term_is_fitted_and_kept_when_the_sum_counts_a_call_per_block()
 
 def test_calibration_records_its_model_and_reads_old_tables(table_file, tiny):
     table = LatencyTable.open(table_file, OnnxRuntimeBackend(), 1, FAST)
-    cal = table.calibrate(tiny, companions=4)
+    cal = table.calibrate(tiny, calibration_companions(tiny, 4))
     assert cal.networks == 5 and cal.model in ("plain", "two-term", "overhead", "three-term")
     assert cal.heldout_pct is not None and set(cal.heldout_pct) == {"plain", "two-term", "overhead", "three-term"}
     if cal.model == "plain":
@@ -342,6 +342,7 @@ def test_calibration_records_its_model_and_reads_old_tables(table_file, tiny):
     written.update(model="overhead", c_ms=-0.2)  # the per-call term takes time back: negative is valid
     table_file.write_text(json.dumps(data))
     assert LatencyTable.load(table_file).calibrations[tiny.name].c_ms == -0.2
+    data["version"] = 1  # the choice came within version 1
     for name in ("model", "heldout_pct", "c_ms"):  # a table written before the choice
         del written[name]
     written.update(b_ms_per_mparam=0.5, heldout_two_term_pct=2.5, heldout_plain_pct=3.5)
@@ -511,10 +512,11 @@ def test_missing_entries_without_measuring_are_a_user_error(tiny, tmp_path):
 def test_build_and_check_on_a_tiny_network(tmp_path, tiny):
     table = LatencyTable.open(tmp_path / "t.json", OnnxRuntimeBackend(), 1, FAST)
     calls = []
-    report = build_table(table, tiny, step=256, progress=lambda d, t, w: calls.append((d, t)))
+    report = build_table(table, tiny, netadapt_keys(tiny, 256), calibration_companions(tiny),
+                         progress=lambda d, t, w: calls.append((d, t)))
     assert report.entries_measured == report.entries_needed == len(netadapt_keys(tiny, 256))
     assert calls[-1][0] == pytest.approx(calls[-1][1])  # progress ends at its total
-    report = check_table(table, tiny, 3, seed=1)
+    report = check_table(table, tiny, variant_specs(tiny, 3, seed=1), calibration_companions(tiny))
     rows = report.rows
     assert [r.network for r in rows] == ["seed", "variant 1", "variant 2", "variant 3"]
     seed_row = rows[0]
@@ -530,7 +532,8 @@ def test_build_and_check_on_a_tiny_network(tmp_path, tiny):
     assert summary.count == 3
     assert summary.worst_pct == max(abs(r.error_pct) for r in rows[1:])
     assert summary.rel_worst_pct == max(abs(r.relative_error_pct) for r in rows[1:])
-    assert [r.network for r in check_variants(table, tiny, 2, seed=1)] == ["seed", "variant 1", "variant 2"]
+    rows = check_variants(table, tiny, variant_specs(tiny, 2, seed=1), calibration_companions(tiny))
+    assert [r.network for r in rows] == ["seed", "variant 1", "variant 2"]
 
 
 def test_check_cli_reports_seed_relative_error_and_drift(table_file, tmp_path, tiny):
@@ -569,15 +572,15 @@ class ExportingBackend(OnnxRuntimeBackend):
 def test_repeated_timings_of_a_shape_reuse_its_module_and_export(table_file, tiny, monkeypatch):
     """NetAdapt times the seed beside each iteration's network three times: each shape is exported once, and
     every timing still opens its own session."""
-    measure_module = sys.modules["mnv3_search.latency.measure"]  # the package's `measure` is the function
+    backends_module = sys.modules["mnv3_search.latency.backends"]
     backend = ExportingBackend()
     table = LatencyTable.open(table_file, backend, 1, FAST)
     child, other = child_spec(tiny, "exp2", 16), child_spec(tiny, "hidden", 128)
     table.predict(child)
     table.predict(other)  # their missing entries measured first: only whole networks are counted below
     exports: list[tuple[int, ...]] = []
-    real = measure_module.onnx_bytes
-    monkeypatch.setattr(measure_module, "onnx_bytes",
+    real = backends_module.onnx_bytes
+    monkeypatch.setattr(backends_module, "onnx_bytes",
                         lambda module, shape, *args, **kw: exports.append(shape) or real(module, shape, *args, **kw))
     backend.modules.clear()
     for _ in range(3):
@@ -660,6 +663,136 @@ def test_two_tables_open_on_one_file_keep_each_others_entries(tiny, tmp_path):
     b.ensure(keys[3:6])
     _, entries, _ = read_table_file(path)
     assert {k.id for k in keys[:6]} <= set(entries)
+
+
+# --- the file's versions and migrations ----------------------------------------------------------------------
+
+def _as_v1(data: dict, shape: str) -> dict:
+    """`data` (a version-2 document) as a version-1 file of one of the shapes version 1 was written in."""
+    data = json.loads(json.dumps(data))
+    data["version"] = 1
+    if shape in ("keys without residual", "all at once"):
+        for entry in data["entries"].values():
+            del entry["key"]["residual"]
+    if shape in ("entries without level", "all at once"):
+        for entry in data["entries"].values():
+            del entry["level"]
+    if shape in ("protocol without clock", "all at once"):
+        del data["protocol"]["clock"]
+    if shape in ("calibrations before the choice", "all at once"):
+        for cal in data["calibrations"].values():
+            heldout = cal.pop("heldout_pct") or {}
+            del cal["model"], cal["c_ms"]
+            cal.update(heldout_two_term_pct=heldout.get("two-term"), heldout_plain_pct=heldout.get("plain"))
+    return data
+
+
+V1_SHAPES = ["explicit", "keys without residual", "entries without level", "protocol without clock",
+             "calibrations before the choice", "all at once"]
+
+
+@pytest.mark.parametrize("shape", V1_SHAPES)
+def test_version_1_files_migrate_to_the_same_table_and_save_as_version_2(table_file, shape):
+    """Each shape version 1 was written in reads as the same entries and calibrations as before (a missing
+    field at its old meaning), and the next save writes version 2 with every field explicit."""
+    data = json.loads(table_file.read_text())
+    assert data["version"] == 2
+    for cal in data["calibrations"].values():  # a calibration of the kind the oldest files held: a memory term
+        cal.update(model="two-term", b_ms_per_mparam=0.5, c_ms=0.0, heldout_pct={"two-term": 2.5, "plain": 3.5})
+    table_file.write_text(json.dumps(data))
+    header, entries, calibrations = read_table_file(table_file)
+    table_file.write_text(json.dumps(_as_v1(data, shape)))
+    got_header, got_entries, got_calibrations = read_table_file(table_file)
+    if shape in ("entries without level", "all at once"):  # before the anchors: the table's own level
+        entries = {i: replace(e, level=1.0) for i, e in entries.items()}
+    if shape in ("protocol without clock", "all at once"):  # before the thread clock: the wall clock
+        header.protocol["clock"] = "wall"
+    assert (got_header, got_entries, got_calibrations) == (header, entries, calibrations)
+    assert any(e.key.residual for e in got_entries.values())  # the rule, where the flag was left out
+    LatencyTable.load(table_file).save()
+    saved = json.loads(table_file.read_text())
+    assert saved["version"] == 2 and saved["protocol"]["clock"] == header.protocol["clock"]
+    assert all("level" in e and "residual" in e["key"] for e in saved["entries"].values())
+    assert all({"model", "c_ms", "heldout_pct"} <= set(c) and "heldout_plain_pct" not in c
+               for c in saved["calibrations"].values())
+    assert read_table_file(table_file) == (header, entries, calibrations)
+
+
+OLDEST_KEY = {"kind": "bneck", "resolution": 2, "in_channels": 40, "exp": 120, "out": 40, "kernel": 5, "stride": 1,
+              "se": True, "nl": "HS", "expand": True}
+OLDEST_ID = "bneck r2 in40 exp120 out40 k5 s1 se1 HS x1"
+OLDEST_HEADER = {"schema": "mnv3-search/latency-table", "backend": "onnxruntime",
+                 "versions": {"onnxruntime": "1.0", "torch": "2.0"}, "threads": 1, "batch": 1,
+                 "device": {"cpu_model": "Some CPU", "cpu_cores": 2}}
+OLDEST_FIGURES = {"latency_ms": 0.25, "median_ms": 0.3, "p10_ms": 0.2, "p90_ms": 0.4, "min_ms": 0.19, "runs": 150}
+OLDEST_CAL = {"spec_name": "net", "raw_ms": 2.0, "measured_ms": 3.0, "params": 1_000_000, "resolution": 32,
+              "a": 1.25, "b_ms_per_mparam": 0.5, "networks": 5}
+
+
+def test_the_oldest_version_1_file_migrates_field_by_field(tmp_path):
+    """A file in version 1's first shape, spelled out, and the version-2 document its migration saves."""
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({
+        **OLDEST_HEADER, "version": 1, "protocol": {"statistic": "p25", "passes": 30, "runs_per_pass": 5},
+        "calibrations": {"net": {**OLDEST_CAL, "heldout_two_term_pct": 2.5, "heldout_plain_pct": 3.5,
+                                 "factor": 1.5}},
+        "entries": {OLDEST_ID: {"key": OLDEST_KEY, **OLDEST_FIGURES}}}))
+    header, entries, calibrations = read_table_file(path)
+    assert header.protocol == {"statistic": "p25", "passes": 30, "runs_per_pass": 5, "clock": "wall"}
+    key = BlockKey(**OLDEST_KEY, residual=True)
+    assert entries == {OLDEST_ID: Entry(key, 0.25, 0.3, 0.2, 0.4, 0.19, 150, 1.0)}
+    cal = calibrations["net"]
+    assert (cal.model, cal.c_ms, cal.heldout_pct) == ("two-term", 0.0, {"two-term": 2.5, "plain": 3.5})
+    assert (cal.a, cal.b_ms_per_mparam, cal.networks) == (1.25, 0.5, 5)
+    LatencyTable.load(path).save()
+    assert json.loads(path.read_text()) == {
+        **OLDEST_HEADER, "version": 2,
+        "protocol": {"statistic": "p25", "passes": 30, "runs_per_pass": 5, "clock": "wall"},
+        "calibrations": {"net": {**OLDEST_CAL, "model": "two-term", "c_ms": 0.0,
+                                 "heldout_pct": {"two-term": 2.5, "plain": 3.5}, "factor": 1.5}},
+        "entries": {OLDEST_ID: {"key": {**OLDEST_KEY, "residual": True}, **OLDEST_FIGURES, "level": 1.0}}}
+
+
+def test_version_2_files_round_trip_byte_identically(table_file):
+    before = table_file.read_bytes()
+    assert json.loads(before)["version"] == FORMAT_VERSION == 2
+    assert table_text(*read_table_file(table_file)).encode() == before
+    LatencyTable.load(table_file).save()
+    assert table_file.read_bytes() == before
+
+
+@pytest.mark.parametrize("where, spoil, words", [
+    ("entry", lambda d: next(iter(d["entries"].values())).pop("level"), "is malformed (level is None, not a number)"),
+    ("key", lambda d: next(iter(d["entries"].values()))["key"].pop("residual"), "is malformed (key fields"),
+    ("header", lambda d: d["protocol"].pop("clock"), "has a malformed header (protocol has no clock)"),
+    ("calibration", lambda d: next(iter(d["calibrations"].values())).pop("c_ms"),
+     "is malformed (c_ms is None, not a number)"),
+])
+def test_version_2_fields_are_never_filled_in(table_file, where, spoil, words):
+    """Only a migration fills what an older version left out: a version-2 file without a field is damaged."""
+    data = json.loads(table_file.read_text())
+    spoil(data)
+    table_file.write_text(json.dumps(data))
+    with pytest.raises(UserError) as info:
+        read_table_file(table_file)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("version", [3, 0, "2", None, True])
+def test_a_version_this_code_does_not_know_is_refused_in_one_line(table_file, version):
+    data = json.loads(table_file.read_text())
+    data["version"] = version
+    table_file.write_text(json.dumps(data))
+    before = table_file.read_bytes()
+    with pytest.raises(UserError) as info:
+        LatencyTable.open(table_file, OnnxRuntimeBackend(), 1, FAST)
+    assert str(info.value) == (f"{table_file}: has table version {version!r}; this mnv3-search reads versions 1 "
+                               f"to 2; it was left untouched: fix or move it, or give another --lut path")
+    assert table_file.read_bytes() == before
+
+
+def test_every_older_version_has_a_migration_step():
+    assert sorted(MIGRATIONS) == list(range(1, FORMAT_VERSION))
 
 
 # --- bad files -----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mnv3_search import ArchSpec, build_model, count_params
-from mnv3_search.latency.table import BlockKey, spec_keys
+from mnv3_search.latency import BlockKey, spec_keys
 from mnv3_search.model.counts import spec_macs, spec_params, unit_macs, unit_params
 from mnv3_search.model.layout import unit_modules
 from mnv3_search.profile import profile_model

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from mnv3_search import ArchSpec, build_model, count_params
-from mnv3_search.latency.measure import TimingPolicy, make_backend
+from mnv3_search.latency import TimingPolicy, make_backend
 from mnv3_search.model.counts import spec_macs, spec_params
 from mnv3_search.profile import profile_model
 from mnv3_search.report.frames import PROFILE_COLUMNS, profile_frame

@@ -35,11 +35,12 @@ from optuna.trial import TrialState
 
 from dashboard import dashboard_trials, running_dashboard
 from mnv3_search.model.weights import read_checkpoint
-from mnv3_search.netadapt.artifacts import (ARTIFACTS_ATTR, CHECKPOINT_ATTR, KILL_AFTER_UPLOAD_ENV, KILL_EXIT_CODE,
-                                           STATE_ATTR, RunArtifacts, open_store, recorded_artifacts)
+from mnv3_search.netadapt.artifacts import (KILL_AFTER_UPLOAD_ENV, KILL_EXIT_CODE, RunArtifacts, open_store,
+                                           recorded_artifacts)
+from mnv3_search.netadapt.attrs import (ARTIFACTS_ATTR, CHECKPOINT_ATTR, FAILURE_ATTR, GROUP_PARAM, ITERATION_ATTR,
+                                        RUNG_ATTR, STATE_ATTR, WORKER_ATTR)
 from mnv3_search.netadapt.evaluate import KILL_GROUP_ENV
-from mnv3_search.netadapt.study import (FAILURE_ATTR, ITERATION_ATTR, RUNG_ATTR, STORAGE_ENV, WORKER_ATTR,
-                                        create_study, make_storage, storage_of, trial_storage_id)
+from mnv3_search.netadapt.study import STORAGE_ENV, create_study, make_storage, storage_of, trial_storage_id
 from postgres import postgres_bin, running_postgres
 from s3server import S3Server
 from tiny_run import MICRO_ARGS, MICRO_BUDGET, micro_run_folder, micro_spec_path
@@ -296,7 +297,7 @@ def test_a_leader_and_a_worker_share_only_postgresql_and_a_bucket(s3: S3Server, 
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     by = Counter(str(t.user_attrs[WORKER_ATTR]) for t in complete)
     assert set(by) <= {f"{socket.gethostname()}:{p.pid}" for p in (leader, again)}, by
-    rungs = Counter((t.user_attrs[ITERATION_ATTR], t.params["group"], t.user_attrs[RUNG_ATTR]) for t in complete)
+    rungs = Counter((t.user_attrs[ITERATION_ATTR], t.params[GROUP_PARAM], t.user_attrs[RUNG_ATTR]) for t in complete)
     assert max(rungs.values()) == 1  # no proposal rung evaluated twice to completion
     assert [(t["number"], t["state"]) for t in shown] == [(t.number, t.state.name.capitalize()) for t in trials]
     # nothing left in the bucket: the trials' files, the killed upload's orphans, the parents

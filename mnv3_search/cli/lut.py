@@ -17,9 +17,9 @@ from rich.table import Table
 from .common import load_spec_argument, stdout_console
 from .options import (BATCH_HELP, CSV_HELP, LUT_HELP, SEED_HELP, THREADS_HELP, backend_option, resolution_option)
 from ..errors import UserError
-from ..latency.measure import InterleavedPolicy, make_backend
-from ..latency.table import (LatencyTable, build_table, check_table, default_table_path, heldout_text,
-                             summarize_errors)
+from ..latency import (InterleavedPolicy, LatencyTable, build_table, check_table, default_table_path, heldout_text,
+                       make_backend, summarize_errors)
+from ..prune.variants import calibration_companions, netadapt_keys, variant_specs
 from ..fileio import write_csv
 
 
@@ -105,7 +105,7 @@ def build(spec: str, table_path: Optional[str], table_alias: Optional[str], back
     arch, _ = load_spec_argument(spec, err, resolution=resolution, width=width)
     table = _open(table_path or table_alias, backend, threads, batch, passes, runs, err)
     with _progress(err, "lut build") as progress:
-        report = build_table(table, arch, step, progress)
+        report = build_table(table, arch, netadapt_keys(arch, step), calibration_companions(arch), progress)
     cal = report.calibration
     stdout_console().print(
         f"{report.entries_needed} entries for {arch.name} at {arch.resolution} px: {report.entries_measured} "
@@ -144,7 +144,7 @@ def check(spec: str, table_path: Optional[str], table_alias: Optional[str], back
     arch, _ = load_spec_argument(spec, err, resolution=resolution, width=width)
     table = _open(table_path or table_alias, backend, threads, batch, passes, runs, err)
     with _progress(err, "lut check") as progress:
-        report = check_table(table, arch, n, seed, progress=progress)
+        report = check_table(table, arch, variant_specs(arch, n, seed), calibration_companions(arch), progress)
     rows = report.rows
     out = Table(title=f"{arch.name}: prediction vs measured (p25, ms); ratios to the seed timed beside them",
                 box=box.SIMPLE_HEAD, header_style="bold")
@@ -212,7 +212,7 @@ def show(table_arg: Optional[str], table_path: Optional[str], backend: str, thre
       mnv3-search lut show my_table.json --kind bneck --rows 50
       mnv3-search lut show --csv - | head
     """
-    from ..latency.measure import BACKENDS
+    from ..latency import BACKENDS
 
     chosen = table_arg or table_path
     path = Path(chosen) if chosen else default_table_path(BACKENDS[backend](threads), batch)

@@ -193,8 +193,7 @@ def profile(spec: str, resolution: Optional[int], width: Optional[float], num_cl
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .common import load_spec_argument, stdout_console
-    from ..latency.measure import make_backend
-    from ..latency.table import LatencyTable, default_table_path, spec_keys
+    from ..latency import LatencyTable, default_table_path, make_backend, spec_keys
     from ..profile import attach_prediction, profile_model
     from ..fileio import write_csv
     from ..report.frames import profile_frame

@@ -21,11 +21,11 @@ from .options import (LUT_HELP, SEED_HELP, THREADS_HELP, WEIGHTS_HELP, backend_o
 from ..budget import LATENCY
 from ..data import SOURCES_HELP
 from ..errors import UserError
-from ..latency.measure import torch_threads
+from ..latency import torch_threads
 from ..netadapt.config import EVALUATIONS, FINALS, METHODS, SELECT_RULES, RunConfig
 from ..netadapt.events import EventKind
-from ..netadapt.loop import NetAdapt, RunResult
 from ..netadapt.runfolder import RunFolder
+from ..netadapt.runner import NetAdapt
 from ..netadapt.study import STORAGE_ENV, redact
 from ..netadapt.worker import join_run
 
@@ -196,15 +196,6 @@ def given_settings(ctx: click.Context) -> dict[str, Any]:
     return given
 
 
-def _summary(result: RunResult, already_finished: bool = False) -> dict[str, Any]:
-    return {
-        "run_dir": str(result.run_dir), "nothing_to_do": result.nothing_to_do, "already_finished": already_finished,
-        "seed_resource": result.seed_resource,
-        "target": result.target, "final_resource": result.final_resource, "iterations": result.iterations,
-        "measured_latency_ms": result.measured_latency_ms,
-        "seed_measured_latency_ms": result.seed_measured_latency_ms, "test_accuracy": result.test_accuracy,
-    }
-
 ARTIFACTS_HELP = ("Optuna artifact store through which checkpoints travel between the run and its workers: a "
                   "folder, s3://BUCKET/PREFIX (boto3) or gs://BUCKET/PREFIX (google-cloud-storage); credentials "
                   "come from the client's own environment, never from the run")
@@ -329,12 +320,8 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
     err = Console(stderr=True)
     live = not (quiet or as_json)
     view = NetAdaptView(err, config.budget) if live else None
-    already_finished = False
 
     def on_event(kind: EventKind, **info: Any) -> None:
-        nonlocal already_finished
-        if kind == "already_finished":  # the folder holds a finished run: nothing is trained again
-            already_finished = True
         if kind == "transfer":  # --weights made for another class count: say so even when quiet
             err.print(info["note"], highlight=False, soft_wrap=True)
         if view:
@@ -342,25 +329,25 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
 
     runner = NetAdapt(config, out=out, storage=storage, workers=workers, stale_seconds=stale_after,
                       on_event=on_event, max_attempts=max_attempts, artifacts=artifacts)
-    err.print(f"[dim]spec: {runner.spec_file} · run folder: {runner.run.path}[/dim]", highlight=False, soft_wrap=True)
+    err.print(f"[dim]spec: {runner.plan.spec_file} · run folder: {runner.folder.path}[/dim]", highlight=False,
+              soft_wrap=True)
     with torch_threads(config.threads):
         if view:
             with view:
-                result = runner.run_all()
+                result = runner.run()
         else:
-            result = runner.run_all()
-    summary = _summary(result, already_finished)
+            result = runner.run()
 
     def amount(value: float) -> str:
         return f"{value:.3f} ms" if runner.budget.resource == LATENCY else f"{value:,.0f} {runner.budget.resource}"
 
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps(result.as_json(), indent=2))
     elif result.nothing_to_do:
         click.echo(f"nothing to do: the seed already meets the budget ({amount(result.seed_resource)} <= "
                    f"{amount(result.target)}); no network was changed")
     else:
-        if already_finished:
+        if result.already_finished:
             click.echo(f"already finished: {result.run_dir} holds a finished run; nothing was trained (a new "
                        f"run needs another --out)")
         measured = (f", measured {result.measured_latency_ms:.3f} ms vs seed "

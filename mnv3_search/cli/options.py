@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-# latency.measure.BACKENDS, spelled out so that building the commands imports no torch (a test keeps them equal)
+# latency.BACKENDS, spelled out so that building the commands imports no torch (a test keeps them equal)
 BACKEND_NAMES = ["onnxruntime", "torch", "torch-cuda"]
 DEVICES = ["auto", "cpu", "cuda"]
 

@@ -19,7 +19,7 @@ from ..report.compare import compare_frame, evaluate_variants, load_variant, mea
 from ..data import SOURCES_HELP, load_dataset
 from ..errors import UserError
 from ..export import FORMATS, export_model
-from ..latency.measure import InterleavedPolicy, make_backend, torch_threads
+from ..latency import InterleavedPolicy, make_backend, torch_threads
 from ..fileio import write_csv
 
 
@@ -93,7 +93,7 @@ def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[
                                             on_pass=lambda done, total: bar.update(task, completed=done))
     predicted = None
     if lut_path is not None:
-        from ..latency.table import LatencyTable, default_table_path
+        from ..latency import LatencyTable, default_table_path
 
         lut_backend = make_backend(backend, threads)
         lut = LatencyTable.open(lut_path or default_table_path(lut_backend, batch), lut_backend, batch)

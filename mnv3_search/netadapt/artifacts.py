@@ -5,7 +5,7 @@ user attribute (`artifact:<path in the run folder>`); every worker uploads the f
 training state of each trial it finishes and records their ids in the trial's user attributes. The next
 rung and the leader download what they need into a private temporary folder. A worker on another machine
 therefore needs only the storage URL and the study name: the study records where the store is
-(`ARTIFACTS_ATTR`: a folder, or `s3://bucket/prefix`, `gs://bucket/prefix`; never a credential, which
+(attrs.ARTIFACTS_ATTR: a folder, or `s3://bucket/prefix`, `gs://bucket/prefix`; never a credential, which
 boto3 or the GCS client read from their usual environment).
 
 The default store is the folder `artifacts/` in the run folder (a FileSystemArtifactStore); a worker that
@@ -40,14 +40,10 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.exceptions import UpdateFinishedTrialError
 
 from ..errors import UserError
+from .attrs import ARTIFACT_RECORD_PREFIX, CHECKPOINT_ATTR, PARENT_PREFIX, STATE_ATTR
 from .study import storage_of, study_storage_id, trial_storage_id
 
-ARTIFACTS_ATTR = "artifact_store"  # study user attr: where this run's checkpoints travel (no secret in it)
-PARENT_PREFIX = "artifact:"  # study user attr per parent network: "artifact:seed.pt" -> artifact id (None: removed)
-CHECKPOINT_ATTR = "checkpoint_artifact"  # trial user attr: artifact id of the trial's fine-tuned weights
-STATE_ATTR = "state_artifact"  # trial user attr: artifact id of its optimizer, data-order and RNG state
 DEFAULT_FOLDER = "artifacts"  # the default store's folder inside the run folder
-RECORD_PREFIX = "artifacts:"  # Optuna's system attr per uploaded artifact (optuna.artifacts' ARTIFACTS_ATTR_PREFIX)
 
 # Test hook: a process that uploads a trial's files with this set dies (os._exit, as a SIGKILL would land)
 # after the bytes are in the store and before the trial points to them, so the sweep of such orphans is
@@ -159,10 +155,11 @@ class RunArtifacts:
         mimetype, encoding = mimetypes.guess_type(path.name)
         record = json.dumps({"artifact_id": artifact_id, "filename": path.name,
                              "mimetype": mimetype or "application/octet-stream", "encoding": encoding})
+        key = ARTIFACT_RECORD_PREFIX + artifact_id
         if isinstance(owner, optuna.Trial):
-            owner.storage.set_trial_system_attr(trial_storage_id(owner), RECORD_PREFIX + artifact_id, record)
+            owner.storage.set_trial_system_attr(trial_storage_id(owner), key, record)
         else:
-            storage_of(owner).set_study_system_attr(study_storage_id(owner), RECORD_PREFIX + artifact_id, record)
+            storage_of(owner).set_study_system_attr(study_storage_id(owner), key, record)
         with open(path, "rb") as handle:
             self.store.write(artifact_id, handle)
         return artifact_id
@@ -280,8 +277,8 @@ class RunArtifacts:
 
 def recorded_artifacts(system_attrs: dict[str, Any]) -> list[str]:
     """The artifact ids Optuna's records (`artifacts:<id>` system attrs) name, in key order."""
-    return [key[len(RECORD_PREFIX):] for key, value in sorted(system_attrs.items())
-            if key.startswith(RECORD_PREFIX) and value]
+    return [key[len(ARTIFACT_RECORD_PREFIX):] for key, value in sorted(system_attrs.items())
+            if key.startswith(ARTIFACT_RECORD_PREFIX) and value]
 
 
 @lru_cache(maxsize=None)

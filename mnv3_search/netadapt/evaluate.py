@@ -29,21 +29,17 @@ from ..model.build import build_model
 from ..prune.surgery import shrink
 from ..train import bn_layers, endless_batches, refresh_bn, to_memory_format
 from .artifacts import KILL_EXIT_CODE, RunArtifacts, staging
+from .attrs import (ACCURACY_ATTR, CHANNELS_PARAM, EVAL_ATTR, FIXED_PARAMS_ATTR, FROM_ATTR, GROUP_PARAM,
+                    HEARTBEAT_ATTR, ITERATION_ATTR, LOSS_ATTR, METRICS_ATTR, PARENT_ATTR, SECONDS_ATTR, START_ATTR,
+                    STEPS_ATTR, STOP_ATTR)
 from .config import RunConfig
 from .runfolder import RunFolder
-from .study import HEARTBEAT_ATTR, ITERATION_ATTR, claim, heartbeat, storage_of, trial_storage_id
+from .study import claim, heartbeat, storage_of, trial_storage_id
 
 # Test hook: a proposal of the group named here kills the process evaluating it (os._exit, like a crashing
 # kernel or the OOM killer), so the retry and give-up path is tested with real process deaths
 # (tests/test_reliability.py). Never set outside tests.
 KILL_GROUP_ENV = "MNV3_SEARCH_TEST_KILL_GROUP"  # its process exits with KILL_EXIT_CODE (artifacts.py's)
-
-# what a rung trial carries (user attrs, with study.RUNG_ATTR), besides the proposal's own attributes
-START_ATTR = "start_step"
-STOP_ATTR = "stop_step"
-EVAL_ATTR = "eval_steps"
-FROM_ATTR = "resume_from"  # trial number of the previous rung (its checkpoint), None on rung 0
-METRICS_ATTR = "metrics"  # [[step, holdout accuracy, holdout loss], ...] at each eval step
 
 
 def proposal_seed(seed: int, iteration: int, group: str) -> int:
@@ -173,7 +169,7 @@ class Evaluator:
         previous = trial.user_attrs.get(FROM_ATTR)
         training: Optional[dict[str, Any]] = None
         if previous is None:
-            parent_spec, parent_state = self._parent_of(study, str(trial.user_attrs["parent"]))
+            parent_spec, parent_state = self._parent_of(study, str(trial.user_attrs[PARENT_ATTR]))
             spec, state = shrink(parent_spec, parent_state, group, channels, config.step)
         else:
             spec, state, training = self._previous(study, int(previous))
@@ -209,15 +205,15 @@ class Evaluator:
         with heartbeat(trial):
             doomed = os.environ.get(KILL_GROUP_ENV)
             if doomed and doomed == storage_of(study).get_trial_system_attrs(trial_storage_id(trial)).get(
-                    "fixed_params", {}).get("group"):
+                    FIXED_PARAMS_ATTR, {}).get(GROUP_PARAM):
                 os._exit(KILL_EXIT_CODE)
             return self._evaluate(study, trial)
 
     def _evaluate(self, study: optuna.Study, trial: optuna.Trial) -> optuna.trial.TrialState:
         config = self.config
         try:
-            group = trial.suggest_categorical("group", self.group_names)
-            channels = trial.suggest_int("channels", config.step, self.max_channels, step=config.step)
+            group = trial.suggest_categorical(GROUP_PARAM, self.group_names)
+            channels = trial.suggest_int(CHANNELS_PARAM, config.step, self.max_channels, step=config.step)
             attrs = trial.user_attrs
             seed = proposal_seed(config.seed, int(attrs[ITERATION_ATTR]), group)
             start = time.perf_counter()
@@ -235,10 +231,10 @@ class Evaluator:
             tune.run_to(int(attrs[STOP_ATTR]))
             self._save(trial, spec, tune)
             trial.set_user_attr(METRICS_ATTR, metrics)
-            trial.set_user_attr("holdout_accuracy", metrics[-1][1])
-            trial.set_user_attr("holdout_loss", metrics[-1][2])
-            trial.set_user_attr("steps", tune.step - int(attrs[START_ATTR]))
-            trial.set_user_attr("seconds", time.perf_counter() - start)
+            trial.set_user_attr(ACCURACY_ATTR, metrics[-1][1])
+            trial.set_user_attr(LOSS_ATTR, metrics[-1][2])
+            trial.set_user_attr(STEPS_ATTR, tune.step - int(attrs[START_ATTR]))
+            trial.set_user_attr(SECONDS_ATTR, time.perf_counter() - start)
             study.tell(trial, metrics[-1][1])
             return optuna.trial.TrialState.COMPLETE
         except BaseException:

@@ -1,13 +1,13 @@
 """The run's Optuna study: one trial per rung of each proposal, enqueued by the master, claimed by workers.
 
 Proposals are enqueued as WAITING trials with fixed params (group, channels); the master decides which
-proposals go on to the next rung (successive halving, see loop.py), so no Optuna pruner is involved.
-A worker claims one by moving it WAITING -> RUNNING in the storage, which the storage does atomically (Optuna's \
-own mechanism for
-enqueued trials), so no proposal is evaluated twice. A claimed trial stamps a heartbeat at every report;
-the master fails a RUNNING trial whose heartbeat went stale and enqueues it again, so a dead worker's
-proposal is retried, never lost — at most `max_attempts` times: a proposal that kills every process that
-evaluates it is then marked failed with its reason, and its iteration goes on with the others.
+proposals go on to the next rung (successive halving, see halving.py), so no Optuna pruner is involved.
+A worker claims one by moving it WAITING -> RUNNING in the storage, which the storage does atomically
+(Optuna's own mechanism for enqueued trials), so no proposal is evaluated twice. A claimed trial stamps a
+heartbeat at every report; the master fails a RUNNING trial whose heartbeat went stale and enqueues it
+again, so a dead worker's proposal is retried, never lost — at most `max_attempts` times: a proposal that
+kills every process that evaluates it is then marked failed with its reason, and its iteration goes on with
+the others.
 Any Optuna storage URL works: SQLite (default), PostgreSQL, MySQL, or a journal file (`*.journal`).
 
 Storage URLs may hold a password. It is never written (run.json, CSVs, study attributes, messages): every
@@ -33,18 +33,9 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import UserError
+from .attrs import (ATTEMPT_ATTR, CHANNELS_PARAM, FAILURE_ATTR, FIXED_PARAMS_ATTR, GIVEN_UP_ATTR, GROUP_PARAM,
+                    HEARTBEAT_ATTR, ITERATION_ATTR, RETRY_OF_ATTR, RUNG_ATTR, STATUS_ATTR, WORKER_ATTR)
 
-CONFIG_ATTR = "netadapt_config"
-RUN_DIR_ATTR = "run_dir"
-STATUS_ATTR = "status"  # running | finished
-GROUPS_ATTR = "groups"  # [group names, widest channel count] of the seed: the trials' param space
-HEARTBEAT_ATTR = "heartbeat"
-ITERATION_ATTR = "iteration"
-WORKER_ATTR = "worker"
-RUNG_ATTR = "rung"  # successive-halving rung of a proposal's trial (0: from the parent)
-ATTEMPT_ATTR = "attempt"  # 1 for a proposal's first evaluation, +1 each time it is enqueued again
-FAILURE_ATTR = "failure"  # why an attempt failed (its worker died or went silent)
-GIVEN_UP_ATTR = "given_up"  # True on a proposal's last allowed attempt once it failed: never enqueued again
 STORAGE_ENV = "MNV3_SEARCH_STORAGE"  # how a storage URL (password included) reaches workers and commands
 HEARTBEAT_SECONDS = 2.0  # a claimed trial's heartbeat is stamped this often while it is evaluated
 CLAIM_SECONDS = 10.0  # claim() stamps a trial with its worker at once; one unstamped this long lost its claimer
@@ -254,7 +245,7 @@ def iteration_trials(study: optuna.Study, iteration: int,
 
 def trial_group(t: FrozenTrial) -> Optional[str]:
     """The proposal group of a trial, also while it is still WAITING (params fixed, not yet suggested)."""
-    return t.params.get("group", t.system_attrs.get("fixed_params", {}).get("group"))
+    return t.params.get(GROUP_PARAM, t.system_attrs.get(FIXED_PARAMS_ATTR, {}).get(GROUP_PARAM))
 
 
 def enqueue(study: optuna.Study, iteration: int, group: str, channels: int, attrs: dict[str, Any],
@@ -267,7 +258,7 @@ def enqueue(study: optuna.Study, iteration: int, group: str, channels: int, attr
         if trial_group(t) == group and t.user_attrs.get(RUNG_ATTR, 0) == rung and \
                 (t.state != TrialState.FAIL or t.user_attrs.get(GIVEN_UP_ATTR)):
             return
-    study.enqueue_trial({"group": group, "channels": channels},
+    study.enqueue_trial({GROUP_PARAM: group, CHANNELS_PARAM: channels},
                         user_attrs={**attrs, ITERATION_ATTR: iteration, RUNG_ATTR: rung})
 
 
@@ -428,8 +419,8 @@ def requeue_stale(study: optuna.Study, iteration: int, stale_seconds: float, max
         if not give_up:
             attrs = {k: v for k, v in t.user_attrs.items()
                      if k not in (HEARTBEAT_ATTR, ITERATION_ATTR, WORKER_ATTR, ATTEMPT_ATTR, FAILURE_ATTR)}
-            fixed = t.system_attrs.get("fixed_params", t.params)
-            study.enqueue_trial(dict(fixed), user_attrs={ITERATION_ATTR: iteration, **attrs, "retry_of": t.number,
+            fixed = t.system_attrs.get(FIXED_PARAMS_ATTR, t.params)
+            study.enqueue_trial(dict(fixed), user_attrs={ITERATION_ATTR: iteration, **attrs, RETRY_OF_ATTR: t.number,
                                                          ATTEMPT_ATTR: attempt + 1})
     return count
 

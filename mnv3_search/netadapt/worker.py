@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..errors import UserError
-from ..latency.measure import torch_threads
-from .artifacts import ARTIFACTS_ATTR, RunArtifacts, open_store, worker_location
+from ..latency import torch_threads
+from .artifacts import RunArtifacts, open_store, worker_location
+from .attrs import ARTIFACTS_ATTR, CONFIG_ATTR, GROUPS_ATTR, RUN_DIR_ATTR, STATUS_ATTR
 from .config import RunConfig
 from .evaluate import Evaluator, work
 from .runfolder import RunFolder
-from .study import (CONFIG_ATTR, GROUPS_ATTR, RUN_DIR_ATTR, STATUS_ATTR, STORAGE_ENV, StorageLost,
-                    StorageUnreachable, as_storage_lost, claim_lock_path, load_study, process_gone)
+from .study import (STORAGE_ENV, StorageLost, StorageUnreachable, as_storage_lost, claim_lock_path, load_study,
+                    process_gone)
 
 JOIN_WAIT_SECONDS = 600.0  # how long a worker waits for a master that has not yet written its seed
 WORKER_MODULE = "mnv3_search.netadapt.worker"  # what local workers run (`python -m`)

@@ -9,7 +9,7 @@ resource meets the budget: a multiple-choice knapsack, one width per group.
 
 A group's price is linearised around the seed (the group cut alone); the chosen shape's resource is then
 computed exactly (every group at its width together) and the knapsack's capacity moved until that exact
-figure meets the target (`knapsack_shape`). `netadapt/loop.py` (`--method knapsack`) adds what a table
+figure meets the target (`knapsack_shape`). `netadapt/knapsack_search.py` (`--method knapsack`) adds what a table
 cannot: the shape is timed beside the seed and the target corrected until the measurement meets the budget.
 """
 

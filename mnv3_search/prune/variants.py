@@ -1,7 +1,8 @@
 """Channel variants of a spec, built from NetAdapt's own proposal groups (no weights).
 
-The lookup table uses `single_axis_variants` to know which entries NetAdapt will ask for, and
-`random_variant` to make test networks for checking predictions. Both go through
+The latency table is handed what these make: `netadapt_keys` (from `single_axis_variants`) are the entries
+NetAdapt will ask for, `calibration_companions` the networks a calibration is fitted on, and `variant_specs`
+(from `random_variant`) the networks a check compares predictions with. All go through
 `groups.proposal_groups` and `surgery.child_spec`, so they obey exactly the rules surgery obeys:
 coupled residual sets shrink together, an expansion conv is kept (or stays absent), and a residual add is
 kept (or stays absent: a stride-1 block whose widths become equal says `residual: false`).
@@ -10,11 +11,17 @@ kept (or stays absent: a stride-1 block whose widths become equal says `residual
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Iterator
 
 from .groups import find_group, proposal_groups
+from ..latency.keys import BlockKey, keys_of
 from ..spec.arch import ArchSpec
 from .surgery import child_spec
+
+# the first companions shrink every group alike, to these shares of the seed's channels; the rest are random
+UNIFORM_COMPANIONS = (0.5, 0.25)
+COMPANIONS = 8  # networks a calibration is fitted on beside the seed
 
 
 def single_axis_variants(spec: ArchSpec, step: int = 8) -> Iterator[ArchSpec]:
@@ -50,3 +57,24 @@ def uniform_variant(spec: ArchSpec, fraction: float, step: int = 8) -> ArchSpec:
         if keep != group.channels:
             child = child_spec(child, group, keep, step)
     return child
+
+
+def netadapt_keys(spec: ArchSpec, step: int = 8) -> list[BlockKey]:
+    """The entries NetAdapt's first step asks for: the seed's blocks and every single-axis shrink of it
+    (each block's exp, each coupled out group, the last conv and the hidden width) in steps of `step`."""
+    return keys_of([spec, *single_axis_variants(spec, step)])
+
+
+def variant_specs(spec: ArchSpec, n: int, seed: int = 0, step: int = 8) -> list[ArchSpec]:
+    """`n` random channel variants of `spec` (multiples of `step`), reproducible by seed; they keep the seed's
+    name, so the seed's calibration predicts them."""
+    rng = random.Random(seed)
+    return [replace(random_variant(spec, rng, step), name=spec.name) for _ in range(n)]
+
+
+def calibration_companions(spec: ArchSpec, n: int = COMPANIONS, step: int = 8) -> list[ArchSpec]:
+    """`n` networks the calibration is fitted on beside the seed: uniform shrinks (`UNIFORM_COMPANIONS`), so the
+    fit sees networks as small as low budgets reach (random variants keep most groups: 60-90 % of the seed),
+    then random variants."""
+    uniform = [replace(uniform_variant(spec, f, step), name=spec.name) for f in UNIFORM_COMPANIONS[:n]]
+    return uniform + variant_specs(spec, n - len(uniform), seed=-1, step=step)

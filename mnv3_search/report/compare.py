@@ -20,7 +20,7 @@ import torch
 from ..model.counts import spec_macs, spec_params
 from ..data import Dataset
 from ..errors import UserError
-from ..latency.measure import Backend, InterleavedPolicy, measure_interleaved
+from ..latency import Backend, InterleavedPolicy, measure_interleaved
 from ..model.build import build_model
 from ..netadapt.runfolder import RunFolder
 from ..spec.spaces import resolve_spec_path
@@ -73,7 +73,7 @@ def load_variant(argument: str, weights: Optional[str] = None, label: Optional[s
                             f"`mnv3-search netadapt --resume {path}` first")
         spec = load_spec(final)
         run = folder.read_run_json() or {}
-        summary = folder.read_summary()
+        summary = folder.read_result()
         checkpoint = Path(weights) if weights else folder.final_pt
         state = read_state_dict(checkpoint) if checkpoint.is_file() else None
         if state is not None:

@@ -3,7 +3,7 @@
 Every consumer that walks a network walks this list, so what a unit is (its input size, its channels,
 its SE width, whether it adds its input) is decided once: the builder makes one module per unit
 (`model.build.build_unit`), the counts sum per-unit arithmetic (`model.counts`), the latency table keys
-one entry per unit (`latency.table.spec_keys`) and the profile prints one row per unit.
+one entry per unit (`latency.keys.spec_keys`) and the profile prints one row per unit.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Measuring latency on this machine: backends, a noise-resistant protocol and what each number was measured on.
+"""Timing protocols: how runners are timed so that numbers survive a shared, noisy host.
 
-A backend turns a module and an input shape into a zero-argument runner. Two protocols time runners:
+A runner is a zero-argument callable (a backend makes one from a module and an input shape). Three protocols:
 
 - `measure`: one runner, warm-up then an adaptive number of repeats (stops once the median's 95 % confidence
   interval is narrow enough, or at a time limit). Good for a quick look at one network.
-- `measure_interleaved`: several runners in shuffled round-robin passes of a few runs each. The host here has
+- `measure_interleaved`: several runners in shuffled round-robin passes of a few runs each. A shared host has
   bursts (~0.3 s) where everything runs up to 2x slower; a hot loop of one runner can sit inside a burst, while
   interleaving spreads every burst over all runners. This is the protocol for fair comparisons and for the
   lookup table, whose entries store the 25th percentile (REFERENCE §4).
@@ -19,55 +19,17 @@ device fingerprint, so a number is never separated from what it was measured on.
 
 from __future__ import annotations
 
-import io
 import math
-import os
-import platform
 import random
 import time
-import warnings
-import weakref
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
-from typing import Callable, Iterator, Optional, Protocol, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..errors import UserError
 
 Runner = Callable[[], object]
-
-
-# --- what a number was measured on -------------------------------------------------------------------------
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.lower().startswith(("model name", "hardware", "processor\t: ")) and ":" in line:
-                    value = line.split(":", 1)[1].strip()
-                    if value and not value.isdigit():
-                        return value
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-@lru_cache(maxsize=None)
-def device_fingerprint(cuda: bool = False) -> dict[str, object]:
-    """What makes latency numbers comparable between runs: CPU model, core count, architecture (and GPU)."""
-    fingerprint: dict[str, object] = {
-        "cpu_model": _cpu_model(),
-        "cpu_cores": os.cpu_count() or 0,
-        "machine": platform.machine(),
-        "system": platform.system(),
-    }
-    if cuda:
-        fingerprint["gpu"] = torch.cuda.get_device_name(0)
-    return fingerprint
 
 
 @dataclass(frozen=True)
@@ -81,8 +43,6 @@ class MeasurementContext:
     input_shape: tuple[int, ...]
     device: dict
 
-
-# --- statistics ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Measurement:
@@ -123,8 +83,6 @@ def summarize(samples_ms: Sequence[float], context: Optional[MeasurementContext]
     return Measurement(float(median), float(p10), float(p90), n, float(p25), float(values[0]), float(low),
                        float(high), context)
 
-
-# --- protocols -----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class TimingPolicy:
@@ -285,8 +243,8 @@ def measure_together(runners: Sequence[Runner], policy: InterleavedPolicy = Inte
     - the ratios to `reference` moved by more than `tolerance` between the first and second half of the
       passes (a burst that hit part of the measurement);
     - some runner's p25 is more than `max_spread` above its minimum (a steady competitor: most runs were
-      preempted, so the p25 measures waiting, not the network; seen here under a load of 11 on 2 cores:
-      p25 = 3x the minimum, and ratios compressed or stretched by 20-40 % while both halves agreed).
+      preempted, so the p25 measures waiting, not the network: under a load of 11 on 2 cores the p25 reaches
+      3x the minimum, and ratios are compressed or stretched by 20-40 % while both halves agree).
 
     Either one: measure again (up to `retries` times) and keep the last; if it is still disturbed, the result
     says so (`reliable` False) instead of hiding it.
@@ -317,174 +275,7 @@ class Comparison:
 
 
 def compare(a: Runner, b: Runner, policy: InterleavedPolicy = InterleavedPolicy()) -> Comparison:
-    """Paired measurement of two runners (alternating runs), the only fair way to say which is faster here."""
+    """Paired measurement of two runners (alternating runs), the only fair way to say which is faster on a
+    shared host."""
     ma, mb = measure_interleaved([a, b], policy)
     return Comparison(ma, mb)
-
-
-# --- backends ------------------------------------------------------------------------------------------------
-
-class Backend(Protocol):
-    name: str
-    threads: int
-
-    def runner(self, module: nn.Module, input_shape: tuple[int, ...]) -> Runner: ...
-
-    def versions(self) -> dict[str, str]: ...
-
-    def fingerprint(self) -> dict[str, object]: ...
-
-
-class _BackendBase:
-    name = "base"
-
-    def __init__(self, threads: int = 1) -> None:
-        self.threads = threads
-
-    def versions(self) -> dict[str, str]:
-        return {"torch": torch.__version__}
-
-    def fingerprint(self) -> dict[str, object]:
-        return dict(device_fingerprint())
-
-    def context(self, input_shape: tuple[int, ...]) -> MeasurementContext:
-        return MeasurementContext(self.name, self.versions(), self.threads, int(input_shape[0]), tuple(input_shape),
-                                  self.fingerprint())
-
-    def time(self, module: nn.Module, input_shape: tuple[int, ...],
-             policy: TimingPolicy = TimingPolicy()) -> Measurement:
-        """Measure one module with the adaptive protocol; the result carries its context."""
-        return measure(self.runner(module, input_shape), policy, self.context(input_shape))
-
-    def runner(self, module: nn.Module, input_shape: tuple[int, ...]) -> Runner:  # pragma: no cover
-        raise NotImplementedError
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-class TorchEagerBackend(_BackendBase):
-    """torch eager on CPU in inference mode, with the thread count pinned while the runner is called."""
-
-    name = "torch"
-
-    def runner(self, module: nn.Module, input_shape: tuple[int, ...]) -> Runner:
-        module = module.eval()
-        x = torch.randn(input_shape)
-
-        def run() -> object:
-            with torch_threads(self.threads), torch.inference_mode():
-                return module(x)
-
-        return run
-
-
-class TorchCudaBackend(_BackendBase):
-    """torch eager on the first CUDA device; each run waits for the GPU so the time is the real latency."""
-
-    name = "torch-cuda"
-
-    def versions(self) -> dict[str, str]:
-        return {"torch": torch.__version__, "cuda": str(torch.version.cuda)}
-
-    def fingerprint(self) -> dict[str, object]:
-        return dict(device_fingerprint(cuda=True))
-
-    def runner(self, module: nn.Module, input_shape: tuple[int, ...]) -> Runner:
-        device = torch.device("cuda")
-        module = module.eval().to(device)
-        x = torch.randn(input_shape, device=device)
-
-        def run() -> object:
-            with torch.inference_mode():
-                out = module(x)
-            torch.cuda.synchronize()
-            return out
-
-        return run
-
-
-_EXPORTS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], bytes]]" = weakref.WeakKeyDictionary()
-
-
-def onnx_bytes(module: nn.Module, input_shape: tuple[int, ...], constant_folding: bool = True) -> bytes:
-    """Export with the TorchScript-based exporter (under a second for Large, where dynamo takes ~11 s);
-    opset 17, input `input`, output `output`."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # torch hints f as a path, yet its TorchScript exporter writes to a BytesIO (_export_file: BytesIO | str)
-        torch.onnx.export(module.eval(), (torch.randn(input_shape),), buffer,  # type: ignore[arg-type]
-                          dynamo=False, input_names=["input"], output_names=["output"], opset_version=17,
-                          do_constant_folding=constant_folding)
-    return buffer.getvalue()
-
-
-def export_onnx(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
-    """`onnx_bytes`, cached per module object and shape: a network is exported once however often it is timed."""
-    cache = _EXPORTS.setdefault(module, {})
-    key = tuple(int(d) for d in input_shape)
-    if key not in cache:
-        cache[key] = onnx_bytes(module, key)
-    return cache[key]
-
-
-class OnnxRuntimeBackend(_BackendBase):
-    """ONNX Runtime CPU execution provider; session options set explicitly, sequential execution."""
-
-    name = "onnxruntime"
-
-    def versions(self) -> dict[str, str]:
-        import onnxruntime as ort
-
-        return {"onnxruntime": ort.__version__, "torch": torch.__version__}
-
-    def session(self, model_bytes: bytes):  # -> onnxruntime.InferenceSession
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-
-    def runner(self, module: nn.Module, input_shape: tuple[int, ...]) -> Runner:
-        session = self.session(export_onnx(module, input_shape))
-        feed = {"input": np.random.default_rng(0).standard_normal(input_shape, dtype=np.float32)}
-        return lambda: session.run(None, feed)
-
-
-BACKENDS: dict[str, type] = {"onnxruntime": OnnxRuntimeBackend, "torch": TorchEagerBackend,
-                             "torch-cuda": TorchCudaBackend}
-
-
-def thread_clock_ok(backend: Backend) -> bool:
-    """Whether the calling thread's CPU time is this backend's latency: true for the CPU backends with one
-    thread (ONNX Runtime without an intra-op pool and torch with one thread infer on the caller); a GPU's
-    work or a pool's workers are not on the calling thread's clock."""
-    return backend.name in ("onnxruntime", "torch") and backend.threads == 1
-
-
-def available_backends() -> list[str]:
-    """Backends usable here: torch-cuda only when a GPU is present."""
-    return [name for name in BACKENDS if name != "torch-cuda" or torch.cuda.is_available()]
-
-
-def make_backend(name: str, threads: int = 1) -> Backend:
-    if name not in BACKENDS:
-        raise UserError(f"unknown latency backend {name!r}; use one of {', '.join(BACKENDS)}")
-    if name == "torch-cuda" and not torch.cuda.is_available():
-        raise UserError("backend torch-cuda needs a CUDA GPU and none is visible to torch here; "
-                        "use --backend onnxruntime or torch")
-    if threads < 1:
-        raise UserError(f"threads must be at least 1, got {threads}")
-    return BACKENDS[name](threads)
