@@ -30,7 +30,7 @@ from ..prune.groups import proposal_groups
 from ..prune.importance import make_importance
 from ..prune.surgery import shrink
 from ..train import Trainer, holdout_metrics, refresh_bn, to_memory_format
-from .artifacts import RunArtifacts, staging
+from .artifacts import KILL_EXIT_CODE, RunArtifacts, staging
 from .attrs import (ACCURACY_ATTR, CHANNELS_PARAM, EVAL_ATTR, FIXED_PARAMS_ATTR, FROM_ATTR, GROUP_PARAM,
                     HEARTBEAT_ATTR, ITERATION_ATTR, LOSS_ATTR, METRICS_ATTR, PARENT_ATTR, SECONDS_ATTR, START_ATTR,
                     STEPS_ATTR, STOP_ATTR)
@@ -41,8 +41,7 @@ from .study import claim, heartbeat, storage_of, trial_storage_id
 # Test hook: a proposal of the group named here kills the process evaluating it (os._exit, like a crashing
 # kernel or the OOM killer), so the retry and give-up path is tested with real process deaths
 # (tests/test_reliability.py). Never set outside tests.
-KILL_GROUP_ENV = "MNV3_SEARCH_TEST_KILL_GROUP"
-KILL_EXIT_CODE = 86
+KILL_GROUP_ENV = "MNV3_SEARCH_TEST_KILL_GROUP"  # its process exits with KILL_EXIT_CODE (artifacts.py's)
 
 
 def proposal_seed(seed: int, iteration: int, group: str) -> int:
