@@ -59,5 +59,14 @@ def test_licence_and_floors() -> None:
         assert tuple(int(v) for v in re.findall(r"\d+", installed)[:3]) >= \
             tuple(int(v) for v in re.findall(r"\d+", floor)[:3]), (name, installed, floor)
     extras = project["optional-dependencies"]
-    assert set(extras) == {"postgres", "dashboard", "test"}
-    assert extras["dashboard"][0].startswith("optuna-dashboard")
+    assert set(extras) == {"postgres", "s3", "dashboard", "test"}
+    assert extras["dashboard"][0].startswith("optuna-dashboard") and extras["s3"][0].startswith("boto3")
+    # an extra's floor is a version the suite runs on: the test extra carries each of them
+    for name in ("postgres", "s3", "dashboard"):
+        assert set(extras[name]) <= set(extras["test"]), name
+    for dep in extras["test"]:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[a-z0-9,]+\])?>=(\S+)", dep)
+        assert m, f"{dep!r}: a plain >= floor"
+        installed = metadata.version(m[1]).split("+")[0]
+        assert tuple(int(v) for v in re.findall(r"\d+", installed)[:3]) >= \
+            tuple(int(v) for v in re.findall(r"\d+", m[2])[:3]), (m[1], installed, m[2])

@@ -9,6 +9,9 @@ from __future__ import annotations
 GROUP_PARAM = "group"  # the proposal group a one-group proposal shrinks (also the proposal's name)
 CHANNELS_PARAM = "channels"  # the channels it keeps
 FIXED_PARAMS_ATTR = "fixed_params"  # Optuna's system attr holding an enqueued trial's params while WAITING
+# Optuna's system attr (study or trial) per uploaded artifact, "artifacts:<id>" -> its file name and type
+# (optuna.artifacts' own prefix; optuna-dashboard lists them): written before the bytes (artifacts.py)
+ARTIFACT_RECORD_PREFIX = "artifacts:"
 
 # -- study user attrs: the run a worker joins -------------------------------------------------------------
 CONFIG_ATTR = "netadapt_config"

@@ -23,12 +23,14 @@ import optuna
 import torch
 from torch import nn
 
-from ..data import Dataset, batches, load_dataset
+from ..data import Dataset, load_dataset
 from ..fileio import atomic_path
 from ..model.build import build_model
+from ..prune.groups import proposal_groups
+from ..prune.importance import make_importance
 from ..prune.surgery import shrink
-from ..train import bn_layers, endless_batches, refresh_bn, to_memory_format
-from .artifacts import RunArtifacts, staging
+from ..train import Trainer, holdout_metrics, refresh_bn, to_memory_format
+from .artifacts import KILL_EXIT_CODE, RunArtifacts, staging
 from .attrs import (ACCURACY_ATTR, CHANNELS_PARAM, EVAL_ATTR, FIXED_PARAMS_ATTR, FROM_ATTR, GROUP_PARAM,
                     HEARTBEAT_ATTR, ITERATION_ATTR, LOSS_ATTR, METRICS_ATTR, PARENT_ATTR, SECONDS_ATTR, START_ATTR,
                     STEPS_ATTR, STOP_ATTR)
@@ -39,8 +41,7 @@ from .study import claim, heartbeat, storage_of, trial_storage_id
 # Test hook: a proposal of the group named here kills the process evaluating it (os._exit, like a crashing
 # kernel or the OOM killer), so the retry and give-up path is tested with real process deaths
 # (tests/test_reliability.py). Never set outside tests.
-KILL_GROUP_ENV = "MNV3_SEARCH_TEST_KILL_GROUP"
-KILL_EXIT_CODE = 86
+KILL_GROUP_ENV = "MNV3_SEARCH_TEST_KILL_GROUP"  # its process exits with KILL_EXIT_CODE (artifacts.py's)
 
 
 def proposal_seed(seed: int, iteration: int, group: str) -> int:
@@ -53,68 +54,14 @@ def load_run_dataset(config: RunConfig) -> Dataset:
                         limit=config.limit)
 
 
-@torch.no_grad()
-def holdout_metrics(model: nn.Module, dataset: Dataset, batch_size: int = 1000) -> tuple[float, float]:
-    """Top-1 accuracy and mean cross-entropy (no label smoothing) on the holdout, in eval mode.
-
-    Large batches in channels-last layout: on CPU this runs ~3x faster than the default layout, so a
-    1,000-image holdout costs about as much as one or two training steps."""
-    was_training = model.training
-    model.eval()
-    correct, loss, n = 0, 0.0, 0
-    for x, y in batches(dataset, dataset.holdout, batch_size):
-        logits = model(x.contiguous(memory_format=torch.channels_last))
-        correct += int((logits.argmax(dim=1) == y).sum())
-        loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        n += len(y)
-    model.train(was_training)
-    return correct / max(1, n), loss / max(1, n)
-
-
-class ShortTune:
-    """The short-term fine-tune of one proposal as a resumable object (NetAdapt's T steps).
-
-    The recipe of train.fine_tune (SGD with Nesterov momentum 0.9, weight decay 4e-5 off BN and biases,
-    label smoothing 0.1, constant learning rate, BN momentum 0.1 while training), in channels-last
-    layout (~1.6x faster on CPU). `state()` / `restore()` carry the step, optimizer, data order and RNG,
-    so a run split across processes repeats an uninterrupted one exactly."""
+class ShortTune(Trainer):
+    """The short-term fine-tune of one proposal (NetAdapt's T steps): the training recipe's resumable Trainer
+    (train.py) at a constant learning rate, on the chosen device, in channels-last layout (~1.6x faster on
+    CPU). `close()` it before its weights are saved: the model goes back to the CPU."""
 
     def __init__(self, model: nn.Module, dataset: Dataset, *, lr: float, batch_size: int, seed: int) -> None:
-        self.model = to_memory_format(model, torch.channels_last)
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.seed = seed
-        self.step = 0
-        torch.manual_seed(seed)  # dropout
-        decay = [p for p in model.parameters() if p.ndim > 1]
-        no_decay = [p for p in model.parameters() if p.ndim <= 1]
-        self.optimizer = torch.optim.SGD([{"params": decay, "weight_decay": 4e-5},
-                                          {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=0.9,
-                                         nesterov=True)
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
-        for m in bn_layers(model):
-            m.momentum = 0.1
-        self._batches = endless_batches(dataset, batch_size, torch.Generator().manual_seed(seed))
-
-    def run_to(self, step: int) -> None:
-        self.model.train()
-        while self.step < step:
-            _, x, y = next(self._batches)
-            loss = self.loss_fn(self.model(x.contiguous(memory_format=torch.channels_last)), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.step += 1
-
-    def state(self) -> dict[str, Any]:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        for _ in range(int(state["step"])):  # the same batches come next as in an uninterrupted run
-            next(self._batches)
-        self.step = int(state["step"])
-        torch.set_rng_state(state["rng"])
+        super().__init__(to_memory_format(model, torch.channels_last), dataset, lr=lr, batch_size=batch_size,
+                         seed=seed)
 
 
 def save_training_state(tune: ShortTune, path: Path) -> None:
@@ -138,6 +85,11 @@ class Evaluator:
         self.max_channels = max_channels
         self.dataset = dataset if dataset is not None else load_run_dataset(config)
         self._parent: tuple[str, Any, dict[str, torch.Tensor]] | None = None
+        # the run's importance estimator, unless it is surgery's own default (L2): then no scores are passed
+        name = config.importance_name()
+        self.importance = None if name == "l2" else make_importance(name, self.dataset, batch_size=config.batch_size,
+                                                                    seed=config.seed)
+        self._scores: tuple[str, dict[str, torch.Tensor]] | None = None  # the current parent's, per group
 
     def _parent_of(self, study: optuna.Study, relative: str) -> tuple[Any, dict[str, torch.Tensor]]:
         if self._parent is None or self._parent[0] != relative:
@@ -150,6 +102,18 @@ class Evaluator:
                     spec, state = RunFolder.load(path)
             self._parent = (relative, spec, state)
         return self._parent[1], self._parent[2]
+
+    def _channel_scores(self, relative: str, spec: Any, state: dict[str, torch.Tensor], group: str
+                        ) -> Optional[torch.Tensor]:
+        """The importance of `group`'s channels in the parent `relative`, which decides what its cut keeps; every
+        group of a parent is scored at once (Taylor passes over the data once) and kept for its other proposals."""
+        if self.importance is None:
+            return None
+        if self._scores is None or self._scores[0] != relative:
+            groups = proposal_groups(spec, self.config.step)
+            self._scores = (relative, {s.group.name: torch.from_numpy(s.importance)
+                                       for s in self.importance(spec, state, groups)})
+        return self._scores[1][group]
 
     def _previous(self, study: optuna.Study, number: int) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
         """The weights and training state trial `number` (the previous rung) left: from the run folder when
@@ -170,8 +134,10 @@ class Evaluator:
         previous = trial.user_attrs.get(FROM_ATTR)
         training: Optional[dict[str, Any]] = None
         if previous is None:
-            parent_spec, parent_state = self._parent_of(study, str(trial.user_attrs[PARENT_ATTR]))
-            spec, state = shrink(parent_spec, parent_state, group, channels, config.step)
+            relative = str(trial.user_attrs[PARENT_ATTR])
+            parent_spec, parent_state = self._parent_of(study, relative)
+            spec, state = shrink(parent_spec, parent_state, group, channels, config.step,
+                                 self._channel_scores(relative, parent_spec, parent_state, group))
         else:
             spec, state, training = self._previous(study, int(previous))
         model = to_memory_format(build_model(spec), torch.channels_last)  # faster on CPU, refresh_bn included
@@ -230,6 +196,7 @@ class Evaluator:
                 trial.report(accuracy, int(step))
                 trial.set_user_attr(HEARTBEAT_ATTR, time.time())
             tune.run_to(int(attrs[STOP_ATTR]))
+            tune.close()  # the model back on the CPU for its checkpoint
             self._save(trial, spec, tune)
             trial.set_user_attr(METRICS_ATTR, metrics)
             trial.set_user_attr(ACCURACY_ATTR, metrics[-1][1])

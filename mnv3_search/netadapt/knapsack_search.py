@@ -1,10 +1,11 @@
 """`--method knapsack` (HALP-style, prune/knapsack.py) as a `ShapeSearch`: one shot instead of iterations.
 
-Taylor importance of every channel of the seed, then rounds of: the knapsack's shape for a goal, timed beside
-the seed (confirm.py), the goal corrected by the measurement (tightened when over the budget, loosened when
-more than KNAPSACK_SLACK under it). Each round is a row of iterations.csv and a checkpoint; the confirmed
-shape closest to the budget wins. Seconds, not iterations of fine-tunes, so a resumed run solves again from
-the seed. With a MACs or params budget the knapsack's figure is the network's: one round.
+The importance of every channel of the seed (`--importance`, Taylor by default), then rounds of: the
+knapsack's shape for a goal, timed beside the seed (confirm.py), the goal corrected by the measurement
+(tightened when over the budget, loosened when more than KNAPSACK_SLACK under it). Each round is a row of
+iterations.csv and a checkpoint; the confirmed shape closest to the budget wins. Seconds, not iterations of
+fine-tunes, so a resumed run solves again from the seed. With a MACs or params budget the knapsack's figure is
+the network's: one round.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Optional
 
 from ..model.counts import spec_macs, spec_params
 from ..prune.groups import proposal_groups
-from ..prune.knapsack import TAYLOR_BATCHES, KnapsackProblem, shrink_to, taylor_importance, width_options
+from ..prune.importance import TAYLOR_BATCHES, make_importance
+from ..prune.knapsack import KnapsackProblem, shrink_to, width_options
 from ..prune.surgery import child_spec
 from ..spec.yaml_io import spec_to_yaml
 from .pricing import BudgetUnreachable
@@ -33,10 +35,11 @@ class KnapsackSearch:
         seed_spec, seed_state, target = session.seed_spec, session.seed_state, session.target
         log.restart()
         groups = proposal_groups(seed_spec, config.step)
+        importance = make_importance(config.importance_name(), session.dataset, batch_size=config.batch_size,
+                                     seed=config.seed)
         session.emit("importance", groups=len(groups), channels=sum(g.channels for g in groups),
-                     batches=TAYLOR_BATCHES)
-        scores = taylor_importance(seed_spec, seed_state, session.dataset, groups, batch_size=config.batch_size,
-                                   seed=config.seed)
+                     name=importance.name, batches=TAYLOR_BATCHES if importance.name == "taylor" else 0)
+        scores = importance(seed_spec, seed_state, groups)
         pricing.prefetch([child_spec(seed_spec, g, k, config.step) for g in groups for k in width_options(g)])
         problem = KnapsackProblem.build(seed_spec, scores, pricing.resource)  # priced once for every round
         goal: float = target

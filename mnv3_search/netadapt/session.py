@@ -32,11 +32,11 @@ from ..model.weights import read_state_dict, transfer_state_dict
 from ..spec.arch import ArchSpec
 from ..spec.spaces import resolve_spec_path
 from ..spec.yaml_io import load_spec
-from ..train import to_memory_format, train_epochs
+from ..train import holdout_metrics, to_memory_format, train_epochs
 from .artifacts import RunArtifacts, default_location, open_store
 from .config import RunConfig
 from .confirm import Confirmer
-from .evaluate import holdout_metrics, load_run_dataset
+from .evaluate import load_run_dataset
 from .events import Event
 from .pricing import BudgetCheck, Pricing
 from .runfolder import IterationRecord, RunFolder, RunResult
