@@ -9,7 +9,7 @@ from __future__ import annotations
 class UserError(ValueError):
     """A problem with the user's input, phrased as one line: what, where, how to fix."""
 
-    exit_code = 2  # the CLI's status for it (README: exit codes)
+    exit_code = 2  # the CLI's status for it (docs/reliability.md: exit codes)
 
 
 class SpecError(UserError):

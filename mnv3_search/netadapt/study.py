@@ -141,7 +141,7 @@ class StorageLost(UserError):
     """The storage server went away in the middle of a run (restarted, network cut): the run stops in one line,
     and running the same command again resumes it (every finished rung trial is reused)."""
 
-    exit_code = 4  # README: exit codes
+    exit_code = 4  # docs/reliability.md: exit codes
 
 
 def lost_connection(exc: BaseException) -> Optional[str]:
