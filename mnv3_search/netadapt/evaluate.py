@@ -36,7 +36,7 @@ from .attrs import (ACCURACY_ATTR, CHANNELS_PARAM, EVAL_ATTR, FIXED_PARAMS_ATTR,
                     STEPS_ATTR, STOP_ATTR)
 from .config import RunConfig
 from .runfolder import RunFolder
-from .study import claim, heartbeat, storage_of, trial_storage_id
+from .study import Backoff, claim, heartbeat, storage_of, trial_storage_id
 
 # Test hook: a proposal of the group named here kills the process evaluating it (os._exit, like a crashing
 # kernel or the OOM killer), so the retry and give-up path is tested with real process deaths
@@ -213,14 +213,18 @@ class Evaluator:
 
 
 def work(study: optuna.Study, evaluator: Evaluator, should_stop: Callable[[], bool], lock: Optional[Path] = None,
-         poll_seconds: float = 0.5, on_trial: Optional[Callable[[optuna.trial.TrialState], None]] = None) -> int:
-    """Claim and evaluate proposals until `should_stop()`; returns how many were evaluated."""
+         backoff: Optional[Backoff] = None, on_trial: Optional[Callable[[optuna.trial.TrialState], None]] = None
+         ) -> int:
+    """Claim and evaluate proposals until `should_stop()`; returns how many were evaluated. An idle worker
+    polls less and less often (`backoff`), so waiting between rungs and iterations costs next to nothing."""
+    backoff = backoff if backoff is not None else Backoff()
     done = 0
     while not should_stop():
         trial = claim(study, lock)
         if trial is None:
-            time.sleep(poll_seconds)
+            backoff.sleep()
             continue
+        backoff.busy()
         state = evaluator.evaluate(study, trial)
         done += 1
         if on_trial:
