@@ -56,7 +56,7 @@ SAMPLES: dict[str, tuple[dict[str, Any], str]] = {
     "disagreement": ({"measured_latency_ms": 2.1, "seed_measured_latency_ms": 2.5, "latency_reliable": True,
                       "corrected_target": 1.8},
                      "the measurement disagreed with the table: target corrected to 1.800 ms, going on"),
-    "importance": ({"groups": 18, "channels": 2968, "batches": 32},
+    "importance": ({"groups": 18, "channels": 2968, "name": "taylor", "batches": 32},
                    "scoring 2,968 channels in 18 groups (Taylor, 32 batches)"),
     "knapsack": ({"round": 2, "goal": 1.8, "predicted": 1.75, "ok": False},
                  "knapsack round 2: shape at 1.750 ms, timed beside the seed: over the budget"),

@@ -27,6 +27,8 @@ from ..netadapt.runner import NetAdapt
 from ..netadapt.study import STORAGE_ENV, redact
 from ..netadapt.worker import join_run
 
+IMPORTANCE_NAMES = {"taylor": "Taylor", "l1": "L1 norm", "l2": "L2 norm", "bn": "BN scale"}  # as the event line says
+
 
 class NetAdaptView:
     """A live panel: iteration, current vs budget, accuracy, proposals done / pruned / remaining, ETA."""
@@ -103,7 +105,8 @@ class NetAdaptView:
                         f"{self._amount(info['corrected_target'])}, going on")
             case "importance":
                 over = f", {info['batches']} batches" if info["batches"] else ""
-                return f"scoring {info['channels']:,} channels in {info['groups']} groups ({info['name']}{over})"
+                name = IMPORTANCE_NAMES.get(info["name"], info["name"])
+                return f"scoring {info['channels']:,} channels in {info['groups']} groups ({name}{over})"
             case "knapsack":
                 timed = "" if self.state.get("unit", "ms") != "ms" else (
                     ", timed beside the seed: " + ("within the budget" if info["ok"] else "over the budget"))
