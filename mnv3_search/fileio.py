@@ -25,6 +25,8 @@ def disk_full(exc: BaseException, path: Optional[PathLike] = None) -> Optional[D
     None. `path`: the file being written, when the error does not name it."""
     seen: Optional[BaseException] = exc
     while seen is not None:
+        if isinstance(seen, DiskFull):  # said already, by the write that knew its file
+            return seen
         if isinstance(seen, OSError) and seen.errno in FULL:
             where = path if path is not None else seen.filename
             return DiskFull(f"no space left on device writing {where}: free space and run the same command again")
