@@ -242,5 +242,6 @@ def test_a_store_answering_500_is_one_line(tmp_path: Path, monkeypatch: pytest.M
     result = CliRunner().invoke(cli, command(tmp_path / "run"))
     assert result.exit_code == 4, (result.output, result.exception)
     line, = errors_of(result.output)
-    assert line.startswith(f"Error: artifact store {tmp_path / 'run' / 'artifacts'} failed reading artifact ") and \
-        "An error occurred (InternalError) when calling the GetObject operation" in line, line
+    store = tmp_path / "run" / "artifacts"
+    assert line.startswith(f"Error: artifact store {store} failed uploading seed.pt (artifact ") and \
+        "An error occurred (InternalError) when calling the PutObject operation" in line, line
