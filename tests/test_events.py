@@ -47,6 +47,8 @@ SAMPLES: dict[str, tuple[dict[str, Any], str]] = {
     "progress": ({"iteration": 3, "rung": 1, "rungs": 2, "done": 2, "running": 6, "pruned": 5, "total": 11},
                  "fine-tuning proposals"),
     "retry": ({"iteration": 3}, "a worker went silent: its proposal was enqueued again"),
+    "recovered": ({"note": "RUN/trials/00003.state.pt: truncated or damaged training state; re-training ..."},
+                  "a trial's files were unreadable: its proposal is trained again from its parent"),
     "chosen": ({"iteration": 3, "proposal": "exp2=48", "holdout_accuracy": 0.875, "resource": 2.3,
                 "wall_seconds": 12.0}, "choosing"),
     "unreliable": ({"attempt": 1, "ratio_shift": 0.123, "spread": 0.2},
