@@ -6,8 +6,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from mnv3_search.netadapt import evaluate, study as study_module
-from mnv3_search.netadapt.study import POLL_HIGH_SECONDS, POLL_LOW_SECONDS, Backoff
+from mnv3_search.netadapt import evaluate, polling as polling_module
+from mnv3_search.netadapt.polling import POLL_HIGH_SECONDS, POLL_LOW_SECONDS, Backoff
 
 
 def test_backoff_doubles_to_its_ceiling_and_resets_on_work() -> None:
@@ -23,7 +23,7 @@ def test_an_idle_worker_polls_less_and_less_often(monkeypatch: pytest.MonkeyPatc
     """An empty study: the worker's sleeps grow to the ceiling; 20 polls span ~26 s instead of 10 s at the
     fixed 0.5 s it used to wait."""
     sleeps: list[float] = []
-    monkeypatch.setattr(study_module.time, "sleep", sleeps.append)
+    monkeypatch.setattr(polling_module.time, "sleep", sleeps.append)
     study = optuna.create_study()
     done = evaluate.work(study, evaluator=None, should_stop=lambda: len(sleeps) >= 20)  # type: ignore[arg-type]
     assert done == 0
@@ -49,7 +49,7 @@ def test_a_worker_that_found_work_polls_fast_again(monkeypatch: pytest.MonkeyPat
             study.enqueue_trial({})
             study.enqueue_trial({})
 
-    monkeypatch.setattr(study_module.time, "sleep", sleep)
+    monkeypatch.setattr(polling_module.time, "sleep", sleep)
     done = evaluate.work(study, Evaluator(), should_stop=lambda: len(sleeps) >= 6)  # type: ignore[arg-type]
     assert done == 2 and evaluated == [0, 1]
     assert sleeps == pytest.approx([0.1, 0.2, 0.4, 0.8, 0.1, 0.2])

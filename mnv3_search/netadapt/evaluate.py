@@ -39,7 +39,8 @@ from .attrs import (ACCURACY_ATTR, ATTEMPT_ATTR, CHANNELS_PARAM, CHECKPOINT_ATTR
                     WORKER_ATTR)
 from .config import RunConfig
 from .runfolder import RunFolder
-from .study import Backoff, claim, heartbeat, storage_of, trial_storage_id
+from .polling import Backoff
+from .study import claim, heartbeat, storage_of, trial_storage_id
 
 # Test hook: a proposal of the group named here kills the process evaluating it (os._exit, like a crashing
 # kernel or the OOM killer), so the retry and give-up path is tested with real process deaths

@@ -24,7 +24,8 @@ from .evaluate import Evaluator
 from .events import Event
 from .proposals import Proposal, trial_cut
 from .selection import Candidate, Ranked, rank, survivors
-from .study import Backoff, claim, enqueue, iteration_trials, requeue_stale, trial_group
+from .polling import Backoff
+from .study import claim, enqueue, iteration_trials, requeue_stale, trial_group
 
 
 class Rung(NamedTuple):

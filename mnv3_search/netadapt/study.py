@@ -40,7 +40,6 @@ from .attrs import (ATTEMPT_ATTR, CHANNELS_PARAM, FAILURE_ATTR, FIXED_PARAMS_ATT
                     HEARTBEAT_ATTR, ITERATION_ATTR, RETRY_OF_ATTR, RUNG_ATTR, STATUS_ATTR, WORKER_ATTR)
 
 STORAGE_ENV = "MNV3_SEARCH_STORAGE"  # how a storage URL (password included) reaches workers and commands
-POLL_LOW_SECONDS, POLL_HIGH_SECONDS = 0.1, 1.6  # Backoff: pollers wait this little at first, this long idle
 HEARTBEAT_SECONDS = 2.0  # a claimed trial's heartbeat is stamped this often while it is evaluated
 CLAIM_SECONDS = 10.0  # claim() stamps a trial with its worker at once; one unstamped this long lost its claimer
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -363,30 +362,6 @@ def heartbeat(trial: optuna.Trial, every: float = HEARTBEAT_SECONDS) -> Iterator
     finally:
         stop.set()
         thread.join()
-
-
-class Backoff:
-    """How long a poller sleeps when it found nothing to do: `low` at first, doubling up to `high`, back to
-    `low` once it found work. Idle workers and a waiting leader then read the storage about once per `high`
-    seconds instead of several times a second (each read is a query on PostgreSQL, a file replay on a journal),
-    while a burst of new trials (a rung enqueued) is still picked up within `low` seconds by a busy poller."""
-
-    def __init__(self, low: float = POLL_LOW_SECONDS, high: float = POLL_HIGH_SECONDS) -> None:
-        if not 0 < low <= high:
-            raise ValueError(f"Backoff needs 0 < low <= high, got {low}, {high}")
-        self.low, self.high, self.next = low, high, low
-
-    def idle(self) -> float:
-        """The sleep to take now that a poll found nothing; the next one is twice as long (at most `high`)."""
-        wait, self.next = self.next, min(self.high, self.next * 2)
-        return wait
-
-    def busy(self) -> None:
-        """A poll found work: the next idle poll sleeps `low` again."""
-        self.next = self.low
-
-    def sleep(self) -> None:
-        time.sleep(self.idle())
 
 
 def worker_name() -> str:
