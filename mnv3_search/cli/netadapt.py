@@ -27,6 +27,8 @@ from ..netadapt.runner import NetAdapt
 from ..netadapt.study import STORAGE_ENV, redact
 from ..netadapt.worker import join_run
 
+IMPORTANCE_NAMES = {"taylor": "Taylor", "l1": "L1 norm", "l2": "L2 norm", "bn": "BN scale"}  # as the event line says
+
 
 class NetAdaptView:
     """A live panel: iteration, current vs budget, accuracy, proposals done / pruned / remaining, ETA."""
@@ -89,6 +91,8 @@ class NetAdaptView:
                 return "fine-tuning proposals"
             case "retry":
                 return "a worker went silent: its proposal was enqueued again"
+            case "recovered":
+                return "a trial's files were unreadable: its proposal is trained again from its parent"
             case "chosen":
                 return "choosing"
             case "unreliable":
@@ -103,7 +107,8 @@ class NetAdaptView:
                         f"{self._amount(info['corrected_target'])}, going on")
             case "importance":
                 over = f", {info['batches']} batches" if info["batches"] else ""
-                return f"scoring {info['channels']:,} channels in {info['groups']} groups ({info['name']}{over})"
+                name = IMPORTANCE_NAMES.get(info["name"], info["name"])
+                return f"scoring {info['channels']:,} channels in {info['groups']} groups ({name}{over})"
             case "knapsack":
                 timed = "" if self.state.get("unit", "ms") != "ms" else (
                     ", timed beside the seed: " + ("within the budget" if info["ok"] else "over the budget"))
@@ -264,8 +269,8 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
     view = NetAdaptView(err, config.budget) if live else None
 
     def on_event(kind: EventKind, **info: Any) -> None:
-        if kind == "transfer":  # --weights made for another class count: say so even when quiet
-            err.print(info["note"], highlight=False, soft_wrap=True)
+        if kind in ("transfer", "recovered"):  # say so even when quiet: another class count, a re-trained trial
+            err.print(info["note"], highlight=False, soft_wrap=True, markup=False)
         if view:
             view(kind, **info)
 
@@ -334,4 +339,6 @@ def worker(storage: Optional[str], storage_file: Optional[str], study_name: str,
         raise UserError(f"no storage: pass --storage URL, --storage-file FILE or set ${STORAGE_ENV}")
     use_device(device)
     err = Console(stderr=True, quiet=quiet)
-    join_run(storage, study_name, run_dir, artifacts=artifacts, parent_pid=parent_pid, threads=threads, log=err.print)
+    loud = Console(stderr=True)  # a re-trained trial is said even when quiet
+    join_run(storage, study_name, run_dir, artifacts=artifacts, parent_pid=parent_pid, threads=threads, log=err.print,
+             note=lambda line: loud.print(line, highlight=False, soft_wrap=True, markup=False))

@@ -32,7 +32,7 @@ BATCH_SIZE_HELP = "Images per training step."
 LUT_HELP = ("Latency table file; default: the machine's table in $MNV3_SEARCH_LUT_DIR or "
             "~/.cache/mnv3-search/lut/ (see `mnv3-search lut show`).")
 # data.SOURCES_HELP, spelled out so that building the commands imports no torch (a test keeps them equal)
-DATA_HELP = "Dataset: digits, fashion-mnist[:DIR], cifar10:DIR or imagefolder:DIR."
+DATA_HELP = "Dataset: digits, fashion-mnist[:DIR], fashion-mnist-tops[:DIR], cifar10:DIR or imagefolder:DIR."
 CSV_HELP = "Write the rows as CSV to FILE ('-': stdout)."
 DEVICE_HELP = "Where training runs: auto (cuda when available), cpu or cuda. Latency stays on the table's backend."
 WEIGHTS_HELP = ("Checkpoint to start from (torchvision or own); one made for another class count loads all but "

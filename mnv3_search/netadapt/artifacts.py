@@ -39,7 +39,8 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.exceptions import UpdateFinishedTrialError
 
-from ..errors import UserError
+from ..errors import StoreFailed, UserError
+from ..fileio import disk_full
 from .attrs import ARTIFACT_RECORD_PREFIX, CHECKPOINT_ATTR, PARENT_PREFIX, STATE_ATTR
 from .study import storage_of, study_storage_id, trial_storage_id
 
@@ -49,6 +50,9 @@ DEFAULT_FOLDER = "artifacts"  # the default store's folder inside the run folder
 # after the bytes are in the store and before the trial points to them, so the sweep of such orphans is
 # tested with a real process death (tests/test_s3.py). Never set outside tests.
 KILL_AFTER_UPLOAD_ENV = "MNV3_SEARCH_TEST_KILL_AFTER_UPLOAD"
+# Test hook: a process that downloads a checkpoint from the store with this set dies (os._exit) once the bytes
+# are in its private temporary folder, before it uses them (scripts/kill_matrix.py's store-download point).
+KILL_IN_DOWNLOAD_ENV = "MNV3_SEARCH_TEST_KILL_IN_DOWNLOAD"
 KILL_EXIT_CODE = 86  # how a test hook's process exits (evaluate.KILL_GROUP_ENV's too)
 
 
@@ -138,9 +142,27 @@ class RunArtifacts:
         self.store = store
         self._swept = False  # whether this process (the leader) swept the study's orphaned parents yet
 
+    @contextmanager
+    def _answering(self, what: str) -> Iterator[None]:
+        """The store's own errors as one resumable line (StoreFailed, exit 4): an S3 5xx or a refused
+        connection, a folder that cannot be written; a full disk as DiskFull. A missing object is the
+        caller's to handle (ArtifactNotFound, or the GCS client's NotFound)."""
+        try:
+            yield
+        except not_found_errors():
+            raise
+        except store_errors() as exc:
+            full = disk_full(exc)
+            if full is not None:
+                raise full from None
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StoreFailed(f"artifact store {self.location} failed {what} ({reason[:200]}); check the store (its "
+                              f"service, permissions, credentials) and run the same command again") from None
+
     def _present(self, artifact_id: str) -> bool:
         try:
-            self.store.open_reader(artifact_id).close()
+            with self._answering(f"reading artifact {artifact_id}"):
+                self.store.open_reader(artifact_id).close()
         except ArtifactNotFound:
             return False
         return True
@@ -160,7 +182,7 @@ class RunArtifacts:
             owner.storage.set_trial_system_attr(trial_storage_id(owner), key, record)
         else:
             storage_of(owner).set_study_system_attr(study_storage_id(owner), key, record)
-        with open(path, "rb") as handle:
+        with open(path, "rb") as handle, self._answering(f"uploading {path.name} (artifact {artifact_id})"):
             self.store.write(artifact_id, handle)
         return artifact_id
 
@@ -216,7 +238,8 @@ class RunArtifacts:
 
     def _remove(self, artifact_id: str) -> None:
         try:
-            self.store.remove(artifact_id)
+            with self._answering(f"removing artifact {artifact_id}"):
+                self.store.remove(artifact_id)
         except not_found_errors():
             pass
 
@@ -268,10 +291,13 @@ class RunArtifacts:
         with tempfile.TemporaryDirectory(prefix="mnv3-artifact-") as folder:
             path = Path(folder) / name
             try:
-                download_artifact(artifact_store=self.store, file_path=str(path), artifact_id=artifact_id)
+                with self._answering(f"downloading {what} (artifact {artifact_id})"):
+                    download_artifact(artifact_store=self.store, file_path=str(path), artifact_id=artifact_id)
             except ArtifactNotFound:
                 raise UserError(f"{what} (artifact {artifact_id}) is not in the artifact store {self.location}; "
                                 f"is --artifacts the run's store?") from None
+            if os.environ.get(KILL_IN_DOWNLOAD_ENV):
+                os._exit(KILL_EXIT_CODE)
             yield path
 
 
@@ -279,6 +305,24 @@ def recorded_artifacts(system_attrs: dict[str, Any]) -> list[str]:
     """The artifact ids Optuna's records (`artifacts:<id>` system attrs) name, in key order."""
     return [key[len(ARTIFACT_RECORD_PREFIX):] for key, value in sorted(system_attrs.items())
             if key.startswith(ARTIFACT_RECORD_PREFIX) and value]
+
+
+@lru_cache(maxsize=None)
+def store_errors() -> tuple[type[BaseException], ...]:
+    """What a store raises when it fails rather than misses: an OSError (a folder store; boto3's refused
+    connection is one too, wrapped), botocore's errors (an S3 5xx, a timeout) and the GCS client's."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped,unused-ignore]
+        errors += [BotoCoreError, ClientError]
+    except ImportError:
+        pass
+    try:
+        from google.api_core.exceptions import GoogleAPIError  # type: ignore[import-not-found,import-untyped,unused-ignore]
+        errors.append(GoogleAPIError)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 @lru_cache(maxsize=None)

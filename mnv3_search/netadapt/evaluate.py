@@ -24,18 +24,22 @@ import torch
 from torch import nn
 
 from ..data import Dataset, load_dataset
-from ..fileio import atomic_path
+from ..errors import CheckpointError, RunInterrupted
+from ..fileio import disk_full
 from ..model.build import build_model
+from ..model.weights import read_checkpoint, save_torch
 from ..prune.groups import proposal_groups
 from ..prune.importance import make_importance
 from ..prune.surgery import shrink
 from ..train import Trainer, holdout_metrics, refresh_bn, to_memory_format
 from .artifacts import KILL_EXIT_CODE, RunArtifacts, staging
-from .attrs import (ACCURACY_ATTR, CHANNELS_PARAM, EVAL_ATTR, FIXED_PARAMS_ATTR, FROM_ATTR, GROUP_PARAM,
-                    HEARTBEAT_ATTR, ITERATION_ATTR, LOSS_ATTR, METRICS_ATTR, PARENT_ATTR, SECONDS_ATTR, START_ATTR,
-                    STEPS_ATTR, STOP_ATTR)
+from .attrs import (ACCURACY_ATTR, ATTEMPT_ATTR, CHANNELS_PARAM, CHECKPOINT_ATTR, EVAL_ATTR, FAILURE_ATTR,
+                    FIXED_PARAMS_ATTR, FROM_ATTR, GROUP_PARAM, HEARTBEAT_ATTR, ITERATION_ATTR, LOSS_ATTR, METRICS_ATTR,
+                    PARENT_ATTR, RETRY_OF_ATTR, SECONDS_ATTR, START_ATTR, STATE_ATTR, STEPS_ATTR, STOP_ATTR,
+                    WORKER_ATTR)
 from .config import RunConfig
 from .runfolder import RunFolder
+from .polling import Backoff
 from .study import claim, heartbeat, storage_of, trial_storage_id
 
 # Test hook: a proposal of the group named here kills the process evaluating it (os._exit, like a crashing
@@ -65,17 +69,46 @@ class ShortTune(Trainer):
 
 
 def save_training_state(tune: ShortTune, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(tune.state(), tmp)
+    save_torch(tune.state(), path)
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    """A trial's training state (trials/NNNNN.state.pt); a missing or damaged one is a CheckpointError naming it."""
+    try:
+        data: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such training state file") from None
+    except Exception as exc:  # torch raises many types for truncated or corrupt files (zip, pickle, storage)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: truncated or damaged training state ({first[:160]})") from None
+    if not isinstance(data, dict) or not {"step", "optimizer", "rng"} <= data.keys():
+        raise CheckpointError(f"{path}: not a trial's training state (no step, optimizer and RNG state)")
+    return data
+
+
+def enqueue_again(study: optuna.Study, trial: optuna.Trial) -> None:
+    """A trial that failed for a reason outside the proposal (a full disk, a failing store) waiting again as
+    the same attempt, so another worker, or the resumed run, evaluates it instead of the iteration dropping it."""
+    drop = (HEARTBEAT_ATTR, WORKER_ATTR, FAILURE_ATTR, METRICS_ATTR, CHECKPOINT_ATTR, STATE_ATTR)
+    attrs = {k: v for k, v in trial.user_attrs.items() if k not in drop}
+    fixed = storage_of(study).get_trial_system_attrs(trial_storage_id(trial)).get(FIXED_PARAMS_ATTR, trial.params)
+    study.enqueue_trial(dict(fixed), user_attrs={**attrs, RETRY_OF_ATTR: trial.number,
+                                                 ATTEMPT_ATTR: int(attrs.get(ATTEMPT_ATTR, 1))})
+
+
+Note = Callable[[str], None]
 
 
 class Evaluator:
     """Evaluates claimed trials of one run; keeps the dataset and the current parent in memory."""
 
     def __init__(self, run: Optional[RunFolder], config: RunConfig, group_names: list[str], max_channels: int,
-                 dataset: Optional[Dataset] = None, artifacts: Optional[RunArtifacts] = None) -> None:
+                 dataset: Optional[Dataset] = None, artifacts: Optional[RunArtifacts] = None,
+                 note: Note = lambda _: None) -> None:
         """`run`: the run folder when this process has it (its files are read first, trials written there too);
-        `artifacts`: the run's artifact store (what a worker without the run folder reads and writes)."""
+        `artifacts`: the run's artifact store (what a worker without the run folder reads and writes); `note`
+        gets one line when a previous rung's files are unreadable and the proposal is re-trained instead."""
+        self.note = note
         if run is None and artifacts is None:
             raise ValueError("an Evaluator needs the run folder or the run's artifact store")
         self.run = run
@@ -115,39 +148,77 @@ class Evaluator:
                                        for s in self.importance(spec, state, groups)})
         return self._scores[1][group]
 
-    def _previous(self, study: optuna.Study, number: int) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
+    def _previous(self, study: optuna.Study, number: int
+                  ) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]] | str:
         """The weights and training state trial `number` (the previous rung) left: from the run folder when
-        they are there, else from the artifact store (another machine's worker evaluated it)."""
+        they are there, else (or when they are damaged there) from the artifact store. What is wrong with them
+        when neither copy can be read: the caller trains the proposal again from its parent."""
+        damage: list[str] = []
         if self.run is not None and (self.artifacts is None or (self.run.trial_checkpoint(number).exists()
                                                                 and self.run.trial_state(number).exists())):
-            spec, state = RunFolder.load(self.run.trial_checkpoint(number))
-            return spec, state, torch.load(self.run.trial_state(number), map_location="cpu", weights_only=True)
-        assert self.artifacts is not None
-        with self.artifacts.trial_files(study, number) as (checkpoint, training):
-            spec, state = RunFolder.load(checkpoint)
-            return spec, state, torch.load(training, map_location="cpu", weights_only=True)
+            try:
+                spec, state = read_checkpoint(self.run.trial_checkpoint(number))
+                return spec, state, load_training_state(self.run.trial_state(number))
+            except CheckpointError as exc:
+                damage.append(str(exc))
+        if self.artifacts is not None:
+            with self.artifacts.trial_files(study, number) as (checkpoint, training):
+                try:
+                    spec, state = read_checkpoint(checkpoint)
+                    return spec, state, load_training_state(training)
+                except CheckpointError as exc:
+                    damage.append(f"trial {number}'s copy in the artifact store {self.artifacts.location}: "
+                                  + str(exc).split(": ", 1)[-1])
+        return "; ".join(damage)
 
     def _start(self, study: optuna.Study, trial: optuna.Trial, group: str, channels: int,
-               seed: int) -> tuple[Any, ShortTune]:
-        """The proposal's child at step 0 (rung 0) or where the previous rung's trial left it."""
+               seed: int) -> tuple[Any, ShortTune, int]:
+        """The proposal's child at step 0 (rung 0) or where the previous rung's trial left it, and the step its
+        training here starts from. When the previous rung's files are unreadable, the child is trained again
+        from its parent up to that step: training is deterministic (the proposal's seed, data order and RNG),
+        so the weights are the ones the files held, and nothing else is evaluated again."""
         config = self.config
         previous = trial.user_attrs.get(FROM_ATTR)
-        training: Optional[dict[str, Any]] = None
-        if previous is None:
-            relative = str(trial.user_attrs[PARENT_ATTR])
-            parent_spec, parent_state = self._parent_of(study, relative)
-            spec, state = shrink(parent_spec, parent_state, group, channels, config.step,
-                                 self._channel_scores(relative, parent_spec, parent_state, group))
-        else:
-            spec, state, training = self._previous(study, int(previous))
+        if previous is not None:
+            found = self._previous(study, int(previous))
+            if not isinstance(found, str):
+                spec, state, training = found
+                model = to_memory_format(build_model(spec), torch.channels_last)  # faster on CPU
+                model.load_state_dict(state, strict=True)
+                tune = ShortTune(model, self.dataset, lr=config.short_lr, batch_size=config.batch_size, seed=seed)
+                tune.restore(training)
+                return spec, tune, tune.step
+            start = int(trial.user_attrs[START_ATTR])
+            iteration = trial.user_attrs[ITERATION_ATTR]
+            self.note(f"{found}; re-training proposal {group}={channels} of iteration {iteration} from its parent "
+                      f"network to step {start} instead (the same weights; nothing else is evaluated again)")
+        spec, tune = self.child(study, str(trial.user_attrs[PARENT_ATTR]), group, channels, seed)
+        if previous is not None:
+            tune.run_to(int(trial.user_attrs[START_ATTR]))
+        return spec, tune, 0
+
+    def child(self, study: optuna.Study, relative: str, group: str, channels: int,
+              seed: int) -> tuple[Any, ShortTune]:
+        """The parent `relative` shrunk by (group, channels), its BN statistics refreshed, at step 0."""
+        config = self.config
+        parent_spec, parent_state = self._parent_of(study, relative)
+        spec, state = shrink(parent_spec, parent_state, group, channels, config.step,
+                             self._channel_scores(relative, parent_spec, parent_state, group))
         model = to_memory_format(build_model(spec), torch.channels_last)  # faster on CPU, refresh_bn included
         model.load_state_dict(state, strict=True)
-        if previous is None:
-            refresh_bn(model, self.dataset, num_batches=10, seed=seed)
-        tune = ShortTune(model, self.dataset, lr=config.short_lr, batch_size=config.batch_size, seed=seed)
-        if training is not None:
-            tune.restore(training)
-        return spec, tune
+        refresh_bn(model, self.dataset, num_batches=10, seed=seed)
+        return spec, ShortTune(model, self.dataset, lr=config.short_lr, batch_size=config.batch_size, seed=seed)
+
+    def rebuild(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[Any, dict[str, torch.Tensor]]:
+        """A finished trial's network trained again from its parent (its checkpoint is unreadable): the same
+        weights, as training is deterministic."""
+        fixed = trial.system_attrs.get(FIXED_PARAMS_ATTR, trial.params)
+        group, channels = str(fixed[GROUP_PARAM]), int(fixed[CHANNELS_PARAM])
+        seed = proposal_seed(self.config.seed, int(trial.user_attrs[ITERATION_ATTR]), group)
+        spec, tune = self.child(study, str(trial.user_attrs[PARENT_ATTR]), group, channels, seed)
+        tune.run_to(int(trial.user_attrs[STOP_ATTR]))
+        tune.close()
+        return spec, {k: v.contiguous() for k, v in tune.model.state_dict().items()}
 
     def _save(self, trial: optuna.Trial, spec: Any, tune: ShortTune) -> None:
         """The trial's weights and training state, in the run folder (when here) and in the artifact store."""
@@ -184,7 +255,7 @@ class Evaluator:
             attrs = trial.user_attrs
             seed = proposal_seed(config.seed, int(attrs[ITERATION_ATTR]), group)
             start = time.perf_counter()
-            spec, tune = self._start(study, trial, group, channels, seed)
+            spec, tune, began = self._start(study, trial, group, channels, seed)
             if tune.step != int(attrs[START_ATTR]):
                 raise RuntimeError(f"trial {trial.number}: its checkpoint is at step {tune.step}, expected "
                                    f"{attrs[START_ATTR]}")
@@ -201,26 +272,35 @@ class Evaluator:
             trial.set_user_attr(METRICS_ATTR, metrics)
             trial.set_user_attr(ACCURACY_ATTR, metrics[-1][1])
             trial.set_user_attr(LOSS_ATTR, metrics[-1][2])
-            trial.set_user_attr(STEPS_ATTR, tune.step - int(attrs[START_ATTR]))
+            trial.set_user_attr(STEPS_ATTR, tune.step - began)  # a re-trained previous rung's steps count too
             trial.set_user_attr(SECONDS_ATTR, time.perf_counter() - start)
             study.tell(trial, metrics[-1][1])
             return optuna.trial.TrialState.COMPLETE
-        except BaseException:
+        except BaseException as exc:
             # skip_if_finished: the master may have failed this trial already (heartbeat gone stale during a
             # storage outage); telling it again would replace the real error with UpdateFinishedTrialError
             study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            if isinstance(exc, RunInterrupted) or disk_full(exc) is not None:
+                try:
+                    enqueue_again(study, trial)
+                except Exception:  # noqa: S110 - the first failure is what the user must see, not this one
+                    pass
             raise
 
 
 def work(study: optuna.Study, evaluator: Evaluator, should_stop: Callable[[], bool], lock: Optional[Path] = None,
-         poll_seconds: float = 0.5, on_trial: Optional[Callable[[optuna.trial.TrialState], None]] = None) -> int:
-    """Claim and evaluate proposals until `should_stop()`; returns how many were evaluated."""
+         backoff: Optional[Backoff] = None, on_trial: Optional[Callable[[optuna.trial.TrialState], None]] = None
+         ) -> int:
+    """Claim and evaluate proposals until `should_stop()`; returns how many were evaluated. An idle worker
+    polls less and less often (`backoff`), so waiting between rungs and iterations costs next to nothing."""
+    backoff = backoff if backoff is not None else Backoff()
     done = 0
     while not should_stop():
         trial = claim(study, lock)
         if trial is None:
-            time.sleep(poll_seconds)
+            backoff.sleep()
             continue
+        backoff.busy()
         state = evaluator.evaluate(study, trial)
         done += 1
         if on_trial:

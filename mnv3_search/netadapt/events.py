@@ -20,6 +20,7 @@ EventKind = Literal[
     "iteration",         # iteration, current, goal, target, proposals
     "progress",          # iteration, rung, rungs, done, running, pruned, total
     "retry",             # iteration: a dead or silent worker's proposal was enqueued again
+    "recovered",         # note: a trial's files were unreadable; its proposal is trained again from its parent
     "chosen",            # the iterations.csv row of the winner, and resource
     "unreliable",        # attempt, ratio_shift, spread: the host disturbed a confirmation; measuring again
     "confirm",           # measured, seed_measured, ok, reliable: the whole network timed beside the seed

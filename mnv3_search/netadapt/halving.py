@@ -9,7 +9,6 @@ reused after a resume: a rung interrupted half-way runs only the trials it had n
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
@@ -25,6 +24,7 @@ from .evaluate import Evaluator
 from .events import Event
 from .proposals import Proposal, trial_cut
 from .selection import Candidate, Ranked, rank, survivors
+from .polling import Backoff
 from .study import claim, enqueue, iteration_trials, requeue_stale, trial_group
 
 
@@ -120,6 +120,7 @@ class SuccessiveHalving:
         Returns the finished trial of each proposal; a proposal whose trial failed (a worker's error) is left
         out."""
         wanted = set(names)
+        backoff = Backoff()
         while True:
             trials = iteration_trials(self.study, iteration)
             finished = {k: v for k, v in rung_trials(self.study, iteration, rung, trials).items() if k in wanted}
@@ -132,7 +133,9 @@ class SuccessiveHalving:
             trial = claim(self.study, self.lock)
             if trial is not None:
                 self.evaluator.evaluate(self.study, trial)
+                backoff.busy()
                 continue
             if requeue_stale(self.study, iteration, self.stale_seconds, self.max_attempts):
                 self.emit("retry", iteration=iteration)
-            time.sleep(0.2)
+                backoff.busy()
+            backoff.sleep()

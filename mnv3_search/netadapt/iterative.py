@@ -24,7 +24,9 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from ..errors import CheckpointError
 from ..model.counts import spec_macs, spec_params
+from ..model.weights import read_checkpoint
 from ..prune.groups import proposal_groups
 from ..spec.arch import ArchSpec
 from .attrs import (ARTIFACTS_ATTR, CHANNELS_BEFORE_ATTR, CONFIG_ATTR, GROUPS_ATTR, KIND_ATTR, LAST_RUNG_ATTR,
@@ -78,7 +80,8 @@ class IterativeSearch:
             study.set_user_attr(ARTIFACTS_ATTR, session.artifacts.location)  # where a worker finds checkpoints
         study.set_user_attr(GROUPS_ATTR, [names, widest])
         set_status(study, "running")
-        evaluator = Evaluator(folder, config, names, widest, session.dataset, artifacts=session.artifacts)
+        evaluator = Evaluator(folder, config, names, widest, session.dataset, artifacts=session.artifacts,
+                              note=lambda line: session.emit("recovered", note=line))
         lock = claim_lock_path(session.storage_url or folder.default_storage_url)
         halving = SuccessiveHalving(study, evaluator, config, lock=lock, stale_seconds=self.options.stale_seconds,
                                     max_attempts=self.options.max_attempts, emit=session.emit,
@@ -190,7 +193,7 @@ class _Loop:
         best = halved.ranked[0]
         chosen = halved.finished[best.candidate.group]
         cuts = trial_cuts(chosen)
-        child_spec, child_state = self._trial_checkpoint(chosen.number)
+        child_spec, child_state = self._trial_checkpoint(chosen)
         RunFolder.save(child_spec, child_state, folder.iteration_checkpoint(iteration))
         trials = iteration_trials(self.study, iteration)
         finished = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -246,15 +249,20 @@ class _Loop:
                 PARENT_RESOURCE_ATTR: parent.resource, PARENT_ACCURACY_ATTR: parent.accuracy,
                 TIE_TOLERANCE_ATTR: self.session.tolerance(parent.accuracy), LAST_RUNG_ATTR: self.halving.last_rung}
 
-    def _trial_checkpoint(self, number: int) -> tuple[ArchSpec, dict[str, torch.Tensor]]:
-        """A trial's fine-tuned network: from the run folder, or the artifact store when a worker on another
-        machine evaluated it."""
+    def _trial_checkpoint(self, chosen: FrozenTrial) -> tuple[ArchSpec, dict[str, torch.Tensor]]:
+        """The chosen trial's fine-tuned network: from the run folder, or the artifact store when a worker on
+        another machine evaluated it; trained again from its parent when neither copy can be read."""
         folder, artifacts = self.session.folder, self.session.artifacts
-        path = folder.trial_checkpoint(number)
-        if path.exists() or artifacts is None:
-            return RunFolder.load(path)
-        with artifacts.trial_files(self.study, number) as (checkpoint, _):
-            return RunFolder.load(checkpoint)
+        path = folder.trial_checkpoint(chosen.number)
+        try:
+            if path.exists() or artifacts is None:
+                return read_checkpoint(path)
+            with artifacts.trial_files(self.study, chosen.number) as (checkpoint, _):
+                return read_checkpoint(checkpoint)
+        except CheckpointError as exc:
+            self.session.emit("recovered", note=f"{exc}; re-training the chosen proposal {trial_group(chosen)} "
+                              f"from its parent network (the same weights; nothing else is evaluated again)")
+            return self.halving.evaluator.rebuild(self.study, chosen)
 
     def _clean(self, trials: list[FrozenTrial]) -> None:
         """Delete finished iterations' trial checkpoints, here and in the artifact store."""

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 
 from ..budget import Budget, LATENCY
-from ..fileio import atomic_path
+from ..fileio import atomic_write_bytes, disk_full
 from ..latency import export_onnx, torch_threads
 from ..model.build import build_model
 from ..model.counts import spec_macs, spec_params
@@ -82,8 +82,8 @@ class NetAdapt:
                     return self._nothing_to_do(check)
             session = RunSession.start(plan, started, pricing, check, emit)
             return finish(session, self.search.search(session))
-        except Exception as exc:
-            lost = as_storage_lost(exc, storage)
+        except Exception as exc:  # an outside resource failed: one line, resumable (docs/reliability.md)
+            lost = as_storage_lost(exc, storage) or disk_full(exc)
             if lost is None:
                 raise
             raise lost from None
@@ -136,14 +136,12 @@ def final_training(session: RunSession, spec: ArchSpec, state: dict[str, torch.T
     to_memory_format(model, torch.contiguous_format)
     dump_spec(spec, folder.final_yaml)
     RunFolder.save(spec, model.state_dict(), folder.final_pt)
-    with atomic_path(folder.final_onnx) as tmp:
-        tmp.write_bytes(export_onnx(model, (1, 3, spec.resolution, spec.resolution)))
+    atomic_write_bytes(folder.final_onnx, export_onnx(model, (1, 3, spec.resolution, spec.resolution)))
     if config.precision == "int8":
         from ..quantize import int8_accuracy
 
         scores, int8_file = int8_accuracy(model.eval(), dataset, threads=config.threads)
-        with atomic_path(folder.final_int8_onnx) as tmp:
-            tmp.write_bytes(int8_file)
+        atomic_write_bytes(folder.final_int8_onnx, int8_file)
         accuracy = scores.file_accuracy
     emit("finished", test_accuracy=accuracy)
     return accuracy, fp32_accuracy

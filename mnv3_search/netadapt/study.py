@@ -9,6 +9,9 @@ again, so a dead worker's proposal is retried, never lost — at most `max_attem
 kills every process that evaluates it is then marked failed with its reason, and its iteration goes on with
 the others.
 Any Optuna storage URL works: SQLite (default), PostgreSQL, MySQL, or a journal file (`*.journal`).
+Optuna's own heartbeat (`heartbeat_interval`, `RetryFailedTrialCallback`) is not used: it runs only inside
+`study.optimize`, which these enqueued, master-decided trials never go through, it cannot tell a dead local
+worker by its pid at once, and it retries without limit unless told and without the reason a proposal failed.
 
 Storage URLs may hold a password. It is never written (run.json, CSVs, study attributes, messages): every
 URL that leaves this module for a file or a message goes through `redact`, and local workers receive the
@@ -138,7 +141,7 @@ class StorageLost(UserError):
     """The storage server went away in the middle of a run (restarted, network cut): the run stops in one line,
     and running the same command again resumes it (every finished rung trial is reused)."""
 
-    exit_code = 4  # README: exit codes
+    exit_code = 4  # docs/reliability.md: exit codes
 
 
 def lost_connection(exc: BaseException) -> Optional[str]:
@@ -286,7 +289,9 @@ def _locked(path: Optional[Path]) -> Iterator[None]:
 
 
 # Optuna's storage API is public, but a Study's handle to its storage and the storage's ids of a study and a
-# trial (not trial.number) are not; these three are the only places that reach for them.
+# trial (not trial.number) are not. This module is the only one that reaches Optuna's private names (these
+# three, the claim's mirror below and the RDB logger's name); tests/test_optuna_door.py holds it to that and
+# to the Optuna major version pinned in pyproject.toml.
 def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
     """The storage `study` reads and writes (claims and failures go to it directly, past the Study API)."""
     return study._storage  # noqa: SLF001 - Optuna 5 has no public accessor for it
