@@ -9,7 +9,7 @@ from __future__ import annotations
 class UserError(ValueError):
     """A problem with the user's input, phrased as one line: what, where, how to fix."""
 
-    exit_code = 2  # the CLI's status for it (README: exit codes)
+    exit_code = 2  # the CLI's status for it (docs/reliability.md: exit codes)
 
 
 class SpecError(UserError):
@@ -18,3 +18,19 @@ class SpecError(UserError):
 
 class CheckpointError(UserError):
     """A weights file that cannot be read or does not fit the network's spec."""
+
+
+class RunInterrupted(UserError):
+    """Something the run depends on failed mid-run, not the user's input: a full disk, an artifact store that
+    answers with errors (the database server gone is study.StorageLost). One line; every finished step is kept,
+    and the same command resumes the run once the cause is fixed."""
+
+    exit_code = 4  # docs/reliability.md: exit codes (resumable)
+
+
+class DiskFull(RunInterrupted):
+    """No space left on the device (or the quota) while writing a file; the file's atomic write left nothing."""
+
+
+class StoreFailed(RunInterrupted):
+    """The artifact store answered with an error (an S3 5xx, a refused connection, an unwritable folder)."""

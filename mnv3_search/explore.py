@@ -30,6 +30,7 @@ from .errors import SpecError, UserError
 from .fileio import PathLike, atomic_write_text
 from .latency import LatencyTable, make_backend, open_for_run, table_record, torch_threads
 from .prune.variants import calibration_companions
+from .settings import setting
 from .model.build import build_model
 from .netadapt.study import make_storage
 from .fileio import write_csv
@@ -122,23 +123,27 @@ def load_space(path: PathLike) -> SearchSpace:
 
 @dataclass(frozen=True)
 class ExploreConfig:
+    """The settings of one exploration; the same settings resume it. Fields declared with `setting()` are the
+    `explore` command's options, in the order of its --help (settings.py)."""
+
     spec_path: str
     budget: str
-    trials: int = 20
-    multi_objective: bool = False
-    data: str = "digits"
-    train_resolution: int = 32
-    resolution: Optional[int] = None  # deployment resolution override (latency is predicted there)
-    steps: int = 60
-    reports: int = 3
-    lr: float = 0.05
-    batch_size: int = 64
-    holdout: float = 0.15
-    limit: Optional[int] = None
-    seed: int = 0
-    backend: str = "onnxruntime"
-    threads: int = 1
-    lut: Optional[str] = None
+    trials: int = setting(20, "Trials in the study in all (a resumed study runs only the missing ones).", minimum=1)
+    multi_objective: bool = setting(False, "Maximise accuracy and minimise the budgeted figure: keep the Pareto "
+                                    "front (no pruning: Optuna's pruners are single-objective).")
+    data: str = setting("digits")
+    steps: int = setting(60, "Training steps per trial.", minimum=1)
+    reports: int = setting(3, "Holdout evaluations per trial (the median pruner's rungs).", minimum=1)
+    lr: float = setting(0.05, "Learning rate of each trial's training.")
+    batch_size: int = setting(64)
+    train_resolution: int = setting(32)
+    resolution: Optional[int] = setting(None)  # deployment resolution override (latency is predicted there)
+    limit: Optional[int] = setting(None)
+    lut: Optional[str] = setting(None)
+    backend: str = setting("onnxruntime")
+    seed: int = setting(0)
+    threads: int = setting(1)
+    holdout: float = 0.15  # no option: trials are scored on a fixed share of the images
 
     def __post_init__(self) -> None:
         for name in ("trials", "steps", "reports", "batch_size", "threads"):

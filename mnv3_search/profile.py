@@ -56,6 +56,8 @@ class Profile:
     backend: Optional[str] = None
     threads: Optional[int] = None
     whole: Optional[Measurement] = None
+    precision: str = "fp32"
+    device: Optional[str] = None  # a --runner's device; None: this machine
     meta: dict = field(default_factory=dict)
     prediction: Optional[Prediction] = None  # from a latency lookup table, when one was given
 
@@ -84,7 +86,8 @@ class Profile:
             "totals": {"params": self.params, "macs": self.macs, "fvcore_total": self.fvcore_total,
                        "blocks_latency_ms": self.blocks_latency_ms},
             "latency": None if self.whole is None else {
-                "backend": self.backend, "threads": self.threads, **self.whole.as_dict()},
+                "backend": self.backend, "precision": self.precision, "threads": self.threads, "device": self.device,
+                **self.whole.as_dict()},
             "rows": [asdict(r) for r in self.rows],
             **({} if self.prediction is None else {"lut": {
                 "raw_ms": self.prediction.raw_ms, "factor": self.prediction.factor,
@@ -166,7 +169,9 @@ def profile_model(model: MobileNetV3, *, batch: int = 1, backend: Optional[Backe
     profile = Profile(spec.name, resolution, batch, rows)
     if backend is None:
         return profile
-    profile.backend, profile.threads = backend.name, backend.threads
+    profile.backend, profile.threads, profile.precision = backend.name, backend.threads, backend.precision
+    device = backend.fingerprint().get("device")
+    profile.device = None if device is None else str(device)
     medians: list[float] = []
     for item, row in zip(units, rows):
         if progress:

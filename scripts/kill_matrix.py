@@ -12,10 +12,15 @@ with os._exit, as under the OOM killer). Then the same command runs again to com
 an uninterrupted reference run: final spec, final weights, and from the study how many proposal rungs were
 evaluated twice to completion.
 
-Two commands: A (a MACs budget: exact counts, so the result must be bit-identical to the reference) carries
-the points from seed training to the final export; B (a latency budget with its own table in the run folder,
-`--lut RUN/lut.json`) carries the latency-table build and calibration. B's final network depends on timing
-(each run measures its own table), so its "identical" column says whether timing happened to agree.
+Three commands: A (a MACs budget: exact counts, so the result must be bit-identical to the reference) carries
+the points from seed training to the final export, and the artifact store's upload and download (the default
+store, artifacts/ in the run folder; two more test hooks: MNV3_SEARCH_TEST_KILL_AFTER_UPLOAD dies between a
+trial's upload and its pointers, MNV3_SEARCH_TEST_KILL_IN_DOWNLOAD inside a download); B (a latency budget with
+its own table in the run folder, `--lut RUN/lut.json`) carries the latency-table build and calibration; K is B
+with `--method knapsack`, whose rounds are each timed beside the seed. B's and K's final networks depend on
+timing (each run measures its own table), so their "identical" column says whether timing happened to agree;
+a control (the command run twice, no kill) shows how much. K's runs start from a copy of its reference run's
+table (built once, ~3 min on 2 shared cores), so its points cost the rounds, not the table build.
 
 Usage: PYTHONPATH=. python scripts/kill_matrix.py [--work results/kill-matrix] [--csv results/kill-matrix.csv]
        [--only NAME,NAME]
@@ -41,7 +46,10 @@ from typing import Callable, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mnv3_search.netadapt.artifacts import KILL_AFTER_UPLOAD_ENV, KILL_IN_DOWNLOAD_ENV  # noqa: E402
 from mnv3_search.netadapt.evaluate import KILL_EXIT_CODE, KILL_GROUP_ENV  # noqa: E402
+
+HOOKS = (KILL_GROUP_ENV, KILL_AFTER_UPLOAD_ENV, KILL_IN_DOWNLOAD_ENV)
 
 TINY = ["--data", "digits", "--limit", "240", "--batch-size", "32", "--short-steps", "8", "--seed-epochs", "2",
         "--long-epochs", "3", "--resolution", "64", "--threads", "1", "--quiet"]
@@ -53,17 +61,17 @@ TIMEOUT_SECONDS = 900
 
 def command(out: Path, kind: str) -> list[str]:
     budget = BUDGET_A if kind == "A" else BUDGET_B
-    extra = ["--lut", str(out / "lut.json")] if kind == "B" else []
+    extra = [] if kind == "A" else ["--lut", str(out / "lut.json")]
+    extra += ["--method", "knapsack"] if kind == "K" else []
     return [sys.executable, "-m", "mnv3_search", "netadapt", "small", "--budget", budget, "--out", str(out),
             *TINY, *extra]
 
 
-def environment(work: Path, hook_group: Optional[str] = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != KILL_GROUP_ENV}
+def environment(work: Path, hooks: Optional[dict[str, str]] = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in HOOKS}
     env["MNV3_SEARCH_LUT_DIR"] = str(work / "lut-dir")  # never the user's own table
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    if hook_group:
-        env[KILL_GROUP_ENV] = hook_group
+    env.update(hooks or {})
     return env
 
 
@@ -94,6 +102,14 @@ def tmp_files(folder: Path, name: str) -> bool:
         return False
 
 
+def stored_objects(folder: Path) -> int:
+    """Objects in the run's default artifact store (artifacts/)."""
+    try:
+        return sum(1 for _ in (folder / "artifacts").iterdir())
+    except OSError:
+        return 0
+
+
 def run_result(folder: Path) -> bool:
     try:
         return "result" in json.loads((folder / "run.json").read_text())
@@ -120,6 +136,8 @@ def snapshot(folder: Path) -> str:
     parts.append(f"iterations/={'+'.join(iterations) or '-'}")
     parts.append(f"iterations.csv rows={csv_rows(folder / 'iterations.csv')}")
     parts.append(f"trials/*.pt={trial_checkpoints(folder)}")
+    if (folder / "artifacts").exists():
+        parts.append(f"artifacts/={stored_objects(folder)}")
     leftovers = [p.name for p in folder.rglob(".*.tmp")]
     if leftovers:
         parts.append(f"tmp={'+'.join(sorted(leftovers))}")
@@ -195,10 +213,13 @@ class Point:
     intended: str
     trigger: Optional[Trigger] = None  # poll until True, then (after `delay`) SIGKILL the process group
     delay: float = 0.0
-    hook: Optional[Callable[[Reference], str]] = None  # a group name for KILL_GROUP_ENV instead of polling
+    hook: Optional[Callable[[Reference], dict[str, str]]] = None  # test hooks' environment instead of polling
     poll: float = POLL_SECONDS
     stateful: Optional[Callable[[], Trigger]] = None  # a fresh trigger per run, for triggers that keep state
     kill: bool = True  # False: a control, the command run once uninterrupted
+    # after the kill, change the folder and run the command once more with these hooks (it must die in them)
+    then: Optional[Callable[[Path], str]] = None
+    then_hook: Optional[dict[str, str]] = None
 
 
 def _it2_rung0_mid() -> Trigger:
@@ -216,9 +237,43 @@ def _it2_rung0_mid() -> Trigger:
     return trigger
 
 
-def _middle_group(ref: Reference) -> str:
+def _it2_parent_upload() -> Trigger:
+    """Iteration 2's parent (iterations/001.pt) on its way into the store: after iteration 1's row and the
+    clean-up of its trials' objects, the first object the store gains."""
+    fewest: Optional[int] = None
+
+    def trigger(f: Path, r: Reference) -> bool:
+        nonlocal fewest
+        if csv_rows(f / "iterations.csv") != 2 or trial_checkpoints(f) != 0:
+            return False
+        now = stored_objects(f)
+        fewest = now if fewest is None else min(fewest, now)
+        return now > fewest
+
+    return trigger
+
+
+def _middle_group(ref: Reference) -> dict[str, str]:
     groups = sorted(ref.proposals[1])  # rung 0 is enqueued in this order and claimed oldest first
-    return groups[len(groups) // 2]
+    return {KILL_GROUP_ENV: groups[len(groups) // 2]}
+
+
+def _lose_local_trials(folder: Path) -> str:
+    """The run folder's copies of the finished trials gone (as on a worker without the folder): the next
+    rung downloads them from the store."""
+    gone = [p for p in (folder / "trials").glob("*.pt") if not p.name.startswith(".")]
+    for path in gone:
+        path.unlink()
+    return f"removed {len(gone)} trials/*.pt so the next rung downloads them"
+
+
+def _it1_rung1(f: Path, r: Reference) -> bool:
+    return csv_rows(f / "iterations.csv") == 1 and trial_checkpoints(f) >= len(r.proposals[1]) + 1
+
+
+def _round(n: int) -> Trigger:
+    """Knapsack round n's checkpoint written (its row may not be yet)."""
+    return lambda f, r: (f / "iterations" / f"{n:03d}.pt").exists()
 
 
 POINTS = [
@@ -228,8 +283,7 @@ POINTS = [
           lambda f, r: tmp_files(f, "seed.pt")),
     Point("it1-rung0-mid", "A", "iteration 1, first rung half done: inside a proposal's evaluation (test hook)",
           hook=_middle_group),
-    Point("it1-rung1-mid", "A", "iteration 1, second rung: one of its trials finished",
-          lambda f, r: csv_rows(f / "iterations.csv") == 1 and trial_checkpoints(f) >= len(r.proposals[1]) + 1),
+    Point("it1-rung1-mid", "A", "iteration 1, second rung: one of its trials finished", _it1_rung1),
     Point("it1-checkpoint-write", "A", "iterations/001.pt being written (temporary file), no CSV row yet",
           lambda f, r: tmp_files(f / "iterations", "001.pt")),
     Point("it1-checkpoint-before-row", "A", "iterations/001.pt written, its iterations.csv row not yet",
@@ -245,12 +299,26 @@ POINTS = [
           lambda f, r: (f / "final.yaml").exists() and not (f / "final.onnx").exists()),
     Point("before-result", "A", "final.onnx written, run.json's result not yet",
           lambda f, r: (f / "final.onnx").exists() and not run_result(f)),
+    Point("store-upload-trial", "A", "between the first trial's upload into the store and its pointers (test hook)",
+          hook=lambda r: {KILL_AFTER_UPLOAD_ENV: "1"}),
+    Point("store-upload-parent", "A", "iteration 2's parent being uploaded into the store (a new object appears)",
+          trigger=None, stateful=lambda: _it2_parent_upload()),
+    Point("store-download", "A", "iteration 1's second rung, then (its trials' run-folder copies removed) inside "
+          "the first download of a trial's files from the store (test hook)", _it1_rung1, then=_lose_local_trials,
+          then_hook={KILL_IN_DOWNLOAD_ENV: "1"}),
     Point("control-B", "B", "no kill: a second uninterrupted run of command B (how much timing alone moves B)",
           kill=False),
     Point("lut-build", "B", "building the run's latency table (lut.json not saved yet)",
           lambda f, r: (f / "run.json").exists() and not (f / "lut.json").exists(), delay=3.0, poll=0.05),
     Point("lut-calibration", "B", "calibrating: lut.json holds entries but no calibration yet",
           lambda f, r: (f / "lut.json").exists() and lut_state(f)[0] > 0 and lut_state(f)[1] == 0, poll=0.05),
+    Point("control-K", "K", "no kill: a second uninterrupted run of command K (knapsack)", kill=False),
+    Point("knapsack-scoring", "K", "the table calibrated, scoring channels or pricing widths (no round yet)",
+          lambda f, r: lut_state(f)[1] > 0 and not (f / "iterations").exists(), poll=0.05),
+    Point("knapsack-round-1", "K", "round 1's shape saved (iterations/001.pt), timed beside the seed next", _round(1)),
+    Point("knapsack-round-2", "K", "round 2's shape saved (iterations/002.pt)", _round(2)),
+    Point("knapsack-final", "K", "final.yaml written, final.onnx not yet",
+          lambda f, r: (f / "final.yaml").exists() and not (f / "final.onnx").exists()),
 ]
 
 
@@ -292,8 +360,12 @@ def kill_and_rerun(work: Path, point: Point, ref: Reference) -> Row:
     folder = work / point.name
     shutil.rmtree(folder, ignore_errors=True)
     cmd = command(folder, point.kind)
+    if point.kind == "K":  # the reference's table: the rounds are what is killed, not the table build
+        folder.mkdir(parents=True)
+        shutil.copy(ref.folder / "lut.json", folder / "lut.json")
     hook = point.hook(ref) if point.hook else None
     log = open(work / f"{point.name}.killed.log", "w")
+    named = " ".join(f"{k.removeprefix('MNV3_SEARCH_TEST_')}={v}" for k, v in (hook or {}).items())
     start = time.monotonic()
     proc = subprocess.Popen(cmd, env=environment(work, hook), stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True) if point.kill else None
@@ -302,15 +374,14 @@ def kill_and_rerun(work: Path, point: Point, ref: Reference) -> Row:
         killed_exit, evidence = "-", "not killed (control)"
     elif hook:
         proc.wait(timeout=TIMEOUT_SECONDS)
-        killed_exit = f"{proc.returncode} (hook, group {hook})"
+        killed_exit = f"{proc.returncode} (hook {named})"
         if proc.returncode != KILL_EXIT_CODE:
             killed_exit += " MISSED"
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # any child left behind
         except ProcessLookupError:
             pass
-        evidence = f"hook killed the evaluation of {hook}; complete trials {study_counts(folder).complete}; " \
-                   + snapshot(folder)
+        evidence = f"hook {named} killed it; complete trials {study_counts(folder).complete}; " + snapshot(folder)
     else:
         trigger = point.stateful() if point.stateful else point.trigger
         assert trigger is not None
@@ -333,6 +404,15 @@ def kill_and_rerun(work: Path, point: Point, ref: Reference) -> Row:
         evidence = snapshot(folder)
         if (folder / "study.journal").exists():
             evidence += f"; complete trials {study_counts(folder).complete}"
+    if point.then is not None and point.then_hook is not None:  # a second kill, in another place, by a hook
+        evidence += f"; then {point.then(folder)}"
+        proc = subprocess.Popen(cmd, env=environment(work, point.then_hook), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc.wait(timeout=TIMEOUT_SECONDS)
+        killed_exit += f"; then {proc.returncode} (hook " + " ".join(point.then_hook) + ")"
+        if proc.returncode != KILL_EXIT_CODE:
+            killed_exit += " MISSED"
+        evidence += "; after the hook: " + snapshot(folder)
     kill_seconds = time.monotonic() - start
     log.close()
 
@@ -355,7 +435,7 @@ def kill_and_rerun(work: Path, point: Point, ref: Reference) -> Row:
         notes.append(f"steps {counts.steps} vs reference {ref.counts.steps}")
     if done.returncode != 0:
         notes.append(done.stderr.strip().splitlines()[-1][:200] if done.stderr.strip() else "no stderr")
-    if point.kind == "B":
+    if point.kind != "A":
         notes.append("latency budget: each run measures its own table, so the final network may differ by timing")
     return Row(point.name, point.kind, point.intended, evidence, round(kill_seconds, 1), killed_exit,
                done.returncode, round(rerun_seconds, 1), spec, weights, counts.twice,
@@ -379,26 +459,27 @@ def main() -> None:
     parser.add_argument("--csv", type=Path, default=REPO / "results" / "kill-matrix.csv")
     parser.add_argument("--only", default="", help="comma-separated point names (default: all)")
     args = parser.parse_args()
-    wanted = [p for p in POINTS if not args.only or p.name in args.only.split(",")]
+    by_name = {p.name: p for p in POINTS}
+    wanted = [by_name[name] for name in args.only.split(",")] if args.only else POINTS  # in the order given
     args.work.mkdir(parents=True, exist_ok=True)
     references: dict[str, Reference] = {}
     rows: list[Row] = []
-    for kind in sorted({p.kind for p in wanted}):
+    for kind in dict.fromkeys(p.kind for p in wanted):
         references[kind] = run_reference(args.work, kind)
         print(f"reference {kind}: {references[kind].rows - 1} iterations, {references[kind].counts.complete} "
               f"complete trials, {references[kind].seconds:.0f} s", flush=True)
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
     for point in wanted:
         row = kill_and_rerun(args.work, point, references[point.kind])
         rows.append(row)
         print(f"{row.point}: killed {row.killed_exit} at [{row.killed_at}] -> rerun {row.rerun_exit}, spec "
               f"{row.spec_identical}, weights {row.weights_identical}, twice {row.evaluated_twice}", flush=True)
+        with open(args.csv, "w", newline="") as handle:  # after every point: a long matrix cut short keeps its rows
+            writer = csv.DictWriter(handle, fieldnames=list(Row.__dataclass_fields__))
+            writer.writeheader()
+            for r in rows:
+                writer.writerow(r.__dict__)
     print_table(rows)
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(Row.__dataclass_fields__))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(r.__dict__)
     print(f"wrote {args.csv}")
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the shipped specs, loaded once per session."""
+"""Shared fixtures: the shipped specs, loaded once per session; an S3 endpoint, started once when a test needs it."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
 
 from mnv3_search import ArchSpec, load_spec
+from s3server import S3Server, running_s3
 
 # The machine's latency table lives in ~/.cache/mnv3-search/lut unless $MNV3_SEARCH_LUT_DIR says otherwise:
 # tests (and the processes they start) share one table in a temp folder, never the real home.
@@ -38,3 +40,9 @@ def large() -> ArchSpec:
 @pytest.fixture(scope="session")
 def small() -> ArchSpec:
     return load_spec(SPACES / "small.yaml")
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """A real S3-protocol server (moto's, tests/s3server.py) for the session, stopped at its end."""
+    yield from running_s3()

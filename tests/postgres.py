@@ -28,7 +28,8 @@ def postgres_bin() -> Optional[Path]:
     return Path(found).resolve().parent if found else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nobody listens on now (the OS's pick)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -65,7 +66,7 @@ def restartable_postgres(user: Optional[tuple[str, str]] = None) -> Iterator[Pos
     folder = Path(tempfile.mkdtemp(prefix="mnv3-pg-"))
     os.chmod(folder, 0o777)
     data, log = folder / "data", folder / "server.log"
-    port = _free_port()
+    port = free_port()
     pg_ctl = [*as_postgres, str(binaries / "pg_ctl"), "-D", str(data)]
     start_options = ["-l", str(log), "-w", "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"]
 

@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from mnv3_search.cli import cli
-from mnv3_search.netadapt.artifacts import ARTIFACTS_ATTR, CHECKPOINT_ATTR, STATE_ATTR
+from mnv3_search.netadapt.attrs import ARTIFACTS_ATTR, CHECKPOINT_ATTR, STATE_ATTR
 from mnv3_search.netadapt.study import make_storage
 from postgres import postgres_bin, running_postgres
 from tiny_run import MICRO_ARGS, MICRO_BUDGET, micro_run_folder, micro_spec_path
@@ -122,19 +122,3 @@ def test_a_worker_without_the_run_folder_completes_proposals_on_postgresql(tmp_p
         line = one_error_line(CliRunner().invoke(cli, ["worker", "--storage", url, "--study", "run"]))
         assert line == f"Error: artifact store {store}: no such folder here; pass --artifacts with the store as " \
                        f"mounted on this machine"
-
-
-def test_a_bucket_store_without_its_client_library_is_one_line(tmp_path: Path) -> None:
-    """boto3 is not a dependency: `--artifacts s3://...` without it is refused before anything is written."""
-    try:
-        import boto3  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("boto3 is installed here")
-    line = one_error_line(CliRunner().invoke(cli, ["netadapt", str(micro_spec_path()), "--budget", MICRO_BUDGET,
-                                                   "--out", str(tmp_path / "run"), *MICRO_ARGS,
-                                                   "--artifacts", "s3://bucket/runs"]))
-    assert line == "Error: --artifacts s3://bucket/runs needs the boto3 package here (pip install boto3); or give a " \
-                   "folder"
-    assert not (tmp_path / "run").exists()

@@ -199,7 +199,7 @@ def test_csv_with_latency(tmp_path: Path) -> None:
     assert list(frame.columns) == PROFILE_COLUMNS
     assert list(frame["block"])[-3:] == ["last_conv", "classifier", "total"]
     assert frame["latency_ms"].notna().all()
-    assert "whole network median" in result.stdout and "torch, 1 thread, batch 1" in result.stdout
+    assert "whole network median" in result.stdout and "torch FP32, 1 thread, batch 1" in result.stdout
     assert "MAdds (conv + linear)" in result.stdout and "fvcore total (also counts BN, pooling)" in result.stdout
 
 
@@ -272,7 +272,8 @@ CANONICAL_HELP = {"--resolution": shared.RESOLUTION_HELP, "--train-resolution": 
                   "--backend": shared.BACKEND_HELP, "--threads": shared.THREADS_HELP, "--batch": shared.BATCH_HELP,
                   "--seed": shared.SEED_HELP, "--limit": shared.LIMIT_HELP, "--lut": shared.LUT_HELP,
                   "--csv": shared.CSV_HELP, "--device": shared.DEVICE_HELP, "--weights": shared.WEIGHTS_HELP,
-                  "--batch-size": "Images per training step."}
+                  "--batch-size": "Images per training step.", "--precision": shared.PRECISION_HELP,
+                  "--runner": shared.RUNNER_HELP, "--runner-device": shared.RUNNER_DEVICE_HELP}
 # (command, option) that share a name but not the shared text, and why
 EXCEPTIONS = {("compare", "--weights"): "N=PATH per variant, repeatable",
               ("export", "--weights"): "a SPEC's weights, exported as they are",
@@ -315,7 +316,9 @@ def test_every_option_has_help_and_shared_names_mean_one_thing() -> None:
     # the meanings the issue names: --resolution is the deployment size everywhere, training has one name
     assert {n for n, _ in uses["--resolution"]} == {"compare", "explore", "export", "lut build", "lut check",
                                                     "netadapt", "profile", "train"}
-    assert {n for n, _ in uses["--train-resolution"]} == {"compare", "explore", "netadapt", "train"}
+    assert {n for n, _ in uses["--train-resolution"]} == {"compare", "explore", "export", "netadapt", "train"}
+    assert {n for n, _ in uses["--precision"]} >= {"compare", "export", "lut build", "lut check", "lut show", "profile"}
+    assert {n for n, _ in uses["--runner"]} >= {"compare", "lut build", "lut check", "profile"}
     assert {n for n, _ in uses["--backend"]} >= {"compare", "explore", "netadapt", "profile", "lut build"}
     assert all(_kind(p)[1] == tuple(shared.BACKEND_NAMES) for _, p in uses["--backend"])
     assert {n for n, _ in uses["--device"]} == {"explore", "netadapt", "train", "worker"}

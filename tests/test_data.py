@@ -94,6 +94,21 @@ def test_fashion_mnist_from_idx_files(tmp_path: Path, gz: bool) -> None:
     assert not set(data.train.index.tolist()) & set(data.holdout.index.tolist())
 
 
+def test_fashion_mnist_tops_keeps_four_classes_relabelled(tmp_path: Path) -> None:
+    # labels 0..9 repeating: of 50 training and 20 test images, classes 0, 2, 4, 6 hold 5 and 2 each
+    folder = _fake_fashion(tmp_path / "fm")
+    tops = load_dataset(f"fashion-mnist-tops:{folder}", resolution=28, holdout=4, seed=0)
+    full = load_dataset(f"fashion-mnist:{folder}", resolution=28, holdout=0.2, seed=0)
+    assert tops.name == "fashion-mnist-tops"
+    assert tops.classes == ("T-shirt/top", "Pullover", "Coat", "Shirt") and tops.num_classes == 4
+    assert (len(tops.train), len(tops.holdout), len(tops.test)) == (16, 4, 8)
+    assert tops.test.labels.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    # the test images are Fashion-MNIST's of those classes, in order: test images 0, 2, 4, 6, 10, 12, 14, 16
+    assert torch.equal(tops.test.images, full.test.images[[0, 2, 4, 6, 10, 12, 14, 16]])
+    assert sorted(torch.cat([tops.train.labels, tops.holdout.labels]).tolist()) == sorted([0, 1, 2, 3] * 5)
+    assert not set(tops.train.index.tolist()) & set(tops.holdout.index.tolist())
+
+
 def test_corrupt_idx_header_names_the_file(tmp_path: Path) -> None:
     folder = _fake_fashion(tmp_path / "fm", gz=False)
     bad = folder / "train-images-idx3-ubyte"
@@ -125,6 +140,11 @@ def test_missing_idx_file_and_missing_dir(tmp_path: Path) -> None:
 def test_real_fashion_mnist_default_folder() -> None:
     data = load_dataset("fashion-mnist", resolution=8, holdout=0.1)
     assert (len(data.train), len(data.holdout), len(data.test)) == (54000, 6000, 10000)
+    tops = load_dataset("fashion-mnist-tops", resolution=8, holdout=1000)
+    assert tops.classes == ("T-shirt/top", "Pullover", "Coat", "Shirt")
+    assert (len(tops.train), len(tops.holdout), len(tops.test)) == (23000, 1000, 4000)
+    assert torch.bincount(torch.cat([tops.train.labels, tops.holdout.labels])).tolist() == [6000] * 4
+    assert torch.bincount(tops.test.labels).tolist() == [1000] * 4
 
 
 # --- CIFAR-10 and image folders -------------------------------------------------------------------------

@@ -22,10 +22,10 @@ from mnv3_search.cli import cli
 from mnv3_search.cli.netadapt import NetAdaptView
 from mnv3_search.errors import UserError
 from mnv3_search.netadapt import RunConfig, run_netadapt
+from mnv3_search.netadapt.attrs import CONFIG_ATTR, GROUPS_ATTR, RUN_DIR_ATTR
 from mnv3_search.netadapt.events import EVENT_KINDS
 from mnv3_search.netadapt.runfolder import RunFolder
-from mnv3_search.netadapt.study import (CONFIG_ATTR, GROUPS_ATTR, RUN_DIR_ATTR, STORAGE_ENV, create_study,
-                                        load_study, set_status)
+from mnv3_search.netadapt.study import STORAGE_ENV, create_study, load_study, set_status
 from mnv3_search.netadapt.worker import WORKER_MODULE, join_run
 from tiny_run import TINY_RUN_EVENTS, tiny_run_folder
 
@@ -47,6 +47,8 @@ SAMPLES: dict[str, tuple[dict[str, Any], str]] = {
     "progress": ({"iteration": 3, "rung": 1, "rungs": 2, "done": 2, "running": 6, "pruned": 5, "total": 11},
                  "fine-tuning proposals"),
     "retry": ({"iteration": 3}, "a worker went silent: its proposal was enqueued again"),
+    "recovered": ({"note": "RUN/trials/00003.state.pt: truncated or damaged training state; re-training ..."},
+                  "a trial's files were unreadable: its proposal is trained again from its parent"),
     "chosen": ({"iteration": 3, "proposal": "exp2=48", "holdout_accuracy": 0.875, "resource": 2.3,
                 "wall_seconds": 12.0}, "choosing"),
     "unreliable": ({"attempt": 1, "ratio_shift": 0.123, "spread": 0.2},
@@ -56,7 +58,7 @@ SAMPLES: dict[str, tuple[dict[str, Any], str]] = {
     "disagreement": ({"measured_latency_ms": 2.1, "seed_measured_latency_ms": 2.5, "latency_reliable": True,
                       "corrected_target": 1.8},
                      "the measurement disagreed with the table: target corrected to 1.800 ms, going on"),
-    "importance": ({"groups": 18, "channels": 2968, "batches": 32},
+    "importance": ({"groups": 18, "channels": 2968, "name": "taylor", "batches": 32},
                    "scoring 2,968 channels in 18 groups (Taylor, 32 batches)"),
     "knapsack": ({"round": 2, "goal": 1.8, "predicted": 1.75, "ok": False},
                  "knapsack round 2: shape at 1.750 ms, timed beside the seed: over the budget"),

@@ -19,9 +19,9 @@ from mnv3_search.cli import cli
 from mnv3_search.data import load_dataset
 from mnv3_search.model.counts import spec_macs
 from mnv3_search.netadapt import RunConfig, run_netadapt
-from mnv3_search.netadapt.loop import bisect_goal, next_goal, push_goal
-from mnv3_search.prune.knapsack import (GroupScores, knapsack_shape, shrink_to, solve_multiple_choice,
-                                        taylor_importance, widths_of)
+from mnv3_search.netadapt.knapsack_search import bisect_goal, next_goal, push_goal
+from mnv3_search.prune.importance import GroupScores, Taylor
+from mnv3_search.prune.knapsack import knapsack_shape, shrink_to, solve_multiple_choice, widths_of
 from mnv3_search.model.weights import read_checkpoint
 from mnv3_search.prune.surgery import child_spec, shrink
 from mnv3_search.spec.arch import ArchSpec
@@ -77,7 +77,7 @@ def test_a_channel_the_loss_cannot_see_scores_zero_and_is_cut_first(micro_seed: 
         for tensor in (f"{bn}.weight", f"{bn}.bias"):
             silenced[tensor] = state[tensor].clone()
             silenced[tensor][dead] = 0.0
-    scores = taylor_importance(spec, silenced, data, groups, num_batches=4)
+    scores = Taylor(data, num_batches=4)(spec, silenced, groups)
     importance = next(s for s in scores if s.group.name == "exp2").importance
     assert importance[dead].tolist() == [0.0] * len(dead)
     assert (np.delete(importance, dead) > 0).all()
@@ -93,7 +93,7 @@ def test_a_channel_the_loss_cannot_see_scores_zero_and_is_cut_first(micro_seed: 
 def test_a_knapsack_shape_meets_its_macs_target_and_loads_its_weights(micro_seed: tuple) -> None:
     spec, state, data = micro_seed
     groups = proposal_groups(spec, 8)
-    scores = taylor_importance(spec, state, data, groups, num_batches=4)
+    scores = Taylor(data, num_batches=4)(spec, state, groups)
     seed_macs = spec_macs(spec)
     for share in (0.8, 0.6, 0.45):
         shape, price = knapsack_shape(spec, scores, lambda s: float(spec_macs(s)), share * seed_macs)

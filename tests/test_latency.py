@@ -236,19 +236,23 @@ def test_latency_never_imports_a_layer_above_it() -> None:
     package = Path(__file__).resolve().parents[1] / "mnv3_search" / "latency"
     forbidden = tuple(f"mnv3_search.{name}" for name in LAYERS_ABOVE)
     found = []
-    for path in sorted(package.glob("*.py")):
+    paths = sorted(package.rglob("*.py"))
+    dotted = {path: ["mnv3_search", *path.relative_to(package.parent).with_suffix("").parts] for path in paths}
+    for path in paths:
+        here = dotted[path][:-1]  # the package a relative import starts from (an __init__ is its own)
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
-                base = ["mnv3_search", "latency"][:3 - node.level] if node.level else []  # `.x` / `..x` from here
+                base = here[:len(here) + 1 - node.level] if node.level else []  # `.x` / `..x` from here
                 module = ".".join([*base, *([node.module] if node.module else [])])
                 names = [module] + [f"{module}.{alias.name}" for alias in node.names]
             else:
                 continue
             found += [f"{path.name}:{node.lineno} {name}" for name in names if name.startswith(forbidden)]
     assert found == []
-    modules = [f"mnv3_search.latency.{path.stem}" for path in sorted(package.glob("*.py"))]
+    assert len(paths) >= 17  # the subpackage backends/ is walked too
+    modules = [".".join(d[:-1] if d[-1] == "__init__" else d) for d in dotted.values()]
     code = (f"import importlib, sys\nfor name in {modules!r}: importlib.import_module(name)\n"
             f"print(sorted(m for m in sys.modules if m.startswith({forbidden!r})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -673,7 +673,7 @@ class ExportingBackend(OnnxRuntimeBackend):
 def test_repeated_timings_of_a_shape_reuse_its_module_and_export(table_file, tiny, monkeypatch):
     """NetAdapt times the seed beside each iteration's network three times: each shape is exported once, and
     every timing still opens its own session."""
-    backends_module = sys.modules["mnv3_search.latency.backends"]
+    backends_module = sys.modules["mnv3_search.latency.backends.onnxfile"]
     backend = ExportingBackend()
     table = LatencyTable.open(table_file, backend, 1, FAST)
     child, other = child_spec(tiny, "exp2", 16), child_spec(tiny, "hidden", 128)
@@ -769,11 +769,10 @@ def test_two_tables_open_on_one_file_keep_each_others_entries(tiny, tmp_path):
 # --- the file's versions and migrations ----------------------------------------------------------------------
 
 def _as_v1(data: dict, shape: str) -> dict:
-    """`data` (a version-3 document) as a version-1 file of one of the shapes version 1 was written in."""
-    data = json.loads(json.dumps(data))
+    """`data` (a current document of an FP32 table) as a version-1 file of one of the shapes version 1 was
+    written in."""
+    data = _as_v2(data)
     data["version"] = 1
-    for cal in data["calibrations"].values():  # came with version 3
-        del cal["smallest_macs_share"]
     if shape in ("keys without residual", "all at once"):
         for entry in data["entries"].values():
             del entry["key"]["residual"]
@@ -790,16 +789,33 @@ def _as_v1(data: dict, shape: str) -> dict:
     return data
 
 
+def _as_v2(data: dict) -> dict:
+    """`data` (a current document of an FP32 table) as version 2 wrote it: no precision (nor calibrations' span)."""
+    data = _as_v3(data)
+    data["version"] = 2
+    del data["precision"]
+    return data
+
+
+def _as_v3(data: dict) -> dict:
+    """`data` (a current document) as version 3 wrote it: no calibration's `smallest_macs_share`."""
+    data = json.loads(json.dumps(data))
+    data["version"] = 3
+    for cal in data["calibrations"].values():
+        del cal["smallest_macs_share"]
+    return data
+
+
 V1_SHAPES = ["explicit", "keys without residual", "entries without level", "protocol without clock",
              "calibrations before the choice", "all at once"]
 
 
 @pytest.mark.parametrize("shape", V1_SHAPES)
-def test_version_1_files_migrate_to_the_same_table_and_save_as_version_3(table_file, shape):
+def test_version_1_files_migrate_to_the_same_table_and_save_as_the_current_version(table_file, shape):
     """Each shape version 1 was written in reads as the same entries and calibrations as before (a missing
-    field at its old meaning), and the next save writes version 3 with every field explicit."""
+    field at its old meaning), and the next save writes the current version with every field explicit."""
     data = json.loads(table_file.read_text())
-    assert data["version"] == 3
+    assert data["version"] == FORMAT_VERSION == 4
     for cal in data["calibrations"].values():  # a calibration of the kind the oldest files held: a memory term
         cal.update(model="two-term", b_ms_per_mparam=0.5, c_ms=0.0, heldout_pct={"two-term": 2.5, "plain": 3.5})
     table_file.write_text(json.dumps(data))
@@ -815,7 +831,8 @@ def test_version_1_files_migrate_to_the_same_table_and_save_as_version_3(table_f
     assert any(e.key.residual for e in got_entries.values())  # the rule, where the flag was left out
     LatencyTable.load(table_file).save()
     saved = json.loads(table_file.read_text())
-    assert saved["version"] == 3 and saved["protocol"]["clock"] == header.protocol["clock"]
+    assert saved["version"] == FORMAT_VERSION and saved["protocol"]["clock"] == header.protocol["clock"]
+    assert saved["precision"] == "fp32"
     assert all("level" in e and "residual" in e["key"] for e in saved["entries"].values())
     assert all({"model", "c_ms", "heldout_pct", "smallest_macs_share"} <= set(c) and "heldout_plain_pct" not in c
                for c in saved["calibrations"].values())
@@ -834,7 +851,7 @@ OLDEST_CAL = {"spec_name": "net", "raw_ms": 2.0, "measured_ms": 3.0, "params": 1
 
 
 def test_the_oldest_version_1_file_migrates_field_by_field(tmp_path):
-    """A file in version 1's first shape, spelled out, and the version-3 document its migration saves."""
+    """A file in version 1's first shape, spelled out, and the current document its migrations save."""
     path = tmp_path / "old.json"
     path.write_text(json.dumps({
         **OLDEST_HEADER, "version": 1, "protocol": {"statistic": "p25", "passes": 30, "runs_per_pass": 5},
@@ -850,7 +867,7 @@ def test_the_oldest_version_1_file_migrates_field_by_field(tmp_path):
     assert (cal.a, cal.b_ms_per_mparam, cal.networks, cal.smallest_macs_share) == (1.25, 0.5, 5, None)
     LatencyTable.load(path).save()
     assert json.loads(path.read_text()) == {
-        **OLDEST_HEADER, "version": 3,
+        **OLDEST_HEADER, "version": 4, "precision": "fp32",
         "protocol": {"statistic": "p25", "passes": 30, "runs_per_pass": 5, "clock": "wall"},
         "calibrations": {"net": {**OLDEST_CAL, "model": "two-term", "c_ms": 0.0,
                                  "heldout_pct": {"two-term": 2.5, "plain": 3.5}, "smallest_macs_share": None,
@@ -858,15 +875,11 @@ def test_the_oldest_version_1_file_migrates_field_by_field(tmp_path):
         "entries": {OLDEST_ID: {"key": {**OLDEST_KEY, "residual": True}, **OLDEST_FIGURES, "level": 1.0}}}
 
 
-def test_version_2_calibrations_are_fitted_again_on_small_networks_when_a_run_opens_them(table_file, tiny):
-    """A version-2 calibration does not say how small its companions were (they were 60-90 % cuts, which left
-    small networks over-predicted): it reads as unknown, and a run's `open_for_run` fits it again; a
+def test_version_3_calibrations_are_fitted_again_on_small_networks_when_a_run_opens_them(table_file, tiny):
+    """A version-3 (or older) calibration does not say how small its companions were (they were 60-90 % cuts,
+    which left small networks over-predicted): it reads as unknown, and a run's `open_for_run` fits it again; a
     calibration that saw small networks is used as it is."""
-    data = json.loads(table_file.read_text())
-    data["version"] = 2
-    for cal in data["calibrations"].values():
-        del cal["smallest_macs_share"]
-    table_file.write_text(json.dumps(data))
+    table_file.write_text(json.dumps(_as_v3(json.loads(table_file.read_text()))))
     old = LatencyTable.load(table_file).calibrations[tiny.name]
     assert (old.smallest_macs_share, old.spans_small_networks) == (None, False)
     companions = calibration_companions(tiny, 3)
@@ -875,7 +888,7 @@ def test_version_2_calibrations_are_fitted_again_on_small_networks_when_a_run_op
     fitted = table.calibrations[tiny.name]
     assert fitted.networks == 4 and fitted.spans_small_networks
     assert fitted.smallest_macs_share == min(spec_macs(c) for c in companions) / spec_macs(tiny) <= SMALL_SHARE
-    assert json.loads(table_file.read_text())["version"] == 3
+    assert json.loads(table_file.read_text())["version"] == FORMAT_VERSION
     opened = len(backend.opened)
     assert opened >= 4  # the seed and its companions, timed as whole networks
     before = table_file.read_bytes()
@@ -902,9 +915,26 @@ def test_a_calibration_is_not_fitted_again_when_its_companions_cannot_reach_smal
     assert open_for_run(table_file, backend, tiny, small).calibrations[tiny.name].spans_small_networks
 
 
-def test_version_3_files_round_trip_byte_identically(table_file):
+def test_version_2_files_are_fp32_tables_and_save_as_the_current_version(table_file):
+    """Every table before precisions timed FP32 networks: a version-2 file reads as one (its calibrations'
+    span unknown), and an INT8 backend refuses it."""
+    header, entries, calibrations = read_table_file(table_file)
+    assert header.precision == "fp32"
+    current = (header, entries, {n: replace(c, smallest_macs_share=None) for n, c in calibrations.items()})
+    table_file.write_text(json.dumps(_as_v2(json.loads(table_file.read_text()))))
+    assert read_table_file(table_file) == current
+    with pytest.raises(UserError) as info:
+        LatencyTable.open(table_file, OnnxRuntimeBackend(1, "int8"), 1, FAST)
+    assert str(info.value) == (f"{table_file}: this table was measured with precision FP32, not INT8 (here); it "
+                               f"cannot predict this machine's latency: give another --lut path to build a new one")
+    LatencyTable.load(table_file).save()
+    assert json.loads(table_file.read_text())["version"] == FORMAT_VERSION
+    assert read_table_file(table_file) == current
+
+
+def test_current_files_round_trip_byte_identically(table_file):
     before = table_file.read_bytes()
-    assert json.loads(before)["version"] == FORMAT_VERSION == 3
+    assert json.loads(before)["version"] == FORMAT_VERSION == 4
     assert table_text(*read_table_file(table_file)).encode() == before
     LatencyTable.load(table_file).save()
     assert table_file.read_bytes() == before
@@ -918,9 +948,11 @@ def test_version_3_files_round_trip_byte_identically(table_file):
      "is malformed (c_ms is None, not a number)"),
     ("calibration's span", lambda d: next(iter(d["calibrations"].values())).pop("smallest_macs_share"),
      "is malformed ('smallest_macs_share')"),
+    ("precision", lambda d: d.pop("precision"), "has a malformed header ('precision')"),
+    ("precision", lambda d: d.update(precision="int4"), "has a malformed header (precision is 'int4', not fp32 or"),
 ])
-def test_version_3_fields_are_never_filled_in(table_file, where, spoil, words):
-    """Only a migration fills what an older version left out: a version-3 file without a field is damaged."""
+def test_current_fields_are_never_filled_in(table_file, where, spoil, words):
+    """Only a migration fills what an older version left out: a current file without a field is damaged."""
     data = json.loads(table_file.read_text())
     spoil(data)
     table_file.write_text(json.dumps(data))
@@ -929,7 +961,7 @@ def test_version_3_fields_are_never_filled_in(table_file, where, spoil, words):
     assert words in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("version", [4, 0, "2", None, True])
+@pytest.mark.parametrize("version", [5, 0, "2", None, True])
 def test_a_version_this_code_does_not_know_is_refused_in_one_line(table_file, version):
     data = json.loads(table_file.read_text())
     data["version"] = version
@@ -938,7 +970,7 @@ def test_a_version_this_code_does_not_know_is_refused_in_one_line(table_file, ve
     with pytest.raises(UserError) as info:
         LatencyTable.open(table_file, OnnxRuntimeBackend(), 1, FAST)
     assert str(info.value) == (f"{table_file}: has table version {version!r}; this mnv3-search reads versions 1 "
-                               f"to 3; it was left untouched: fix or move it, or give another --lut path")
+                               f"to 4; it was left untouched: fix or move it, or give another --lut path")
     assert table_file.read_bytes() == before
 
 

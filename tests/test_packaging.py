@@ -59,5 +59,17 @@ def test_licence_and_floors() -> None:
         assert tuple(int(v) for v in re.findall(r"\d+", installed)[:3]) >= \
             tuple(int(v) for v in re.findall(r"\d+", floor)[:3]), (name, installed, floor)
     extras = project["optional-dependencies"]
-    assert set(extras) == {"postgres", "dashboard", "test"}
-    assert extras["dashboard"][0].startswith("optuna-dashboard")
+    assert set(extras) == {"postgres", "s3", "dashboard", "executorch", "openvino", "test"}
+    assert extras["dashboard"][0].startswith("optuna-dashboard") and extras["s3"][0].startswith("boto3")
+    # an extra's floor (or pin) is a version the suite runs on: the test extra carries each of them
+    for name in ("postgres", "s3", "dashboard", "executorch", "openvino"):
+        assert set(extras[name]) <= set(extras["test"]), name
+    # the deployment runtimes are pinned (==) to the releases tested beside torch 2.13.0 (executorch declares no
+    # torch pin; tests/test_runtimes.py checks the installed ones); everything else is a plain >= floor
+    pinned = {re.split("==", dep)[0] for name in ("executorch", "openvino") for dep in extras[name]}
+    for dep in extras["test"]:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[a-z0-9,]+\])?(>=|==)(\S+)", dep)
+        assert m and (m[2] == "==") == (m[1] in pinned), f"{dep!r}: a plain >= floor, or a runtime's == pin"
+        installed = metadata.version(m[1]).split("+")[0]
+        assert tuple(int(v) for v in re.findall(r"\d+", installed)[:3]) >= \
+            tuple(int(v) for v in re.findall(r"\d+", m[3])[:3]), (m[1], installed, m[3])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -159,3 +160,175 @@ def test_train_command_errors_are_one_line(tmp_path: Path, args: list[str], mess
     result = CliRunner().invoke(cli, ["train", "small", "--epochs", "1", "--out", str(tmp_path / "x")] + args)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+# --- the chosen device ---------------------------------------------------------------------------------------
+
+SPY = torch.device("cpu", 0)  # a device of a name of its own that computes on the CPU
+STAGES = ("seed_network", "_start", "_evaluate", "final_training", "search")  # where in a run, innermost first
+RECIPE_PARTS = ("advance", "evaluate", "holdout_metrics", "refresh_bn", "taylor_importance")
+
+
+class DeviceSpy:
+    """A GPU stood in for on the CPU. `cuda` resolves to SPY (cpu stays cpu); every Module.to and Tensor.to is
+    recorded, and a network or tensor moved to SPY counts as there until moved elsewhere. Every forward of a
+    whole network must find it and its input there (ONNX export aside, which must find it on the CPU), and
+    every checkpoint and export must find no network there. What it saw of a run: `pieces`, as
+    'stage/recipe part' ('_evaluate/holdout_metrics'); what was wrong: `problems`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import collections
+        import weakref
+
+        from mnv3_search import train as recipe
+        from mnv3_search.model.build import MobileNetV3
+        from mnv3_search.netadapt import runner
+        from mnv3_search.netadapt.runfolder import RunFolder
+
+        self.targets: set[torch.device] = set()
+        self.problems: list[str] = []
+        self.pieces: collections.Counter[str] = collections.Counter()
+        self.on_device: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+        module_to, tensor_to = torch.nn.Module.to, torch.Tensor.to
+        spy = self
+
+        def target(*args, **kwargs) -> torch.device | None:
+            kwargs.pop("copy", None)
+            try:
+                return torch._C._nn._parse_to(*args, **kwargs)[0]
+            except TypeError:
+                return None
+
+        def spy_module_to(module, *args, **kwargs):
+            result = module_to(module, *args, **kwargs)
+            device = target(*args, **kwargs)
+            if device is not None:
+                spy.targets.add(device)
+                (spy.on_device.add if device == SPY else spy.on_device.discard)(module)
+            return result
+
+        def spy_tensor_to(tensor, *args, **kwargs):
+            result = tensor_to(tensor, *args, **kwargs)
+            device = target(*args, **kwargs)
+            if device is not None:
+                spy.targets.add(device)
+                if device == SPY:
+                    result._on_spy = True
+            return result
+
+        def check_forward(module: torch.nn.Module, args: tuple) -> None:
+            if not isinstance(module, MobileNetV3):
+                return
+            if torch.onnx.is_in_onnx_export():
+                if module in spy.on_device:
+                    spy.problems.append("an ONNX export of a network on the device")
+                return
+            piece = spy.piece()
+            spy.pieces[piece] += 1
+            if module not in spy.on_device:
+                spy.problems.append(f"{piece}: the network is not on the device")
+            if not getattr(args[0], "_on_spy", False):
+                spy.problems.append(f"{piece}: its input is not on the device")
+
+        def none_on_device(what: str, call):
+            def checked(*args, **kwargs):
+                if len(spy.on_device):
+                    spy.problems.append(f"{what} while a network is on the device")
+                return call(*args, **kwargs)
+            return checked
+
+        monkeypatch.setattr(torch.nn.Module, "to", spy_module_to)
+        monkeypatch.setattr(torch.Tensor, "to", spy_tensor_to)
+        real_resolve = recipe.resolve_device
+
+        def resolve(device: str | torch.device | None = None) -> torch.device:  # cuda is the spy's
+            if isinstance(device, torch.device):
+                return device
+            name = device or os.environ.get(recipe.DEVICE_ENV) or "cpu"
+            return SPY if name == "cuda" else real_resolve(name)
+
+        monkeypatch.setattr(recipe, "resolve_device", resolve)
+        monkeypatch.setattr(recipe, "device_of",
+                            lambda model: SPY if model in spy.on_device else torch.device("cpu"))
+        monkeypatch.setattr(RunFolder, "save", staticmethod(none_on_device("a checkpoint", RunFolder.save)))
+        monkeypatch.setattr(runner, "export_onnx", none_on_device("an ONNX export", runner.export_onnx))
+        self._handle = torch.nn.modules.module.register_module_forward_pre_hook(check_forward)
+
+    @staticmethod
+    def piece() -> str:
+        import sys
+
+        names, frame = [], sys._getframe(1)
+        while frame is not None:
+            names.append(frame.f_code.co_name)
+            frame = frame.f_back
+        part = next((n for n in names if n in RECIPE_PARTS), "?")
+        stage = next((n for n in names if n in STAGES), "?")
+        return f"{stage}/{part}"
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+@pytest.fixture
+def device_spy(monkeypatch: pytest.MonkeyPatch):
+    spy = DeviceSpy(monkeypatch)
+    yield spy
+    spy.close()
+
+
+NETADAPT_PIECES = {"seed_network/advance", "seed_network/evaluate", "seed_network/holdout_metrics",
+                   "_start/refresh_bn", "_evaluate/advance", "_evaluate/holdout_metrics", "final_training/advance",
+                   "final_training/evaluate"}
+KNAPSACK_PIECES = {"seed_network/advance", "seed_network/evaluate", "seed_network/holdout_metrics",
+                   "search/taylor_importance", "final_training/advance", "final_training/evaluate"}
+
+
+@pytest.mark.parametrize("method,final,pieces", [("netadapt", "retrain", NETADAPT_PIECES),
+                                                 ("knapsack", "fine-tune", KNAPSACK_PIECES)])
+def test_a_run_on_a_device_trains_and_scores_everything_there(method: str, final: str, pieces: set[str],
+                                                              device_spy: DeviceSpy, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--device` reaches every training and scoring of a run: seed training and its holdout score, BN refresh
+    and the fine-tunes and scores of proposals (or Taylor importance), the final training and its test score;
+    checkpoints and the ONNX export get the network back on the CPU."""
+    from mnv3_search.train import DEVICE_ENV
+    from tiny_run import micro_spec_path
+
+    monkeypatch.setenv(DEVICE_ENV, "cpu")  # --device sets it for worker processes: put back afterwards
+    result = CliRunner().invoke(cli, ["netadapt", str(micro_spec_path()), "--budget", "1.3M-macs", "--method",
+                                      method, "--final", final, "--device", "cuda", "--limit", "240",
+                                      "--batch-size", "32", "--short-steps", "8", "--seed-epochs", "1",
+                                      "--long-epochs", "1", "--quiet", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert device_spy.problems == []
+    assert set(device_spy.pieces) == pieces
+    assert device_spy.targets == {SPY, torch.device("cpu")}  # the device, and the CPU to come back to
+
+
+def test_the_device_spy_catches_a_piece_that_ignores_the_device(device_spy: DeviceSpy, small: ArchSpec,
+                                                                digits16, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spy has teeth: a scorer that leaves the network or its batches on the CPU is reported."""
+    from contextlib import contextmanager
+
+    from mnv3_search import train as recipe
+    from mnv3_search.train import DEVICE_ENV, holdout_metrics
+
+    monkeypatch.setenv(DEVICE_ENV, "cuda")
+    model = build_model(_small10(small))
+    holdout_metrics(model, digits16)
+    assert device_spy.problems == [] and device_spy.pieces == {"?/holdout_metrics": 1}
+    assert model not in device_spy.on_device  # back on the CPU
+
+    @contextmanager
+    def stays(model, device=None):  # a scorer that forgets to move the network
+        yield recipe.resolve_device(device)
+
+    placed = recipe.placed
+    monkeypatch.setattr(recipe, "placed", stays)
+    holdout_metrics(model, digits16)
+    assert device_spy.problems == ["?/holdout_metrics: the network is not on the device"]
+    device_spy.problems.clear()
+    with torch.no_grad(), placed(model):  # a network moved, its batch left behind
+        model(next(batches(digits16, digits16.holdout, 8))[0])
+    assert device_spy.problems == ["?/?: its input is not on the device"]

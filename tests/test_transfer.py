@@ -103,7 +103,8 @@ def test_netadapt_seed_from_1000_class_torchvision_weights(tmp_path: Path) -> No
     """netadapt --weights with ImageNet-layout Small on digits: the seed keeps every tensor but classifier.3,
     and the run says so once (the CLI prints the event even with --quiet)."""
     from mnv3_search.netadapt import RunConfig
-    from mnv3_search.netadapt.loop import NetAdapt
+    from mnv3_search.netadapt.runner import NetAdapt
+    from mnv3_search.netadapt.session import seed_network
 
     weights = tmp_path / "mobilenet_v3_small.pth"
     source = reference_state_dict("small")
@@ -112,8 +113,8 @@ def test_netadapt_seed_from_1000_class_torchvision_weights(tmp_path: Path) -> No
     config = RunConfig(spec_path="small", budget="5.3M-macs", data="digits", limit=120, batch_size=16,
                        resolution=64, short_steps=2, rungs=1, long_epochs=1, weights=str(weights))
     runner = NetAdapt(config, out=str(tmp_path / "run"), on_event=lambda kind, **info: events.append((kind, info)))
-    runner.run.prepare()
-    state, (accuracy, loss) = runner._seed_network()
+    runner.folder.prepare()
+    state, (accuracy, loss) = seed_network(runner.plan, runner.emit)
     assert [info["note"] for kind, info in events if kind == "transfer"] == [
         f"{weights}: made for 1000 classes, {SPACES / 'small.yaml'} has 10: loaded every tensor but the final "
         "classifier layer classifier.3, which starts fresh (N(0, 0.01), bias 0)"]

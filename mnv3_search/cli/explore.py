@@ -11,9 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .common import stdout_console
-from .options import (LUT_HELP, SEED_HELP, THREADS_HELP, backend_option, batch_size_option, device_option,
-                      limit_option, resolution_option, train_resolution_option, use_device)
-from ..data import SOURCES_HELP
+from .options import device_option, use_device
+from .settings import config_options
 from ..explore import ExploreConfig, run_explore
 
 
@@ -21,30 +20,13 @@ from ..explore import ExploreConfig, run_explore
 @click.argument("spec", metavar="SPACE")
 @click.option("--budget", required=True, help="15ms, 800us, 90% (of the space's first-choice network's predicted "
               "latency), 50M-macs, 2M-params.")
-@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Trials in the study in all (a resumed study runs only the missing ones).")
-@click.option("--multi-objective", is_flag=True, help="Maximise accuracy and minimise the budgeted figure: "
-              "keep the Pareto front (no pruning: Optuna's pruners are single-objective).")
+@config_options(ExploreConfig, "trials", "multi_objective")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder (default results/explore-<space>).")
 @click.option("--storage", help="Optuna storage URL or *.journal file (default: study.journal in --out).")
-@click.option("--data", default="digits", show_default=True, metavar="SOURCE", help=f"Dataset: {SOURCES_HELP}.")
-@click.option("--steps", type=click.IntRange(min=1), default=60, show_default=True, help="Training steps per trial.")
-@click.option("--reports", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Holdout evaluations per trial (the median pruner's rungs).")
-@click.option("--lr", type=float, default=0.05, show_default=True, help="Learning rate of each trial's training.")
-@batch_size_option(64)
-@train_resolution_option()
-@resolution_option()
-@limit_option()
-@click.option("--lut", type=click.Path(dir_okay=False), help=LUT_HELP)
-@backend_option()
-@click.option("--seed", type=int, default=0, show_default=True, help=SEED_HELP)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
+@config_options(ExploreConfig, "data", "threads")
 @device_option()
-def explore(spec: str, budget: str, trials: int, multi_objective: bool, out_dir: Optional[str],
-            storage: Optional[str], data: str, steps: int, reports: int, lr: float, batch_size: int,
-            train_resolution: int, resolution: Optional[int], limit: Optional[int], lut: Optional[str],
-            backend: str, seed: int, threads: int, device: str) -> None:
+def explore(spec: str, budget: str, out_dir: Optional[str], storage: Optional[str], device: str,
+            **settings: Any) -> None:
     """Search the choices written in a YAML space (cells holding lists) under a budget, with Optuna.
 
     \b
@@ -60,10 +42,7 @@ def explore(spec: str, budget: str, trials: int, multi_objective: bool, out_dir:
     """
     err = Console(stderr=True)
     use_device(device)  # each trial's training
-    config = ExploreConfig(spec_path=spec, budget=budget, trials=trials, multi_objective=multi_objective, data=data,
-                           train_resolution=train_resolution, resolution=resolution, steps=steps, reports=reports,
-                           lr=lr, batch_size=batch_size, limit=limit, seed=seed, backend=backend, threads=threads,
-                           lut=lut)
+    config = ExploreConfig(spec_path=spec, budget=budget, **settings)  # every other option is a setting
     out = Path(out_dir or Path("results") / f"explore-{Path(spec).stem}")
 
     def on_trial(info: dict[str, Any]) -> None:
@@ -78,7 +57,8 @@ def explore(spec: str, budget: str, trials: int, multi_objective: bool, out_dir:
     result = run_explore(config, out, storage, on_trial)
     frame = result.trials
     chosen = frame[frame["pareto"]]
-    table = Table(title=("Pareto front" if multi_objective else "best feasible trial") + f" of {len(frame)} trials",
+    title = "Pareto front" if config.multi_objective else "best feasible trial"
+    table = Table(title=f"{title} of {len(frame)} trials",
                   header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     for name in ("trial", "holdout", "predicted ms", "MACs", "params", "YAML"):
         table.add_column(name, justify="right" if name not in ("YAML",) else "left", no_wrap=True)

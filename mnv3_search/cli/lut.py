@@ -15,7 +15,8 @@ from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, 
 from rich.table import Table
 
 from .common import load_spec_argument, stdout_console
-from .options import (BATCH_HELP, CSV_HELP, LUT_HELP, SEED_HELP, THREADS_HELP, backend_option, resolution_option)
+from .options import (BATCH_HELP, CSV_HELP, LUT_HELP, RUNNER_DEVICE_HELP, SEED_HELP, THREADS_HELP, backend_option,
+                      precision_option, resolution_option, runner_options)
 from ..errors import UserError
 from ..latency import (Calibration, InterleavedPolicy, LatencyTable, build_table, check_table, default_table_path,
                        heldout_text, make_backend, summarize_errors)
@@ -44,6 +45,8 @@ def _table_options(f):
         click.option("--table", "table_alias", type=click.Path(dir_okay=False), hidden=True,
                      help="Old name of --lut."),
         backend_option(),
+        precision_option(),
+        runner_options,
         click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP),
         click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help=BATCH_HELP),
         resolution_option(),
@@ -58,9 +61,10 @@ def _table_options(f):
     return f
 
 
-def _open(table_path: Optional[str], backend: str, threads: int, batch: int, passes: int, runs: int,
+def _open(table_path: Optional[str], backend: str, precision: str, runner: Optional[str],
+          runner_device: Optional[str], threads: int, batch: int, passes: int, runs: int,
           err: Console) -> LatencyTable:
-    latency_backend = make_backend(backend, threads)
+    latency_backend = make_backend(backend, threads, precision, runner=runner, runner_device=runner_device)
     path = Path(table_path) if table_path else default_table_path(latency_backend, batch)
     table = LatencyTable.open(path, latency_backend, batch,
                               InterleavedPolicy(passes=passes, runs_per_pass=runs, min_passes=min(10, passes)))
@@ -85,8 +89,8 @@ def lut() -> None:
 @_table_options
 @click.option("--step", type=click.IntRange(min=1), default=8, show_default=True,
               help="Channel step of the pre-populated widths.")
-def build(spec: str, table_path: Optional[str], table_alias: Optional[str], backend: str, threads: int, batch: int,
-          resolution: Optional[int],
+def build(spec: str, table_path: Optional[str], table_alias: Optional[str], backend: str, precision: str,
+          runner: Optional[str], runner_device: Optional[str], threads: int, batch: int, resolution: Optional[int],
           width: Optional[float], passes: int, runs: int, step: int) -> None:
     """Measure the entries NetAdapt needs for SPEC and calibrate on SPEC itself.
 
@@ -100,10 +104,13 @@ def build(spec: str, table_path: Optional[str], table_alias: Optional[str], back
       mnv3-search lut build large
       mnv3-search lut build small --resolution 160 --lut small160.json
       mnv3-search lut build my_net.yaml --threads 2 --step 16
+      mnv3-search lut build small --precision int8
+      mnv3-search lut build small --backend executorch --runner './run_on_phone.sh {model} {runs}' --passes 5 --runs 20
     """
     err = Console(stderr=True)
     arch, _ = load_spec_argument(spec, err, resolution=resolution, width=width)
-    table = _open(table_path or table_alias, backend, threads, batch, passes, runs, err)
+    table = _open(table_path or table_alias, backend, precision, runner, runner_device, threads, batch, passes, runs,
+                  err)
     with _progress(err, "lut build") as progress:
         report = build_table(table, arch, netadapt_keys(arch, step), calibration_companions(arch), progress)
     cal = report.calibration
@@ -136,8 +143,8 @@ def heldout_line(cal: Calibration) -> str:
 @click.option("--seed", type=int, default=0, show_default=True, help=SEED_HELP)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, allow_dash=True),
               help=CSV_HELP + " With '-', the CSV replaces the table on stdout.")
-def check(spec: str, table_path: Optional[str], table_alias: Optional[str], backend: str, threads: int, batch: int,
-          resolution: Optional[int],
+def check(spec: str, table_path: Optional[str], table_alias: Optional[str], backend: str, precision: str,
+          runner: Optional[str], runner_device: Optional[str], threads: int, batch: int, resolution: Optional[int],
           width: Optional[float], passes: int, runs: int, n: int, seed: int, csv_path: Optional[str]) -> None:
     """Predicted vs measured latency of SPEC and N random channel variants of it.
 
@@ -153,7 +160,8 @@ def check(spec: str, table_path: Optional[str], table_alias: Optional[str], back
     """
     err = Console(stderr=True)
     arch, _ = load_spec_argument(spec, err, resolution=resolution, width=width)
-    table = _open(table_path or table_alias, backend, threads, batch, passes, runs, err)
+    table = _open(table_path or table_alias, backend, precision, runner, runner_device, threads, batch, passes, runs,
+                  err)
     with _progress(err, "lut check") as progress:
         report = check_table(table, arch, variant_specs(arch, n, seed), calibration_companions(arch), progress)
     rows = report.rows
@@ -202,6 +210,9 @@ def check(spec: str, table_path: Optional[str], table_alias: Optional[str], back
 @click.argument("table_arg", metavar="[TABLE]", required=False, type=click.Path(dir_okay=False))
 @click.option("--lut", "table_path", type=click.Path(dir_okay=False), help=LUT_HELP + " Same as TABLE.")
 @backend_option()
+@precision_option()
+@click.option("--runner-device", "runner_device", metavar="NAME",
+              help=RUNNER_DEVICE_HELP + " Picks that device's default table (the runner is not started).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help=THREADS_HELP + " Picks the default table.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
@@ -212,12 +223,13 @@ def check(spec: str, table_path: Optional[str], table_alias: Optional[str], back
 @click.option("--limit", "rows_alias", type=click.IntRange(min=0), hidden=True, help="Old name of --rows.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, allow_dash=True),
               help=CSV_HELP + " All entries; with '-', the CSV replaces the text on stdout.")
-def show(table_arg: Optional[str], table_path: Optional[str], backend: str, threads: int, batch: int,
-         kind: Optional[str], rows: int, rows_alias: Optional[int], csv_path: Optional[str]) -> None:
+def show(table_arg: Optional[str], table_path: Optional[str], backend: str, precision: str,
+         runner_device: Optional[str], threads: int, batch: int, kind: Optional[str], rows: int,
+         rows_alias: Optional[int], csv_path: Optional[str]) -> None:
     """What a table holds: device, backend, calibrations and entries.
 
-    Without TABLE: this machine's table for --backend, --threads and --batch (the one netadapt, explore
-    and profile --lut use).
+    Without TABLE: this machine's table for --backend, --precision, --threads and --batch (the one
+    netadapt, explore and profile --lut use), or with --runner-device that device's.
 
     \b
     Examples:
@@ -225,10 +237,15 @@ def show(table_arg: Optional[str], table_path: Optional[str], backend: str, thre
       mnv3-search lut show my_table.json --kind bneck --rows 50
       mnv3-search lut show --csv - | head
     """
-    from ..latency import BACKENDS
+    from ..latency import default_table_dir, device_fingerprint, table_file_name
 
     chosen = table_arg or table_path
-    path = Path(chosen) if chosen else default_table_path(BACKENDS[backend](threads), batch)
+    if chosen:
+        path = Path(chosen)
+    else:
+        where = {"device": runner_device} if runner_device else dict(device_fingerprint())
+        name = f"runner:{backend}" if runner_device else backend
+        path = default_table_dir() / table_file_name(where, name, precision, threads, batch)
     if not path.exists():  # the library's message names lut build's --lut; say what `show` itself takes
         raise UserError(f"{path}: no such latency table; build one with `mnv3-search lut build SPEC"
                         + (f" --lut {path}`" if chosen else "` (this machine's table), or name one: "
@@ -249,7 +266,8 @@ def show(table_arg: Optional[str], table_path: Optional[str], backend: str, thre
     console = stdout_console()
     versions = ", ".join(f"{k} {v}" for k, v in sorted(h.versions.items()))
     device = ", ".join(f"{k}: {v}" for k, v in h.device.items())
-    console.print(f"[bold]{path}[/bold]\nbackend {h.backend} ({versions}), {h.threads} thread(s), batch {h.batch}\n"
+    console.print(f"[bold]{path}[/bold]\nbackend {h.backend} ({versions}), {h.precision.upper()}, {h.threads} "
+                  f"thread(s), batch {h.batch}\n"
                   f"device {device}\nprotocol {h.protocol}\n{len(table.entries)} entries", highlight=False)
     if table.calibrations:
         cal = Table(title="calibrations: whole = a x blocks sum + b x params + c (p25)", box=box.SIMPLE_HEAD,

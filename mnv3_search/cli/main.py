@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import click
 
-from .options import (BATCH_HELP, CSV_HELP, THREADS_HELP, WEIGHTS_HELP, backend_option, resolution_option)
+from .options import (BATCH_HELP, CSV_HELP, THREADS_HELP, WEIGHTS_HELP, backend_option, precision_option,
+                      resolution_option, runner_options)
 from ..errors import UserError
 
 if TYPE_CHECKING:
@@ -145,7 +146,9 @@ def _render_profile(profile: "Profile", console: "Console") -> None:
         assert w is not None
         threads = f"{profile.threads} thread{'s' if profile.threads != 1 else ''}"
         console.print(
-            f"latency ({profile.backend}, {threads}, batch {profile.batch}): whole network median "
+            f"latency ({profile.backend} {profile.precision.upper()}"
+            f"{f' on {profile.device}' if profile.device else ''}, {threads}, batch {profile.batch}): whole "
+            f"network median "
             f"[bold]{w.median_ms:.3f} ms[/bold] (p10–p90 {w.p10_ms:.3f}–{w.p90_ms:.3f}, {w.repeats} runs); "
             f"blocks timed alone sum to {profile.blocks_latency_ms:.3f} ms", highlight=False)
     if predicted:
@@ -164,6 +167,8 @@ def _render_profile(profile: "Profile", console: "Console") -> None:
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help=BATCH_HELP)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
 @backend_option()
+@precision_option()
+@runner_options
 @click.option("--no-latency", is_flag=True, help="Skip latency measurement (params and MACs only).")
 @click.option("--weights", type=click.Path(dir_okay=False), help=WEIGHTS_HELP)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, allow_dash=True),
@@ -173,8 +178,9 @@ def _render_profile(profile: "Profile", console: "Console") -> None:
               metavar="[FILE]", help="Add each block's predicted latency (p25) from a latency table: FILE, or "
               "with no FILE this machine's table (see `lut show`); missing entries are measured and kept.")
 def profile(spec: str, resolution: Optional[int], width: Optional[float], num_classes: Optional[int], batch: int,
-            threads: int, backend: str, no_latency: bool, weights: Optional[str], csv_path: Optional[str],
-            as_json: bool, lut_path: Optional[str]) -> None:
+            threads: int, backend: str, precision: str, runner: Optional[str], runner_device: Optional[str],
+            no_latency: bool, weights: Optional[str], csv_path: Optional[str], as_json: bool,
+            lut_path: Optional[str]) -> None:
     """Params, MAdds (fvcore) and measured latency of every block of SPEC.
 
     SPEC is a YAML file or a shipped search space (large, small, large.yaml); default: large. Latency
@@ -187,6 +193,8 @@ def profile(spec: str, resolution: Optional[int], width: Optional[float], num_cl
       mnv3-search profile large --backend torch --threads 2 --csv large.csv
       mnv3-search profile small --resolution 160 --json > small.json
       mnv3-search profile large --lut
+      mnv3-search profile small --precision int8 --backend executorch
+      mnv3-search profile small --runner 'python scripts/runners/local_onnxruntime.py {model} --runs {runs}'
       mnv3-search profile small --no-latency --csv - | head
     """
     from rich.console import Console
@@ -202,8 +210,11 @@ def profile(spec: str, resolution: Optional[int], width: Optional[float], num_cl
     quiet_stdout = as_json or csv_path == "-"  # stdout carries data: no table, no progress bars
     arch, path = load_spec_argument(spec, err, resolution=resolution, width=width, num_classes=num_classes)
     model = _model(arch, weights, path, err)
-    latency_backend = None if no_latency else make_backend(backend, threads)
-    if latency_backend is None:
+    latency_backend = None
+    if not no_latency or lut_path is not None:
+        latency_backend = make_backend(backend, threads, precision, runner=runner, runner_device=runner_device)
+        latency_backend.fingerprint()  # a runner's device is asked now: a bad runner fails before any work
+    if latency_backend is None or no_latency:
         result = profile_model(model, batch=batch)
     else:
         with Progress(TextColumn("timing {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -214,8 +225,8 @@ def profile(spec: str, resolution: Optional[int], width: Optional[float], num_cl
     result.meta = {"spec_file": str(path), "width": arch.width, "num_classes": arch.num_classes,
                    "latency_statistic": "median"}
     if lut_path is not None:
-        lut_backend = make_backend(backend, threads)
-        table = LatencyTable.open(lut_path or default_table_path(lut_backend, batch), lut_backend, batch)
+        assert latency_backend is not None  # made above whenever --lut is given
+        table = LatencyTable.open(lut_path or default_table_path(latency_backend, batch), latency_backend, batch)
         err.print(f"[dim]table: {table.path} ({len(table.entries)} entries)[/dim]", highlight=False)
         with Progress(TextColumn("lookup table {task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
                       transient=True, disable=quiet_stdout) as bar:

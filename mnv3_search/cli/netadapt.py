@@ -15,19 +15,19 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from .options import (LUT_HELP, SEED_HELP, THREADS_HELP, WEIGHTS_HELP, backend_option, batch_size_option,
-                      device_option, holdout_option, limit_option, resolution_option, train_resolution_option,
-                      use_device)
+from .options import device_option, threads_option, use_device
+from .settings import config_options
 from ..budget import LATENCY
-from ..data import SOURCES_HELP
 from ..errors import UserError
 from ..latency import torch_threads
-from ..netadapt.config import EVALUATIONS, FINALS, METHODS, SELECT_RULES, RunConfig
+from ..netadapt.config import RunConfig
 from ..netadapt.events import EventKind
-from ..netadapt.loop import NetAdapt, RunResult
 from ..netadapt.runfolder import RunFolder
+from ..netadapt.runner import NetAdapt
 from ..netadapt.study import STORAGE_ENV, redact
 from ..netadapt.worker import join_run
+
+IMPORTANCE_NAMES = {"taylor": "Taylor", "l1": "L1 norm", "l2": "L2 norm", "bn": "BN scale"}  # as the event line says
 
 
 class NetAdaptView:
@@ -91,6 +91,8 @@ class NetAdaptView:
                 return "fine-tuning proposals"
             case "retry":
                 return "a worker went silent: its proposal was enqueued again"
+            case "recovered":
+                return "a trial's files were unreadable: its proposal is trained again from its parent"
             case "chosen":
                 return "choosing"
             case "unreliable":
@@ -104,8 +106,9 @@ class NetAdaptView:
                 return (f"the measurement disagreed with the table: target corrected to "
                         f"{self._amount(info['corrected_target'])}, going on")
             case "importance":
-                return (f"scoring {info['channels']:,} channels in {info['groups']} groups (Taylor, "
-                        f"{info['batches']} batches)")
+                over = f", {info['batches']} batches" if info["batches"] else ""
+                name = IMPORTANCE_NAMES.get(info["name"], info["name"])
+                return f"scoring {info['channels']:,} channels in {info['groups']} groups ({name}{over})"
             case "knapsack":
                 timed = "" if self.state.get("unit", "ms") != "ms" else (
                     ", timed beside the seed: " + ("within the budget" if info["ok"] else "over the budget"))
@@ -196,15 +199,6 @@ def given_settings(ctx: click.Context) -> dict[str, Any]:
     return given
 
 
-def _summary(result: RunResult, already_finished: bool = False) -> dict[str, Any]:
-    return {
-        "run_dir": str(result.run_dir), "nothing_to_do": result.nothing_to_do, "already_finished": already_finished,
-        "seed_resource": result.seed_resource,
-        "target": result.target, "final_resource": result.final_resource, "iterations": result.iterations,
-        "measured_latency_ms": result.measured_latency_ms,
-        "seed_measured_latency_ms": result.seed_measured_latency_ms, "test_accuracy": result.test_accuracy,
-    }
-
 ARTIFACTS_HELP = ("Optuna artifact store through which checkpoints travel between the run and its workers: a "
                   "folder, s3://BUCKET/PREFIX (boto3) or gs://BUCKET/PREFIX (google-cloud-storage); credentials "
                   "come from the client's own environment, never from the run")
@@ -217,24 +211,7 @@ ARTIFACTS_HELP = ("Optuna artifact store through which checkpoints travel betwee
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (default results/<spec>-<budget>-seed<N>).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
               help="Continue the run in this folder with its own settings.")
-@click.option("--data", default="digits", show_default=True, metavar="SOURCE", help=f"Dataset: {SOURCES_HELP}.")
-@click.option("--weights", type=click.Path(dir_okay=False), help=WEIGHTS_HELP + " Else a seed is trained first.")
-@click.option("--schedule", default="netadapt", show_default=True,
-              help="netadapt (2.5% of the seed, x0.96 per iteration), mobilenetv3 (fixed 1%), or FIRST,DECAY.")
-@click.option("--method", type=click.Choice(METHODS), default="netadapt", show_default=True,
-              help="netadapt: iterations of per-group proposals, each fine-tuned briefly and scored on the holdout "
-              "(minutes per iteration); knapsack: every channel scored once by Taylor importance, one width per "
-              "group chosen by a knapsack under the budget, the shape timed beside the seed and corrected until "
-              "the measurement meets it (HALP-style; seconds; --select, --evaluation, --schedule and the "
-              "short fine-tune options do not apply; no workers).")
-@click.option("--select", type=click.Choice(SELECT_RULES), default="ratio", show_default=True,
-              help="ratio: max dAcc/|dLatency| (a gain scores the gain); accuracy: max holdout accuracy. Either "
-              "way, accuracy differences within the holdout's standard error tie; ties go to the lower "
-              "holdout loss, then the larger saving.")
-@click.option("--evaluation", type=click.Choice(EVALUATIONS), default="halving", show_default=True,
-              help="halving: every proposal is scored after a few steps (short-steps/8 with 3 rungs), the best "
-              "--keep fraction trains on, rung by rung (about half the steps); full: every proposal trains all "
-              "short-steps.")
+@config_options(RunConfig, "data", "evaluation")
 @click.option("--storage", envvar=STORAGE_ENV, show_envvar=True,
               help="Optuna storage URL or journal file (default: study.journal in the run folder); "
               "e.g. postgresql://user@host/db, sqlite:///study.db. " + STORAGE_HELP)
@@ -242,37 +219,9 @@ ARTIFACTS_HELP = ("Optuna artifact store through which checkpoints travel betwee
 @click.option("--artifacts", metavar="DIR|URL", help=ARTIFACTS_HELP + " (default: artifacts/ in the run folder).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Local processes evaluating proposals (this one included).")
-@click.option("--short-steps", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Fine-tune steps per proposal.")
-@click.option("--rungs", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Successive-halving rungs (scored at short-steps/8, /4, /1 for 3; /4, /1 for 2).")
-@click.option("--keep", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.6,
-              show_default=True, metavar="FRACTION",
-              help="Share of a rung's proposals that train on to the next (by the selection rule).")
-@holdout_option()
-@click.option("--short-lr", type=float, default=0.005, show_default=True, help="Fine-tune learning rate (constant).")
-@click.option("--seed-epochs", type=click.IntRange(min=1), default=15, show_default=True,
-              help="Epochs to train the seed when no --weights.")
-@click.option("--long-epochs", type=click.IntRange(min=0), default=5, show_default=True,
-              help="Final fine-tune epochs.")
-@click.option("--final", type=click.Choice(FINALS), default="auto", show_default=True,
-              help="fine-tune: the adapted weights for --long-epochs at lr/10; retrain: the adapted shape from a "
-              "fresh initialisation for --seed-epochs + --long-epochs at --lr (MobileNetV3 retrained after "
-              "NetAdapt; drops pretrained --weights); auto: retrain, or fine-tune when --weights are given.")
-@click.option("--lr", type=float, default=0.1, show_default=True, help="Seed training learning rate.")
-@batch_size_option(64)
-@train_resolution_option()
-@resolution_option()
-@limit_option()
-@click.option("--step", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Channel step of the proposals' widths.")
-@click.option("--seed", type=int, default=0, show_default=True, help=SEED_HELP)
-@backend_option()
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
-@click.option("--lut", type=click.Path(dir_okay=False), help=LUT_HELP)
+@config_options(RunConfig, "short_steps", "lut")
 @device_option()
-@click.option("--max-iterations", type=click.IntRange(min=1), default=200, show_default=True,
-              help="Stop with an error when the budget is not met after this many iterations.")
+@config_options(RunConfig, "max_iterations")
 @click.option("--stale-after", type=float, default=300.0, show_default=True,
               help="Seconds without a heartbeat before a worker's proposal is retried.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=2, show_default=True,
@@ -280,14 +229,9 @@ ARTIFACTS_HELP = ("Optuna artifact store through which checkpoints travel betwee
               "why) and its iteration goes on without it.")
 @click.option("--quiet", is_flag=True, help="No live view; one summary line.")
 @click.option("--json", "as_json", is_flag=True, help="No live view; the summary as JSON on stdout.")
-def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: Optional[str], data: str,
-             weights: Optional[str], schedule: str, method: str, select: str, evaluation: str, storage: Optional[str],
-             storage_file: Optional[str], artifacts: Optional[str], workers: int, short_steps: int, rungs: int,
-             keep: float, holdout: Optional[float | int],
-             short_lr: float, seed_epochs: int, long_epochs: int, final: str, lr: float,
-             batch_size: int, train_resolution: int, resolution: Optional[int], limit: Optional[int], step: int,
-             seed: int, backend: str, threads: int, lut: Optional[str], device: str, max_iterations: int,
-             stale_after: float, max_attempts: int, quiet: bool, as_json: bool) -> None:
+def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: Optional[str], storage: Optional[str],
+             storage_file: Optional[str], artifacts: Optional[str], workers: int, device: str, stale_after: float,
+             max_attempts: int, quiet: bool, as_json: bool, **settings: Any) -> None:
     """Shrink SPEC (default: the shipped Large) step by step until it meets a budget.
 
     NetAdapt as MobileNetV3 used it: each iteration proposes one smaller network per channel group
@@ -302,6 +246,7 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
       mnv3-search netadapt search_spaces/large.yaml --budget 15ms --data fashion-mnist
       mnv3-search netadapt small --budget 40M-macs --out results/small-40m
       mnv3-search netadapt small --budget 50% --method knapsack --data fashion-mnist
+      mnv3-search netadapt small --budget 50% --precision int8 --data fashion-mnist
       mnv3-search netadapt small --budget 70% --workers 2 --storage postgresql://user@host/db
       mnv3-search netadapt --resume results/small-70pct-seed0
       mnv3-search worker --storage postgresql://user@host/db --study small-70pct-seed0
@@ -318,57 +263,49 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
         raise UserError("--budget is required to start a run (15ms, 60%, 150M-macs, 3M-params); "
                         "--resume DIR continues a run with its own settings")
     else:
-        config = RunConfig(spec_path=spec, budget=budget, schedule=schedule, select=select, data=data,
-                           train_resolution=train_resolution, resolution=resolution, batch_size=batch_size,
-                           step=step, short_steps=short_steps, short_lr=short_lr, rungs=rungs, keep=keep,
-                           holdout=holdout, seed_epochs=seed_epochs, long_epochs=long_epochs, final=final,
-                           lr=lr,
-                           seed=seed, evaluation=evaluation, method=method,
-                           backend=backend, threads=threads, max_iterations=max_iterations, limit=limit,
-                           weights=weights, lut=lut)
+        config = RunConfig(spec_path=spec, budget=budget, **settings)  # every other option is a setting
     err = Console(stderr=True)
     live = not (quiet or as_json)
     view = NetAdaptView(err, config.budget) if live else None
-    already_finished = False
 
     def on_event(kind: EventKind, **info: Any) -> None:
-        nonlocal already_finished
-        if kind == "already_finished":  # the folder holds a finished run: nothing is trained again
-            already_finished = True
-        if kind == "transfer":  # --weights made for another class count: say so even when quiet
-            err.print(info["note"], highlight=False, soft_wrap=True)
+        if kind in ("transfer", "recovered"):  # say so even when quiet: another class count, a re-trained trial
+            err.print(info["note"], highlight=False, soft_wrap=True, markup=False)
         if view:
             view(kind, **info)
 
     runner = NetAdapt(config, out=out, storage=storage, workers=workers, stale_seconds=stale_after,
                       on_event=on_event, max_attempts=max_attempts, artifacts=artifacts)
-    err.print(f"[dim]spec: {runner.spec_file} · run folder: {runner.run.path}[/dim]", highlight=False, soft_wrap=True)
+    err.print(f"[dim]spec: {runner.plan.spec_file} · run folder: {runner.folder.path}[/dim]", highlight=False,
+              soft_wrap=True)
     with torch_threads(config.threads):
         if view:
             with view:
-                result = runner.run_all()
+                result = runner.run()
         else:
-            result = runner.run_all()
-    summary = _summary(result, already_finished)
+            result = runner.run()
 
     def amount(value: float) -> str:
         return f"{value:.3f} ms" if runner.budget.resource == LATENCY else f"{value:,.0f} {runner.budget.resource}"
 
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps(result.as_json(), indent=2))
     elif result.nothing_to_do:
         click.echo(f"nothing to do: the seed already meets the budget ({amount(result.seed_resource)} <= "
                    f"{amount(result.target)}); no network was changed")
     else:
-        if already_finished:
+        if result.already_finished:
             click.echo(f"already finished: {result.run_dir} holds a finished run; nothing was trained (a new "
                        f"run needs another --out)")
         measured = (f", measured {result.measured_latency_ms:.3f} ms vs seed "
                     f"{result.seed_measured_latency_ms:.3f} ms" if result.measured_latency_ms else "")
         steps = "knapsack rounds" if config.method == "knapsack" else "iterations"
+        accuracy = f"test accuracy {100 * (result.test_accuracy or 0):.1f}%"
+        if result.precision != "fp32":
+            accuracy = (f"{result.precision.upper()} {accuracy} (FP32 {100 * (result.fp32_test_accuracy or 0):.1f}%)")
+            measured = measured.replace("measured", f"measured {result.precision.upper()}", 1)
         click.echo(f"budget met after {result.iterations} {steps}: {amount(result.final_resource or 0)} (target "
-                   f"{amount(result.target)}){measured}; test accuracy {100 * (result.test_accuracy or 0):.1f}%; "
-                   f"results in {result.run_dir}")
+                   f"{amount(result.target)}){measured}; {accuracy}; results in {result.run_dir}")
 
 
 @click.command()
@@ -381,7 +318,7 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
 @click.option("--artifacts", metavar="DIR|URL", help=ARTIFACTS_HELP + " (default: the one the run recorded), as "
               "reached from here; without --run-dir the worker then uses no run folder.")
 @click.option("--parent-pid", type=int, hidden=True, help="Exit when this process is gone (local workers).")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
+@threads_option()
 @device_option(inherit=True)
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 def worker(storage: Optional[str], storage_file: Optional[str], study_name: str, run_dir: Optional[str],
@@ -402,4 +339,6 @@ def worker(storage: Optional[str], storage_file: Optional[str], study_name: str,
         raise UserError(f"no storage: pass --storage URL, --storage-file FILE or set ${STORAGE_ENV}")
     use_device(device)
     err = Console(stderr=True, quiet=quiet)
-    join_run(storage, study_name, run_dir, artifacts=artifacts, parent_pid=parent_pid, threads=threads, log=err.print)
+    loud = Console(stderr=True)  # a re-trained trial is said even when quiet
+    join_run(storage, study_name, run_dir, artifacts=artifacts, parent_pid=parent_pid, threads=threads, log=err.print,
+             note=lambda line: loud.print(line, highlight=False, soft_wrap=True, markup=False))

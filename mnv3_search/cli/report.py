@@ -13,10 +13,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .common import stdout_console
-from .options import (BATCH_HELP, CSV_HELP, LUT_HELP, THREADS_HELP, backend_option, resolution_option,
-                      train_resolution_option)
+from .options import (BATCH_HELP, CSV_HELP, LUT_HELP, THREADS_HELP, backend_option, precision_option,
+                      resolution_option, runner_options, train_resolution_option)
 from ..report.compare import compare_frame, evaluate_variants, load_variant, measure_variants, unique_labels
 from ..data import SOURCES_HELP, load_dataset
+from ..quantize import CALIBRATION_IMAGES
 from ..errors import UserError
 from ..export import FORMATS, export_model
 from ..latency import InterleavedPolicy, make_backend, torch_threads
@@ -40,6 +41,8 @@ def _num(value: Any, fmt: str) -> str:
               help="Old name of --train-resolution.")
 @resolution_option()
 @backend_option()
+@precision_option()
+@runner_options
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help=BATCH_HELP)
 @click.option("--passes", type=click.IntRange(min=5), default=30, show_default=True,
@@ -51,17 +54,20 @@ def _num(value: Any, fmt: str) -> str:
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, allow_dash=True),
               help=CSV_HELP + " All columns; with '-', the CSV replaces the table on stdout.")
 def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[str], train_resolution: int,
-            data_resolution: Optional[int], resolution: Optional[int], backend: str, threads: int, batch: int,
-            passes: int, no_latency: bool, lut_path: Optional[str], csv_path: Optional[str]) -> None:
+            data_resolution: Optional[int], resolution: Optional[int], backend: str, precision: str,
+            runner: Optional[str], runner_device: Optional[str], threads: int, batch: int, passes: int,
+            no_latency: bool, lut_path: Optional[str], csv_path: Optional[str]) -> None:
     """Compare specs and NetAdapt run folders side by side; the first is the baseline.
 
     \b
     Latency is measured for all variants together, interleaved in this one process (25th percentile and
-    median), so the ratios are fair even on a busy machine.
+    median), so the ratios are fair even on a busy machine. With --precision int8 every variant is timed
+    quantized, and with --data its accuracy is the INT8 network's (calibrated on 32 training images).
     \b
     Examples:
       mnv3-search compare small results/small-80pct-seed0 small_075.yaml --csv cmp.csv
       mnv3-search compare small.yaml results/run-a results/run-b --weights 1=seed.pt --data digits
+      mnv3-search compare results/run-a results/run-b --precision int8 --data fashion-mnist
     """
     err = Console(stderr=True)
     by_index: dict[int, str] = {}
@@ -79,12 +85,15 @@ def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[
     if resolution is not None:
         for v in loaded:
             v.spec = v.spec.with_overrides(resolution=resolution, where=f"{v.source} with --resolution {resolution}")
+    latency_backend = None
+    if not no_latency or lut_path is not None:  # checked before any evaluation: a bad runner fails at once
+        latency_backend = make_backend(backend, threads, precision, runner=runner, runner_device=runner_device)
+        latency_backend.fingerprint()
     if data:
         dataset = load_dataset(data, resolution=data_resolution or train_resolution)
-        evaluate_variants(loaded, dataset)
+        evaluate_variants(loaded, dataset, precision)
     measurements = None
-    if not no_latency:
-        latency_backend = make_backend(backend, threads)
+    if latency_backend is not None and not no_latency:
         with Progress(TextColumn("timing {task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
                       transient=True) as bar:
             task = bar.add_task(f"{len(loaded)} networks interleaved", total=passes)
@@ -95,8 +104,8 @@ def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[
     if lut_path is not None:
         from ..latency import LatencyTable, default_table_path
 
-        lut_backend = make_backend(backend, threads)
-        lut = LatencyTable.open(lut_path or default_table_path(lut_backend, batch), lut_backend, batch)
+        assert latency_backend is not None  # made above whenever --lut is given
+        lut = LatencyTable.open(lut_path or default_table_path(latency_backend, batch), latency_backend, batch)
         err.print(f"[dim]table: {lut.path} ({len(lut.entries)} entries)[/dim]", highlight=False)
         predicted = [lut.predict(v.spec).calibrated_ms for v in loaded]
     frame = compare_frame(loaded, measurements, predicted)
@@ -123,8 +132,12 @@ def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[
     out = stdout_console()
     out.print(table)
     if measurements:
-        out.print(f"latency: {backend}, {threads} thread(s), batch {batch}, {measurements[0].repeats} runs each, "
-                  f"interleaved; × = ratio to {loaded[0].label} (latency: of 25th percentiles)", highlight=False)
+        assert latency_backend is not None  # measurements come from it
+        device = latency_backend.fingerprint().get("device")  # a runner's device; this machine's has no such field
+        where = latency_backend.name + (f" on {device}" if device else "")
+        out.print(f"latency: {where} {precision.upper()}, {threads} thread(s), batch {batch}, "
+                  f"{measurements[0].repeats} runs each, interleaved; × = ratio to {loaded[0].label} (latency: of 25th "
+                  f"percentiles)", highlight=False)
 
 
 @click.command()
@@ -137,18 +150,26 @@ def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help=BATCH_HELP + " Also the exported input's batch.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
+@precision_option()
+@click.option("--data", metavar="SOURCE", help=f"Score the file on this test split ({SOURCES_HELP}); INT8 also "
+              f"calibrates on {CALIBRATION_IMAGES} of its training images, so --precision int8 needs it. With "
+              f"--data the ONNX file takes any batch and input size.")
+@train_resolution_option(" The --data images are resized to it: the size the network trained at.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
 def export(source: str, fmt: str, out_path: str, weights: Optional[str], resolution: Optional[int], batch: int,
-           threads: int, no_latency: bool) -> None:
+           threads: int, precision: str, data: Optional[str], train_resolution: int, no_latency: bool) -> None:
     """Write SPEC or a run's final network as ONNX or TorchScript with batch norm folded.
 
     \b
-    The file is reloaded and checked against PyTorch on random inputs (max abs error ≤ 1e-4, scaled by
-    the outputs' magnitude above 1), then timed interleaved with the eager PyTorch model.
+    FP32: the file is reloaded and checked against PyTorch on random inputs (max abs error ≤ 1e-4, scaled
+    by the outputs' magnitude above 1). INT8 (--precision int8, ONNX): statically quantized on --data's
+    training images; the file's test-split accuracy is printed beside the FP32 network's. Then the file is
+    timed interleaved with the eager PyTorch model (and, for INT8, with the FP32 ONNX file).
 
     \b
     Examples:
       mnv3-search export results/small-80pct-seed0 --format onnx --out small80.onnx
+      mnv3-search export results/small-80pct-seed0 --format onnx --precision int8 --data fashion-mnist --out s8.onnx
       mnv3-search export large --weights large.pth --format torchscript --out large.pt
     """
     err = Console(stderr=True)
@@ -157,21 +178,44 @@ def export(source: str, fmt: str, out_path: str, weights: Optional[str], resolut
     if variant.state_dict is None:
         err.print(f"[yellow]{variant.source}: no weights given; exporting freshly initialised weights[/yellow]",
                   highlight=False, soft_wrap=True)
+    if precision == "int8" and not data:
+        raise UserError("--precision int8 needs --data SOURCE: its training images calibrate the quantization "
+                        "and its test split scores the INT8 file")
+    dataset = load_dataset(data, resolution=train_resolution) if data else None
+    if dataset is not None and dataset.num_classes != spec.num_classes:
+        raise UserError(f"{variant.source}: the network has {spec.num_classes} outputs but --data {dataset.name} "
+                        f"has {dataset.num_classes} classes")
     shape = (batch, 3, spec.resolution, spec.resolution)
     with torch_threads(threads):
         model = variant.model()
-        result = export_model(model, shape, fmt, out_path, measure=not no_latency, threads=threads)
+        result = export_model(model, shape, fmt, out_path, measure=not no_latency, threads=threads,
+                              precision=precision, dataset=dataset)
     out = stdout_console()
-    out.print(f"wrote {result.path} ({fmt}, input {'x'.join(map(str, shape))}): {result.folded_bn} conv+BN pairs "
-              f"folded, {result.bn_left} batch norms left", highlight=False, soft_wrap=True)  # a path stays whole
-    out.print(f"outputs vs PyTorch: max abs error {result.max_abs_error:.2e} (tolerance {result.tolerance:.1e}, "
-              f"outputs up to {result.output_scale:.3g})", highlight=False)
+    size = "x".join(map(str, shape))
+    kind = f"{fmt}, {precision.upper()}, " + (f"any batch and input size, traced at {size}" if dataset is not None
+                                             else f"input {size}")
+    out.print(f"wrote {result.path} ({kind}): {result.folded_bn} conv+BN pairs folded, {result.bn_left} batch norms "
+              f"left", highlight=False, soft_wrap=True)  # a path stays whole
+    if result.tolerance is not None:
+        out.print(f"outputs vs PyTorch: max abs error {result.max_abs_error:.2e} (tolerance {result.tolerance:.1e}, "
+                  f"outputs up to {result.output_scale:.3g})", highlight=False)
+    if result.accuracy is not None and dataset is not None:
+        a = result.accuracy
+        file_kind = "INT8 file" if precision == "int8" else "FP32 file"
+        out.print(f"test accuracy ({dataset.name}, {a.images:,} images at {train_resolution} px): {file_kind} "
+                  f"[bold]{100 * a.file_accuracy:.2f}%[/bold], FP32 PyTorch {100 * a.torch_accuracy:.2f}% "
+                  f"({100 * (a.file_accuracy - a.torch_accuracy):+.2f} points); same top-1 class on "
+                  f"{100 * a.agreement:.1f}% of the images", highlight=False)
     if result.latency is not None and result.torch_latency is not None:
         runtime = "ONNX Runtime" if fmt == "onnx" else "TorchScript"
-        out.print(f"latency ({threads} thread(s), batch {batch}, interleaved): {runtime} p25 "
-                  f"{result.latency.p25_ms:.3f} ms, median {result.latency.median_ms:.3f} ms; eager PyTorch "
-                  f"(unfolded) p25 {result.torch_latency.p25_ms:.3f} ms, median "
-                  f"{result.torch_latency.median_ms:.3f} ms", highlight=False)
+        clock = "thread CPU time" if threads == 1 else "wall clock"
+        text = (f"latency ({threads} thread(s), batch {batch}, interleaved, {clock}): {runtime} {precision.upper()} "
+                f"p25 {result.latency.p25_ms:.3f} ms, median {result.latency.median_ms:.3f} ms; eager PyTorch "
+                f"(unfolded) p25 {result.torch_latency.p25_ms:.3f} ms, median {result.torch_latency.median_ms:.3f} ms")
+        if result.fp32_file_latency is not None:
+            f = result.fp32_file_latency
+            text += (f"; FP32 ONNX p25 {f.p25_ms:.3f} ms (INT8 / FP32 = {result.latency.p25_ms / f.p25_ms:.2f})")
+        out.print(text, highlight=False)
 
 
 @click.command()

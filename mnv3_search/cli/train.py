@@ -16,9 +16,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .options import (SEED_HELP, THREADS_HELP, WEIGHTS_HELP, batch_size_option, device_option, holdout_option,
-                      limit_option, resolution_option, train_resolution_option, use_device)
-from ..data import SOURCES_HELP, load_dataset
+from .options import (batch_size_option, data_option, device_option, holdout_option, limit_option,
+                      resolution_option, seed_option, threads_option, train_resolution_option, use_device,
+                      weights_option)
+from ..data import load_dataset
 from ..fileio import atomic_write_text
 from ..model.build import build_model
 from ..fileio import write_csv
@@ -30,8 +31,7 @@ from ..model.weights import load_weights, save_checkpoint
 
 @click.command()
 @click.argument("spec", default="small", metavar="[SPEC]")
-@click.option("--data", "data_source", default="digits", show_default=True, metavar="SOURCE",
-              help=f"Dataset: {SOURCES_HELP}.")
+@data_option(name="data_source")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
               help="Passes over the training split.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
@@ -44,9 +44,9 @@ from ..model.weights import load_weights, save_checkpoint
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True, help="Linear warm-up steps.")
 @holdout_option()
 @limit_option()
-@click.option("--seed", type=int, default=0, show_default=True, help=SEED_HELP)
-@click.option("--weights", type=click.Path(dir_okay=False), help=WEIGHTS_HELP)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP)
+@seed_option()
+@weights_option()
+@threads_option()
 @device_option()
 def train(spec: str, data_source: str, epochs: int, out_dir: str, train_resolution: int, resolution: Optional[int],
           batch_size: int, lr: float,

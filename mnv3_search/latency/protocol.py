@@ -13,8 +13,12 @@ A runner is a zero-argument callable (a backend makes one from a module and an i
   decisions use ratios to a reference timed in the same measurement; when those ratios moved between the
   first and second half of the passes, the measurement is repeated once and otherwise marked unreliable.
 
-Every `Measurement` can carry a `MeasurementContext`: backend, versions, threads, batch, input shape and a
-device fingerprint, so a number is never separated from what it was measured on.
+Every `Measurement` can carry a `MeasurementContext`: backend, versions, threads, batch, input shape, a
+device fingerprint and the precision, so a number is never separated from what it was measured on.
+
+A runner that times itself (`SelfTimed`: a command that runs the model on another device and prints each run's
+milliseconds) is asked for a number of runs instead of being timed here; the protocols treat its figures like
+their own clock's.
 """
 
 from __future__ import annotations
@@ -23,13 +27,33 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from ..errors import UserError
 
 Runner = Callable[[], object]
+
+
+@runtime_checkable
+class SelfTimed(Protocol):
+    """A runner that times its own runs (on another device): `timed(n)` runs the model n times after its own
+    warm-up and returns each run's milliseconds."""
+
+    def timed(self, runs: int) -> list[float]: ...
+
+
+def _timed_runs(run: Runner, runs: int, clock: Callable[[], int]) -> list[float]:
+    """`runs` timings (ms) of `run`: by `clock` here, or as a `SelfTimed` runner reports them."""
+    if isinstance(run, SelfTimed):
+        return run.timed(runs)
+    out = []
+    for _ in range(runs):
+        t0 = clock()
+        run()
+        out.append((clock() - t0) / 1e6)
+    return out
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,7 @@ class MeasurementContext:
     batch: int
     input_shape: tuple[int, ...]
     device: dict
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -98,7 +123,10 @@ class TimingPolicy:
 
 def measure(run: Runner, policy: TimingPolicy = TimingPolicy(),
             context: Optional[MeasurementContext] = None) -> Measurement:
-    """Warm up, then repeat adaptively; a stable median needs both enough samples and enough time."""
+    """Warm up, then repeat adaptively; a stable median needs both enough samples and enough time. A
+    `SelfTimed` runner is asked for `min_repeats` runs, at least 20, at once."""
+    if isinstance(run, SelfTimed):
+        return summarize(run.timed(max(20, policy.min_repeats)), context)
     start = time.perf_counter()
     run()
     while time.perf_counter() - start < policy.warmup_seconds:
@@ -151,7 +179,7 @@ def _interleaved_samples(runners: Sequence[Runner], policy: InterleavedPolicy,
     rng = random.Random(policy.seed)
     clock = CLOCKS[policy.clock]
     for run in runners:
-        for _ in range(policy.warmup_runs):
+        for _ in range(policy.warmup_runs if not isinstance(run, SelfTimed) else 0):  # it warms up itself
             run()
     samples: list[list[float]] = [[] for _ in runners]
     order = list(range(len(runners)))
@@ -160,11 +188,7 @@ def _interleaved_samples(runners: Sequence[Runner], policy: InterleavedPolicy,
     for done in range(1, policy.passes + 1):
         rng.shuffle(order)
         for i in order:
-            run, bucket = runners[i], samples[i]
-            for _ in range(policy.runs_per_pass):
-                t0 = clock()
-                run()
-                bucket.append((clock() - t0) / 1e6)
+            samples[i] += _timed_runs(runners[i], policy.runs_per_pass, clock)
         if on_pass:
             on_pass(done, policy.passes)
         if policy.max_seconds > 0 and done >= policy.min_passes and time.perf_counter() - start >= policy.max_seconds:

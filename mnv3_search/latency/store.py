@@ -1,4 +1,5 @@
-"""Where a machine's tables live and how runs use them: one shared file per device, backend, threads and batch.
+"""Where a machine's tables live and how runs use them: one shared file per device, backend, precision, threads
+and batch.
 
 Every command and run on a machine reads and extends the same table, so entries are timed once per machine:
 `default_table_path` names it, `open_for_run` opens (and calibrates) it for a run, `table_record` is what the
@@ -35,14 +36,28 @@ def default_table_dir() -> Path:
     return Path(cache).expanduser() / "mnv3-search" / "lut"
 
 
-def default_table_path(backend: Backend, batch: int = 1, folder: Optional[PathLike] = None) -> Path:
-    """Where a table lives unless the user names one: one file per device, backend, threads and batch,
-    in `default_table_dir()` unless `folder` is given."""
-    cpu = str(backend.fingerprint().get("cpu_model", "cpu"))
-    slug = "".join(ch if ch.isalnum() else "-" for ch in cpu.lower()).strip("-")
+def _slug(text: str) -> str:
+    slug = "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")
     while "--" in slug:
         slug = slug.replace("--", "-")
-    name = f"{slug}-{backend.fingerprint().get('cpu_cores')}c-{backend.name}-t{backend.threads}-b{batch}.json"
+    return slug
+
+
+def table_file_name(fingerprint: dict, backend: str, precision: str, threads: int, batch: int) -> str:
+    """The default table's file name: this machine's CPU and cores (or a runner's device name), backend,
+    precision (FP32 tables keep the name they had before precisions existed), threads and batch."""
+    if "cpu_model" in fingerprint:
+        where = f"{_slug(str(fingerprint['cpu_model']))}-{fingerprint.get('cpu_cores')}c"
+    else:
+        where = _slug(str(fingerprint.get("device", "device")))
+    kind = _slug(backend) + ("" if precision == "fp32" else f"-{precision}")
+    return f"{where}-{kind}-t{threads}-b{batch}.json"
+
+
+def default_table_path(backend: Backend, batch: int = 1, folder: Optional[PathLike] = None) -> Path:
+    """Where a table lives unless the user names one: one file per device, backend, precision, threads and
+    batch, in `default_table_dir()` unless `folder` is given."""
+    name = table_file_name(backend.fingerprint(), backend.name, backend.precision, backend.threads, batch)
     return Path(folder if folder is not None else default_table_dir()) / name
 
 

@@ -1,4 +1,4 @@
-"""The per-block latency table of one device, backend, thread count and batch: open, measure, predict.
+"""The per-block latency table of one device, backend, precision, thread count and batch: open, measure, predict.
 
 Entries are keyed by everything that changes a block's cost (`BlockKey`). Each entry is a block timed in
 isolation; entries are timed in shuffled round-robin passes and store the 25th percentile, which survives the
@@ -70,7 +70,7 @@ class Prediction:
 
 @dataclass
 class LatencyTable:
-    """Entries for one device/backend/threads/batch; measures what is missing, saves after every chunk."""
+    """Entries for one device/backend/precision/threads/batch; measures what is missing, saves after every chunk."""
 
     path: Path
     header: Header
@@ -93,7 +93,7 @@ class LatencyTable:
         policy = replace(policy, clock="thread" if thread_clock_ok(backend) else "wall")
         wanted = Header(backend.name, backend.versions(), backend.threads, batch, backend.fingerprint(),
                         {"statistic": "p25", "passes": policy.passes, "runs_per_pass": policy.runs_per_pass,
-                         "clock": policy.clock})
+                         "clock": policy.clock}, backend.precision)
         if not path.exists():
             return cls(path, wanted, backend=backend, policy=policy)
         header, entries, calibrations = read_table_file(path)

@@ -1,14 +1,15 @@
-"""The table file: one JSON document per device, backend, thread count and batch, versioned.
+"""The table file: one JSON document per device, backend, precision, thread count and batch, versioned.
 
-A file that cannot be read, or was made on another device, backend, thread count or batch, is refused with one
-line naming it and is never overwritten (the caller writes atomically, `LatencyTable.save`).
+A file that cannot be read, or was made on another device, backend, precision, thread count or batch, is refused
+with one line naming it and is never overwritten (the caller writes atomically, `LatencyTable.save`).
 
 Format versions: version 1 grew fields over time and read a missing one as its old meaning; version 2 writes
-every field; version 3 records each calibration's `smallest_macs_share` (the smallest network it was fitted on,
-as a share of the seed's MACs). An older file is brought up to date in memory by the numbered steps of
-`MIGRATIONS` right after it is read, so the reader below knows only the current version; the next save writes
-the current version. To change the format: bump `FORMAT_VERSION`, add the step from the previous version to
-`MIGRATIONS`.
+every field; version 3 adds the header's `precision` (fp32 or int8: INT8 entries are blocks quantized as they
+run in the INT8 network, so they never mix with FP32 ones); version 4 records each calibration's
+`smallest_macs_share` (the smallest network it was fitted on, as a share of the seed's MACs). An older file is
+brought up to date in memory by the numbered steps of `MIGRATIONS` right after it is read, so the reader below
+knows only the current version; the next save writes the current version. To change the format: bump
+`FORMAT_VERSION`, add the step from the previous version to `MIGRATIONS`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .keys import KINDS, BlockKey
 from .protocol import Measurement
 
 SCHEMA = "mnv3-search/latency-table"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 @dataclass
@@ -39,11 +40,14 @@ class Header:
     batch: int
     device: dict
     protocol: dict
+    precision: str = "fp32"
 
     def mismatch(self, other: "Header") -> Optional[str]:
         """The first field that differs, phrased for the user; None when compatible."""
         if self.backend != other.backend:
             return f"backend {self.backend}, not {other.backend}"
+        if self.precision != other.precision:
+            return f"precision {self.precision.upper()}, not {other.precision.upper()}"
         if self.threads != other.threads:
             return f"{self.threads} thread(s), not {other.threads}"
         if self.batch != other.batch:
@@ -52,10 +56,19 @@ class Header:
             if self.device.get(field_name) != other.device.get(field_name):
                 return f"device {field_name} {self.device.get(field_name)!r}, not {other.device.get(field_name)!r}"
         for package, version in sorted(other.versions.items()):
-            # ONNX Runtime timings do not depend on torch's version (it only exports); torch's do
-            if (package != "torch" or other.backend != "onnxruntime") and self.versions.get(package) != version:
+            # ONNX Runtime's and OpenVINO's timings do not depend on torch's version (it only exports); torch's
+            # and ExecuTorch's do
+            if (package != "torch" or _torch_matters(other.backend)) and self.versions.get(package) != version:
                 return f"{package} {self.versions.get(package)}, not {version}"
         return None
+
+
+def _torch_matters(backend: str) -> bool:
+    """Whether a table of `backend` (runner:NAME for a command runner) depends on torch's version."""
+    from .backends import BACKENDS
+
+    cls = BACKENDS.get(backend.removeprefix("runner:"))
+    return cls.torch_matters if cls is not None else True
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,12 @@ def _v1_to_v2(data: dict) -> dict:
 
 
 def _v2_to_v3(data: dict) -> dict:
+    """Name the precision: every table before version 3 timed FP32 networks."""
+    data.setdefault("precision", "fp32")
+    return data
+
+
+def _v3_to_v4(data: dict) -> dict:
     """Calibrations written before `smallest_macs_share` say they do not know it (null): a run then fits them again
     on companions that reach small networks (`Calibration.spans_small_networks`)."""
     calibrations = data.get("calibrations")
@@ -134,7 +153,7 @@ def _v2_to_v3(data: dict) -> dict:
     return data
 
 
-MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2, 2: _v2_to_v3}
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 
 def migrate(data: dict) -> dict:
@@ -211,7 +230,9 @@ def read_table_file(path: PathLike) -> tuple[Header, dict[str, Entry], dict[str,
     data = _load_json(path)
     try:
         header = Header(str(data["backend"]), dict(data["versions"]), int(data["threads"]), int(data["batch"]),
-                        dict(data["device"]), dict(data["protocol"]))
+                        dict(data["device"]), dict(data["protocol"]), str(data["precision"]))
+        if header.precision not in ("fp32", "int8"):
+            raise ValueError(f"precision is {header.precision!r}, not fp32 or int8")
         raw_entries = data["entries"]
         raw_cal = data["calibrations"]
         if not isinstance(raw_entries, dict) or not isinstance(raw_cal, dict):
@@ -261,7 +282,8 @@ def read_table_file(path: PathLike) -> tuple[Header, dict[str, Entry], dict[str,
 def table_text(header: Header, entries: dict[str, Entry], calibrations: dict[str, Calibration]) -> str:
     """The file's text at `FORMAT_VERSION` (entries and calibrations sorted: the same table, the same bytes)."""
     h = header
-    data = {"schema": SCHEMA, "version": FORMAT_VERSION, "backend": h.backend, "versions": h.versions,
+    data = {"schema": SCHEMA, "version": FORMAT_VERSION, "backend": h.backend, "precision": h.precision,
+            "versions": h.versions,
             "threads": h.threads, "batch": h.batch, "device": h.device, "protocol": h.protocol,
             "calibrations": {n: c.as_json() for n, c in sorted(calibrations.items())},
             "entries": {i: e.as_json() for i, e in sorted(entries.items())}}

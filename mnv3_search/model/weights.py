@@ -10,6 +10,7 @@ fresh with torchvision's init and the caller is told so in one line. Any other m
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -18,7 +19,7 @@ import yaml
 from torch import nn
 
 from ..errors import CheckpointError
-from ..fileio import PathLike, atomic_path
+from ..fileio import PathLike, atomic_write_bytes
 from ..spec.arch import ArchSpec
 from ..spec.yaml_io import spec_from_dict, spec_to_yaml
 
@@ -108,8 +109,15 @@ def load_weights(model: nn.Module, path: PathLike, spec_name: str = "the spec") 
 def save_state(state_dict: Mapping[str, torch.Tensor], spec: ArchSpec, path: PathLike) -> None:
     """Write a state_dict together with the spec's YAML, atomically."""
     payload = {"format": CHECKPOINT_FORMAT, "spec_yaml": spec_to_yaml(spec), "state_dict": dict(state_dict)}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, path)
+
+
+def save_torch(obj: Any, path: PathLike) -> None:
+    """torch.save, atomically. Serialised in memory first: torch's own file writer turns a full disk into an
+    unhelpful RuntimeError ("unexpected pos"), Python's write into ENOSPC, which fileio says in one line."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getbuffer().tobytes())
 
 
 def save_checkpoint(model: nn.Module, spec: ArchSpec, path: PathLike) -> None:

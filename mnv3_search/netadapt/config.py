@@ -6,6 +6,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Optional
 
 from ..errors import UserError
+from ..settings import check_choices, setting
 
 SELECT_RULES = ("ratio", "accuracy")
 EVALUATIONS = ("halving", "full")
@@ -14,6 +15,11 @@ LADDERS = ("early", "geometric")  # where halving's rungs score (`RunConfig.rung
 # what a run.json written before a setting existed meant by it: such a run resumes exactly as it started
 LEGACY_SETTINGS = {"ladder": "geometric", "keep": 0.5}
 METHODS = ("netadapt", "knapsack")  # per-group proposals scored by fine-tunes, or one HALP-style knapsack
+PRECISIONS = ("fp32", "int8")  # latency.PRECISIONS, spelled out: this module imports no torch
+FP32_BACKENDS = ("torch", "torch-cuda")  # the latency backends without INT8 (latency.BACKENDS' precisions)
+# which channels a cut keeps (prune/importance.py); auto: each method's own (NetAdapt's L2, HALP's Taylor)
+IMPORTANCE_CHOICES = ("auto", "l1", "l2", "bn", "taylor")
+METHOD_IMPORTANCE = {"netadapt": "l2", "knapsack": "taylor"}
 # limits on how far a run goes, not on what it computes: a run stopped by --max-iterations continues with a higher one
 RESUMABLE = ("max_iterations",)
 
@@ -28,53 +34,78 @@ class RunConfig:
     (`rung_steps()`, placed by `ladder`) and trains the best `keep` fraction on to the next; `full` trains
     every proposal for `short_steps` (scoring it at the same step counts, for comparison). `holdout`: None
     sizes it by the data (`data.default_holdout_images`), a float a fraction of the training images, an int
-    an image count.
+    an image count. Fields declared with `setting()` are the `netadapt` command's options (settings.py).
     """
 
     spec_path: str
     budget: str
-    schedule: str = "netadapt"
-    select: str = "ratio"
-    data: str = "digits"
-    train_resolution: int = 32
-    resolution: Optional[int] = None  # deployment resolution override
-    num_classes: Optional[int] = None  # default: the dataset's
-    batch_size: int = 64
-    step: int = 8
-    short_steps: int = 20
-    short_lr: float = 0.005
-    rungs: int = 3
-    ladder: str = "early"
-    keep: float = 0.6
-    seed_epochs: int = 15
-    long_epochs: int = 5
-    lr: float = 0.1
-    seed: int = 0
-    evaluation: str = "halving"
-    backend: str = "onnxruntime"
-    threads: int = 1
-    max_iterations: int = 200
-    holdout: Optional[float | int] = None
-    limit: Optional[int] = None
-    weights: Optional[str] = None
-    lut: Optional[str] = None
-    final: str = "auto"  # fine-tune the adapted weights, retrain the adapted shape from scratch, or auto (below)
-    method: str = "netadapt"  # how the shape is found: NetAdapt's iterations, or a knapsack (prune/knapsack.py)
+    # the rest in the order of `mnv3-search netadapt --help`, which makes an option of each setting()
+    data: str = setting("digits")
+    weights: Optional[str] = setting(None, " Else a seed is trained first.", path=True)
+    schedule: str = setting(
+        "netadapt", "netadapt (2.5% of the seed, x0.96 per iteration), mobilenetv3 (fixed 1%), or FIRST,DECAY.")
+    # how the shape is found: NetAdapt's iterations, or a knapsack (prune/knapsack.py)
+    method: str = setting(
+        "netadapt", "netadapt: iterations of per-group proposals, each fine-tuned briefly and scored on the holdout "
+        "(minutes per iteration); knapsack: every channel scored once (--importance), one width per group "
+        "chosen by a knapsack under the budget, the shape timed beside the seed and corrected until the "
+        "measurement meets it (HALP-style; seconds; --select, --evaluation, --schedule and the short fine-tune "
+        "options do not apply; no workers).", choices=METHODS)
+    importance: str = setting(
+        "auto", "Which channels a cut keeps, and what the knapsack maximises: l1 or l2 (the producing weights' "
+        "norm), bn (BatchNorm scale), taylor (first-order Taylor, over 32 training batches); auto: l2 for netadapt "
+        "(NetAdapt's), taylor for knapsack (HALP's).", choices=IMPORTANCE_CHOICES)
+    select: str = setting(
+        "ratio", "ratio: max dAcc/|dLatency| (a gain scores the gain); accuracy: max holdout accuracy. Either way, "
+        "accuracy differences within the holdout's standard error tie; ties go to the lower holdout loss, then the "
+        "larger saving.", choices=SELECT_RULES)
+    evaluation: str = setting(
+        "halving", "halving: every proposal is scored after a few steps (short-steps/8 with 3 rungs), the best "
+        "--keep fraction trains on, rung by rung (about half the steps); full: every proposal trains all "
+        "short-steps.", choices=EVALUATIONS)
+    short_steps: int = setting(20, "Fine-tune steps per proposal.", minimum=1)
+    rungs: int = setting(3, "Successive-halving rungs (scored at short-steps/8, /4, /1 for 3; /4, /1 for 2).",
+                         minimum=1)
+    ladder: str = setting("early", choices=LADDERS, option=False)
+    keep: float = setting(0.6, "Share of a rung's proposals that train on to the next (by the selection rule).",
+                          minimum=0, maximum=1, exclusive=True, metavar="FRACTION")
+    holdout: Optional[float | int] = setting(None)
+    short_lr: float = setting(0.005, "Fine-tune learning rate (constant).")
+    seed_epochs: int = setting(15, "Epochs to train the seed when no --weights.", minimum=1)
+    long_epochs: int = setting(5, "Final fine-tune epochs.", minimum=0)
+    # fine-tune the adapted weights, retrain the adapted shape from scratch, or auto (final_method)
+    final: str = setting(
+        "auto", "fine-tune: the adapted weights for --long-epochs at lr/10; retrain: the adapted shape from a "
+        "fresh initialisation for --seed-epochs + --long-epochs at --lr (MobileNetV3 retrained after NetAdapt; "
+        "drops pretrained --weights); auto: retrain, or fine-tune when --weights are given.", choices=FINALS)
+    lr: float = setting(0.1, "Seed training learning rate.")
+    batch_size: int = setting(64)
+    train_resolution: int = setting(32)
+    resolution: Optional[int] = setting(None)  # deployment resolution override
+    num_classes: Optional[int] = None  # default: the dataset's; no option (a run takes the dataset's)
+    limit: Optional[int] = setting(None)
+    step: int = setting(8, "Channel step of the proposals' widths.", minimum=1)
+    seed: int = setting(0)
+    backend: str = setting("onnxruntime")
+    # what the latency table, the confirmation beside the seed and the reported test accuracy compute in: fp32,
+    # or int8 (post-training static quantization; the final network is scored as the quantized file)
+    precision: str = setting(
+        "fp32", " The run's table, its knapsack or loop and its confirmation beside the seed time this "
+        "precision; int8 quantizes the final network on 32 training images (final_int8.onnx) and reports that "
+        "file's test accuracy.", choices=PRECISIONS)
+    threads: int = setting(1)
+    lut: Optional[str] = setting(None)
+    max_iterations: int = setting(200, "Stop with an error when the budget is not met after this many iterations.",
+                                  minimum=1)
 
     def __post_init__(self) -> None:
-        if self.select not in SELECT_RULES:
-            raise UserError(f"--select {self.select!r}: use one of {', '.join(SELECT_RULES)}")
-        if self.method not in METHODS:
-            raise UserError(f"--method {self.method!r}: use one of {', '.join(METHODS)}")
-        if self.final not in FINALS:
-            raise UserError(f"--final {self.final!r}: use one of {', '.join(FINALS)}")
-        if self.evaluation not in EVALUATIONS:
-            raise UserError(f"--evaluation {self.evaluation!r}: use one of {', '.join(EVALUATIONS)}")
+        check_choices(self)
+        if self.precision != "fp32" and self.backend in FP32_BACKENDS:  # refused before a folder is written
+            raise UserError(f"backend {self.backend} times FP32 only, not {self.precision.upper()}; use --backend "
+                            f"onnxruntime, executorch or openvino for INT8")
         for name in ("short_steps", "rungs", "batch_size", "step", "max_iterations", "threads"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.ladder not in LADDERS:
-            raise UserError(f"ladder {self.ladder!r}: use one of {', '.join(LADDERS)}")
         if not 0 < self.keep < 1:
             raise UserError(f"--keep {self.keep}: give the fraction of proposals that go on to the next rung, "
                             f"between 0 and 1 (0.6)")
@@ -95,6 +126,10 @@ class RunConfig:
         if self.final != "auto":
             return self.final
         return "fine-tune" if self.weights else "retrain"
+
+    def importance_name(self) -> str:
+        """The importance estimator this run uses (`auto` resolved by the method)."""
+        return METHOD_IMPORTANCE[self.method] if self.importance == "auto" else self.importance
 
     def rung_divisor(self) -> int:
         """short_steps / this is the first rung's step count (1 with a single rung)."""

@@ -23,28 +23,29 @@ import optuna
 import torch
 from torch import nn
 
-from ..data import Dataset, batches, load_dataset
-from ..fileio import atomic_path
+from ..data import Dataset, load_dataset
+from ..errors import CheckpointError, RunInterrupted
+from ..fileio import disk_full
 from ..model.build import build_model
+from ..model.weights import read_checkpoint, save_torch
+from ..prune.groups import proposal_groups
+from ..prune.importance import make_importance
 from ..prune.surgery import shrink
-from ..train import bn_layers, endless_batches, refresh_bn, to_memory_format
-from .artifacts import RunArtifacts, staging
+from ..train import Trainer, holdout_metrics, refresh_bn, to_memory_format
+from .artifacts import KILL_EXIT_CODE, RunArtifacts, staging
+from .attrs import (ACCURACY_ATTR, ATTEMPT_ATTR, CHANNELS_PARAM, CHECKPOINT_ATTR, EVAL_ATTR, FAILURE_ATTR,
+                    FIXED_PARAMS_ATTR, FROM_ATTR, GROUP_PARAM, HEARTBEAT_ATTR, ITERATION_ATTR, LOSS_ATTR, METRICS_ATTR,
+                    PARENT_ATTR, RETRY_OF_ATTR, SECONDS_ATTR, START_ATTR, STATE_ATTR, STEPS_ATTR, STOP_ATTR,
+                    WORKER_ATTR)
 from .config import RunConfig
 from .runfolder import RunFolder
-from .study import HEARTBEAT_ATTR, ITERATION_ATTR, claim, heartbeat, storage_of, trial_storage_id
+from .polling import Backoff
+from .study import claim, heartbeat, storage_of, trial_storage_id
 
 # Test hook: a proposal of the group named here kills the process evaluating it (os._exit, like a crashing
 # kernel or the OOM killer), so the retry and give-up path is tested with real process deaths
 # (tests/test_reliability.py). Never set outside tests.
-KILL_GROUP_ENV = "MNV3_SEARCH_TEST_KILL_GROUP"
-KILL_EXIT_CODE = 86
-
-# what a rung trial carries (user attrs, with study.RUNG_ATTR), besides the proposal's own attributes
-START_ATTR = "start_step"
-STOP_ATTR = "stop_step"
-EVAL_ATTR = "eval_steps"
-FROM_ATTR = "resume_from"  # trial number of the previous rung (its checkpoint), None on rung 0
-METRICS_ATTR = "metrics"  # [[step, holdout accuracy, holdout loss], ...] at each eval step
+KILL_GROUP_ENV = "MNV3_SEARCH_TEST_KILL_GROUP"  # its process exits with KILL_EXIT_CODE (artifacts.py's)
 
 
 def proposal_seed(seed: int, iteration: int, group: str) -> int:
@@ -57,82 +58,57 @@ def load_run_dataset(config: RunConfig) -> Dataset:
                         limit=config.limit)
 
 
-@torch.no_grad()
-def holdout_metrics(model: nn.Module, dataset: Dataset, batch_size: int = 1000) -> tuple[float, float]:
-    """Top-1 accuracy and mean cross-entropy (no label smoothing) on the holdout, in eval mode.
-
-    Large batches in channels-last layout: on CPU this runs ~3x faster than the default layout, so a
-    1,000-image holdout costs about as much as one or two training steps."""
-    was_training = model.training
-    model.eval()
-    correct, loss, n = 0, 0.0, 0
-    for x, y in batches(dataset, dataset.holdout, batch_size):
-        logits = model(x.contiguous(memory_format=torch.channels_last))
-        correct += int((logits.argmax(dim=1) == y).sum())
-        loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        n += len(y)
-    model.train(was_training)
-    return correct / max(1, n), loss / max(1, n)
-
-
-class ShortTune:
-    """The short-term fine-tune of one proposal as a resumable object (NetAdapt's T steps).
-
-    The recipe of train.fine_tune (SGD with Nesterov momentum 0.9, weight decay 4e-5 off BN and biases,
-    label smoothing 0.1, constant learning rate, BN momentum 0.1 while training), in channels-last
-    layout (~1.6x faster on CPU). `state()` / `restore()` carry the step, optimizer, data order and RNG,
-    so a run split across processes repeats an uninterrupted one exactly."""
+class ShortTune(Trainer):
+    """The short-term fine-tune of one proposal (NetAdapt's T steps): the training recipe's resumable Trainer
+    (train.py) at a constant learning rate, on the chosen device, in channels-last layout (~1.6x faster on
+    CPU). `close()` it before its weights are saved: the model goes back to the CPU."""
 
     def __init__(self, model: nn.Module, dataset: Dataset, *, lr: float, batch_size: int, seed: int) -> None:
-        self.model = to_memory_format(model, torch.channels_last)
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.seed = seed
-        self.step = 0
-        torch.manual_seed(seed)  # dropout
-        decay = [p for p in model.parameters() if p.ndim > 1]
-        no_decay = [p for p in model.parameters() if p.ndim <= 1]
-        self.optimizer = torch.optim.SGD([{"params": decay, "weight_decay": 4e-5},
-                                          {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=0.9,
-                                         nesterov=True)
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
-        for m in bn_layers(model):
-            m.momentum = 0.1
-        self._batches = endless_batches(dataset, batch_size, torch.Generator().manual_seed(seed))
-
-    def run_to(self, step: int) -> None:
-        self.model.train()
-        while self.step < step:
-            _, x, y = next(self._batches)
-            loss = self.loss_fn(self.model(x.contiguous(memory_format=torch.channels_last)), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.step += 1
-
-    def state(self) -> dict[str, Any]:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        for _ in range(int(state["step"])):  # the same batches come next as in an uninterrupted run
-            next(self._batches)
-        self.step = int(state["step"])
-        torch.set_rng_state(state["rng"])
+        super().__init__(to_memory_format(model, torch.channels_last), dataset, lr=lr, batch_size=batch_size,
+                         seed=seed)
 
 
 def save_training_state(tune: ShortTune, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(tune.state(), tmp)
+    save_torch(tune.state(), path)
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    """A trial's training state (trials/NNNNN.state.pt); a missing or damaged one is a CheckpointError naming it."""
+    try:
+        data: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such training state file") from None
+    except Exception as exc:  # torch raises many types for truncated or corrupt files (zip, pickle, storage)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: truncated or damaged training state ({first[:160]})") from None
+    if not isinstance(data, dict) or not {"step", "optimizer", "rng"} <= data.keys():
+        raise CheckpointError(f"{path}: not a trial's training state (no step, optimizer and RNG state)")
+    return data
+
+
+def enqueue_again(study: optuna.Study, trial: optuna.Trial) -> None:
+    """A trial that failed for a reason outside the proposal (a full disk, a failing store) waiting again as
+    the same attempt, so another worker, or the resumed run, evaluates it instead of the iteration dropping it."""
+    drop = (HEARTBEAT_ATTR, WORKER_ATTR, FAILURE_ATTR, METRICS_ATTR, CHECKPOINT_ATTR, STATE_ATTR)
+    attrs = {k: v for k, v in trial.user_attrs.items() if k not in drop}
+    fixed = storage_of(study).get_trial_system_attrs(trial_storage_id(trial)).get(FIXED_PARAMS_ATTR, trial.params)
+    study.enqueue_trial(dict(fixed), user_attrs={**attrs, RETRY_OF_ATTR: trial.number,
+                                                 ATTEMPT_ATTR: int(attrs.get(ATTEMPT_ATTR, 1))})
+
+
+Note = Callable[[str], None]
 
 
 class Evaluator:
     """Evaluates claimed trials of one run; keeps the dataset and the current parent in memory."""
 
     def __init__(self, run: Optional[RunFolder], config: RunConfig, group_names: list[str], max_channels: int,
-                 dataset: Optional[Dataset] = None, artifacts: Optional[RunArtifacts] = None) -> None:
+                 dataset: Optional[Dataset] = None, artifacts: Optional[RunArtifacts] = None,
+                 note: Note = lambda _: None) -> None:
         """`run`: the run folder when this process has it (its files are read first, trials written there too);
-        `artifacts`: the run's artifact store (what a worker without the run folder reads and writes)."""
+        `artifacts`: the run's artifact store (what a worker without the run folder reads and writes); `note`
+        gets one line when a previous rung's files are unreadable and the proposal is re-trained instead."""
+        self.note = note
         if run is None and artifacts is None:
             raise ValueError("an Evaluator needs the run folder or the run's artifact store")
         self.run = run
@@ -142,6 +118,11 @@ class Evaluator:
         self.max_channels = max_channels
         self.dataset = dataset if dataset is not None else load_run_dataset(config)
         self._parent: tuple[str, Any, dict[str, torch.Tensor]] | None = None
+        # the run's importance estimator, unless it is surgery's own default (L2): then no scores are passed
+        name = config.importance_name()
+        self.importance = None if name == "l2" else make_importance(name, self.dataset, batch_size=config.batch_size,
+                                                                    seed=config.seed)
+        self._scores: tuple[str, dict[str, torch.Tensor]] | None = None  # the current parent's, per group
 
     def _parent_of(self, study: optuna.Study, relative: str) -> tuple[Any, dict[str, torch.Tensor]]:
         if self._parent is None or self._parent[0] != relative:
@@ -155,37 +136,89 @@ class Evaluator:
             self._parent = (relative, spec, state)
         return self._parent[1], self._parent[2]
 
-    def _previous(self, study: optuna.Study, number: int) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
+    def _channel_scores(self, relative: str, spec: Any, state: dict[str, torch.Tensor], group: str
+                        ) -> Optional[torch.Tensor]:
+        """The importance of `group`'s channels in the parent `relative`, which decides what its cut keeps; every
+        group of a parent is scored at once (Taylor passes over the data once) and kept for its other proposals."""
+        if self.importance is None:
+            return None
+        if self._scores is None or self._scores[0] != relative:
+            groups = proposal_groups(spec, self.config.step)
+            self._scores = (relative, {s.group.name: torch.from_numpy(s.importance)
+                                       for s in self.importance(spec, state, groups)})
+        return self._scores[1][group]
+
+    def _previous(self, study: optuna.Study, number: int
+                  ) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]] | str:
         """The weights and training state trial `number` (the previous rung) left: from the run folder when
-        they are there, else from the artifact store (another machine's worker evaluated it)."""
+        they are there, else (or when they are damaged there) from the artifact store. What is wrong with them
+        when neither copy can be read: the caller trains the proposal again from its parent."""
+        damage: list[str] = []
         if self.run is not None and (self.artifacts is None or (self.run.trial_checkpoint(number).exists()
                                                                 and self.run.trial_state(number).exists())):
-            spec, state = RunFolder.load(self.run.trial_checkpoint(number))
-            return spec, state, torch.load(self.run.trial_state(number), map_location="cpu", weights_only=True)
-        assert self.artifacts is not None
-        with self.artifacts.trial_files(study, number) as (checkpoint, training):
-            spec, state = RunFolder.load(checkpoint)
-            return spec, state, torch.load(training, map_location="cpu", weights_only=True)
+            try:
+                spec, state = read_checkpoint(self.run.trial_checkpoint(number))
+                return spec, state, load_training_state(self.run.trial_state(number))
+            except CheckpointError as exc:
+                damage.append(str(exc))
+        if self.artifacts is not None:
+            with self.artifacts.trial_files(study, number) as (checkpoint, training):
+                try:
+                    spec, state = read_checkpoint(checkpoint)
+                    return spec, state, load_training_state(training)
+                except CheckpointError as exc:
+                    damage.append(f"trial {number}'s copy in the artifact store {self.artifacts.location}: "
+                                  + str(exc).split(": ", 1)[-1])
+        return "; ".join(damage)
 
     def _start(self, study: optuna.Study, trial: optuna.Trial, group: str, channels: int,
-               seed: int) -> tuple[Any, ShortTune]:
-        """The proposal's child at step 0 (rung 0) or where the previous rung's trial left it."""
+               seed: int) -> tuple[Any, ShortTune, int]:
+        """The proposal's child at step 0 (rung 0) or where the previous rung's trial left it, and the step its
+        training here starts from. When the previous rung's files are unreadable, the child is trained again
+        from its parent up to that step: training is deterministic (the proposal's seed, data order and RNG),
+        so the weights are the ones the files held, and nothing else is evaluated again."""
         config = self.config
         previous = trial.user_attrs.get(FROM_ATTR)
-        training: Optional[dict[str, Any]] = None
-        if previous is None:
-            parent_spec, parent_state = self._parent_of(study, str(trial.user_attrs["parent"]))
-            spec, state = shrink(parent_spec, parent_state, group, channels, config.step)
-        else:
-            spec, state, training = self._previous(study, int(previous))
+        if previous is not None:
+            found = self._previous(study, int(previous))
+            if not isinstance(found, str):
+                spec, state, training = found
+                model = to_memory_format(build_model(spec), torch.channels_last)  # faster on CPU
+                model.load_state_dict(state, strict=True)
+                tune = ShortTune(model, self.dataset, lr=config.short_lr, batch_size=config.batch_size, seed=seed)
+                tune.restore(training)
+                return spec, tune, tune.step
+            start = int(trial.user_attrs[START_ATTR])
+            iteration = trial.user_attrs[ITERATION_ATTR]
+            self.note(f"{found}; re-training proposal {group}={channels} of iteration {iteration} from its parent "
+                      f"network to step {start} instead (the same weights; nothing else is evaluated again)")
+        spec, tune = self.child(study, str(trial.user_attrs[PARENT_ATTR]), group, channels, seed)
+        if previous is not None:
+            tune.run_to(int(trial.user_attrs[START_ATTR]))
+        return spec, tune, 0
+
+    def child(self, study: optuna.Study, relative: str, group: str, channels: int,
+              seed: int) -> tuple[Any, ShortTune]:
+        """The parent `relative` shrunk by (group, channels), its BN statistics refreshed, at step 0."""
+        config = self.config
+        parent_spec, parent_state = self._parent_of(study, relative)
+        spec, state = shrink(parent_spec, parent_state, group, channels, config.step,
+                             self._channel_scores(relative, parent_spec, parent_state, group))
         model = to_memory_format(build_model(spec), torch.channels_last)  # faster on CPU, refresh_bn included
         model.load_state_dict(state, strict=True)
-        if previous is None:
-            refresh_bn(model, self.dataset, num_batches=10, seed=seed)
-        tune = ShortTune(model, self.dataset, lr=config.short_lr, batch_size=config.batch_size, seed=seed)
-        if training is not None:
-            tune.restore(training)
-        return spec, tune
+        refresh_bn(model, self.dataset, num_batches=10, seed=seed)
+        return spec, ShortTune(model, self.dataset, lr=config.short_lr, batch_size=config.batch_size, seed=seed)
+
+    def rebuild(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[Any, dict[str, torch.Tensor]]:
+        """A finished trial's network trained again from its parent (its checkpoint is unreadable): the same
+        weights, as training is deterministic."""
+        fixed = trial.system_attrs.get(FIXED_PARAMS_ATTR, trial.params)
+        group, channels = str(fixed[GROUP_PARAM]), int(fixed[CHANNELS_PARAM])
+        seed = proposal_seed(self.config.seed, int(trial.user_attrs[ITERATION_ATTR]), group)
+        spec, tune = self.child(study, str(trial.user_attrs[PARENT_ATTR]), group, channels, seed)
+        tune.run_to(int(trial.user_attrs[STOP_ATTR]))
+        tune.close()
+        return spec, {k: v.contiguous() for k, v in tune.model.state_dict().items()}
 
     def _save(self, trial: optuna.Trial, spec: Any, tune: ShortTune) -> None:
         """The trial's weights and training state, in the run folder (when here) and in the artifact store."""
@@ -210,19 +243,19 @@ class Evaluator:
         with heartbeat(trial):
             doomed = os.environ.get(KILL_GROUP_ENV)
             if doomed and doomed == storage_of(study).get_trial_system_attrs(trial_storage_id(trial)).get(
-                    "fixed_params", {}).get("group"):
+                    FIXED_PARAMS_ATTR, {}).get(GROUP_PARAM):
                 os._exit(KILL_EXIT_CODE)
             return self._evaluate(study, trial)
 
     def _evaluate(self, study: optuna.Study, trial: optuna.Trial) -> optuna.trial.TrialState:
         config = self.config
         try:
-            group = trial.suggest_categorical("group", self.group_names)
-            channels = trial.suggest_int("channels", config.step, self.max_channels, step=config.step)
+            group = trial.suggest_categorical(GROUP_PARAM, self.group_names)
+            channels = trial.suggest_int(CHANNELS_PARAM, config.step, self.max_channels, step=config.step)
             attrs = trial.user_attrs
             seed = proposal_seed(config.seed, int(attrs[ITERATION_ATTR]), group)
             start = time.perf_counter()
-            spec, tune = self._start(study, trial, group, channels, seed)
+            spec, tune, began = self._start(study, trial, group, channels, seed)
             if tune.step != int(attrs[START_ATTR]):
                 raise RuntimeError(f"trial {trial.number}: its checkpoint is at step {tune.step}, expected "
                                    f"{attrs[START_ATTR]}")
@@ -234,30 +267,40 @@ class Evaluator:
                 trial.report(accuracy, int(step))
                 trial.set_user_attr(HEARTBEAT_ATTR, time.time())
             tune.run_to(int(attrs[STOP_ATTR]))
+            tune.close()  # the model back on the CPU for its checkpoint
             self._save(trial, spec, tune)
             trial.set_user_attr(METRICS_ATTR, metrics)
-            trial.set_user_attr("holdout_accuracy", metrics[-1][1])
-            trial.set_user_attr("holdout_loss", metrics[-1][2])
-            trial.set_user_attr("steps", tune.step - int(attrs[START_ATTR]))
-            trial.set_user_attr("seconds", time.perf_counter() - start)
+            trial.set_user_attr(ACCURACY_ATTR, metrics[-1][1])
+            trial.set_user_attr(LOSS_ATTR, metrics[-1][2])
+            trial.set_user_attr(STEPS_ATTR, tune.step - began)  # a re-trained previous rung's steps count too
+            trial.set_user_attr(SECONDS_ATTR, time.perf_counter() - start)
             study.tell(trial, metrics[-1][1])
             return optuna.trial.TrialState.COMPLETE
-        except BaseException:
+        except BaseException as exc:
             # skip_if_finished: the master may have failed this trial already (heartbeat gone stale during a
             # storage outage); telling it again would replace the real error with UpdateFinishedTrialError
             study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            if isinstance(exc, RunInterrupted) or disk_full(exc) is not None:
+                try:
+                    enqueue_again(study, trial)
+                except Exception:  # noqa: S110 - the first failure is what the user must see, not this one
+                    pass
             raise
 
 
 def work(study: optuna.Study, evaluator: Evaluator, should_stop: Callable[[], bool], lock: Optional[Path] = None,
-         poll_seconds: float = 0.5, on_trial: Optional[Callable[[optuna.trial.TrialState], None]] = None) -> int:
-    """Claim and evaluate proposals until `should_stop()`; returns how many were evaluated."""
+         backoff: Optional[Backoff] = None, on_trial: Optional[Callable[[optuna.trial.TrialState], None]] = None
+         ) -> int:
+    """Claim and evaluate proposals until `should_stop()`; returns how many were evaluated. An idle worker
+    polls less and less often (`backoff`), so waiting between rungs and iterations costs next to nothing."""
+    backoff = backoff if backoff is not None else Backoff()
     done = 0
     while not should_stop():
         trial = claim(study, lock)
         if trial is None:
-            time.sleep(poll_seconds)
+            backoff.sleep()
             continue
+        backoff.busy()
         state = evaluator.evaluate(study, trial)
         done += 1
         if on_trial:

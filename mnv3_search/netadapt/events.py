@@ -20,11 +20,12 @@ EventKind = Literal[
     "iteration",         # iteration, current, goal, target, proposals
     "progress",          # iteration, rung, rungs, done, running, pruned, total
     "retry",             # iteration: a dead or silent worker's proposal was enqueued again
+    "recovered",         # note: a trial's files were unreadable; its proposal is trained again from its parent
     "chosen",            # the iterations.csv row of the winner, and resource
     "unreliable",        # attempt, ratio_shift, spread: the host disturbed a confirmation; measuring again
     "confirm",           # measured, seed_measured, ok, reliable: the whole network timed beside the seed
     "disagreement",      # the confirmation's row update and corrected_target: the table was off; going on
-    "importance",        # groups, channels, batches: --method knapsack scores every channel of the seed
+    "importance",        # groups, channels, name, batches (0: no data): --method knapsack scores every channel
     "knapsack",          # round, goal, predicted, ok: a knapsack shape, timed beside the seed (ok: within budget)
     "long_finetune",     # epochs, method: the final fine-tune, or the retrain (--final)
     "long_step",         # step, loss

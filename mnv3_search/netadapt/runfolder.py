@@ -91,9 +91,10 @@ def _typed(column: str, value: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class RunSummary:
-    """run.json's "result": what a finished run reached, in the one vocabulary the library, the CLI's --json
-    and the reports share (`*_resource` in the budget's unit: ms, MACs or params)."""
+class RunResult:
+    """What a run reached: the library's return value, run.json's "result" and the CLI's --json, one record in
+    one vocabulary (`*_resource` in the budget's unit: ms, MACs or params). run.json keeps the fields up to
+    `finished` (`to_run_json`); the rest say where and how this call found the run, which run.json cannot."""
 
     iterations: int
     seed_resource: float
@@ -106,23 +107,72 @@ class RunSummary:
     final_macs: Optional[int] = None
     final_params: Optional[int] = None
     latency_table_entries_measured: Optional[int] = None
+    # what `test_accuracy` (and the latencies) were measured in; an INT8 run's test accuracy is the quantized
+    # file's (final_int8.onnx), and the FP32 network's stands beside it
+    precision: str = "fp32"
+    fp32_test_accuracy: Optional[float] = None
     finished: Optional[str] = None
+    run_dir: Optional[Path] = None  # not in run.json: a moved folder is still the same run
+    nothing_to_do: bool = False  # the seed met the budget: no folder was written
+    already_finished: bool = False  # the folder held this run finished: nothing was trained
+    final_spec: Optional[ArchSpec] = None
+
+    def to_run_json(self) -> dict[str, Any]:
+        """run.json's "result"."""
+        return {name: getattr(self, name) for name in RUN_JSON_RESULT}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], where: Path) -> "RunSummary":
-        known = {f.name for f in fields(cls)}
+    def from_run_json(cls, data: dict[str, Any], where: Path) -> "RunResult":
+        """run.json's "result", also one written before the later fields existed."""
         required = [f.name for f in fields(cls) if f.default is MISSING]
         missing = [name for name in required if name not in data]
         if missing:
             raise damaged(where, f"damaged run file (its result has no {missing[0]!r})")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in data.items() if k in RUN_JSON_RESULT})
+
+    def as_json(self) -> dict[str, Any]:
+        """What the CLI's --json prints."""
+        shown = {name: getattr(self, name) for name in CALLER_JSON}
+        return {**shown, "run_dir": str(self.run_dir)}
 
 
-PROPOSAL_COLUMNS = [
-    "trial", "iteration", "group", "channels_before", "channels", "state", "rung", "predicted_latency_ms", "macs",
-    "params", "holdout_accuracy", "holdout_loss", "saving", "score", "rank", "trials", "steps", "seconds", "chosen",
-    "worker", "attempt", "failure",
-]
+_RESULT_FIELDS = [f.name for f in fields(RunResult)]
+RUN_JSON_RESULT = _RESULT_FIELDS[:_RESULT_FIELDS.index("finished") + 1]  # run.json's "result"
+CALLER_JSON = ["run_dir", "nothing_to_do", "already_finished", "seed_resource", "target", "final_resource",
+               "iterations", "measured_latency_ms", "seed_measured_latency_ms", "test_accuracy", "precision",
+               "fp32_test_accuracy"]
+
+
+@dataclass(frozen=True)
+class ProposalRecord:
+    """One row of proposals.csv (ledger.py builds them from the study): a proposal's last finished rung, its
+    rank there by the selection rule, and what all its trials cost."""
+
+    trial: int
+    iteration: int
+    group: str
+    channels_before: Optional[int]
+    channels: Optional[int]
+    state: str  # COMPLETE (reached the last rung), PRUNED (stopped before it), or the trial's state
+    rung: int
+    predicted_latency_ms: Optional[float]
+    macs: Optional[int]
+    params: Optional[int]
+    holdout_accuracy: Optional[float]
+    holdout_loss: Optional[float]
+    saving: Optional[float]
+    score: Optional[float]
+    rank: Optional[int]
+    trials: int
+    steps: int
+    seconds: float
+    chosen: bool
+    worker: str
+    attempt: int
+    failure: Optional[str]
+
+
+PROPOSAL_COLUMNS = [f.name for f in fields(ProposalRecord)]
 
 
 def damaged(path: Path, what: str) -> UserError:
@@ -183,6 +233,11 @@ class RunFolder:
     def final_onnx(self) -> Path:
         return self.path / "final.onnx"
 
+    @property
+    def final_int8_onnx(self) -> Path:
+        """An INT8 run's deployable network: QDQ ONNX calibrated on training images, any batch and size."""
+        return self.path / "final_int8.onnx"
+
     @staticmethod
     def is_run(path: str | os.PathLike) -> bool:
         """The one rule for "this folder is a NetAdapt run": netadapt writes run.json before anything else."""
@@ -202,8 +257,8 @@ class RunFolder:
 
     def sweep_temporary_files(self) -> int:
         """Delete the temporary files of atomic writes a kill cut short (`.NAME.xxxx.tmp`, never renamed into
-        place) in the folder, its iterations/ and trials/ (a trial's training state cut mid-write stayed there
-        after the rerun in the kill matrix); called when a run resumes, before its workers start."""
+        place) in the folder, its iterations/ and trials/ (nothing else ever removes one: a trial's training
+        state cut mid-write would stay for good); called when a run resumes, before its workers start."""
         swept = 0
         for folder in (self.path, self.path / "iterations", self.path / "trials"):
             for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
@@ -332,15 +387,15 @@ class RunFolder:
             frame[column] = frame[column].astype("Int64")
         write_csv(frame, self.iterations_csv)
 
-    def read_summary(self) -> Optional[RunSummary]:
+    def read_result(self) -> Optional[RunResult]:
         """The finished run's result from run.json; None while the run is not finished."""
         result = (self.read_run_json() or {}).get("result")
-        return RunSummary.from_json(result, self.run_json) if isinstance(result, dict) else None
+        return RunResult.from_run_json(result, self.run_json) if isinstance(result, dict) else None
 
-    def write_summary(self, summary: RunSummary) -> None:
+    def write_result(self, result: RunResult) -> None:
         saved = self.read_run_json() or {}
-        saved["result"] = asdict(summary)
+        saved["result"] = result.to_run_json()
         self.write_run_json(saved)
 
-    def write_proposals(self, rows: list[dict[str, Any]]) -> None:
-        write_csv(pd.DataFrame(rows, columns=PROPOSAL_COLUMNS), self.proposals_csv)
+    def write_proposals(self, records: list[ProposalRecord]) -> None:
+        write_csv(pd.DataFrame([asdict(r) for r in records], columns=PROPOSAL_COLUMNS), self.proposals_csv)

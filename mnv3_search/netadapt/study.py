@@ -1,14 +1,17 @@
 """The run's Optuna study: one trial per rung of each proposal, enqueued by the master, claimed by workers.
 
 Proposals are enqueued as WAITING trials with fixed params (group, channels); the master decides which
-proposals go on to the next rung (successive halving, see loop.py), so no Optuna pruner is involved.
-A worker claims one by moving it WAITING -> RUNNING in the storage, which the storage does atomically (Optuna's \
-own mechanism for
-enqueued trials), so no proposal is evaluated twice. A claimed trial stamps a heartbeat at every report;
-the master fails a RUNNING trial whose heartbeat went stale and enqueues it again, so a dead worker's
-proposal is retried, never lost — at most `max_attempts` times: a proposal that kills every process that
-evaluates it is then marked failed with its reason, and its iteration goes on with the others.
+proposals go on to the next rung (successive halving, see halving.py), so no Optuna pruner is involved.
+A worker claims one by moving it WAITING -> RUNNING in the storage, which the storage does atomically
+(Optuna's own mechanism for enqueued trials), so no proposal is evaluated twice. A claimed trial stamps a
+heartbeat at every report; the master fails a RUNNING trial whose heartbeat went stale and enqueues it
+again, so a dead worker's proposal is retried, never lost — at most `max_attempts` times: a proposal that
+kills every process that evaluates it is then marked failed with its reason, and its iteration goes on with
+the others.
 Any Optuna storage URL works: SQLite (default), PostgreSQL, MySQL, or a journal file (`*.journal`).
+Optuna's own heartbeat (`heartbeat_interval`, `RetryFailedTrialCallback`) is not used: it runs only inside
+`study.optimize`, which these enqueued, master-decided trials never go through, it cannot tell a dead local
+worker by its pid at once, and it retries without limit unless told and without the reason a proposal failed.
 
 Storage URLs may hold a password. It is never written (run.json, CSVs, study attributes, messages): every
 URL that leaves this module for a file or a message goes through `redact`, and local workers receive the
@@ -33,18 +36,9 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import UserError
+from .attrs import (ATTEMPT_ATTR, CHANNELS_PARAM, FAILURE_ATTR, FIXED_PARAMS_ATTR, GIVEN_UP_ATTR, GROUP_PARAM,
+                    HEARTBEAT_ATTR, ITERATION_ATTR, RETRY_OF_ATTR, RUNG_ATTR, STATUS_ATTR, WORKER_ATTR)
 
-CONFIG_ATTR = "netadapt_config"
-RUN_DIR_ATTR = "run_dir"
-STATUS_ATTR = "status"  # running | finished
-GROUPS_ATTR = "groups"  # [group names, widest channel count] of the seed: the trials' param space
-HEARTBEAT_ATTR = "heartbeat"
-ITERATION_ATTR = "iteration"
-WORKER_ATTR = "worker"
-RUNG_ATTR = "rung"  # successive-halving rung of a proposal's trial (0: from the parent)
-ATTEMPT_ATTR = "attempt"  # 1 for a proposal's first evaluation, +1 each time it is enqueued again
-FAILURE_ATTR = "failure"  # why an attempt failed (its worker died or went silent)
-GIVEN_UP_ATTR = "given_up"  # True on a proposal's last allowed attempt once it failed: never enqueued again
 STORAGE_ENV = "MNV3_SEARCH_STORAGE"  # how a storage URL (password included) reaches workers and commands
 HEARTBEAT_SECONDS = 2.0  # a claimed trial's heartbeat is stamped this often while it is evaluated
 CLAIM_SECONDS = 10.0  # claim() stamps a trial with its worker at once; one unstamped this long lost its claimer
@@ -147,7 +141,7 @@ class StorageLost(UserError):
     """The storage server went away in the middle of a run (restarted, network cut): the run stops in one line,
     and running the same command again resumes it (every finished rung trial is reused)."""
 
-    exit_code = 4  # README: exit codes
+    exit_code = 4  # docs/reliability.md: exit codes
 
 
 def lost_connection(exc: BaseException) -> Optional[str]:
@@ -254,7 +248,7 @@ def iteration_trials(study: optuna.Study, iteration: int,
 
 def trial_group(t: FrozenTrial) -> Optional[str]:
     """The proposal group of a trial, also while it is still WAITING (params fixed, not yet suggested)."""
-    return t.params.get("group", t.system_attrs.get("fixed_params", {}).get("group"))
+    return t.params.get(GROUP_PARAM, t.system_attrs.get(FIXED_PARAMS_ATTR, {}).get(GROUP_PARAM))
 
 
 def enqueue(study: optuna.Study, iteration: int, group: str, channels: int, attrs: dict[str, Any],
@@ -267,7 +261,7 @@ def enqueue(study: optuna.Study, iteration: int, group: str, channels: int, attr
         if trial_group(t) == group and t.user_attrs.get(RUNG_ATTR, 0) == rung and \
                 (t.state != TrialState.FAIL or t.user_attrs.get(GIVEN_UP_ATTR)):
             return
-    study.enqueue_trial({"group": group, "channels": channels},
+    study.enqueue_trial({GROUP_PARAM: group, CHANNELS_PARAM: channels},
                         user_attrs={**attrs, ITERATION_ATTR: iteration, RUNG_ATTR: rung})
 
 
@@ -295,7 +289,9 @@ def _locked(path: Optional[Path]) -> Iterator[None]:
 
 
 # Optuna's storage API is public, but a Study's handle to its storage and the storage's ids of a study and a
-# trial (not trial.number) are not; these three are the only places that reach for them.
+# trial (not trial.number) are not. This module is the only one that reaches Optuna's private names (these
+# three, the claim's mirror below and the RDB logger's name); tests/test_optuna_door.py holds it to that and
+# to the Optuna major version pinned in pyproject.toml.
 def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
     """The storage `study` reads and writes (claims and failures go to it directly, past the Study API)."""
     return study._storage  # noqa: SLF001 - Optuna 5 has no public accessor for it
@@ -428,8 +424,8 @@ def requeue_stale(study: optuna.Study, iteration: int, stale_seconds: float, max
         if not give_up:
             attrs = {k: v for k, v in t.user_attrs.items()
                      if k not in (HEARTBEAT_ATTR, ITERATION_ATTR, WORKER_ATTR, ATTEMPT_ATTR, FAILURE_ATTR)}
-            fixed = t.system_attrs.get("fixed_params", t.params)
-            study.enqueue_trial(dict(fixed), user_attrs={ITERATION_ATTR: iteration, **attrs, "retry_of": t.number,
+            fixed = t.system_attrs.get(FIXED_PARAMS_ATTR, t.params)
+            study.enqueue_trial(dict(fixed), user_attrs={ITERATION_ATTR: iteration, **attrs, RETRY_OF_ATTR: t.number,
                                                          ATTEMPT_ATTR: attempt + 1})
     return count
 

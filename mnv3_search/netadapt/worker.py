@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..errors import UserError
+from ..fileio import disk_full
 from ..latency import torch_threads
-from .artifacts import ARTIFACTS_ATTR, RunArtifacts, open_store, worker_location
+from .artifacts import RunArtifacts, open_store, worker_location
+from .attrs import ARTIFACTS_ATTR, CONFIG_ATTR, GROUPS_ATTR, RUN_DIR_ATTR, STATUS_ATTR
 from .config import RunConfig
 from .evaluate import Evaluator, work
 from .runfolder import RunFolder
-from .study import (CONFIG_ATTR, GROUPS_ATTR, RUN_DIR_ATTR, STATUS_ATTR, STORAGE_ENV, StorageLost,
-                    StorageUnreachable, as_storage_lost, claim_lock_path, load_study, process_gone)
+from .study import (STORAGE_ENV, StorageLost, StorageUnreachable, as_storage_lost, claim_lock_path, load_study,
+                    process_gone)
 
 JOIN_WAIT_SECONDS = 600.0  # how long a worker waits for a master that has not yet written its seed
 WORKER_MODULE = "mnv3_search.netadapt.worker"  # what local workers run (`python -m`)
@@ -37,7 +39,7 @@ STOP_WAIT_SECONDS = 30.0  # a local worker leaves within a poll of the run finis
 
 def join_run(storage: str, study_name: str, run_dir: Optional[str | Path] = None, *,
              artifacts: Optional[str] = None, parent_pid: Optional[int] = None, threads: int = 1,
-             log: Callable[[str], None] = lambda _: None,
+             log: Callable[[str], None] = lambda _: None, note: Optional[Callable[[str], None]] = None,
              wait_seconds: float = JOIN_WAIT_SECONDS) -> int:
     """Evaluate the run's claimed proposals until it is finished; returns how many were evaluated.
 
@@ -46,7 +48,8 @@ def join_run(storage: str, study_name: str, run_dir: Optional[str | Path] = None
     and no `artifacts` is given). Without a run folder the worker needs none: checkpoints come from and go to
     the run's artifact store, the one the run recorded or `artifacts` (the store as reached from here).
     `parent_pid`: leave when that process is gone, even unreaped, so a local worker never outlives
-    (and holds the pipes of) the netadapt that started it. `log` gets one line per event worth telling."""
+    (and holds the pipes of) the netadapt that started it. `log` gets one line per event worth telling, `note`
+    (default: `log`) the line saying a trial's unreadable files made it train a proposal again."""
     study = load_study(storage, study_name)
     deadline = time.monotonic() + wait_seconds
     while GROUPS_ATTR not in study.user_attrs:  # the master writes these once its seed exists
@@ -69,7 +72,8 @@ def join_run(storage: str, study_name: str, run_dir: Optional[str | Path] = None
     store = RunArtifacts(location, open_store(location)) if location is not None else None
     names, max_channels = attrs[GROUPS_ATTR]
     with torch_threads(threads):
-        evaluator = Evaluator(folder, config, list(names), int(max_channels), artifacts=store)
+        evaluator = Evaluator(folder, config, list(names), int(max_channels), artifacts=store,
+                              note=log if note is None else note)
 
         def should_stop() -> bool:
             if parent_pid is not None and (os.getppid() != parent_pid or process_gone(parent_pid)):
@@ -82,7 +86,7 @@ def join_run(storage: str, study_name: str, run_dir: Optional[str | Path] = None
             done = work(study, evaluator, should_stop, claim_lock_path(storage),
                         on_trial=lambda state: log(f"proposal {state.name.lower()}"))
         except Exception as exc:  # the server restarted: its claimed trial is failed and enqueued again by the run
-            lost = as_storage_lost(exc, storage, then="start the worker again to rejoin the run")
+            lost = as_storage_lost(exc, storage, then="start the worker again to rejoin the run") or disk_full(exc)
             if lost is None:
                 raise
             raise lost from None
@@ -128,8 +132,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device = os.environ.get(DEVICE_ENV) or "auto"
         resolve_device(device)
         os.environ[DEVICE_ENV] = device
+        def say(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
         join_run(storage, args.study, args.run_dir, parent_pid=args.parent_pid, threads=args.threads,
-                 log=(lambda _: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)))
+                 log=(lambda _: None) if args.quiet else say, note=say)
     except (StorageLost, StorageUnreachable) as exc:  # the server went away mid-run: a local worker's netadapt
         # loses it too (it had it open when it started this worker) and says so in its one line
         if args.parent_pid is None:

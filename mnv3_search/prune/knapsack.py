@@ -2,14 +2,14 @@
 knapsack under the budget, in one shot from the trained seed.
 
 NetAdapt spends most of its time on short fine-tunes that rank one group's cut at a time. HALP instead
-scores every channel once (first-order Taylor importance of its BatchNorm scale and shift, accumulated over
-batches: Molchanov et al. 2019), prices every width of every group with the same resource function NetAdapt
-uses (latency table, MACs or parameters), and keeps the channels with the largest total importance whose
-resource meets the budget: a multiple-choice knapsack, one width per group.
+scores every channel once (an importance estimator, prune/importance.py: Taylor by default, as HALP), prices
+every width of every group with the same resource function NetAdapt uses (latency table, MACs or
+parameters), and keeps the channels with the largest total importance whose resource meets the budget: a
+multiple-choice knapsack, one width per group.
 
 A group's price is linearised around the seed (the group cut alone); the chosen shape's resource is then
 computed exactly (every group at its width together) and the knapsack's capacity moved until that exact
-figure meets the target (`knapsack_shape`). `netadapt/loop.py` (`--method knapsack`) adds what a table
+figure meets the target (`knapsack_shape`). `netadapt/knapsack_search.py` (`--method knapsack`) adds what a table
 cannot: the shape is timed beside the seed and the target corrected until the measurement meets the budget.
 """
 
@@ -20,15 +20,12 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..data import Dataset, batches
-from ..model.build import build_model
 from ..spec.arch import ArchSpec
 from .groups import ProposalGroup, find_group
-from .surgery import StateDict, child_spec, plan_shrink, shrink
+from .importance import GroupScores
+from .surgery import StateDict, child_spec, shrink
 
-TAYLOR_BATCHES = 32  # batches the importance is averaged over (7 s for Small at 32 px on one core)
 MAX_OPTIONS = 16  # widths priced per group below its full width: every table entry is a measurement
 
 
@@ -41,59 +38,6 @@ def width_options(group: ProposalGroup, max_options: int = MAX_OPTIONS) -> list[
         picks = np.linspace(0, len(allowed) - 1, max_options).round().astype(int)
         allowed = [allowed[i] for i in sorted(set(picks.tolist()))]
     return [group.channels, *allowed]
-
-
-@dataclass(frozen=True)
-class GroupScores:
-    """Per-channel importance of one group of the seed, in channel order; a width of k keeps the k largest."""
-
-    group: ProposalGroup
-    importance: np.ndarray
-
-    def kept_importance(self, keep: int) -> float:
-        return float(np.sort(self.importance)[::-1][:keep].sum())
-
-
-def _group_tensors(spec: ArchSpec, state: Mapping[str, torch.Tensor], group: ProposalGroup) -> list[tuple[str, int]]:
-    """(tensor, channel dim) pairs whose slices are this group's own channels: BatchNorm scale and shift where
-    the group has them (HALP's Taylor score), else the producing layer's outputs (the classifier's hidden units)."""
-    plan = plan_shrink(spec, state, group, group.channels, group.step)
-    own = [(s.key, s.dim) for s in plan.slices if s.index is plan.kept]
-    bn = [(k, d) for k, d in own if k.endswith(".1.weight") or k.endswith(".1.bias")]
-    return bn or [(k, d) for k, d in own if d == 0]
-
-
-def taylor_importance(spec: ArchSpec, state: Mapping[str, torch.Tensor], dataset: Dataset,
-                      groups: Sequence[ProposalGroup], num_batches: int = TAYLOR_BATCHES, batch_size: int = 64,
-                      seed: int = 0) -> list[GroupScores]:
-    """First-order Taylor importance per channel: mean over training batches of (sum over the channel's
-    tensors of weight x gradient)^2, the loss change its removal would cause to first order. The network is
-    in training mode (BatchNorm on batch statistics), the loss a fine-tune would see, as HALP scores."""
-    model = build_model(spec)
-    model.load_state_dict(state, strict=True)
-    model.train()
-    params = dict(model.named_parameters())
-    tensors = [_group_tensors(spec, state, g) for g in groups]
-    totals = [np.zeros(g.channels) for g in groups]
-    loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(seed)
-    seen = 0
-    for x, y in batches(dataset, dataset.train, batch_size, shuffle=True, generator=generator):
-        model.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        with torch.no_grad():
-            for n, pairs in enumerate(tensors):
-                score = torch.zeros(groups[n].channels, dtype=torch.float64)
-                for key, dim in pairs:
-                    p = params[key]
-                    assert p.grad is not None
-                    wg = (p * p.grad).double()
-                    score += wg.movedim(dim, 0).reshape(wg.shape[dim], -1).sum(dim=1)
-                totals[n] += (score ** 2).numpy()
-        seen += 1
-        if seen == num_batches:
-            break
-    return [GroupScores(g, t / max(seen, 1)) for g, t in zip(groups, totals)]
 
 
 def solve_multiple_choice(costs: Sequence[np.ndarray], values: Sequence[np.ndarray], capacity: float,

@@ -152,7 +152,7 @@ def child_spec(spec: ArchSpec, group: Union[str, ProposalGroup], keep: int, step
 def plan_shrink(spec: ArchSpec, state_dict: Mapping[str, torch.Tensor], group: Union[str, ProposalGroup],
                 keep: int, step: int = 8, scores: Optional[torch.Tensor] = None) -> ShrinkPlan:
     """Decide which channels of `group` survive and how every tensor is sliced. Survivors: the largest
-    `scores` (one per channel of the group, e.g. Taylor importance: prune/knapsack.py) when given, else the
+    `scores` (one per channel of the group, an importance estimator's: prune/importance.py) when given, else the
     largest L2 norms of the producing filters (NetAdapt)."""
     spec = spec.scaled()
     group = find_group(spec, group, step)

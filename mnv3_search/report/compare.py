@@ -73,15 +73,15 @@ def load_variant(argument: str, weights: Optional[str] = None, label: Optional[s
                             f"`mnv3-search netadapt --resume {path}` first")
         spec = load_spec(final)
         run = folder.read_run_json() or {}
-        summary = folder.read_summary()
+        summary = folder.read_result()
         checkpoint = Path(weights) if weights else folder.final_pt
         state = read_state_dict(checkpoint) if checkpoint.is_file() else None
         if state is not None:
             check_fits(state, build_model(spec), str(checkpoint), str(final))
         accuracy = summary.test_accuracy if summary is not None else None
+        source = "run.json test" + (", INT8" if summary is not None and summary.precision == "int8" else "")
         return Variant(label or path.resolve().name, str(path), "run", spec, state,
-                       None if accuracy is None else float(accuracy), "run.json test" if accuracy is not None else "",
-                       run)
+                       None if accuracy is None else float(accuracy), source if accuracy is not None else "", run)
     spec_path = resolve_spec_path(argument)
     spec = load_spec(spec_path)
     state = None
@@ -101,8 +101,9 @@ def unique_labels(variants: Sequence[Variant]) -> None:
             v.label = f"{v.label}#{n}"
 
 
-def evaluate_variants(variants: Sequence[Variant], dataset: Dataset) -> None:
-    """Test accuracy on `dataset` for every variant with weights whose classifier fits the dataset."""
+def evaluate_variants(variants: Sequence[Variant], dataset: Dataset, precision: str = "fp32") -> None:
+    """Test accuracy on `dataset` for every variant with weights whose classifier fits the dataset; at INT8, of
+    the network quantized on the dataset's training images (`quantize.int8_accuracy`)."""
     from ..train import evaluate
 
     for v in variants:
@@ -111,8 +112,14 @@ def evaluate_variants(variants: Sequence[Variant], dataset: Dataset) -> None:
         if v.spec.num_classes != dataset.num_classes:
             raise UserError(f"{v.source}: the network has {v.spec.num_classes} outputs but --data "
                             f"{dataset.name} has {dataset.num_classes} classes")
-        v.accuracy = evaluate(v.model(), dataset, dataset.test)
-        v.accuracy_source = f"{dataset.name} test"
+        if precision == "int8":
+            from ..quantize import int8_accuracy
+
+            v.accuracy = int8_accuracy(v.model(), dataset)[0].file_accuracy
+            v.accuracy_source = f"{dataset.name} test, INT8"
+        else:
+            v.accuracy = evaluate(v.model(), dataset, dataset.test)
+            v.accuracy_source = f"{dataset.name} test"
 
 
 def measure_variants(variants: Sequence[Variant], backend: Backend, batch: int = 1,

@@ -22,7 +22,7 @@ import pandas as pd
 from ..budget import LATENCY, MACS, PARAMS, parse_budget
 from ..errors import UserError
 from ..fileio import PathLike, atomic_path
-from ..netadapt.runfolder import RunFolder, RunSummary
+from ..netadapt.runfolder import RunFolder, RunResult
 from ..spec.arch import ArchSpec
 from ..spec.yaml_io import load_spec
 
@@ -43,7 +43,7 @@ class RunData:
     iterations: pd.DataFrame
     proposals: pd.DataFrame
     resource: str
-    result: Optional[RunSummary] = None  # None while the run has not finished
+    result: Optional[RunResult] = None  # None while the run has not finished
     seed_spec: Optional[ArchSpec] = None
     final_spec: Optional[ArchSpec] = None
     summary: list[tuple[str, str, str]] = field(default_factory=list)  # (figure, seed, final)
@@ -70,7 +70,7 @@ def read_run(path: PathLike) -> RunData:
     proposals = folder.proposals_frame() if folder.proposals_csv.is_file() else pd.DataFrame()
     budget = (run.get("config") or {}).get("budget", "")
     resource = parse_budget(budget).resource if budget else LATENCY
-    data = RunData(path, run, iterations, proposals, resource, result=folder.read_summary())
+    data = RunData(path, run, iterations, proposals, resource, result=folder.read_result())
     if folder.seed_checkpoint.is_file():
         data.seed_spec = RunFolder.load(folder.seed_checkpoint)[0]
     if RunFolder(path).final_yaml.is_file():
