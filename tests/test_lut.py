@@ -14,16 +14,19 @@ from click.testing import CliRunner
 
 from mnv3_search import UserError, build_model
 from mnv3_search.cli import cli
-from mnv3_search.latency import (BlockKey, Entry, InterleavedPolicy, LatencyTable, Measurement, OnnxRuntimeBackend,
-                                 build_table, check_table, check_variants, choose_calibration, fit_calibration,
-                                 fit_model, read_table_file, relative_to_reference, spec_keys, summarize_errors)
-from mnv3_search.latency.table import ANCHORS, anchor_level
+from mnv3_search.latency import (BlockKey, CheckRow, Entry, InterleavedPolicy, LatencyTable, Measurement,
+                                 OnnxRuntimeBackend, build_table, check_table, check_variants, choose_calibration,
+                                 fit_calibration, fit_model, heldout_text, open_for_run, read_table_file,
+                                 relative_to_reference, spec_keys, summarize_errors)
+from mnv3_search.latency.calibration import SMALL_SHARE
+from mnv3_search.latency.table import ANCHORS, CALIBRATION_PASSES, anchor_level
 from mnv3_search.latency.tablefile import FORMAT_VERSION, MIGRATIONS, table_text
 from mnv3_search.model.build import count_params
-from mnv3_search.model.counts import spec_params
+from mnv3_search.model.counts import spec_macs, spec_params
 from mnv3_search.prune.surgery import child_spec
-from mnv3_search.prune.variants import (UNIFORM_COMPANIONS, calibration_companions, netadapt_keys, random_variant,
-                                        variant_specs)
+from mnv3_search.prune.groups import proposal_groups
+from mnv3_search.prune.variants import (JITTER, SPAN, UNIFORM_COMPANIONS, calibration_companions, netadapt_keys,
+                                        random_variant, span_fractions, spanning_variant, variant_specs)
 
 FAST = InterleavedPolicy(passes=2, runs_per_pass=1, warmup_runs=1, min_passes=1)
 
@@ -326,6 +329,28 @@ def test_per_call_term_is_fitted_and_kept_when_the_sum_counts_a_call_per_block()
     assert fit_model(truth[:2], "overhead") == (pytest.approx(1.1), 0.0, 0.0)  # 2 points: no fit
 
 
+def test_fit_is_made_on_ratios_to_the_seed_and_is_exact_at_the_seed():
+    """The overhead model on three networks, by hand: measured shares m = 1.5 / 4 and 0.5 / 4 of the seed; the
+    rows (1 - m) / m = 5/3, 7 and (m raw_0 - raw) / m = -4/3, -4 give gamma = c / a = -136/233, then
+    a = 4 / (4 + gamma) = 233/199 and c = -136/199."""
+    points = [(4.0, 0, 4.0), (2.0, 0, 1.5), (1.0, 0, 0.5)]
+    a, b, c = fit_model(points, "overhead")
+    assert (a, b, c) == (pytest.approx(233 / 199, rel=1e-12), 0.0, pytest.approx(-136 / 199, rel=1e-12))
+    assert a * 4.0 + c == pytest.approx(4.0, rel=1e-12)  # the seed exactly
+    # only ratios matter: the same networks measured 1.7x slower give the same shape, scaled
+    slower = fit_model([(r, q, 1.7 * m) for r, q, m in points], "overhead")
+    assert slower == (pytest.approx(1.7 * a, rel=1e-12), 0.0, pytest.approx(1.7 * c, rel=1e-12))
+    # a noisy companion bends the terms, never the seed
+    noisy = [(r, q, 1.2 * r + 0.5 * q / 1e6 - 0.3) for r, q in
+             [(3.0, 2_000_000), (1.3, 500_000), (0.9, 200_000), (2.1, 1_000_000), (2.4, 1_600_000)]]
+    noisy[3] = (noisy[3][0], noisy[3][1], 1.03 * noisy[3][2])
+    a, b, c = fit_model(noisy, "three-term")
+    assert a * 3.0 + b * 2.0 + c == pytest.approx(noisy[0][2], rel=1e-12) and b > 0
+    # networks that barely get faster as they shrink: the fit would explain the seed by its constant term
+    # (a x blocks < half the seed's time), which is noise, not cost: the plain factor instead
+    assert fit_model([(4.0, 0, 4.0), (2.0, 0, 3.9), (1.0, 0, 3.8)], "overhead") == (1.0, 0.0, 0.0)
+
+
 def test_calibration_records_its_model_and_reads_old_tables(table_file, tiny):
     table = LatencyTable.open(table_file, OnnxRuntimeBackend(), 1, FAST)
     cal = table.calibrate(tiny, calibration_companions(tiny, 4))
@@ -367,6 +392,36 @@ def test_calibration_companions_reach_small_networks(small):
     assert spec_params(companions[1]) < spec_params(companions[0]) < 0.5 * spec_params(seed)
     assert companions[2:] == variant_specs(seed, 3, seed=-1)
     assert calibration_companions(seed, 1) == companions[:1]
+
+
+def test_span_fractions_put_one_network_in_each_slice_of_the_span():
+    fractions = span_fractions(12, random.Random(0))
+    assert SPAN == (0.25, 1.0) and len(fractions) == 12 and len(set(fractions)) == 12
+    width = 0.75 / 12
+    assert [int((f - 0.25) // width) for f in sorted(fractions)] == list(range(12))
+    assert fractions != sorted(fractions)  # shuffled: a check's first variants are not all small
+    assert span_fractions(0, random.Random(0)) == []
+
+
+def test_check_variants_span_a_quarter_to_all_of_the_seeds_channels(small):
+    """Each group sits at the variant's share times a factor in JITTER (capped at the seed's width), at the
+    allowed width nearest it; the variants together reach from small networks to nearly the seed."""
+    seed = small.scaled()
+    rng = random.Random(0)
+    fractions = span_fractions(12, rng)
+    variants = variant_specs(seed, 12, seed=0)
+    assert variants == [replace(spanning_variant(seed, f, rng), name=seed.name) for f in fractions]
+    seed_groups = {g.name: g.channels for g in proposal_groups(seed)}
+    for fraction, variant in zip(fractions, variants):
+        widths = {g.name: g.channels for g in proposal_groups(variant)}
+        assert set(widths) == set(seed_groups)
+        for name, channels in seed_groups.items():
+            low, high = fraction * JITTER[0] * channels, min(1.0, fraction * JITTER[1]) * channels
+            assert widths[name] % 8 == 0 or widths[name] == channels
+            assert low - 4 <= widths[name] <= max(high + 4, 8), (name, fraction, widths[name], channels)
+    shares = sorted(spec_macs(v) / spec_macs(seed) for v in variants)
+    assert shares[0] < 0.2 and shares[-1] > 0.8  # a quarter of the channels is about a sixth of the MACs
+    assert len({tuple(b.exp for b in v.blocks) for v in variants}) == 12
 
 
 def test_anchor_level_is_the_median_ratio_of_anchors_now_to_stored():
@@ -455,10 +510,12 @@ def test_table_predicts_variants_relative_to_the_seed_timed_beside_them(small, t
 
     Small at 224 px, the deployment size (at 64 px fixed costs outside the blocks dominate: the raw sum's
     seed-relative error was +8 to +21 % there; at 128 px on the CPU clock a fresh CI table read +18 to +29 %,
-    at 224 px -4.5 to +9.6 %: per-call costs summed over blocks over-predict small networks); variants are
-    renamed, so they are predicted through `calibration_for`'s fallback
-    (the seed's, not Large's at another resolution). A table with its entries' latencies reversed (largest
-    block gets the smallest time) must miss by far more than the tolerance, in the same measurement.
+    at 224 px -4.5 to +9.6 %: per-call costs summed over blocks over-predict small networks). The variants span
+    a quarter to all of the seed's channels (a plain factor put the smallest, at 26 % of the seed, +22 % slow
+    on a loaded host), so the seed is calibrated as `lut build` does, beside companions (four here). Variants
+    are renamed, so they are predicted through `calibration_for`'s fallback (the seed's, not Large's at another
+    resolution). A table with its entries' latencies reversed (largest block gets the smallest time) must miss
+    by far more than the tolerance, in the same measurement.
     """
     seed = replace(small, resolution=224, num_classes=10)
     variants = [replace(v, name=f"custom-{i}") for i, v in enumerate(variant_specs(seed, 3, seed=3))]
@@ -466,7 +523,7 @@ def test_table_predicts_variants_relative_to_the_seed_timed_beside_them(small, t
     table = LatencyTable.open(tmp_path / "t.json", OnnxRuntimeBackend(), 1, policy)
     networks = [seed] + variants
     table.ensure(key for s in networks for _, key in spec_keys(s))
-    table.calibrate(seed, measured_ms=1.7 * table.raw_ms(seed))
+    table.calibrate(seed, calibration_companions(seed, 4))  # a quarter and a half of the seed, two spanning
     table.calibrate(replace(seed, resolution=64, name="other"), measured_ms=9.9)  # wrong if ever chosen
     assert {table.predict(v, measure_missing=False).calibration for v in variants} == {seed.name}
     together = table.measure_together(networks, tolerance=0.15)  # halves of 5 passes are noisier than the whole
@@ -475,7 +532,7 @@ def test_table_predicts_variants_relative_to_the_seed_timed_beside_them(small, t
                     f"p25 sat {100 * together.spread:.0f}% above the fastest run, after a re-measurement (the "
                     f"measurement marks itself unreliable; no decision is made on it)")
     ratios = [together.ratio(i) for i in range(1, len(networks))]
-    assert all(0.3 < r < 1.0 for r in ratios), ratios  # the variants are really smaller and really faster
+    assert all(0.15 < r < 1.0 for r in ratios), ratios  # the variants are really smaller and really faster
     errors = _relative_errors(table, networks, together)
     print(f"seed-relative errors {', '.join(f'{e:+.1f}%' for e in errors)}; ratio shift "
           f"{100 * together.ratio_shift:.1f}%")
@@ -532,8 +589,52 @@ def test_build_and_check_on_a_tiny_network(tmp_path, tiny):
     assert summary.count == 3
     assert summary.worst_pct == max(abs(r.error_pct) for r in rows[1:])
     assert summary.rel_worst_pct == max(abs(r.relative_error_pct) for r in rows[1:])
+    assert summary.rel_bias_pct == pytest.approx(sum(r.relative_error_pct for r in rows[1:]) / 3, rel=1e-12)
+    assert (summary.smallest_ratio, summary.largest_ratio) == (min(r.measured_ratio for r in rows[1:]),
+                                                               max(r.measured_ratio for r in rows[1:]))
     rows = check_variants(table, tiny, variant_specs(tiny, 2, seed=1), calibration_companions(tiny))
     assert [r.network for r in rows] == ["seed", "variant 1", "variant 2"]
+
+
+def test_summary_of_synthetic_rows_is_exact():
+    rows = [CheckRow("seed", 10.0, 10.0, 8.0, 8.5),
+            CheckRow("variant 1", 5.0, 4.2, 4.0, 4.2, 0.42, 0.5, 0.4),  # +5 % (ratio and absolute), raw ratio +25 %
+            CheckRow("variant 2", 3.0, 2.76, 3.0, 3.1, 0.276, 0.3, 0.3)]  # -8 %, raw ratio 0 %
+    s = summarize_errors(rows)
+    assert (s.count, s.rel_within_10_pct, s.within_10_pct, s.smallest_ratio, s.largest_ratio) == (
+        2, 100.0, 100.0, 0.3, 0.4)
+    assert (s.rel_mape_pct, s.rel_worst_pct, s.rel_bias_pct) == (pytest.approx(6.5), pytest.approx(8.0),
+                                                                 pytest.approx(-1.5))
+    assert (s.raw_rel_mape_pct, s.raw_rel_bias_pct) == (pytest.approx(12.5), pytest.approx(12.5))
+    assert (s.mape_pct, s.worst_pct) == (pytest.approx(6.5), pytest.approx(8.0))
+
+
+def test_build_reports_progress_through_the_calibration_and_its_held_out_error(tmp_path, tiny):
+    table_path = tmp_path / "t.json"
+    table = LatencyTable.open(table_path, OnnxRuntimeBackend(), 1, FAST)
+    calls: list[tuple[float, float, str]] = []
+    report = build_table(table, tiny, netadapt_keys(tiny, 256), calibration_companions(tiny, 4),
+                         progress=lambda d, t, w: calls.append((d, t, w)))
+    whats = [w for _, _, w in calls]
+    assert whats[0].startswith("opening") and "timing entries" in whats
+    calibration = [(d, t) for d, t, w in calls if w == "timing whole networks (calibration)"]
+    passes = CALIBRATION_PASSES * FAST.passes  # the calibration's wholes are timed longer than entries
+    assert calibration == [(i, passes) for i in range(1, passes + 1)]  # the last thing reported
+    assert whats[-1] == "timing whole networks (calibration)"
+    assert report.cpu_seconds > 0 and report.calibration.networks == 5
+    cal = report.calibration
+    assert cal.smallest_macs_share == min(spec_macs(c) / spec_macs(tiny) for c in calibration_companions(tiny, 4))
+    result = CliRunner().invoke(cli, ["lut", "build", "small", "--resolution", "32", "--step", "256", "--lut",
+                                      str(table_path)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # rich wraps long lines to the terminal's width
+    assert "0 measured" in text and "CPU-min" in text
+    cal = LatencyTable.load(table_path).calibrations[tiny.name]  # the build calibrates again, on 10 companions
+    held = cal.heldout_pct
+    assert held is not None and cal.networks == 11
+    assert text.endswith(f"held-out error relative to the seed (10 networks down to "
+                         f"{100 * cal.smallest_macs_share:.0f}% of its MACs, each left out of the fit in turn): "
+                         f"{cal.model} {held[cal.model]:.1f}% (all forms: {heldout_text(cal)})")
 
 
 def test_check_cli_reports_seed_relative_error_and_drift(table_file, tmp_path, tiny):
@@ -689,10 +790,19 @@ def _as_v1(data: dict, shape: str) -> dict:
 
 
 def _as_v2(data: dict) -> dict:
-    """`data` (a current document of an FP32 table) as version 2 wrote it: no precision."""
-    data = json.loads(json.dumps(data))
+    """`data` (a current document of an FP32 table) as version 2 wrote it: no precision (nor calibrations' span)."""
+    data = _as_v3(data)
     data["version"] = 2
     del data["precision"]
+    return data
+
+
+def _as_v3(data: dict) -> dict:
+    """`data` (a current document) as version 3 wrote it: no calibration's `smallest_macs_share`."""
+    data = json.loads(json.dumps(data))
+    data["version"] = 3
+    for cal in data["calibrations"].values():
+        del cal["smallest_macs_share"]
     return data
 
 
@@ -705,7 +815,7 @@ def test_version_1_files_migrate_to_the_same_table_and_save_as_the_current_versi
     """Each shape version 1 was written in reads as the same entries and calibrations as before (a missing
     field at its old meaning), and the next save writes the current version with every field explicit."""
     data = json.loads(table_file.read_text())
-    assert data["version"] == FORMAT_VERSION == 3
+    assert data["version"] == FORMAT_VERSION == 4
     for cal in data["calibrations"].values():  # a calibration of the kind the oldest files held: a memory term
         cal.update(model="two-term", b_ms_per_mparam=0.5, c_ms=0.0, heldout_pct={"two-term": 2.5, "plain": 3.5})
     table_file.write_text(json.dumps(data))
@@ -716,14 +826,15 @@ def test_version_1_files_migrate_to_the_same_table_and_save_as_the_current_versi
         entries = {i: replace(e, level=1.0) for i, e in entries.items()}
     if shape in ("protocol without clock", "all at once"):  # before the thread clock: the wall clock
         header.protocol["clock"] = "wall"
+    calibrations = {n: replace(c, smallest_macs_share=None) for n, c in calibrations.items()}  # not recorded then
     assert (got_header, got_entries, got_calibrations) == (header, entries, calibrations)
     assert any(e.key.residual for e in got_entries.values())  # the rule, where the flag was left out
     LatencyTable.load(table_file).save()
     saved = json.loads(table_file.read_text())
-    assert saved["version"] == 3 and saved["protocol"]["clock"] == header.protocol["clock"]
+    assert saved["version"] == FORMAT_VERSION and saved["protocol"]["clock"] == header.protocol["clock"]
     assert saved["precision"] == "fp32"
     assert all("level" in e and "residual" in e["key"] for e in saved["entries"].values())
-    assert all({"model", "c_ms", "heldout_pct"} <= set(c) and "heldout_plain_pct" not in c
+    assert all({"model", "c_ms", "heldout_pct", "smallest_macs_share"} <= set(c) and "heldout_plain_pct" not in c
                for c in saved["calibrations"].values())
     assert read_table_file(table_file) == (header, entries, calibrations)
 
@@ -753,21 +864,63 @@ def test_the_oldest_version_1_file_migrates_field_by_field(tmp_path):
     assert entries == {OLDEST_ID: Entry(key, 0.25, 0.3, 0.2, 0.4, 0.19, 150, 1.0)}
     cal = calibrations["net"]
     assert (cal.model, cal.c_ms, cal.heldout_pct) == ("two-term", 0.0, {"two-term": 2.5, "plain": 3.5})
-    assert (cal.a, cal.b_ms_per_mparam, cal.networks) == (1.25, 0.5, 5)
+    assert (cal.a, cal.b_ms_per_mparam, cal.networks, cal.smallest_macs_share) == (1.25, 0.5, 5, None)
     LatencyTable.load(path).save()
     assert json.loads(path.read_text()) == {
-        **OLDEST_HEADER, "version": 3, "precision": "fp32",
+        **OLDEST_HEADER, "version": 4, "precision": "fp32",
         "protocol": {"statistic": "p25", "passes": 30, "runs_per_pass": 5, "clock": "wall"},
         "calibrations": {"net": {**OLDEST_CAL, "model": "two-term", "c_ms": 0.0,
-                                 "heldout_pct": {"two-term": 2.5, "plain": 3.5}, "factor": 1.5}},
+                                 "heldout_pct": {"two-term": 2.5, "plain": 3.5}, "smallest_macs_share": None,
+                                 "factor": 1.5}},
         "entries": {OLDEST_ID: {"key": {**OLDEST_KEY, "residual": True}, **OLDEST_FIGURES, "level": 1.0}}}
 
 
-def test_version_2_files_are_fp32_tables_and_save_as_version_3(table_file):
-    """Every table before precisions timed FP32 networks: a version-2 file reads as one, and an INT8 backend
-    refuses it."""
-    current = read_table_file(table_file)
-    assert current[0].precision == "fp32"
+def test_version_3_calibrations_are_fitted_again_on_small_networks_when_a_run_opens_them(table_file, tiny):
+    """A version-3 (or older) calibration does not say how small its companions were (they were 60-90 % cuts,
+    which left small networks over-predicted): it reads as unknown, and a run's `open_for_run` fits it again; a
+    calibration that saw small networks is used as it is."""
+    table_file.write_text(json.dumps(_as_v3(json.loads(table_file.read_text()))))
+    old = LatencyTable.load(table_file).calibrations[tiny.name]
+    assert (old.smallest_macs_share, old.spans_small_networks) == (None, False)
+    companions = calibration_companions(tiny, 3)
+    backend = CountingBackend()
+    table = open_for_run(table_file, backend, tiny, companions)
+    fitted = table.calibrations[tiny.name]
+    assert fitted.networks == 4 and fitted.spans_small_networks
+    assert fitted.smallest_macs_share == min(spec_macs(c) for c in companions) / spec_macs(tiny) <= SMALL_SHARE
+    assert json.loads(table_file.read_text())["version"] == FORMAT_VERSION
+    opened = len(backend.opened)
+    assert opened >= 4  # the seed and its companions, timed as whole networks
+    before = table_file.read_bytes()
+    again = open_for_run(table_file, backend, tiny, companions)
+    assert len(backend.opened) == opened and again.calibrations[tiny.name] == fitted  # not fitted again
+    assert table_file.read_bytes() == before
+
+
+def test_a_calibration_is_not_fitted_again_when_its_companions_cannot_reach_smaller_networks(table_file, tiny):
+    """A calibration that saw no small network is fitted again only where the companions offered reach a
+    smaller one than it saw: a seed that cannot shrink that far is not calibrated anew by every run."""
+    table = LatencyTable.load(table_file)
+    cal = table.calibrations[tiny.name]
+    table.calibrations[tiny.name] = replace(cal, smallest_macs_share=0.6)
+    table.save()
+    big = [c for c in calibration_companions(tiny) if spec_macs(c) / spec_macs(tiny) >= 0.6]
+    assert big
+    backend = CountingBackend()
+    before = table_file.read_bytes()
+    opened = open_for_run(table_file, backend, tiny, big)
+    assert opened.calibrations[tiny.name].smallest_macs_share == 0.6 and not backend.opened
+    assert table_file.read_bytes() == before
+    small = calibration_companions(tiny, 3)  # reach below 0.6: fitted again
+    assert open_for_run(table_file, backend, tiny, small).calibrations[tiny.name].spans_small_networks
+
+
+def test_version_2_files_are_fp32_tables_and_save_as_the_current_version(table_file):
+    """Every table before precisions timed FP32 networks: a version-2 file reads as one (its calibrations'
+    span unknown), and an INT8 backend refuses it."""
+    header, entries, calibrations = read_table_file(table_file)
+    assert header.precision == "fp32"
+    current = (header, entries, {n: replace(c, smallest_macs_share=None) for n, c in calibrations.items()})
     table_file.write_text(json.dumps(_as_v2(json.loads(table_file.read_text()))))
     assert read_table_file(table_file) == current
     with pytest.raises(UserError) as info:
@@ -775,13 +928,13 @@ def test_version_2_files_are_fp32_tables_and_save_as_version_3(table_file):
     assert str(info.value) == (f"{table_file}: this table was measured with precision FP32, not INT8 (here); it "
                                f"cannot predict this machine's latency: give another --lut path to build a new one")
     LatencyTable.load(table_file).save()
-    assert json.loads(table_file.read_text())["version"] == 3
+    assert json.loads(table_file.read_text())["version"] == FORMAT_VERSION
     assert read_table_file(table_file) == current
 
 
 def test_current_files_round_trip_byte_identically(table_file):
     before = table_file.read_bytes()
-    assert json.loads(before)["version"] == FORMAT_VERSION == 3
+    assert json.loads(before)["version"] == FORMAT_VERSION == 4
     assert table_text(*read_table_file(table_file)).encode() == before
     LatencyTable.load(table_file).save()
     assert table_file.read_bytes() == before
@@ -793,6 +946,8 @@ def test_current_files_round_trip_byte_identically(table_file):
     ("header", lambda d: d["protocol"].pop("clock"), "has a malformed header (protocol has no clock)"),
     ("calibration", lambda d: next(iter(d["calibrations"].values())).pop("c_ms"),
      "is malformed (c_ms is None, not a number)"),
+    ("calibration's span", lambda d: next(iter(d["calibrations"].values())).pop("smallest_macs_share"),
+     "is malformed ('smallest_macs_share')"),
     ("precision", lambda d: d.pop("precision"), "has a malformed header ('precision')"),
     ("precision", lambda d: d.update(precision="int4"), "has a malformed header (precision is 'int4', not fp32 or"),
 ])
@@ -806,7 +961,7 @@ def test_current_fields_are_never_filled_in(table_file, where, spoil, words):
     assert words in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("version", [4, 0, "2", None, True])
+@pytest.mark.parametrize("version", [5, 0, "2", None, True])
 def test_a_version_this_code_does_not_know_is_refused_in_one_line(table_file, version):
     data = json.loads(table_file.read_text())
     data["version"] = version
@@ -815,7 +970,7 @@ def test_a_version_this_code_does_not_know_is_refused_in_one_line(table_file, ve
     with pytest.raises(UserError) as info:
         LatencyTable.open(table_file, OnnxRuntimeBackend(), 1, FAST)
     assert str(info.value) == (f"{table_file}: has table version {version!r}; this mnv3-search reads versions 1 "
-                               f"to 3; it was left untouched: fix or move it, or give another --lut path")
+                               f"to 4; it was left untouched: fix or move it, or give another --lut path")
     assert table_file.read_bytes() == before
 
 

@@ -18,8 +18,8 @@ from .common import load_spec_argument, stdout_console
 from .options import (BATCH_HELP, CSV_HELP, LUT_HELP, RUNNER_DEVICE_HELP, SEED_HELP, THREADS_HELP, backend_option,
                       precision_option, resolution_option, runner_options)
 from ..errors import UserError
-from ..latency import (InterleavedPolicy, LatencyTable, build_table, check_table, default_table_path, heldout_text,
-                       make_backend, summarize_errors)
+from ..latency import (Calibration, InterleavedPolicy, LatencyTable, build_table, check_table, default_table_path,
+                       heldout_text, make_backend, summarize_errors)
 from ..prune.variants import calibration_companions, netadapt_keys, variant_specs
 from ..fileio import write_csv
 
@@ -114,14 +114,25 @@ def build(spec: str, table_path: Optional[str], table_alias: Optional[str], back
     with _progress(err, "lut build") as progress:
         report = build_table(table, arch, netadapt_keys(arch, step), calibration_companions(arch), progress)
     cal = report.calibration
-    stdout_console().print(
+    console = stdout_console()
+    console.print(
         f"{report.entries_needed} entries for {arch.name} at {arch.resolution} px: {report.entries_measured} "
         f"measured, {report.entries_needed - report.entries_measured} already in the table "
-        f"({report.seconds:.1f} s). Calibration on {cal.networks} networks ({cal.model}): whole = {cal.a:.3f} x "
-        f"blocks sum + {cal.b_ms_per_mparam:.3f} ms per M params {cal.c_ms:+.3f} ms; seed: blocks sum "
-        f"{cal.raw_ms:.3f} ms, measured "
-        f"{cal.measured_ms:.3f} ms (p25), predicted {cal.apply(cal.raw_ms, cal.params):.3f} ms. Table: {table.path}",
-        highlight=False)
+        f"({report.seconds:.1f} s, {report.cpu_seconds / 60:.1f} CPU-min). Calibration on {cal.networks} networks "
+        f"({cal.model}): whole = {cal.a:.3f} x blocks sum + {cal.b_ms_per_mparam:.3f} ms per M params "
+        f"{cal.c_ms:+.3f} ms; seed: blocks sum {cal.raw_ms:.3f} ms, measured {cal.measured_ms:.3f} ms (p25), "
+        f"predicted {cal.apply(cal.raw_ms, cal.params):.3f} ms. Table: {table.path}", highlight=False)
+    console.print(heldout_line(cal), highlight=False)
+
+
+def heldout_line(cal: Calibration) -> str:
+    """The build's last line: how well the kept model predicted networks it was not fitted on."""
+    if not cal.heldout_pct:
+        return (f"held-out error: none ({cal.networks} network(s) leave nothing to hold out); "
+                f"check with `mnv3-search lut check`")
+    span = f" down to {100 * cal.smallest_macs_share:.0f}% of its MACs" if cal.smallest_macs_share else ""
+    return (f"held-out error relative to the seed ({cal.networks - 1} networks{span}, each left out of the fit in "
+            f"turn): {cal.model} {cal.heldout_pct[cal.model]:.1f}% (all forms: {heldout_text(cal)})")
 
 
 @lut.command()
@@ -172,7 +183,9 @@ def check(spec: str, table_path: Optional[str], table_alias: Optional[str], back
     console.print(
         f"{s.count} variants relative to the seed (what NetAdapt decides on): mean abs error {s.rel_mape_pct:.1f}% "
         f"(raw sum {s.raw_rel_mape_pct:.1f}%), worst {s.rel_worst_pct:.1f}%, {s.rel_within_10_pct:.0f}% within "
-        f"±10%\nabsolute: mean abs error {s.mape_pct:.1f}% (raw sum {s.raw_mape_pct:.1f}%), worst {s.worst_pct:.1f}%, "
+        f"±10%, mean signed error {s.rel_bias_pct:+.1f}% (positive: predicted slower than measured); variants "
+        f"measured at {100 * s.smallest_ratio:.0f}-{100 * s.largest_ratio:.0f}% of the seed\nabsolute: mean abs "
+        f"error {s.mape_pct:.1f}% (raw sum {s.raw_mape_pct:.1f}%), worst {s.worst_pct:.1f}%, "
         f"{s.within_10_pct:.0f}% within ±10%\nhost drift since calibration: seed {rows[0].measured_ms:.3f} ms now vs "
         f"{cal.measured_ms:.3f} ms then ({report.drift_pct:+.1f}%); calibration model: {cal.model}",
         highlight=False)

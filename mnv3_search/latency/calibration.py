@@ -4,12 +4,13 @@ The sum of entries is not the whole network's latency: a block timed alone keeps
 whole network streams all of them from memory every run), and each entry pays a call's fixed cost that the
 whole network pays once. So a prediction carries a calibrated figure, `a * sum + b * params + c`, fitted on
 whole networks measured with the table's protocol (p25): the seed and companions of its depth timed
-interleaved. Four models compete (`MODEL_TERMS`): plain (the seed's factor, b = c = 0), two-term (a, b),
-overhead (a, c) and three-term; each is fitted with one network held out at a time, and the one that predicts
-held-out networks relative to the seed best is kept (`Calibration.model`). With the seed alone, b = c = 0 and
-a = measured / sum (the plain factor of REFERENCE §4). On Small at 224 px the per-call surplus made the raw sum
-put width 0.1 at 31 % of the seed (measured 22 %) and a 35 % NetAdapt network at 37 % (measured 27 %), so the
-loop overshot its budget.
+interleaved, spanning a quarter to all of its channels (`prune.variants.calibration_companions`). Four models
+compete (`MODEL_TERMS`): plain (the seed's factor, b = c = 0), two-term (a, b), overhead (a, c) and three-term;
+each is fitted on ratios to the seed (what decisions use) with one network held out at a time, and the one that
+predicts held-out networks relative to the seed best is kept (`Calibration.model`). With the seed alone,
+b = c = 0 and a = measured / sum (the plain factor of REFERENCE §4). On Small at 224 px the raw sum put networks
+at a fifth to a quarter of the seed's latency 23-51 % too slow relative to the seed: the per-call surplus weighs
+most on small networks.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ MODEL_TERMS: dict[str, tuple[str, ...]] = {"two-term": ("params",), "overhead": 
                                            "three-term": ("params", "call")}
 MODELS = ("plain", *MODEL_TERMS)
 MIN_SHARE_OF_SUM = 0.1
+# a fit whose block sum explains less than this share of the seed's own time has traded the blocks for its
+# other terms (noise fitted, not cost): refused
+MIN_SEED_SHARE = 0.5
+# a calibration whose smallest network has more than this share of the seed's MACs is fitted again when a run
+# opens the table (`store.open_for_run`): calibrations on mild cuts alone over-predicted small networks by 5-15 %
+# (a uniform shrink to half the channels has about 30 % of the MACs)
+SMALL_SHARE = 0.4
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,15 @@ class Calibration:
     model: str = "plain"
     c_ms: float = 0.0
     heldout_pct: Optional[dict[str, float]] = None  # model -> leave-one-out seed-relative MAPE (%)
+    # the smallest network of the fit as a share of the seed's MACs (None: the seed alone, or a table written
+    # before this was recorded): a fit that never saw a small network cannot say what the per-call term costs it.
+    # MACs, not measured latency: a property of the networks, the same on every run and at every resolution
+    smallest_macs_share: Optional[float] = None
+
+    @property
+    def spans_small_networks(self) -> bool:
+        """Whether the fit saw a network at or below `SMALL_SHARE` of the seed's MACs (low budgets reach them)."""
+        return self.smallest_macs_share is not None and self.smallest_macs_share <= SMALL_SHARE
 
     def apply(self, raw_ms: float, params: int) -> float:
         whole = self.a * raw_ms + self.b_ms_per_mparam * params / 1e6 + self.c_ms
@@ -81,25 +98,42 @@ def _plain(points: Sequence[Point]) -> Coefficients:
 
 
 def fit_model(points: Sequence[Point], model: str) -> Coefficients:
-    """(a, b, c) of measured ~ a * raw + b * params/1e6 + c for one of `MODEL_TERMS`, minimising relative
-    squared error (every network counts alike, small or large).
+    """(a, b, c) of measured ~ a * raw + b * params/1e6 + c for one of `MODEL_TERMS`, fitted on ratios to the
+    seed (the first point) and exact at the seed.
 
-    The first point is the seed. Too few points for the terms, a singular fit, or one that is not physical
-    (a <= 0, b < 0, or a network of the fit predicted below a tenth of its sum) give the seed's plain factor:
-    a = measured / raw, b = c = 0.
+    Decisions use a network's latency relative to the seed timed beside it, so the fit is made where they are:
+    with beta = b / a and gamma = c / a, the predicted ratio (raw_i + beta p_i + gamma) / (raw_0 + beta p_0 +
+    gamma) should equal the measured m_i = measured_i / measured_0. Multiplied out that is linear,
+    beta (p_i - m_i p_0) + gamma (1 - m_i) = m_i raw_0 - raw_i, solved by least squares with each row divided by
+    m_i (every network's relative error counts alike, small or large); then a puts the seed on its measurement.
+
+    Too few points for the terms (one more ratio than unknowns is needed), a singular fit, or one that is not
+    physical give the seed's plain factor: a = measured / raw, b = c = 0. Not physical: b < 0 (a memory term
+    cannot make bigger networks cheaper), the seed's blocks less than `MIN_SEED_SHARE` of its whole time, or a
+    network of the fit predicted below a tenth of its sum.
     """
     terms = MODEL_TERMS[model]
-    if len(points) < len(terms) + 2:  # one more point than unknowns: a fit that is not merely solved
+    if len(points) < len(terms) + 2:
         return _plain(points)
-    rows = np.array([[r, *(q / 1e6 if t == "params" else 1.0 for t in terms)] for r, q, _ in points])
-    measured = np.array([m for _, _, m in points])
-    weighted = rows / measured[:, None]  # each row divided by its measurement: relative error
-    if np.linalg.matrix_rank(weighted) < len(terms) + 1:
+    raw0, params0, measured0 = points[0]
+    rows, rhs = [], []
+    for raw, params, measured in points[1:]:
+        m = measured / measured0
+        row = [(params - m * params0) / 1e6 if t == "params" else 1.0 - m for t in terms]
+        rows.append([x / m for x in row])
+        rhs.append((m * raw0 - raw) / m)
+    matrix = np.array(rows)
+    if np.linalg.matrix_rank(matrix) < len(terms):
         return _plain(points)
-    solution = np.linalg.lstsq(weighted, np.ones(len(points)), rcond=None)[0]
-    fitted = dict(zip(("raw", *terms), (float(x) for x in solution)))
-    a, b, c = fitted["raw"], fitted.get("params", 0.0), fitted.get("call", 0.0)
-    if a <= 0 or b < 0 or any(a * r + b * q / 1e6 + c < MIN_SHARE_OF_SUM * a * r for r, q, _ in points):
+    solution = dict(zip(terms, (float(x) for x in np.linalg.lstsq(matrix, np.array(rhs), rcond=None)[0])))
+    beta, gamma = solution.get("params", 0.0), solution.get("call", 0.0)
+    denominator = raw0 + beta * params0 / 1e6 + gamma
+    if denominator <= 0:
+        return _plain(points)
+    a = measured0 / denominator
+    b, c = a * beta, a * gamma
+    if b < 0 or a * raw0 < MIN_SEED_SHARE * measured0 or \
+            any(a * r + b * q / 1e6 + c < MIN_SHARE_OF_SUM * a * r for r, q, _ in points):
         return _plain(points)
     return a, b, c
 

@@ -121,15 +121,23 @@ class ErrorSummary:
     rel_worst_pct: float = math.nan
     rel_within_10_pct: float = math.nan
     raw_rel_mape_pct: float = math.nan
+    # the mean of the signed seed-relative errors: a bias (every small network predicted slow, say) shows here
+    # while noise averages out
+    rel_bias_pct: float = math.nan
+    raw_rel_bias_pct: float = math.nan
+    smallest_ratio: float = math.nan  # the variants' measured shares of the seed: the sizes the check covered
+    largest_ratio: float = math.nan
 
 
 def summarize_errors(rows: Sequence[CheckRow]) -> ErrorSummary:
     variants = [r for r in rows if r.network != "seed"] or list(rows)
+    n = len(variants)
     errors = [abs(r.error_pct) for r in variants]
     relative = [abs(r.relative_error_pct) for r in variants]
-    return ErrorSummary(len(variants), sum(errors) / len(errors), max(errors),
-                        100.0 * sum(e <= 10.0 for e in errors) / len(errors),
-                        sum(abs(r.raw_error_pct) for r in variants) / len(variants),
-                        sum(relative) / len(relative), max(relative),
-                        100.0 * sum(e <= 10.0 for e in relative) / len(relative),
-                        sum(abs(r.raw_relative_error_pct) for r in variants) / len(variants))
+    return ErrorSummary(n, sum(errors) / n, max(errors), 100.0 * sum(e <= 10.0 for e in errors) / n,
+                        sum(abs(r.raw_error_pct) for r in variants) / n,
+                        sum(relative) / n, max(relative), 100.0 * sum(e <= 10.0 for e in relative) / n,
+                        sum(abs(r.raw_relative_error_pct) for r in variants) / n,
+                        sum(r.relative_error_pct for r in variants) / n,
+                        sum(r.raw_relative_error_pct for r in variants) / n,
+                        min(r.measured_ratio for r in variants), max(r.measured_ratio for r in variants))

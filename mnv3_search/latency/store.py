@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..fileio import PathLike
-from ..model.counts import spec_params
+from ..model.counts import spec_macs, spec_params
 from ..spec.arch import ArchSpec
 from .backends import Backend
 from .calibration import Calibration
@@ -64,15 +65,28 @@ def open_for_run(path: Optional[PathLike], backend: Backend, seed: ArchSpec, com
                  on_calibrate: Optional[Callable[[], None]] = None) -> LatencyTable:
     """The table a run predicts with: `path`, or the machine's default table. Entries it holds are never
     measured again; the seed is calibrated (beside `companions`, see `LatencyTable.calibrate`) only when the
-    table has no calibration for this very network (same name, resolution and parameter count), so runs on one
-    machine share and extend one file."""
+    table has no calibration for this very network (same name, resolution and parameter count) or has one that
+    never saw a small network while `companions` reach smaller ones (`_refit_for_span`), so runs on one machine
+    share and extend one file."""
     table = LatencyTable.open(Path(path) if path else default_table_path(backend), backend)
     cal = table.calibrations.get(seed.name)
-    if cal is None or (cal.resolution, cal.params) != (seed.resolution, spec_params(seed)):
+    if cal is None or (cal.resolution, cal.params) != (seed.resolution, spec_params(seed)) or \
+            _refit_for_span(cal, seed, companions):
         if on_calibrate:
             on_calibrate()
         table.calibrate(seed, companions)
     return table
+
+
+def _refit_for_span(cal: Calibration, seed: ArchSpec, companions: Sequence[ArchSpec]) -> bool:
+    """Whether a calibration that never saw a small network (`Calibration.spans_small_networks`: fitted on mild
+    cuts, or written before its span was recorded) should be fitted again on `companions`: only where they
+    reach a smaller network than it saw, so a seed whose companions cannot shrink that far is not fitted again
+    by every run."""
+    if not companions or cal.spans_small_networks:
+        return False
+    reach = min(spec_macs(c) for c in companions) / spec_macs(seed)
+    return cal.smallest_macs_share is None or reach < cal.smallest_macs_share
 
 
 def table_record(table: LatencyTable) -> dict:
@@ -82,19 +96,33 @@ def table_record(table: LatencyTable) -> dict:
             "entries": len(table.entries)}
 
 
+def cpu_seconds() -> float:
+    """CPU time this process has used so far (user + system, every thread): what a build costs on a shared
+    machine, where wall time depends on the other tenants."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 @dataclass(frozen=True)
 class BuildReport:
     entries_needed: int
     entries_measured: int
     seconds: float
     calibration: Calibration
+    cpu_seconds: float = 0.0  # CPU time of the build (this process)
 
 
 def build_table(table: LatencyTable, spec: ArchSpec, keys: Sequence[BlockKey], companions: Sequence[ArchSpec],
                 progress: Optional[Progress] = None) -> BuildReport:
     """Pre-populate `keys` (what NetAdapt will ask for: `prune.variants.netadapt_keys`), then calibrate on the
-    seed network beside `companions`."""
-    start = time.perf_counter()
+    seed network beside `companions` (their entries first, then the whole networks), reporting both to
+    `progress`."""
+    start, cpu = time.perf_counter(), cpu_seconds()
     measured = table.ensure(keys, progress)
-    calibration = table.calibrate(spec, companions)
-    return BuildReport(len(keys), measured, time.perf_counter() - start, calibration)
+
+    def on_pass(done: int, total: int) -> None:
+        if progress:
+            progress(done, total, "timing whole networks (calibration)")
+
+    calibration = table.calibrate(spec, companions, on_pass=on_pass, progress=progress)
+    return BuildReport(len(keys), measured, time.perf_counter() - start, calibration, cpu_seconds() - cpu)

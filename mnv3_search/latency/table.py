@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import UserError
 from ..fileio import PathLike, atomic_write_text
 from ..model.build import build_model
-from ..model.counts import spec_params
+from ..model.counts import spec_macs, spec_params
 from ..spec.arch import ArchSpec
 from .backends import Backend, thread_clock_ok
 from .calibration import Calibration, choose_calibration
@@ -41,6 +41,7 @@ from .tablefile import Entry, Header, read_table_file, table_text
 CHUNK_ENTRIES = 160
 # Entries already in the table timed again with every chunk, to put the chunk on the table's level.
 ANCHORS = 8
+CALIBRATION_PASSES = 2  # the calibration's whole networks are timed this many times the table's passes
 MODULES_KEPT = 16  # networks and anchor blocks kept built (and exported) for the next timing of the same shape
 
 Progress = Callable[[float, float, str], None]  # (done, total, what)
@@ -221,10 +222,12 @@ class LatencyTable:
             self.save()
         return len(todo)
 
-    def measure_networks(self, specs: Sequence[ArchSpec],
-                         on_pass: Optional[Callable[[int, int], None]] = None) -> list[Measurement]:
-        """Whole networks under the table's protocol (interleaved, p25): what predictions are compared with."""
-        return measure_interleaved(self._network_runners(specs), self.policy, on_pass=on_pass)
+    def measure_networks(self, specs: Sequence[ArchSpec], on_pass: Optional[Callable[[int, int], None]] = None,
+                         passes: Optional[int] = None) -> list[Measurement]:
+        """Whole networks under the table's protocol (interleaved, p25; `passes` instead of the table's where
+        given): what predictions are compared with."""
+        policy = self.policy if passes is None else replace(self.policy, passes=passes)
+        return measure_interleaved(self._network_runners(specs), policy, on_pass=on_pass)
 
     def measure_together(self, specs: Sequence[ArchSpec], tolerance: float = 0.05,
                          on_pass: Optional[Callable[[int, int], None]] = None) -> Together:
@@ -254,7 +257,8 @@ class LatencyTable:
         return module
 
     def calibrate(self, spec: ArchSpec, companions: Sequence[ArchSpec] = (), measured_ms: Optional[float] = None,
-                  on_pass: Optional[Callable[[int, int], None]] = None) -> Calibration:
+                  on_pass: Optional[Callable[[int, int], None]] = None,
+                  progress: Optional[Progress] = None) -> Calibration:
         """Fit the calibration for `spec.name` on whole networks timed with the table's protocol.
 
         The seed is timed interleaved with `companions`, networks of its depth (`prune.variants` makes them:
@@ -264,15 +268,21 @@ class LatencyTable:
         companions, the seed alone sets a plain factor. Entries the networks need are measured first.
         """
         networks = [spec] if measured_ms is not None else [spec, *companions]
-        self.ensure(key for s in networks for _, key in spec_keys(s))
+        self.ensure((key for s in networks for _, key in spec_keys(s)), progress)
         if measured_ms is None:
-            measured = [m.p25_ms for m in self.measure_networks(networks, on_pass)]
+            # twice the table's passes: every prediction inherits this measurement's noise, and on a shared host
+            # ratios of whole networks timed a minute apart differ by 2-4 %; the wholes cost seconds, the
+            # entries minutes
+            measured = [m.p25_ms for m in self.measure_networks(networks, on_pass,
+                                                               CALIBRATION_PASSES * self.policy.passes)]
         else:
             measured = [measured_ms]
         points = [(self.raw_ms(s), spec_params(s), m) for s, m in zip(networks, measured)]
         choice = choose_calibration(points)
+        smallest = min((spec_macs(s) / spec_macs(spec) for s in networks[1:]), default=None)
         cal = Calibration(spec.name, points[0][0], points[0][2], points[0][1], spec.resolution, choice.a,
-                          choice.b_ms_per_mparam, len(points), choice.model, choice.c_ms, choice.heldout_pct)
+                          choice.b_ms_per_mparam, len(points), choice.model, choice.c_ms, choice.heldout_pct,
+                          smallest)
         self.calibrations[spec.name] = cal
         self.save()
         return cal

@@ -5,10 +5,11 @@ with one line naming it and is never overwritten (the caller writes atomically, 
 
 Format versions: version 1 grew fields over time and read a missing one as its old meaning; version 2 writes
 every field; version 3 adds the header's `precision` (fp32 or int8: INT8 entries are blocks quantized as they
-run in the INT8 network, so they never mix with FP32 ones). An older file is brought up to date in memory by the
-numbered steps of `MIGRATIONS` right after it is read, so the reader below knows only the current version; the
-next save writes the current version. To change the format: bump `FORMAT_VERSION`, add the step from the previous
-version to `MIGRATIONS`.
+run in the INT8 network, so they never mix with FP32 ones); version 4 records each calibration's
+`smallest_macs_share` (the smallest network it was fitted on, as a share of the seed's MACs). An older file is
+brought up to date in memory by the numbered steps of `MIGRATIONS` right after it is read, so the reader below
+knows only the current version; the next save writes the current version. To change the format: bump
+`FORMAT_VERSION`, add the step from the previous version to `MIGRATIONS`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .keys import KINDS, BlockKey
 from .protocol import Measurement
 
 SCHEMA = "mnv3-search/latency-table"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 @dataclass
@@ -142,7 +143,17 @@ def _v2_to_v3(data: dict) -> dict:
     return data
 
 
-MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2, 2: _v2_to_v3}
+def _v3_to_v4(data: dict) -> dict:
+    """Calibrations written before `smallest_macs_share` say they do not know it (null): a run then fits them again
+    on companions that reach small networks (`Calibration.spans_small_networks`)."""
+    calibrations = data.get("calibrations")
+    for raw in calibrations.values() if isinstance(calibrations, dict) else ():
+        if isinstance(raw, dict):
+            raw.setdefault("smallest_macs_share", None)
+    return data
+
+
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 
 def migrate(data: dict) -> dict:
@@ -258,10 +269,11 @@ def read_table_file(path: PathLike) -> tuple[Header, dict[str, Entry], dict[str,
             heldout = raw["heldout_pct"]
             if heldout is not None:
                 heldout = {str(m): float(v) for m, v in heldout.items()}
+            smallest = None if raw["smallest_macs_share"] is None else _number(raw, "smallest_macs_share")
             calibrations[name] = Calibration(str(raw["spec_name"]), _number(raw, "raw_ms"),
                                              _number(raw, "measured_ms"), int(raw["params"]),
                                              int(raw["resolution"]), _number(raw, "a"), b,
-                                             int(raw["networks"]), model, c, heldout)
+                                             int(raw["networks"]), model, c, heldout, smallest)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise _bad(path, f"calibration {name!r} is malformed ({exc})") from None
     return header, entries, calibrations

@@ -313,7 +313,7 @@ def store_errors() -> tuple[type[BaseException], ...]:
     connection is one too, wrapped), botocore's errors (an S3 5xx, a timeout) and the GCS client's."""
     errors: list[type[BaseException]] = [OSError]
     try:
-        from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped,unused-ignore]
+        from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped,import-not-found,unused-ignore]
         errors += [BotoCoreError, ClientError]
     except ImportError:
         pass
