@@ -24,6 +24,7 @@ from mnv3_search.export import export_model, onnx_op_counts
 from mnv3_search.latency import (InterleavedPolicy, LatencyTable, OnnxRuntimeBackend, default_table_path,
                                  make_backend, onnx_bytes, quantize_onnx, spec_keys)
 from mnv3_search.latency.backends.onnxfile import random_calibration
+from mnv3_search.latency.tablefile import FORMAT_VERSION
 from mnv3_search.model.weights import save_checkpoint
 from mnv3_search.netadapt.runfolder import RunFolder
 from mnv3_search.quantize import calibration_images, int8_accuracy
@@ -141,7 +142,7 @@ def test_int8_table_is_its_own_and_refuses_fp32(tmp_path):
     table = LatencyTable.open(path, OnnxRuntimeBackend(1, "int8"), 1, FAST)
     assert table.ensure(keys) == 2
     saved = json.loads(path.read_text())
-    assert (saved["version"], saved["precision"], saved["backend"]) == (3, "int8", "onnxruntime")
+    assert (saved["version"], saved["precision"], saved["backend"]) == (FORMAT_VERSION, "int8", "onnxruntime")
     assert all(e["latency_ms"] > 0 for e in saved["entries"].values())
     with pytest.raises(UserError) as info:
         LatencyTable.open(path, OnnxRuntimeBackend(1, "fp32"), 1, FAST)
