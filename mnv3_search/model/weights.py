@@ -125,15 +125,21 @@ def save_checkpoint(model: nn.Module, spec: ArchSpec, path: PathLike) -> None:
     save_state(model.state_dict(), spec, path)
 
 
-def read_checkpoint(path: PathLike) -> tuple[ArchSpec, dict[str, torch.Tensor]]:
-    """An own checkpoint: the spec it embeds and its state_dict (already checked to fit each other)."""
+def load_torch(path: PathLike, what: str) -> Any:
+    """torch.load (weights only) of a file this tool wrote; a missing or damaged one is a CheckpointError naming
+    the file and `what` it should have been."""
     try:
-        data: Any = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint file") from None
+        raise CheckpointError(f"{path}: no such {what} file") from None
     except Exception as exc:  # torch raises many types for truncated or corrupt files (zip, pickle, storage)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: truncated or damaged checkpoint ({first[:160]})") from None
+        raise CheckpointError(f"{path}: truncated or damaged {what} ({first[:160]})") from None
+
+
+def read_checkpoint(path: PathLike) -> tuple[ArchSpec, dict[str, torch.Tensor]]:
+    """An own checkpoint: the spec it embeds and its state_dict (already checked to fit each other)."""
+    data = load_torch(path, "checkpoint")
     if not isinstance(data, Mapping) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an mnv3-search checkpoint (no embedded spec)")
     state = data.get("state_dict")

@@ -27,7 +27,7 @@ from ..data import Dataset, load_dataset
 from ..errors import CheckpointError, RunInterrupted
 from ..fileio import disk_full
 from ..model.build import build_model
-from ..model.weights import read_checkpoint, save_torch
+from ..model.weights import load_torch, read_checkpoint, save_torch
 from ..prune.groups import proposal_groups
 from ..prune.importance import make_importance
 from ..prune.surgery import shrink
@@ -74,13 +74,7 @@ def save_training_state(tune: ShortTune, path: Path) -> None:
 
 def load_training_state(path: Path) -> dict[str, Any]:
     """A trial's training state (trials/NNNNN.state.pt); a missing or damaged one is a CheckpointError naming it."""
-    try:
-        data: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such training state file") from None
-    except Exception as exc:  # torch raises many types for truncated or corrupt files (zip, pickle, storage)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: truncated or damaged training state ({first[:160]})") from None
+    data = load_torch(path, "training state")
     if not isinstance(data, dict) or not {"step", "optimizer", "rng"} <= data.keys():
         raise CheckpointError(f"{path}: not a trial's training state (no step, optimizer and RNG state)")
     return data
