@@ -34,9 +34,10 @@ step "installing $(basename "$wheel") with every dependency pinned to its floor"
 import re, sys, tomllib
 deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
 for dep in deps:
-    m = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([^,;\s]+)", dep.strip())
+    # a floor, and at most an upper bound beside it (optuna<6: study.py mirrors that major version's internals)
+    m = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([^,;\s]+)(?:,\s*<[^,;\s]+)?", dep.strip())
     if not m:
-        sys.exit(f"pyproject.toml: dependency {dep!r} has no plain >= floor")
+        sys.exit(f"pyproject.toml: dependency {dep!r} has no plain >= floor (an upper bound beside it is allowed)")
     print(f"{m[1]}=={m[2]}")
 PY
 pip install --constraint "$tmp/floors.txt" "$wheel"
