@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from postgres import free_port
+from processes import stop_process
 
 START_SECONDS = 60.0  # it imports Optuna, SQLAlchemy and its plotting code: ~3 s alone, more on busy cores
 
@@ -46,12 +47,7 @@ def running_dashboard(*storage: str) -> Iterator[str]:
                 time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         if proc.stdout is not None:
             proc.stdout.close()
 

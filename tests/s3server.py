@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from postgres import free_port
+from processes import stop_process
 
 START_SECONDS = 60.0  # moto imports Flask and its S3 backend: ~2 s alone, longer beside a busy test suite
 
@@ -83,10 +84,5 @@ def running_s3() -> Iterator[S3Server]:
             time.sleep(0.1)
         yield S3Server(f"http://127.0.0.1:{port}")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.unlink(missing_ok=True)
