@@ -8,7 +8,7 @@
 One NetAdapt run (library API, MACs budget so nothing depends on timing noise) evaluates every proposal in
 full (`evaluation="full"`) and records each proposal's holdout accuracy and loss at short_steps/8, /4, /2
 and /1 (the geometric ladder with 4 rungs: every step count the settings below score at). Training is
-deterministic and a halving rung continues its predecessor's checkpoint exactly (tests/test_netadapt.py
+deterministic and a halving rung continues its predecessor's checkpoint exactly (tests/netadapt/test_netadapt.py
 checks both), so these are the figures a halving run sees. Each iteration's halving decisions are then
 replayed offline with the run's own selection rule (netadapt.selection.rank, survivors) for every setting
 in SETTINGS (ladder, rungs, keep): rung by rung, the best `keep` fraction goes on. Reported per setting:

@@ -4,7 +4,7 @@
 
 The same small run (`mnv3-search netadapt small`, Fashion-MNIST at 32 px, a MACs budget so that no latency is
 timed and every run makes the same choices, `--max-iterations`) is started with `--workers N` against one
-PostgreSQL server (a throwaway one started here, as tests/postgres.py does, unless `--storage` names one), each
+PostgreSQL server (a throwaway one started here, as tests/support/postgres.py does, unless `--storage` names one), each
 N in turn and the whole sequence `--repeats` times (1, 2, 1, 2, ...), so that the machine's drift falls on every
 N alike. Per run: proposals and finished trials (a rung of a proposal is one trial) per minute of the
 iterations' wall time (iterations.csv: the seed's training is left out), and the storage's share of the CPU
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from postgres import running_postgres  # noqa: E402  (tests/postgres.py: a throwaway server)
+from support.postgres import running_postgres  # noqa: E402  (tests/support/postgres.py: a throwaway server)
 
 RUN = ["--data", "fashion-mnist", "--limit", "4000", "--resolution", "32", "--batch-size", "64",
        "--seed-epochs", "1", "--long-epochs", "0", "--short-steps", "32", "--threads", "1", "--quiet"]

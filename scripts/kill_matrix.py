@@ -2,7 +2,7 @@
 
 Why: the README promises that running the same command again after any kill resumes the run and ends with
 the network an uninterrupted run gives, evaluating no proposal twice to completion. One test
-(tests/test_netadapt.py) proves it for one point; this script checks it at every phase of a run.
+(tests/netadapt/test_netadapt.py) proves it for one point; this script checks it at every phase of a run.
 
 For each point the same command (`python -m mnv3_search netadapt ...`, tiny settings on digits) is started as
 a real subprocess in its own process group; the script polls the run folder and, when the files say the run

@@ -4,7 +4,7 @@
 # with one torch thread), then the `timing` ones alone, so no other test's load sits beside a measurement
 # they decide on (MNV3_TEST_WORKERS=N sets the first pass's workers; default: one per core). The type check
 # runs beside the first pass (its output follows that pass's) and ends before the second. Arguments go to one
-# plain pytest run instead, after the lint and the type check (e.g. `bash scripts/test.sh tests/test_lut.py`).
+# plain pytest run instead, after the lint and the type check (e.g. `bash scripts/test.sh tests/latency/test_lut.py`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

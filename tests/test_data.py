@@ -136,6 +136,7 @@ def test_missing_idx_file_and_missing_dir(tmp_path: Path) -> None:
         load_dataset(f"fashion-mnist:{tmp_path / 'nowhere'}")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="apt package dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_default_folder() -> None:
     data = load_dataset("fashion-mnist", resolution=8, holdout=0.1)

@@ -74,6 +74,7 @@ def test_explore_five_trials_within_budget(tmp_path: Path) -> None:
     assert len(more.trials) == 6
 
 
+@pytest.mark.slow
 def test_explore_multi_objective_cli(tmp_path: Path) -> None:
     out = tmp_path / "mo"
     result = CliRunner().invoke(cli, ["explore", str(EXAMPLE), "--budget", "4.5M-macs", "--multi-objective",
@@ -88,6 +89,7 @@ def test_explore_multi_objective_cli(tmp_path: Path) -> None:
     assert (frame[frame["pareto"]]["macs"] <= 4.5e6).all()
 
 
+@pytest.mark.slow
 def test_explore_median_pruner_stops_trials_and_best_yaml_is_the_best_feasible_trial(tmp_path: Path) -> None:
     """Single objective, MACs budget: the median pruner must stop some trials after their first reports
     (deterministic here: seeded sampler and training), best.yaml is the best feasible completed trial, and

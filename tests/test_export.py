@@ -46,6 +46,7 @@ def test_fold_bn_is_exact_and_removes_every_bn() -> None:
         torch.testing.assert_close(folded(x), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("torchscript", ".pt")])
 def test_export_round_trip(tmp_path: Path, fmt: str, suffix: str) -> None:
     model = trained_like()
@@ -71,6 +72,7 @@ def test_export_round_trip(tmp_path: Path, fmt: str, suffix: str) -> None:
         assert onnx_op_counts(out.read_bytes()).get("BatchNormalization", 0) == 0
 
 
+@pytest.mark.slow
 def test_torch_onnx_exporter_folds_bn_only_with_constant_folding() -> None:
     """What torch's own exporter does with an unfolded eval model (documented in export.py)."""
     model = trained_like()

@@ -29,7 +29,7 @@ from mnv3_search.model.weights import save_checkpoint
 from mnv3_search.netadapt.runfolder import RunFolder
 from mnv3_search.quantize import calibration_images, int8_accuracy
 from mnv3_search.train import evaluate, train
-from tiny_run import micro_spec_path
+from support.tiny_run import MICRO_SPEC_PATH
 
 FAST = InterleavedPolicy(passes=2, runs_per_pass=1, warmup_runs=1, min_passes=1)
 
@@ -44,7 +44,7 @@ def trained(digits: Dataset, tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     """The micro network trained 100 steps on digits (38 % right: enough for INT8 to move some
     predictions) and its checkpoint."""
     torch.manual_seed(0)
-    spec = load_spec(micro_spec_path())
+    spec = load_spec(MICRO_SPEC_PATH)
     model = build_model(spec)
     train(model, digits, 100, batch_size=32, seed=0)
     path = tmp_path_factory.mktemp("int8") / "micro.pt"
@@ -59,6 +59,7 @@ def _fresh_predictions(path: Path, dataset: Dataset) -> np.ndarray:
                            for x, _ in batches(dataset, dataset.test, 100)])
 
 
+@pytest.mark.slow
 def test_int8_export_predicts_what_it_reported(trained, digits, tmp_path):
     model, _ = trained
     out = tmp_path / "micro_int8.onnx"
@@ -80,7 +81,7 @@ def test_int8_export_predicts_what_it_reported(trained, digits, tmp_path):
     assert len(int8_weights) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == 10  # every conv
     # the CLI reports the same file's accuracy beside FP32's, and its speed beside the FP32 file's
     cli_out = tmp_path / "cli_int8.onnx"
-    done = CliRunner().invoke(cli, ["export", str(micro_spec_path()), "--weights", str(trained[1]), "--format", "onnx",
+    done = CliRunner().invoke(cli, ["export", str(MICRO_SPEC_PATH), "--weights", str(trained[1]), "--format", "onnx",
                                     "--precision", "int8", "--data", "digits", "--out", str(cli_out)])
     assert done.exit_code == 0, done.output
     a = result.accuracy
@@ -98,14 +99,15 @@ def test_int8_export_predicts_what_it_reported(trained, digits, tmp_path):
      "--precision int8 needs --data SOURCE: its training images calibrate the quantization and its test split"),
 ])
 def test_int8_export_refusals(tmp_path, args, words):
-    done = CliRunner().invoke(cli, ["export", str(micro_spec_path()), "--out", str(tmp_path / "x"), *args])
+    done = CliRunner().invoke(cli, ["export", str(MICRO_SPEC_PATH), "--out", str(tmp_path / "x"), *args])
     assert done.exit_code == 2 and words in done.output and "Traceback" not in done.output
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_compare_scores_int8_networks(trained, digits):
     model, weights = trained
-    done = CliRunner().invoke(cli, ["compare", str(micro_spec_path()), "--weights", str(weights), "--data", "digits",
+    done = CliRunner().invoke(cli, ["compare", str(MICRO_SPEC_PATH), "--weights", str(weights), "--data", "digits",
                                     "--precision", "int8", "--no-latency", "--csv", "-"])
     assert done.exit_code == 0, done.output
     row = pd.read_csv(StringIO(done.stdout)).iloc[0]
@@ -123,7 +125,7 @@ def test_calibration_images_come_from_the_training_split(digits):
 
 def test_a_block_quantized_alone_has_quantize_at_its_input_and_dequantize_at_its_output():
     """Table entries are blocks as they run in the INT8 network: QDQ at both ends, HardSigmoid in float."""
-    label, key = spec_keys(load_spec(micro_spec_path()))[2]  # bneck 2: squeeze-and-excite, hard-swish
+    label, key = spec_keys(load_spec(MICRO_SPEC_PATH))[2]  # bneck 2: squeeze-and-excite, hard-swish
     shape = key.input_shape(1)
     data = quantize_onnx(onnx_bytes(key.module().eval(), shape), random_calibration(shape))
     graph = onnx.load_from_string(data).graph
@@ -136,7 +138,7 @@ def test_a_block_quantized_alone_has_quantize_at_its_input_and_dequantize_at_its
 
 
 def test_int8_table_is_its_own_and_refuses_fp32(tmp_path):
-    spec = load_spec(micro_spec_path())
+    spec = load_spec(MICRO_SPEC_PATH)
     keys = [key for _, key in spec_keys(spec)][-2:]  # last conv and classifier: the cheapest to quantize
     path = tmp_path / "int8.json"
     table = LatencyTable.open(path, OnnxRuntimeBackend(1, "int8"), 1, FAST)
@@ -148,7 +150,7 @@ def test_int8_table_is_its_own_and_refuses_fp32(tmp_path):
         LatencyTable.open(path, OnnxRuntimeBackend(1, "fp32"), 1, FAST)
     assert str(info.value) == (f"{path}: this table was measured with precision INT8, not FP32 (here); it cannot "
                                f"predict this machine's latency: give another --lut path to build a new one")
-    done = CliRunner().invoke(cli, ["lut", "build", str(micro_spec_path()), "--lut", str(path)])
+    done = CliRunner().invoke(cli, ["lut", "build", str(MICRO_SPEC_PATH), "--lut", str(path)])
     assert done.exit_code == 2 and "measured with precision INT8, not FP32" in done.output
     assert len(done.output.strip().splitlines()) == 2  # the spec line, then the one error line
     assert default_table_path(make_backend("onnxruntime", 1, "int8")).name.endswith("-onnxruntime-int8-t1-b1.json")
@@ -172,12 +174,13 @@ def test_backends_refuse_a_precision_they_cannot_time():
 
 # --- netadapt --precision int8 ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_an_int8_run_decides_on_int8_latency_and_reports_the_int8_files_accuracy(tmp_path):
     """The micro network to 80 % of its INT8 latency (knapsack: one shot), on digits: the table is INT8, the
     confirmation timed the INT8 candidate beside the INT8 seed, and the test accuracy the run reports and
     run.json records is final_int8.onnx's own, with the FP32 network's beside it."""
     out = tmp_path / "run"
-    done = CliRunner().invoke(cli, ["netadapt", str(micro_spec_path()), "--budget", "80%", "--precision", "int8",
+    done = CliRunner().invoke(cli, ["netadapt", str(MICRO_SPEC_PATH), "--budget", "80%", "--precision", "int8",
                                     "--method", "knapsack", "--data", "digits", "--limit", "240", "--batch-size",
                                     "32", "--seed-epochs", "10", "--long-epochs", "1", "--threads", "1", "--json",
                                     "--out", str(out)])

@@ -65,7 +65,7 @@ def test_licence_and_floors() -> None:
     for name in ("postgres", "s3", "dashboard", "executorch", "openvino"):
         assert set(extras[name]) <= set(extras["test"]), name
     # the deployment runtimes are pinned (==) to the releases tested beside torch 2.13.0 (executorch declares no
-    # torch pin; tests/test_runtimes.py checks the installed ones); everything else is a plain >= floor
+    # torch pin; tests/latency/test_runtimes.py checks the installed ones); everything else is a plain >= floor
     pinned = {re.split("==", dep)[0] for name in ("executorch", "openvino") for dep in extras[name]}
     for dep in extras["test"]:
         m = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[a-z0-9,]+\])?(>=|==)(\S+)", dep)

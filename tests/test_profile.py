@@ -43,6 +43,7 @@ def test_rows_cover_every_block(large: ArchSpec) -> None:
     assert profile.whole is None and profile.blocks_latency_ms is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_latency_per_block_and_whole(small: ArchSpec, backend: str) -> None:
     spec = replace(small, resolution=64, num_classes=10)

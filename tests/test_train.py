@@ -34,6 +34,7 @@ def _small10(small: ArchSpec) -> ArchSpec:
     return replace(small, num_classes=10)
 
 
+@pytest.mark.slow
 def test_small_learns_digits_from_chance_to_90_percent(small: ArchSpec, digits32) -> None:
     torch.manual_seed(0)
     model = build_model(_small10(small))
@@ -49,6 +50,7 @@ def test_small_learns_digits_from_chance_to_90_percent(small: ArchSpec, digits32
     assert [h["step"] for h in result.history] == [50, 100]
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_other_seed_other_weights(small: ArchSpec, digits16) -> None:
     def run(seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
@@ -61,6 +63,7 @@ def test_same_seed_same_weights_other_seed_other_weights(small: ArchSpec, digits
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_report_can_stop_a_run_early(small: ArchSpec, digits16) -> None:
     model = build_model(_small10(small))
     seen: list[tuple[int, float]] = []
@@ -87,6 +90,7 @@ def test_an_exception_from_report_propagates_and_bn_momentum_is_restored(small: 
     assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.01}
 
 
+@pytest.mark.slow
 def test_train_epochs_evaluates_every_epoch(small: ArchSpec, digits16) -> None:
     model = build_model(_small10(small))
     result = train_epochs(model, digits16, 2, batch_size=128)
@@ -113,6 +117,7 @@ def test_refresh_bn_measures_the_training_images(small: ArchSpec, digits16) -> N
 # --- the train command ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_command_writes_weights_and_metrics(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", "small", "--data", "digits", "--epochs", "2", "--out", str(out),
@@ -284,6 +289,7 @@ KNAPSACK_PIECES = {"seed_network/advance", "seed_network/evaluate", "seed_networ
                    "search/taylor_importance", "final_training/advance", "final_training/evaluate"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,final,pieces", [("netadapt", "retrain", NETADAPT_PIECES),
                                                  ("knapsack", "fine-tune", KNAPSACK_PIECES)])
 def test_a_run_on_a_device_trains_and_scores_everything_there(method: str, final: str, pieces: set[str],
@@ -293,10 +299,10 @@ def test_a_run_on_a_device_trains_and_scores_everything_there(method: str, final
     and the fine-tunes and scores of proposals (or Taylor importance), the final training and its test score;
     checkpoints and the ONNX export get the network back on the CPU."""
     from mnv3_search.train import DEVICE_ENV
-    from tiny_run import micro_spec_path
+    from support.tiny_run import MICRO_SPEC_PATH
 
     monkeypatch.setenv(DEVICE_ENV, "cpu")  # --device sets it for worker processes: put back afterwards
-    result = CliRunner().invoke(cli, ["netadapt", str(micro_spec_path()), "--budget", "1.3M-macs", "--method",
+    result = CliRunner().invoke(cli, ["netadapt", str(MICRO_SPEC_PATH), "--budget", "1.3M-macs", "--method",
                                       method, "--final", final, "--device", "cuda", "--limit", "240",
                                       "--batch-size", "32", "--short-steps", "8", "--seed-epochs", "1",
                                       "--long-epochs", "1", "--quiet", "--out", str(tmp_path / "run")])

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..profile import Profile
     from ..spec.arch import ArchSpec
 
-# name: (module, attribute, the command's first help line); tests/test_cli.py keeps the line equal to the real one
+# name: (module, attribute, the command's first help line); tests/cli/test_cli.py keeps the line equal to the real one
 LAZY_COMMANDS = {
     "compare": (".report", "compare",
                 "Compare specs and NetAdapt run folders side by side; the first is the baseline."),

@@ -1,5 +1,5 @@
 """The shared vocabulary of the commands: one name, one meaning, one help text for every option that
-several commands take (tests/test_cli.py walks all commands and holds them to it).
+several commands take (tests/cli/test_cli.py walks all commands and holds them to it).
 
 No library imports here: `--help` must not pay for torch.
 """

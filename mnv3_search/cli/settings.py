@@ -6,7 +6,7 @@ options (--out, --workers, ...) between them where its --help shows them. The op
 (`short_steps` -> `--short-steps`), its default the field's default, its type the field's (a bool is a flag;
 choices, bounds and a file name from the Setting). Options the commands share (options.SHARED_OPTIONS) keep
 their common help, type and checks, with the field's default and help. The command then builds its config as
-`Config(**settings)`; tests/test_cli.py holds every option to its field.
+`Config(**settings)`; tests/cli/test_cli.py holds every option to its field.
 
 Imports click and settings.py only: the config class comes from the command's module, which main.py imports
 when the command runs or shows its help, never for `mnv3-search --help`.

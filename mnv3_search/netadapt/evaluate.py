@@ -44,7 +44,7 @@ from .study import claim, heartbeat, storage_of, trial_storage_id
 
 # Test hook: a proposal of the group named here kills the process evaluating it (os._exit, like a crashing
 # kernel or the OOM killer), so the retry and give-up path is tested with real process deaths
-# (tests/test_reliability.py). Never set outside tests.
+# (tests/netadapt/test_reliability.py). Never set outside tests.
 KILL_GROUP_ENV = "MNV3_SEARCH_TEST_KILL_GROUP"  # its process exits with KILL_EXIT_CODE (artifacts.py's)
 
 

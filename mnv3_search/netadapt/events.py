@@ -1,7 +1,7 @@
 """What a NetAdapt run tells its caller while it works: `on_event(kind, **info)`, kind one of `EventKind`.
 
 One closed list, so a front end (the CLI's live view) can handle every kind and a test can prove it does:
-a kind emitted but not declared here fails type checking (mypy) and tests/test_events.py.
+a kind emitted but not declared here fails type checking (mypy) and tests/netadapt/test_events.py.
 """
 
 from __future__ import annotations

@@ -290,7 +290,7 @@ def _locked(path: Optional[Path]) -> Iterator[None]:
 
 # Optuna's storage API is public, but a Study's handle to its storage and the storage's ids of a study and a
 # trial (not trial.number) are not. This module is the only one that reaches Optuna's private names (these
-# three, the claim's mirror below and the RDB logger's name); tests/test_optuna_door.py holds it to that and
+# three, the claim's mirror below and the RDB logger's name); tests/netadapt/test_optuna_door.py holds it to that and
 # to the Optuna major version pinned in pyproject.toml.
 def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
     """The storage `study` reads and writes (claims and failures go to it directly, past the Study API)."""
