@@ -54,9 +54,13 @@ def errors_of(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("Error: ")]
 
 
+def study_of(folder: Path) -> optuna.Study:
+    return optuna.load_study(study_name=folder.name, storage=make_storage(str((folder / "study.journal").resolve())))
+
+
 def twice(folder: Path) -> int:
     """Proposal rungs the study holds more than one finished trial of."""
-    study = optuna.load_study(study_name=folder.name, storage=make_storage(str((folder / "study.journal").resolve())))
+    study = study_of(folder)
     done = collections.Counter((t.user_attrs.get("iteration"), t.params.get("group"), t.user_attrs.get("rung"))
                                for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE)
     return sum(n - 1 for n in done.values())
@@ -161,6 +165,13 @@ def test_a_full_disk_is_one_line_and_the_same_command_finishes(micro_run: Path, 
     assert errors_of(result.output) == [f"Error: no space left on device writing {failed[0]}: free space and run the "
                                         f"same command again"]
     assert not failed[0].exists() and not list(out.rglob(".*.tmp"))
+    if name == "proposal":  # its rung waits again as the same attempt (evaluate.enqueue_again): a worker's full disk
+        # must not drop the proposal from an iteration its leader goes on with, nor count toward giving it up
+        trials = study_of(out).get_trials(deepcopy=False)
+        lost, = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+        again = [t for t in trials if t.state == optuna.trial.TrialState.WAITING and t.user_attrs.get("retry_of") ==
+                 lost.number and t.user_attrs.get("attempt", 1) == lost.user_attrs.get("attempt", 1)]
+        assert len(again) == 1, [(t.number, t.state, t.user_attrs) for t in trials]
 
     monkeypatch.setattr(fileio, "write_file", real)
     again = CliRunner().invoke(cli, command(out))
