@@ -1,6 +1,6 @@
 """Fault-handling check: remove each fault's handling from a copy of the repository and see its test fail.
 
-Why: tests/test_faults.py says that each fault of issue 27's item 4 is handled (a damaged trial training state
+Why: tests/netadapt/test_faults.py says that each fault of issue 27's item 4 is handled (a damaged trial training state
 or chosen checkpoint is trained again from its parent; a full disk while writing a checkpoint, an artifact store
 that stops answering or answers HTTP 500: one line, exit 4, a run the same command finishes). A test that still
 passes with its handling removed proves nothing. So for each handler this script copies the checkout (without
@@ -10,7 +10,7 @@ stale), runs the fault's test in the copy (`python -m pytest` from the copy: the
 imported, by the tests and by the processes they start) and expects it to FAIL. The same tests run once on an
 unmodified copy, where they must pass.
 
-Usage: python scripts/fault_handling_check.py [--tests-dir tests] [--only NAME,NAME]
+Usage: python scripts/fault_handling_check.py [--tests-dir tests/netadapt] [--only NAME,NAME]
 Prints one row per handler; exits 1 when a mutated test passes or an unmodified one fails. ~12 min on 2 cores.
 """
 
@@ -141,7 +141,8 @@ def run_test(root: Path, node: str) -> Outcome:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tests-dir", default="tests", help="the folder holding test_faults.py (default: tests)")
+    parser.add_argument("--tests-dir", default="tests/netadapt",
+                        help="the folder holding test_faults.py (default: tests/netadapt)")
     parser.add_argument("--only", help="comma-separated mutation names (default: all)")
     args = parser.parse_args()
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only.split(",")]
