@@ -10,7 +10,9 @@ boto3 or the GCS client read from their usual environment).
 
 The default store is the folder `artifacts/` in the run folder (a FileSystemArtifactStore); a worker that
 sees it under another path (another mount) or uses another copy passes `--artifacts`. A process that has
-the run folder still reads the run folder's own files first (same machine: no copy).
+the run folder still reads the run folder's own files first (same machine: no copy). A folder store on the
+file's own file system gets a hard link, not a copy: a local run writes each checkpoint's bytes once, so its
+peak disk use does not double (and a link appears whole or not at all).
 
 No object outlives the run. Each upload is recorded (Optuna's own `artifacts:<id>` system attr of the study
 or trial, the record optuna-dashboard lists) *before* its bytes are written, and pointed to (the user
@@ -23,6 +25,7 @@ is safe: only what this run recorded is ever removed.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import mimetypes
@@ -48,7 +51,7 @@ DEFAULT_FOLDER = "artifacts"  # the default store's folder inside the run folder
 
 # Test hook: a process that uploads a trial's files with this set dies (os._exit, as a SIGKILL would land)
 # after the bytes are in the store and before the trial points to them, so the sweep of such orphans is
-# tested with a real process death (tests/test_s3.py). Never set outside tests.
+# tested with a real process death (tests/netadapt/test_s3.py). Never set outside tests.
 KILL_AFTER_UPLOAD_ENV = "MNV3_SEARCH_TEST_KILL_AFTER_UPLOAD"
 # Test hook: a process that downloads a checkpoint from the store with this set dies (os._exit) once the bytes
 # are in its private temporary folder, before it uses them (scripts/kill_matrix.py's store-download point).
@@ -120,7 +123,31 @@ def open_store(location: str, *, create: bool = False) -> ArtifactStore:
     elif not path.is_dir():
         raise UserError(f"artifact store {location}: no such folder here; pass --artifacts with the store as "
                         f"mounted on this machine")
-    return FileSystemArtifactStore(path)
+    return FolderStore(path)
+
+
+class FolderStore(FileSystemArtifactStore):
+    """Optuna's folder store (objects at FOLDER/ARTIFACT_ID), which can also take a file by hard link."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.folder = folder
+
+    def put_file(self, artifact_id: str, path: Path) -> None:
+        """Store the file `path` as `artifact_id`: a hard link where the folder shares its file system (one
+        copy of the bytes on disk), else a copy (another device, or a file system without links)."""
+        target = self.folder / artifact_id
+        try:
+            os.link(path, target)
+        except OSError as exc:
+            if exc.errno not in LINK_REFUSED:
+                raise
+            with open(path, "rb") as handle:
+                self.write(artifact_id, handle)
+
+
+# why os.link may refuse where a copy works: another device, links not supported or not permitted there
+LINK_REFUSED = {errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
 
 def worker_location(given: Optional[str], recorded: Optional[str], recorded_run_dir: Optional[str],
@@ -182,8 +209,12 @@ class RunArtifacts:
             owner.storage.set_trial_system_attr(trial_storage_id(owner), key, record)
         else:
             storage_of(owner).set_study_system_attr(study_storage_id(owner), key, record)
-        with open(path, "rb") as handle, self._answering(f"uploading {path.name} (artifact {artifact_id})"):
-            self.store.write(artifact_id, handle)
+        with self._answering(f"uploading {path.name} (artifact {artifact_id})"):
+            if isinstance(self.store, FolderStore):
+                self.store.put_file(artifact_id, path)
+            else:
+                with open(path, "rb") as handle:
+                    self.store.write(artifact_id, handle)
         return artifact_id
 
     # -- the leader ---------------------------------------------------------------------------------------

@@ -120,3 +120,43 @@ def test_a_worker_without_the_run_folder_completes_proposals_on_postgresql(micro
     assert line == f"Error: artifact store {store}: no such folder here; pass --artifacts with the store as " \
                    f"mounted on this machine"
 
+
+def publish_one_trial(folder: Path) -> tuple[Path, Path, Path]:
+    """A trial's two files in a run folder published to the run's default store: (checkpoint, state, store)."""
+    from mnv3_search.netadapt.artifacts import RunArtifacts, default_location, open_store
+
+    (folder / "trials").mkdir(parents=True)
+    checkpoint, state = folder / "trials" / "00000.pt", folder / "trials" / "00000.state.pt"
+    checkpoint.write_bytes(os.urandom(4096))
+    state.write_bytes(os.urandom(1024))
+    location = default_location(folder)
+    trial = optuna.create_study(storage=make_storage(str(folder / "study.journal"))).ask()
+    RunArtifacts(location, open_store(location, create=True)).publish_trial(trial, checkpoint, state)
+    store = Path(location)
+    assert (store / trial.user_attrs[CHECKPOINT_ATTR]).read_bytes() == checkpoint.read_bytes()
+    assert (store / trial.user_attrs[STATE_ATTR]).read_bytes() == state.read_bytes()
+    return checkpoint, state, store
+
+
+def test_a_local_run_writes_a_trials_bytes_once(tmp_path: Path) -> None:
+    """The default store (artifacts/ in the run folder) holds a trial's files as hard links to the run folder's:
+    one copy of the bytes on disk, so a local run's peak disk use does not double."""
+    checkpoint, state, store = publish_one_trial(tmp_path / "run")
+    stored = {p.stat().st_ino for p in store.iterdir()}
+    assert stored == {checkpoint.stat().st_ino, state.stat().st_ino}
+    assert checkpoint.stat().st_nlink == state.stat().st_nlink == 2
+
+
+def test_a_store_on_another_file_system_gets_a_copy(tmp_path: Path, monkeypatch) -> None:
+    """Where the store's folder cannot link the file (another device: EXDEV), the bytes are copied."""
+    import errno
+
+    from mnv3_search.netadapt import artifacts
+
+    def across_devices(source: object, target: object) -> None:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(artifacts.os, "link", across_devices)
+    checkpoint, state, store = publish_one_trial(tmp_path / "run")
+    assert {p.stat().st_nlink for p in store.iterdir()} == {1}
+    assert checkpoint.stat().st_nlink == state.stat().st_nlink == 1
