@@ -76,6 +76,15 @@ def assert_as_reference(micro_run: Path, folder: Path) -> None:
     assert not list(folder.rglob(".*.tmp"))
 
 
+def spoil_store(out: Path, damage: Callable[[Path], None]) -> None:
+    """Damage the store's objects in place, all but the parent networks': a local run's store holds hard links to
+    the run folder's files (one copy on disk), and a damaged parent ends the run, which is another fault."""
+    parents = [p for p in (out / "seed.pt", *(out / "iterations").glob("*.pt")) if p.exists()]
+    for stored in (out / "artifacts").iterdir():
+        if not any(stored.samefile(parent) for parent in parents):
+            damage(stored)
+
+
 # -- a damaged trial training state or checkpoint -------------------------------------------------------------
 
 def test_a_damaged_trial_state_is_trained_again_from_its_parent(micro_run: Path, tmp_path: Path) -> None:
@@ -93,8 +102,7 @@ def test_a_damaged_trial_state_is_trained_again_from_its_parent(micro_run: Path,
     for path in states:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     checkpoints[0].write_bytes(b"\x00garbage" * 100)
-    for stored in (out / "artifacts").iterdir():  # the store's copies too: nothing readable is left
-        stored.write_bytes(b"")
+    spoil_store(out, lambda stored: stored.write_bytes(b""))  # the store's copies too: nothing readable is left
 
     result = CliRunner().invoke(cli, command(out))
     assert result.exit_code == 0, (result.output, result.exception)
@@ -117,9 +125,9 @@ def test_a_damaged_chosen_checkpoint_is_trained_again(micro_run: Path, tmp_path:
 
     def spoil_first(self: Any, chosen: optuna.trial.FrozenTrial) -> Any:
         if not damaged:
-            for path in (self.session.folder.trial_checkpoint(chosen.number),
-                         *[p for p in (self.session.folder.path / "artifacts").iterdir()]):
-                path.write_bytes(path.read_bytes()[:100])
+            path = self.session.folder.trial_checkpoint(chosen.number)
+            path.write_bytes(path.read_bytes()[:100])
+            spoil_store(self.session.folder.path, lambda stored: stored.write_bytes(stored.read_bytes()[:100]))
             damaged.append(self.session.folder.trial_checkpoint(chosen.number))
         return original(self, chosen)
 
