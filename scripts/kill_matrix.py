@@ -349,9 +349,10 @@ def run_reference(work: Path, kind: str) -> Reference:
     if done.returncode != 0:
         raise SystemExit(f"reference run {kind} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
     proposals: dict[int, list[str]] = collections.defaultdict(list)
-    with open(folder / "proposals.csv") as handle:
-        for row in csv.DictReader(handle):
-            proposals[int(row["iteration"])].append(row["group"])
+    if (folder / "proposals.csv").exists():  # the knapsack (command K) has no proposals
+        with open(folder / "proposals.csv") as handle:
+            for row in csv.DictReader(handle):
+                proposals[int(row["iteration"])].append(row["group"])
     return Reference(folder, csv_rows(folder / "iterations.csv"), dict(proposals), study_counts(folder),
                      time.monotonic() - start)
 
