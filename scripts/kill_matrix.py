@@ -313,8 +313,9 @@ POINTS = [
     Point("lut-calibration", "B", "calibrating: lut.json holds entries but no calibration yet",
           lambda f, r: (f / "lut.json").exists() and lut_state(f)[0] > 0 and lut_state(f)[1] == 0, poll=0.05),
     Point("control-K", "K", "no kill: a second uninterrupted run of command K (knapsack)", kill=False),
-    Point("knapsack-scoring", "K", "the table calibrated, scoring channels or pricing widths (no round yet)",
-          lambda f, r: lut_state(f)[1] > 0 and not (f / "iterations").exists(), poll=0.05),
+    # the table is calibrated from the start (a copy of the reference's): the seed saved marks the scoring
+    Point("knapsack-scoring", "K", "the seed trained, scoring channels or pricing widths (no round yet)",
+          lambda f, r: (f / "seed.pt").exists() and not (f / "iterations").exists(), poll=0.05),
     Point("knapsack-round-1", "K", "round 1's shape saved (iterations/001.pt), timed beside the seed next", _round(1)),
     Point("knapsack-round-2", "K", "round 2's shape saved (iterations/002.pt)", _round(2)),
     Point("knapsack-final", "K", "final.yaml written, final.onnx not yet",

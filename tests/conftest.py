@@ -3,10 +3,11 @@
 Session fixtures: the shipped specs; the tiny real runs (tests/support/tiny_run.py), made once per session and
 process; a PostgreSQL server per test that asks for one; an S3 endpoint, started once when a test needs it.
 
-Markers (pyproject.toml declares them): a test that asks for a real run, a server or a deployment runtime is
-marked `slow` here, from the fixtures it uses, so `pytest -m "not slow"` runs the fast unit tests alone (under a
-minute); `postgres` marks the tests that start a PostgreSQL server; `timing` the ones that decide on measured
-latency (scripts/test.sh runs them alone, after the rest).
+Markers (pyproject.toml declares them): a test that asks for a real run or a server is marked `slow` here, from
+the fixtures it uses, and so is every `postgres` and `timing` test; other tests of a second or more carry the
+mark themselves. `pytest -m "not slow"` runs the fast unit tests alone (under a minute); `postgres` marks the
+tests that start a PostgreSQL server; `timing` the ones that decide on measured latency (scripts/test.sh runs
+them alone, after the rest).
 """
 
 from __future__ import annotations
