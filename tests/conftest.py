@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from mnv3_search import ArchSpec, load_spec
-from support.postgres import PostgresServer, postgres_bin, restartable_postgres, running_postgres
+from support.postgres import PostgresServer, restartable_postgres, running_postgres, skip_without_postgres
 from support.s3server import S3Server, running_s3
 from support.tiny_run import build_micro_run, build_tiny_run, build_tiny_seed
 
@@ -92,22 +92,17 @@ def micro_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_micro_run(tmp_path_factory.mktemp("micro-run") / "micro-macs")
 
 
-def _skip_without_postgres() -> None:
-    if postgres_bin() is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql); .ci/run installs it")
-
-
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A throwaway PostgreSQL server of the test's own (database `mnv3`, trusted on loopback): its URL."""
-    _skip_without_postgres()
+    skip_without_postgres()
     yield from running_postgres()
 
 
 @pytest.fixture
 def postgres_server() -> Iterator[PostgresServer]:
     """As postgres_url, with the server itself, which the test can restart in the middle of a run."""
-    _skip_without_postgres()
+    skip_without_postgres()
     yield from restartable_postgres()
 
 

@@ -34,7 +34,7 @@ from mnv3_search.netadapt.evaluate import KILL_EXIT_CODE, KILL_GROUP_ENV
 from mnv3_search.netadapt.study import (ATTEMPT_ATTR, FAILURE_ATTR, HEARTBEAT_ATTR, ITERATION_ATTR, STORAGE_ENV,
                                         claim, claim_lock_path, create_study, heartbeat, load_study, make_storage,
                                         redact, redact_argv, requeue_stale, resolve_storage)
-from support.postgres import postgres_bin, running_postgres
+from support.postgres import running_postgres, skip_without_postgres
 from support.tiny_run import MICRO_SPEC_PATH  # two blocks at 32 px: a run is a minute on 2 busy cores, not three
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,8 +46,7 @@ TINY_ARGS = ["--limit", "240", "--batch-size", "32", "--short-steps", "4", "--ru
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
     """A real PostgreSQL server whose database belongs to a role that logs in with PASSWORD."""
-    if postgres_bin() is None:
-        pytest.skip("PostgreSQL is not installed")
+    skip_without_postgres()
     for url in running_postgres(user=("runner", PASSWORD)):
         yield url
 
@@ -58,16 +57,9 @@ def env(**extra: str) -> dict[str, str]:
     return {**base, **extra}
 
 
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("spec") / "micro.yaml"
-    path.write_text(MICRO_SPEC_PATH.read_text())
-    return path
-
-
-def netadapt_command(spec: Path, out: Path, budget: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "mnv3_search", "netadapt", str(spec), "--budget", budget, "--out", str(out),
-            *TINY_ARGS, *extra]
+def netadapt_command(out: Path, budget: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mnv3_search", "netadapt", str(MICRO_SPEC_PATH), "--budget", budget, "--out",
+            str(out), *TINY_ARGS, *extra]
 
 
 def children_cmdlines(pid: int) -> dict[int, str]:
@@ -135,12 +127,11 @@ def test_storage_file_with_a_password_must_be_private(tmp_path: Path) -> None:
 
 
 @pytest.mark.postgres
-def test_no_password_in_files_output_attributes_or_worker_command_lines(pg_url: str, micro: Path,
-                                                                        tmp_path: Path) -> None:
+def test_no_password_in_files_output_attributes_or_worker_command_lines(pg_url: str, tmp_path: Path) -> None:
     out = tmp_path / "secret-run"
     log_out, log_err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     # the worst case: the user puts the URL on the master's own command line
-    command = netadapt_command(micro, out, "0.85M-macs", "--workers", "2", "--storage", pg_url)  # 3-4 iterations
+    command = netadapt_command(out, "0.85M-macs", "--workers", "2", "--storage", pg_url)  # 3-4 iterations
     seen: dict[int, str] = {}
     with open(log_out, "wb") as o, open(log_err, "wb") as e:
         proc = subprocess.Popen(command, stdout=o, stderr=e, env=env())
@@ -167,7 +158,7 @@ def test_no_password_in_files_output_attributes_or_worker_command_lines(pg_url: 
     cells = pd.read_csv(out / "proposals.csv")["worker"].dropna()
     assert len({name for cell in cells for name in str(cell).split()}) == 2
     # the same command again without the URL (resume) needs the password from the environment: run.json lacks it
-    resume = netadapt_command(micro, out, "0.85M-macs", "--workers", "2")
+    resume = netadapt_command(out, "0.85M-macs", "--workers", "2")
     again = subprocess.run(resume, capture_output=True, text=True, env=env(), timeout=300)
     assert again.returncode == 2 and PASSWORD not in again.stdout + again.stderr
     assert again.stderr.strip().endswith(f"set {STORAGE_ENV} to the full URL (or pass --storage)"), again.stderr
@@ -179,14 +170,14 @@ def test_no_password_in_files_output_attributes_or_worker_command_lines(pg_url: 
 # -- 2. a proposal that kills its workers ------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_a_proposal_that_kills_its_workers_is_given_up(micro: Path, tmp_path: Path) -> None:
+def test_a_proposal_that_kills_its_workers_is_given_up(tmp_path: Path) -> None:
     """`exp2`'s evaluation kills whichever process runs it. The run is restarted as a user would (the same
     command) when the master itself was the victim; after 2 attempts the proposal is given up, with its
     reason, and the iteration is decided among the others."""
     out = tmp_path / "poison"
     codes = []
     for _ in range(3):  # at most 2 deaths: each kills a worker or the master
-        done = subprocess.run(netadapt_command(micro, out, "1.31M-macs", "--workers", "2"), capture_output=True,
+        done = subprocess.run(netadapt_command(out, "1.31M-macs", "--workers", "2"), capture_output=True,
                               text=True, env=env(**{KILL_GROUP_ENV: "exp2"}), timeout=600)
         codes.append(done.returncode)
         assert done.returncode in (0, KILL_EXIT_CODE), done.stderr

@@ -28,6 +28,14 @@ def postgres_bin() -> Optional[Path]:
     return Path(found).resolve().parent if found else None
 
 
+def skip_without_postgres() -> None:
+    """Skip the calling test or fixture where Debian's postgresql package is not installed."""
+    import pytest
+
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql); .ci/run installs it")
+
+
 def free_port() -> int:
     """A loopback port nobody listens on now (the OS's pick)."""
     with socket.socket() as s:
