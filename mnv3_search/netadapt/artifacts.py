@@ -126,6 +126,10 @@ def open_store(location: str, *, create: bool = False) -> ArtifactStore:
     return FolderStore(path)
 
 
+# why os.link may refuse where a copy works: another device, links not supported or not permitted there
+LINK_REFUSED = {errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+
+
 class FolderStore(FileSystemArtifactStore):
     """Optuna's folder store (objects at FOLDER/ARTIFACT_ID), which can also take a file by hard link."""
 
@@ -144,10 +148,6 @@ class FolderStore(FileSystemArtifactStore):
                 raise
             with open(path, "rb") as handle:
                 self.write(artifact_id, handle)
-
-
-# why os.link may refuse where a copy works: another device, links not supported or not permitted there
-LINK_REFUSED = {errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
 
 def worker_location(given: Optional[str], recorded: Optional[str], recorded_run_dir: Optional[str],
