@@ -7,7 +7,10 @@ MobileNetV3-Small on Fashion-MNIST (or four of its classes); latency at 224 px o
 work folder, results/benchmarks/headline-TAG/ (TAG: the setting and any knob changed: flat-shortsteps16),
 holds settings.json and per seed seedN/{seed.pt, loop/, knapsack-BUDGET/ (run folders), nets/NAME.{json,pt}}
 (every trained network and its record), laid out as the exp-hybrid branch's script laid it out, so the
-folders it wrote report here. Settings (`--setting`):
+folders it wrote report here. Every record also goes to benchmarks/records/headline-TAG.jsonl, which is
+committed: the work folder does not outlive the machine, the ledger does, so seeds trained in different
+sessions report together (timing needs the specs, not the weights) and a trained network is never trained
+again (`--parts ledger` adds a work folder's records the ledger lacks). Settings (`--setting`):
 
 - flat: Fashion-MNIST, 20,000 images at 32 px, 1,040 steps per network: the curve every earlier figure sat on
   (width 0.1 -> 1.0 spans 2.7 points), on which 1.3x means little.
@@ -80,6 +83,7 @@ from mnv3_search.spec.spaces import resolve_spec_path  # noqa: E402
 from mnv3_search.train import evaluate, refresh_bn, to_memory_format, train, train_epochs  # noqa: E402
 
 OUT = Path("results/benchmarks")
+RECORDS = Path(__file__).resolve().parent / "records"  # committed: what each trained network scored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +118,7 @@ SETTINGS = {
 CHAINS = ("loop",)  # iterative: one chain per seed to the smallest budget
 ONE_SHOT = ("knapsack",)  # one run per budget
 FINETUNE_METHODS = ("loop-ft", "knapsack-ft", "uniform-ft")  # the fine-tune comparison's records (finetune)
+KNOBS = ("seed_epochs", "short_steps", "schedule", "train_steps", "limit", "data")  # a setting's overridable fields
 STEP = 8  # channel step of every cut (RunConfig.step's default)
 UNIFORM_SHARES = (-0.08, 0.0, 0.08)  # fine-tune mode: uniform shrinks predicted at the budget and either side
 
@@ -121,20 +126,22 @@ UNIFORM_SHARES = (-0.08, 0.0, 0.08)  # fine-tune mode: uniform shrinks predicted
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="flat")
-    p.add_argument("--parts", default="train", help="train (= seed,search,retrain,widths,finetune) and/or report")
+    p.add_argument("--parts", default="train",
+                   help="train (= seed,search,retrain,widths,finetune), ledger and/or report")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--methods", default="loop,knapsack", help=f"of {', '.join([*CHAINS, *ONE_SHOT])}")
     p.add_argument("--budgets", default="60,50,40,35", help="shares of the seed's measured latency, %%")
     p.add_argument("--widths", default="0.25,0.35,0.45,0.55,0.65,0.75,0.85,1.0")
     p.add_argument("--finetune-budget", type=float, default=50.0)
-    for knob in ("seed-epochs", "short-steps"):
+    for knob in ("seed-epochs", "short-steps", "train-steps", "limit"):
         p.add_argument(f"--{knob}", type=int, default=None, help="override the setting's (joins the tag)")
-    p.add_argument("--schedule", default=None, help="override the setting's (joins the tag)")
+    for knob in ("schedule", "data"):
+        p.add_argument(f"--{knob}", default=None, help="override the setting's (joins the tag)")
     p.add_argument("--passes", type=int, default=60, help="interleaved timing passes (x 5 runs) per timing")
     p.add_argument("--repeats", type=int, default=3, help="timings of every network in the report")
     p.add_argument("--plot", default=None, help="PNG (default docs/headline-SETTING[-TAG].png)")
     args = p.parse_args()
-    changed = {k: getattr(args, k) for k in ("seed_epochs", "short_steps", "schedule") if getattr(args, k) is not None}
+    changed = {k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None}
     args.setting_name = args.setting
     args.setting = dataclasses.replace(SETTINGS[args.setting], **changed)
     args.tag = "-".join([args.setting_name] + [f"{k.replace('_', '')}{str(v).replace(',', '_')}"
@@ -170,12 +177,50 @@ def net_json(args: argparse.Namespace, seed: int, name: str) -> Path:
     return seed_dir(args, seed) / "nets" / f"{name}.json"
 
 
+def ledger_path(args: argparse.Namespace) -> Path:
+    """The committed record of every network this setting has trained, one JSON line each. The work folder
+    (checkpoints, run folders) is not committed and does not outlive the machine; the ledger does, so seeds
+    trained in different sessions report together (the report times specs, it needs no weights)."""
+    return RECORDS / f"headline-{args.tag}.jsonl"
+
+
+def ledger(args: argparse.Namespace) -> dict[tuple[int, str], dict[str, Any]]:
+    """(seed, name) -> record, from the ledger; a name recorded twice keeps its last line."""
+    path = ledger_path(args)
+    if not path.exists():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(int(r["seed"]), r["name"]): r for r in records}
+
+
+def recorded(args: argparse.Namespace, seed: int, name: str) -> bool:
+    """Trained already, in this work folder or in a session whose ledger was committed."""
+    return net_json(args, seed, name).exists() or (seed, name) in ledger(args)
+
+
+def fill_ledger(args: argparse.Namespace) -> None:
+    """Append the work folder's records the ledger lacks (a folder trained before the ledger existed)."""
+    have = ledger(args)
+    missing = [p for s in args.seeds for p in sorted((seed_dir(args, s) / "nets").glob("*.json"))
+               if (s, p.stem) not in have]
+    if missing:
+        ledger_path(args).parent.mkdir(parents=True, exist_ok=True)
+        with ledger_path(args).open("a") as out:
+            for p in missing:
+                out.write(json.dumps(json.loads(p.read_text())) + "\n")
+    log(f"ledger {ledger_path(args)}: {len(missing)} records added")
+
+
 def save_net(args: argparse.Namespace, seed: int, name: str, spec: ArchSpec, model: torch.nn.Module,
              record: dict[str, Any]) -> None:
     path = net_json(args, seed, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_state(to_memory_format(model, torch.contiguous_format).state_dict(), spec, path.with_suffix(".pt"))
-    path.write_text(json.dumps({**record, "seed": seed, "name": name, "spec": spec_to_yaml(spec)}, indent=1) + "\n")
+    full = {**record, "seed": seed, "name": name, "spec": spec_to_yaml(spec)}
+    path.write_text(json.dumps(full, indent=1) + "\n")
+    ledger_path(args).parent.mkdir(parents=True, exist_ok=True)
+    with ledger_path(args).open("a") as out:  # one line per network: appends from two processes do not mix
+        out.write(json.dumps(full) + "\n")
     log(f"seed {seed} {name}: test {100 * record['test_accuracy']:.2f} % after {record['steps']} steps "
         f"({record['train_seconds']:.0f} s)")
 
@@ -327,7 +372,7 @@ def retrain(args: argparse.Namespace, seed: int) -> None:
     ds = None
     for (method, budget), (spec, _, iteration) in sorted(shapes(args, seed).items()):
         name = f"{method}-{budget:g}"
-        if not net_json(args, seed, name).exists():
+        if not recorded(args, seed, name):
             ds = ds or dataset(args, seed)
             from_scratch(args, seed, name, spec, ds, {"method": method, "budget": budget, "iteration": iteration})
 
@@ -336,7 +381,7 @@ def widths(args: argparse.Namespace, seed: int) -> None:
     ds = None
     for width in sorted(args.widths, reverse=True):
         name = f"width-{width:.2f}"
-        if not net_json(args, seed, name).exists():
+        if not recorded(args, seed, name):
             ds = ds or dataset(args, seed)
             from_scratch(args, seed, name, base_spec(ds, width), ds, {"method": "width", "width": width})
 
@@ -396,17 +441,17 @@ def finetune(args: argparse.Namespace, seed: int) -> None:
     spec, path, iteration = found[("loop", budget)]
     path_steps = iteration * args.setting.short_steps  # the chosen proposals' short fine-tunes along the path
     steps = args.setting.finetune_steps
-    if not net_json(args, seed, f"loop-ft-{budget:g}").exists():
+    if not recorded(args, seed, f"loop-ft-{budget:g}"):
         fine_tuned(args, seed, f"loop-ft-{budget:g}", spec, read_checkpoint(path)[1], steps, ds,
                    {"method": "loop-ft", "budget": budget, "iteration": iteration}, refresh=False)
     total = steps + path_steps
-    if ("knapsack", budget) in found and not net_json(args, seed, f"knapsack-ft-{budget:g}").exists():
+    if ("knapsack", budget) in found and not recorded(args, seed, f"knapsack-ft-{budget:g}"):
         kspec, kpath, _ = found[("knapsack", budget)]
         fine_tuned(args, seed, f"knapsack-ft-{budget:g}", kspec, read_checkpoint(kpath)[1], total, ds,
                    {"method": "knapsack-ft", "budget": budget}, refresh=True)
     for fraction in uniform_fractions(args, seed_spec):
         name = f"uniform-ft-{fraction:.3f}"
-        if not net_json(args, seed, name).exists():
+        if not recorded(args, seed, name):
             uspec, ustate = uniform_shrink(seed_spec, seed_state, fraction)
             fine_tuned(args, seed, name, uspec, ustate, total, ds,
                        {"method": "uniform-ft", "budget": budget, "fraction": fraction}, refresh=True)
@@ -461,8 +506,12 @@ def full_spec(num_classes: set[int]) -> ArchSpec:
 
 
 def report(args: argparse.Namespace) -> None:
-    records = [json.loads(p.read_text()) for s in args.seeds
-               for p in sorted((seed_dir(args, s) / "nets").glob("*.json"))]
+    found = {k: r for k, r in ledger(args).items() if k[0] in args.seeds}
+    for s in args.seeds:  # the work folder's own files win over the ledger (a ledger may lag a copied folder)
+        for p in sorted((seed_dir(args, s) / "nets").glob("*.json")):
+            r = json.loads(p.read_text())
+            found[(int(r["seed"]), r["name"])] = r
+    records = [found[k] for k in sorted(found)]
     if not records:
         raise SystemExit(f"nothing trained in {args.work}")
     frame = pd.DataFrame(records)
@@ -597,6 +646,8 @@ def main() -> None:
             widths(args, seed)
         if "finetune" in args.parts:
             finetune(args, seed)
+    if "ledger" in args.parts:
+        fill_ledger(args)
     if "report" in args.parts:
         report(args)
 
