@@ -9,6 +9,10 @@ target's own latency table (one table per target, built as the runs need it). Th
 channel importance (Taylor, from the same seed) on every target, so the shapes differ only by the latency each
 target prices. Every adapted network is fine-tuned alike (`--long-epochs`) and scored on the test split.
 
+`transfer` adapts each seed once more on the first target (X), for the second (Y), as a user without Y's table
+would: to the budget on X that lands on Y's budget, corrected once by timing X's own result on Y. That network
+meets Y's budget as Y's own does, so on Y the two compare at (about) equal latency: the premise's accuracy side.
+
 `time` then times the seed and every adapted network on every target, interleaved in this one process
 (`--repeats` timings; p25 of each network over the seed's, the median over timings). The premise holds on a
 target Y where networks adapted on Y sit lower, as a share of the seed on Y, than those adapted elsewhere at
@@ -36,6 +40,11 @@ from mnv3_search.model.build import build_model  # noqa: E402
 from mnv3_search.model.weights import read_checkpoint  # noqa: E402
 from mnv3_search.netadapt import RunConfig, run_netadapt  # noqa: E402
 from mnv3_search.report.widthcurve import paired_interval  # noqa: E402
+from mnv3_search.spec.arch import ArchSpec  # noqa: E402
+
+
+TRANSFER_ROUNDS = 3  # adaptations on X at most, each budget scaled by the last one's miss on Y
+TRANSFER_TOLERANCE = 0.02  # a share on Y within 2 % of the budget is close enough (timing holds ratios to 1-2 %)
 
 
 def log(*items: object) -> None:
@@ -75,6 +84,64 @@ def search(args: argparse.Namespace, seed: int) -> None:
             f" % of the seed there, test {100 * result.test_accuracy:.2f} % ({time.perf_counter() - t0:.0f} s)")
 
 
+def transfer_name(args: argparse.Namespace) -> str:
+    return f"{args.targets[0]} for {args.targets[1]}"
+
+
+def transfer_root(args: argparse.Namespace, seed: int) -> Path:
+    return args.out / f"seed{seed}" / f"{label(args.targets[0])}-for-{label(args.targets[1])}"
+
+
+def transfer_folder(args: argparse.Namespace, seed: int) -> Path:
+    """The round whose network the transfer kept (transfer.json), or a folder that does not exist yet."""
+    done = transfer_root(args, seed) / "transfer.json"
+    if not done.exists():
+        return transfer_root(args, seed) / "unfinished"
+    return transfer_root(args, seed) / f"round{json.loads(done.read_text())['chosen']}"
+
+
+def share_on(target: str, seed_spec: ArchSpec, spec: ArchSpec, passes: int) -> float:
+    """`spec`'s p25 over the seed's, timed together on `target`."""
+    name, precision = split_target(target)
+    backend = make_backend(name, 1, precision=precision)
+    runners = [backend.runner(build_model(s).eval(), (1, 3, s.resolution, s.resolution)) for s in (seed_spec, spec)]
+    seed_m, m = measure_interleaved(runners, InterleavedPolicy(passes=passes, runs_per_pass=5, seed=0))
+    return m.p25_ms / seed_m.p25_ms
+
+
+def transfer(args: argparse.Namespace, seed: int) -> None:
+    """What a user without the second target's table does: adapt on the first target (X) to the budget that
+    lands on the second's (Y) budget, found by timing each result on Y and scaling X's budget by the miss
+    (at most TRANSFER_ROUNDS adaptations; the one nearest Y's budget without exceeding it by more than the
+    tolerance is kept). On Y it then compares with Y's own network at (about) equal latency."""
+    x, y = args.targets[0], args.targets[1]
+    root = transfer_root(args, seed)
+    if (root / "transfer.json").exists():
+        return
+    seed_spec = read_checkpoint(run_folder(args, seed, x) / "seed.pt")[0]
+    goal = args.budget / 100
+    budget, shares = args.budget, []
+    shape = read_checkpoint(run_folder(args, seed, x) / "final.pt")[0]  # round 0: X's own run at the budget
+    for round_ in range(TRANSFER_ROUNDS + 1):
+        on_y = share_on(y, seed_spec, shape, args.passes)
+        shares.append({"round": round_, "budget_on_x": budget, "share_on_y": on_y})
+        log(f"seed {seed}: adapted on {x} to {budget:.1f} %, it runs at {100 * on_y:.1f} % on {y}")
+        if round_ > 0 and abs(on_y / goal - 1) <= TRANSFER_TOLERANCE or round_ == TRANSFER_ROUNDS:
+            break
+        budget *= goal / on_y
+        backend, precision = split_target(x)
+        folder = root / f"round{round_ + 1}"
+        config = RunConfig(args.model, f"{budget:.1f}%", method="knapsack", data=args.data, limit=args.limit,
+                           seed_epochs=args.seed_epochs, long_epochs=args.long_epochs, final="fine-tune",
+                           weights=str(run_folder(args, seed, x) / "seed.pt"), backend=backend,
+                           precision=precision, seed=seed, lut=str(args.out / f"lut-{label(x)}.json"))
+        run_netadapt(config, out=str(folder))
+        shape = read_checkpoint(folder / "final.pt")[0]
+    fits = [r for r in shares[1:] if r["share_on_y"] <= goal * (1 + TRANSFER_TOLERANCE)] or shares[1:]
+    chosen = min(fits, key=lambda r: abs(r["share_on_y"] - goal))
+    atomic_write_text(root / "transfer.json", json.dumps({"chosen": chosen["round"], "rounds": shares}, indent=1))
+
+
 def accuracy(folder: Path) -> float:
     """The adapted network's FP32 test accuracy (an INT8 run reports its quantized file's; FP32 stands beside)."""
     result = json.loads((folder / "run.json").read_text())["result"]
@@ -90,6 +157,8 @@ def time_all(args: argparse.Namespace) -> pd.DataFrame:
             folder = run_folder(args, seed, target)
             if (folder / "final.yaml").exists():
                 nets.append((seed, target, read_checkpoint(folder / "final.pt")[0]))
+        if (transfer_folder(args, seed) / "final.yaml").exists():
+            nets.append((seed, transfer_name(args), read_checkpoint(transfer_folder(args, seed) / "final.pt")[0]))
     rows = []
     policy = InterleavedPolicy(passes=args.passes, runs_per_pass=5, seed=0)
     for timed_on in args.targets:
@@ -112,6 +181,8 @@ def summarize(args: argparse.Namespace, frame: pd.DataFrame) -> str:
              .median().reset_index())
     acc = {(s, t): accuracy(run_folder(args, s, t)) for s in args.seeds for t in args.targets
            if (run_folder(args, s, t) / "run.json").exists()}
+    acc.update({(s, transfer_name(args)): accuracy(transfer_folder(args, s)) for s in args.seeds
+                if (transfer_folder(args, s) / "run.json").exists()})
     share["fp32_test_accuracy"] = [acc.get((r.seed, r.adapted_on), float("nan")) for r in share.itertuples()]
     lines = [f"budget {args.budget:g} % of the seed's latency; seeds {args.seeds}; {args.repeats} interleaved "
              f"timings per target (median share of the seed's p25)", ""]
@@ -125,14 +196,14 @@ def summarize(args: argparse.Namespace, frame: pd.DataFrame) -> str:
     lines.append((100 * table).round(1).to_string())
     lines.append("")
     lines.append("FP32 test accuracy of each adapted network, mean over seeds: " + ", ".join(
-        f"{t} {statistics.mean(v for (s, tt), v in acc.items() if tt == t):.2f} %" for t in args.targets
-        if any(tt == t for _, tt in acc)))
+        f"{t} {statistics.mean(v for (s, tt), v in acc.items() if tt == t):.2f} %"
+        for t in [*args.targets, transfer_name(args)] if any(tt == t for _, tt in acc)))
     lines.append("")
     lines.append("premise, per target Y: share on Y of a network adapted elsewhere minus that of Y's own "
                  "(points of the seed's latency; > 0: adapting on Y pays), and accuracy likewise:")
     for timed_on in args.targets:
         own = share[(share["timed_on"] == timed_on) & (share["adapted_on"] == timed_on)].set_index("seed")
-        for other in args.targets:
+        for other in [*args.targets, transfer_name(args)]:
             if other == timed_on:
                 continue
             them = share[(share["timed_on"] == timed_on) & (share["adapted_on"] == other)].set_index("seed")
@@ -159,7 +230,7 @@ def main() -> None:
     p.add_argument("--long-epochs", type=int, default=1)
     p.add_argument("--budget", type=float, default=50.0, help="share of the seed's latency on each target, %%")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--parts", default="search,time")
+    p.add_argument("--parts", default="search,transfer,time")
     p.add_argument("--passes", type=int, default=40, help="interleaved passes (x 5 runs) per timing")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="results/benchmarks")
@@ -172,6 +243,9 @@ def main() -> None:
     if "search" in parts:
         for seed in args.seeds:
             search(args, seed)
+    if "transfer" in parts:
+        for seed in args.seeds:
+            transfer(args, seed)
     if "time" in parts:
         frame = time_all(args)
         write_csv(frame, args.out / "premise.csv")
