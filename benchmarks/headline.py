@@ -118,7 +118,8 @@ SETTINGS = {
 CHAINS = ("loop",)  # iterative: one chain per seed to the smallest budget
 ONE_SHOT = ("knapsack",)  # one run per budget
 FINETUNE_METHODS = ("loop-ft", "knapsack-ft", "uniform-ft")  # the fine-tune comparison's records (finetune)
-KNOBS = ("seed_epochs", "short_steps", "schedule", "train_steps", "limit", "data")  # a setting's overridable fields
+# a setting's fields a flag overrides (each joins the tag)
+KNOBS = ("seed_epochs", "short_steps", "schedule", "train_steps", "limit", "data", "train_resolution")
 STEP = 8  # channel step of every cut (RunConfig.step's default)
 UNIFORM_SHARES = (-0.08, 0.0, 0.08)  # fine-tune mode: uniform shrinks predicted at the budget and either side
 
@@ -133,7 +134,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--budgets", default="60,50,40,35", help="shares of the seed's measured latency, %%")
     p.add_argument("--widths", default="0.25,0.35,0.45,0.55,0.65,0.75,0.85,1.0")
     p.add_argument("--finetune-budget", type=float, default=50.0)
-    for knob in ("seed-epochs", "short-steps", "train-steps", "limit"):
+    for knob in ("seed-epochs", "short-steps", "train-steps", "limit", "train-resolution"):
         p.add_argument(f"--{knob}", type=int, default=None, help="override the setting's (joins the tag)")
     for knob in ("schedule", "data"):
         p.add_argument(f"--{knob}", default=None, help="override the setting's (joins the tag)")
@@ -185,12 +186,14 @@ def ledger_path(args: argparse.Namespace) -> Path:
 
 
 def ledger(args: argparse.Namespace) -> dict[tuple[int, str], dict[str, Any]]:
-    """(seed, name) -> record, from the ledger; a name recorded twice keeps its last line."""
+    """(seed, name) -> record, from the ledger lines made under this setting (a setting redefined since keeps
+    its old lines, which no longer count); a name recorded twice keeps its last line."""
     path = ledger_path(args)
     if not path.exists():
         return {}
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(int(r["seed"]), r["name"]): r for r in records}
+    mine = dataclasses.asdict(args.setting)
+    return {(int(r["seed"]), r["name"]): r for r in records if r.get("setting") == mine}
 
 
 def recorded(args: argparse.Namespace, seed: int, name: str) -> bool:
@@ -207,7 +210,8 @@ def fill_ledger(args: argparse.Namespace) -> None:
         ledger_path(args).parent.mkdir(parents=True, exist_ok=True)
         with ledger_path(args).open("a") as out:
             for p in missing:
-                out.write(json.dumps(json.loads(p.read_text())) + "\n")
+                out.write(json.dumps({**json.loads(p.read_text()), "setting": dataclasses.asdict(args.setting)})
+                          + "\n")
     log(f"ledger {ledger_path(args)}: {len(missing)} records added")
 
 
@@ -220,7 +224,7 @@ def save_net(args: argparse.Namespace, seed: int, name: str, spec: ArchSpec, mod
     path.write_text(json.dumps(full, indent=1) + "\n")
     ledger_path(args).parent.mkdir(parents=True, exist_ok=True)
     with ledger_path(args).open("a") as out:  # one line per network: appends from two processes do not mix
-        out.write(json.dumps(full) + "\n")
+        out.write(json.dumps({**full, "setting": dataclasses.asdict(args.setting)}) + "\n")
     log(f"seed {seed} {name}: test {100 * record['test_accuracy']:.2f} % after {record['steps']} steps "
         f"({record['train_seconds']:.0f} s)")
 
