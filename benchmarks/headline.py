@@ -207,13 +207,19 @@ def fill_ledger(args: argparse.Namespace) -> None:
     have = ledger(args)
     missing = [p for s in args.seeds for p in sorted((seed_dir(args, s) / "nets").glob("*.json"))
                if (s, p.stem) not in have]
-    if missing:
-        ledger_path(args).parent.mkdir(parents=True, exist_ok=True)
-        with ledger_path(args).open("a") as out:
-            for p in missing:
-                out.write(json.dumps({**json.loads(p.read_text()), "setting": dataclasses.asdict(args.setting)})
-                          + "\n")
+    append_ledger(args, [json.loads(p.read_text()) for p in missing])
     log(f"ledger {ledger_path(args)}: {len(missing)} records added")
+
+
+def append_ledger(args: argparse.Namespace, records: list[dict[str, Any]]) -> None:
+    """One line per record, with the setting it was trained under (one write per line: appends from two
+    processes do not mix)."""
+    if not records:
+        return
+    ledger_path(args).parent.mkdir(parents=True, exist_ok=True)
+    with ledger_path(args).open("a") as out:
+        for record in records:
+            out.write(json.dumps({**record, "setting": dataclasses.asdict(args.setting)}) + "\n")
 
 
 def save_net(args: argparse.Namespace, seed: int, name: str, spec: ArchSpec, model: torch.nn.Module,
@@ -223,9 +229,7 @@ def save_net(args: argparse.Namespace, seed: int, name: str, spec: ArchSpec, mod
     save_state(to_memory_format(model, torch.contiguous_format).state_dict(), spec, path.with_suffix(".pt"))
     full = {**record, "seed": seed, "name": name, "spec": spec_to_yaml(spec)}
     path.write_text(json.dumps(full, indent=1) + "\n")
-    ledger_path(args).parent.mkdir(parents=True, exist_ok=True)
-    with ledger_path(args).open("a") as out:  # one line per network: appends from two processes do not mix
-        out.write(json.dumps({**full, "setting": dataclasses.asdict(args.setting)}) + "\n")
+    append_ledger(args, [full])
     log(f"seed {seed} {name}: test {100 * record['test_accuracy']:.2f} % after {record['steps']} steps "
         f"({record['train_seconds']:.0f} s)")
 
