@@ -34,6 +34,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mnv3_search.errors import UserError  # noqa: E402
 from mnv3_search.fileio import atomic_write_text, write_csv  # noqa: E402
 from mnv3_search.latency import InterleavedPolicy, make_backend, measure_interleaved  # noqa: E402
 from mnv3_search.model.build import build_model  # noqa: E402
@@ -256,4 +257,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as exc:  # a missing extra, an unknown backend or precision: one line, exit 2
+        sys.exit(print(f"premise.py: {exc}", file=sys.stderr) or 2)
