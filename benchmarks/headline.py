@@ -18,7 +18,9 @@ again (`--parts ledger` adds a work folder's records the ledger lacks). Settings
   not yet one: flat's protocol on fashion-mnist-tops (Fashion-MNIST's four upper-body classes, where its
   errors are) trained at 64 px. Pilot (2026-12-07, seeds 0-2, width 1.0 minus 0.5, points [95 %]): 64 px,
   1,040 steps +2.46 [+0.13, +4.78] (3.30 / 2.62 / 1.45); at 32 px +0.94 [-0.66, +2.54] (1,040 steps), +1.04
-  [-0.29, +2.38] (2,000), +1.25 (4,000, seed 0). A width 1.0 network costs ~6 min of one core at 64 px.
+  [-0.29, +2.38] (2,000), +1.25 (4,000, seed 0). A width 1.0 network costs ~6 min of one core at 64 px. Six
+  widths x 3 seeds at 64 px: steep only between 44 and 79 % of the full network's latency (+2.4 points),
+  flat below 44 % (docs/benchmarks.md#looking-for-a-steep-setting-2026-12-07).
 - smoke: minutes; every part and the report on a few hundred images, to check the script, not to quote.
 
 Per seed (`--parts train` is seed, search, retrain, widths, finetune; each result cached in the work folder,
