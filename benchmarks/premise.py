@@ -1,7 +1,7 @@
 """NetAdapt's premise, measured: does a network adapted on its own target beat one adapted on another there?
 
     .venv/bin/python benchmarks/premise.py [--targets onnxruntime,onnxruntime:int8,openvino] [--seeds 0,1,2]
-                                           [--budget 50] [--parts search,time] [--out results/benchmarks]
+                                           [--budget 50] [--parts search,transfer,time] [--out results/benchmarks]
 
 Per seed, one Small seed network is trained once (the first target's run trains it; the others start from its
 seed.pt), then `--method knapsack` adapts it to `--budget` % of the seed's latency on every target with that
@@ -10,8 +10,9 @@ channel importance (Taylor, from the same seed) on every target, so the shapes d
 target prices. Every adapted network is fine-tuned alike (`--long-epochs`) and scored on the test split.
 
 `transfer` adapts each seed once more on the first target (X), for the second (Y), as a user without Y's table
-would: to the budget on X that lands on Y's budget, corrected once by timing X's own result on Y. That network
-meets Y's budget as Y's own does, so on Y the two compare at (about) equal latency: the premise's accuracy side.
+would: to the budget on X that lands on Y's budget, found by timing each result on Y and scaling X's budget by
+the miss (at most TRANSFER_ROUNDS adaptations). That network meets Y's budget about as Y's own does, so on
+Y the two compare at (about) equal latency: the premise's accuracy side.
 
 `time` then times the seed and every adapted network on every target, interleaved in this one process
 (`--repeats` timings; p25 of each network over the seed's, the median over timings). The premise holds on a
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mnv3_search.errors import UserError  # noqa: E402
 from mnv3_search.fileio import atomic_write_text, write_csv  # noqa: E402
-from mnv3_search.latency import InterleavedPolicy, make_backend, measure_interleaved  # noqa: E402
+from mnv3_search.latency import InterleavedPolicy, Runner, make_backend, measure_interleaved  # noqa: E402
 from mnv3_search.model.build import build_model  # noqa: E402
 from mnv3_search.model.weights import read_checkpoint  # noqa: E402
 from mnv3_search.netadapt import RunConfig, run_netadapt  # noqa: E402
@@ -66,6 +67,22 @@ def run_folder(args: argparse.Namespace, seed: int, target: str) -> Path:
     return args.out / f"seed{seed}" / label(target)
 
 
+def knapsack_config(args: argparse.Namespace, seed: int, target: str, budget: str,
+                    weights: str | None) -> RunConfig:
+    """The knapsack run on `target` with its own table: every run of this benchmark differs only in these."""
+    backend, precision = split_target(target)
+    return RunConfig(args.model, budget, method="knapsack", data=args.data, limit=args.limit,
+                     seed_epochs=args.seed_epochs, long_epochs=args.long_epochs, final="fine-tune", weights=weights,
+                     backend=backend, precision=precision, seed=seed, lut=str(args.out / f"lut-{label(target)}.json"))
+
+
+def runners_on(target: str, specs: list[ArchSpec]) -> list[Runner]:
+    """One runner per network on `target` (1 thread, batch 1, each spec's resolution)."""
+    name, precision = split_target(target)
+    backend = make_backend(name, 1, precision=precision)
+    return [backend.runner(build_model(s).eval(), (1, 3, s.resolution, s.resolution)) for s in specs]
+
+
 def search(args: argparse.Namespace, seed: int) -> None:
     """Every target's knapsack run of this seed; the first trains the seed the others start from."""
     first = run_folder(args, seed, args.targets[0])
@@ -73,12 +90,8 @@ def search(args: argparse.Namespace, seed: int) -> None:
         folder = run_folder(args, seed, target)
         if (folder / "final.yaml").exists():
             continue
-        backend, precision = split_target(target)
         weights = None if target == args.targets[0] else str(first / "seed.pt")
-        config = RunConfig(args.model, f"{args.budget:g}%", method="knapsack", data=args.data, limit=args.limit,
-                           seed_epochs=args.seed_epochs, long_epochs=args.long_epochs, final="fine-tune",
-                           weights=weights, backend=backend, precision=precision, seed=seed,
-                           lut=str(args.out / f"lut-{label(target)}.json"))
+        config = knapsack_config(args, seed, target, f"{args.budget:g}%", weights)
         t0 = time.perf_counter()
         result = run_netadapt(config, out=str(folder))
         log(f"seed {seed} adapted on {target}: {100 * result.measured_latency_ms / result.seed_measured_latency_ms:.1f}"
@@ -103,10 +116,8 @@ def transfer_folder(args: argparse.Namespace, seed: int) -> Path:
 
 def share_on(target: str, seed_spec: ArchSpec, spec: ArchSpec, passes: int) -> float:
     """`spec`'s p25 over the seed's, timed together on `target`."""
-    name, precision = split_target(target)
-    backend = make_backend(name, 1, precision=precision)
-    runners = [backend.runner(build_model(s).eval(), (1, 3, s.resolution, s.resolution)) for s in (seed_spec, spec)]
-    seed_m, m = measure_interleaved(runners, InterleavedPolicy(passes=passes, runs_per_pass=5, seed=0))
+    seed_m, m = measure_interleaved(runners_on(target, [seed_spec, spec]),
+                                    InterleavedPolicy(passes=passes, runs_per_pass=5, seed=0))
     return m.p25_ms / seed_m.p25_ms
 
 
@@ -130,12 +141,8 @@ def transfer(args: argparse.Namespace, seed: int) -> None:
         if round_ > 0 and abs(on_y / goal - 1) <= TRANSFER_TOLERANCE or round_ == TRANSFER_ROUNDS:
             break
         budget *= goal / on_y
-        backend, precision = split_target(x)
         folder = root / f"round{round_ + 1}"
-        config = RunConfig(args.model, f"{budget:.1f}%", method="knapsack", data=args.data, limit=args.limit,
-                           seed_epochs=args.seed_epochs, long_epochs=args.long_epochs, final="fine-tune",
-                           weights=str(run_folder(args, seed, x) / "seed.pt"), backend=backend,
-                           precision=precision, seed=seed, lut=str(args.out / f"lut-{label(x)}.json"))
+        config = knapsack_config(args, seed, x, f"{budget:.1f}%", str(run_folder(args, seed, x) / "seed.pt"))
         run_netadapt(config, out=str(folder))
         shape = read_checkpoint(folder / "final.pt")[0]
     fits = [r for r in shares[1:] if r["share_on_y"] <= goal * (1 + TRANSFER_TOLERANCE)] or shares[1:]
@@ -163,10 +170,7 @@ def time_all(args: argparse.Namespace) -> pd.DataFrame:
     rows = []
     policy = InterleavedPolicy(passes=args.passes, runs_per_pass=5, seed=0)
     for timed_on in args.targets:
-        name, precision = split_target(timed_on)
-        backend = make_backend(name, 1, precision=precision)
-        runners = [backend.runner(build_model(spec).eval(), (1, 3, spec.resolution, spec.resolution))
-                   for _, _, spec in nets]
+        runners = runners_on(timed_on, [spec for _, _, spec in nets])
         for repeat in range(args.repeats):
             p25 = [m.p25_ms for m in measure_interleaved(runners, policy)]
             seed_ms = {s: p25[i] for i, (s, on, _) in enumerate(nets) if on == "seed"}
