@@ -29,9 +29,10 @@ so a killed run resumes):
 - seed: the full network trained `seed_epochs` on the run's own training split (what `netadapt` trains).
 - search: from that same trained seed, every method of `--methods` finds one shape per `--budgets` share of
   the seed's measured latency, each with its own channel importance (`--importance auto`: L2 for the loop,
-  Taylor for the knapsack). The NetAdapt loop (`loop`) runs one chain to the smallest budget: a larger
-  budget's shape is the chain's first iteration measured within it (the loop would have stopped there).
-  `knapsack` (`--method knapsack`) runs once per budget.
+  Taylor for the knapsack and the hybrid). The NetAdapt loop (`loop`) runs one chain to the smallest budget: a
+  larger budget's shape is the chain's first iteration measured within it (the loop would have stopped there);
+  so does `hybrid` (`--method hybrid`, `--methods loop,knapsack,hybrid`: the loop with the knapsack's cut of
+  several groups as one more proposal per iteration). `knapsack` (`--method knapsack`) runs once per budget.
 - retrain: every shape trained from scratch for `train_steps`, the same recipe and steps as every width.
 - widths: `--widths` multipliers (paper semantics) trained from scratch for `train_steps`.
 - finetune: the pretrained path at `--finetune-budget`: the loop's adapted weights fine-tuned
@@ -118,7 +119,9 @@ SETTINGS = {
     "smoke": Setting(limit=600, train_resolution=32, seed_epochs=1, short_steps=8, schedule="0.1,1.0",
                      train_steps=30, finetune_steps=10, holdout=200),
 }
-CHAINS = ("loop",)  # iterative: one chain per seed to the smallest budget
+# iterative: one chain per seed to the smallest budget, by `--method` (hybrid: the loop with the knapsack's cut of
+# several groups as one more proposal per iteration)
+CHAINS = {"loop": "netadapt", "hybrid": "hybrid"}
 ONE_SHOT = ("knapsack",)  # one run per budget
 FINETUNE_METHODS = ("loop-ft", "knapsack-ft", "uniform-ft")  # the fine-tune comparison's records (finetune)
 # a setting's fields a flag overrides (each joins the tag)
@@ -330,7 +333,7 @@ def search(args: argparse.Namespace, seed: int) -> None:
         if method in CHAINS:
             folder = seed_dir(args, seed) / method
             if not (folder / "final.yaml").exists():
-                config = run_config(args, seed, f"{min(args.budgets):g}%")
+                config = run_config(args, seed, f"{min(args.budgets):g}%", method=CHAINS[method])
                 try:
                     run_netadapt(config, out=str(folder), on_event=on_event(seed, method))
                 except BudgetUnreachable as exc:  # keep what the chain reached
@@ -526,7 +529,7 @@ def report(args: argparse.Namespace) -> None:
     if not records:
         raise SystemExit(f"nothing trained in {args.work}")
     frame = pd.DataFrame(records)
-    # a work folder may hold other methods' networks (the exp-hybrid branch's `hybrid`): left out, not timed
+    # a work folder may hold other methods' networks than --methods names: left out, not timed
     wanted = frame["method"].isin([*args.methods, "width", *FINETUNE_METHODS])
     if not wanted.all():
         left = frame.loc[~wanted, "method"].value_counts()
@@ -625,7 +628,7 @@ def plot(frame: pd.DataFrame, curve: Any, args: argparse.Namespace) -> None:
     w = frame[frame["method"] == "width"]
     ax.scatter(100 * w["share"], w["accuracy"], s=10, color="0.6", label="width multiplier (each seed)")
     ax.plot(100 * curve.latency, curve.accuracy, "-", color="0.3", label="width curve (monotone fit, mean seed)")
-    colors = {"loop": "tab:red", "knapsack": "tab:orange"}
+    colors = {"loop": "tab:red", "knapsack": "tab:orange", "hybrid": "tab:purple"}
     for method, g in frame[(frame["mode"] == "retrain") & (frame["method"] != "width")].groupby("method"):
         agg = g.groupby("budget").agg(x=("share", "mean"), y=("accuracy", "mean"), ye=("accuracy", "std"))
         ax.errorbar(100 * agg["x"], agg["y"], yerr=agg["ye"].fillna(0), fmt="o", capsize=3,

@@ -246,6 +246,7 @@ def netadapt(spec: str, budget: Optional[str], out: Optional[str], resume_dir: O
       mnv3-search netadapt search_spaces/large.yaml --budget 15ms --data fashion-mnist
       mnv3-search netadapt small --budget 40M-macs --out results/small-40m
       mnv3-search netadapt small --budget 50% --method knapsack --data fashion-mnist
+      mnv3-search netadapt small --budget 50% --method hybrid --data fashion-mnist
       mnv3-search netadapt small --budget 50% --precision int8 --data fashion-mnist
       mnv3-search netadapt small --budget 70% --workers 2 --storage postgresql://user@host/db
       mnv3-search netadapt --resume results/small-70pct-seed0

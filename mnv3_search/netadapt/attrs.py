@@ -7,7 +7,7 @@ from __future__ import annotations
 
 # -- trial params: what a proposal's trials are enqueued with (fixed, never sampled) -----------------------
 GROUP_PARAM = "group"  # the proposal group a one-group proposal shrinks (also the proposal's name)
-CHANNELS_PARAM = "channels"  # the channels it keeps
+CHANNELS_PARAM = "channels"  # the channels it keeps (one-group proposals only)
 FIXED_PARAMS_ATTR = "fixed_params"  # Optuna's system attr holding an enqueued trial's params while WAITING
 # Optuna's system attr (study or trial) per uploaded artifact, "artifacts:<id>" -> its file name and type
 # (optuna.artifacts' own prefix; optuna-dashboard lists them): written before the bytes (artifacts.py)
@@ -35,6 +35,9 @@ RETRY_OF_ATTR = "retry_of"  # the failed trial a retry replaces
 PARENT_ATTR = "parent"  # the parent network's checkpoint, relative to the run folder
 KIND_ATTR = "kind"  # the group's kind (expansion, coupled outputs, ...)
 CHANNELS_BEFORE_ATTR = "channels_before"
+# a proposal of several cuts (--method hybrid's knapsack): {group: channels kept}; its GROUP_PARAM is its name
+# and it has no CHANNELS_PARAM
+CUTS_ATTR = "cuts"
 PREDICTED_LATENCY_ATTR = "predicted_latency_ms"  # the table's figure (latency budgets only, else None)
 MACS_ATTR = "macs"
 PARAMS_ATTR = "params"

@@ -14,12 +14,16 @@ FINALS = ("auto", "fine-tune", "retrain")
 LADDERS = ("early", "geometric")  # where halving's rungs score (`RunConfig.rung_steps`)
 # what a run.json written before a setting existed meant by it: such a run resumes exactly as it started
 LEGACY_SETTINGS = {"ladder": "geometric", "keep": 0.5}
-METHODS = ("netadapt", "knapsack")  # per-group proposals scored by fine-tunes, or one HALP-style knapsack
+# per-group proposals scored by fine-tunes; one HALP-style knapsack; or NetAdapt's iterations with the knapsack's
+# multi-group cut to each iteration's goal as one more proposal (iterative.py, proposals.py)
+METHODS = ("netadapt", "knapsack", "hybrid")
+ITERATIVE_METHODS = ("netadapt", "hybrid")  # the methods that iterate in an Optuna study (workers can join)
 PRECISIONS = ("fp32", "int8")  # latency.PRECISIONS, spelled out: this module imports no torch
 FP32_BACKENDS = ("torch", "torch-cuda")  # the latency backends without INT8 (latency.BACKENDS' precisions)
 # which channels a cut keeps (prune/importance.py); auto: each method's own (NetAdapt's L2, HALP's Taylor)
 IMPORTANCE_CHOICES = ("auto", "l1", "l2", "bn", "taylor")
-METHOD_IMPORTANCE = {"netadapt": "l2", "knapsack": "taylor"}
+# hybrid: Taylor, whose scores compare across layers as the knapsack's values must (L2 norms do not)
+METHOD_IMPORTANCE = {"netadapt": "l2", "knapsack": "taylor", "hybrid": "taylor"}
 # limits on how far a run goes, not on what it computes: a run stopped by --max-iterations continues with a higher one
 RESUMABLE = ("max_iterations",)
 
@@ -44,17 +48,19 @@ class RunConfig:
     weights: Optional[str] = setting(None, " Else a seed is trained first.", path=True)
     schedule: str = setting(
         "netadapt", "netadapt (2.5% of the seed, x0.96 per iteration), mobilenetv3 (fixed 1%), or FIRST,DECAY.")
-    # how the shape is found: NetAdapt's iterations, or a knapsack (prune/knapsack.py)
+    # how the shape is found: NetAdapt's iterations, a knapsack (prune/knapsack.py), or the iterations with the
+    # knapsack's cut as one more proposal each
     method: str = setting(
         "netadapt", "netadapt: iterations of per-group proposals, each fine-tuned briefly and scored on the holdout "
         "(minutes per iteration); knapsack: every channel scored once (--importance), one width per group "
         "chosen by a knapsack under the budget, the shape timed beside the seed and corrected until the "
         "measurement meets it (HALP-style; seconds; --select, --evaluation, --schedule and the short fine-tune "
-        "options do not apply; no workers).", choices=METHODS)
+        "options do not apply; no workers); hybrid: netadapt's iterations, each also weighing the knapsack's cut of "
+        "several groups at once to the same goal as one more proposal.", choices=METHODS)
     importance: str = setting(
         "auto", "Which channels a cut keeps, and what the knapsack maximises: l1 or l2 (the producing weights' "
         "norm), bn (BatchNorm scale), taylor (first-order Taylor, over 32 training batches); auto: l2 for netadapt "
-        "(NetAdapt's), taylor for knapsack (HALP's).", choices=IMPORTANCE_CHOICES)
+        "(NetAdapt's), taylor for knapsack (HALP's) and hybrid.", choices=IMPORTANCE_CHOICES)
     select: str = setting(
         "ratio", "ratio: max dAcc/|dLatency| (a gain scores the gain); accuracy: max holdout accuracy. Either way, "
         "accuracy differences within the holdout's standard error tie; ties go to the lower holdout loss, then the "
@@ -126,6 +132,11 @@ class RunConfig:
         if self.final != "auto":
             return self.final
         return "fine-tune" if self.weights else "retrain"
+
+    @property
+    def iterative(self) -> bool:
+        """Whether the run iterates in an Optuna study (netadapt, hybrid), which workers can join."""
+        return self.method in ITERATIVE_METHODS
 
     def importance_name(self) -> str:
         """The importance estimator this run uses (`auto` resolved by the method)."""

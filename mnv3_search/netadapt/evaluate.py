@@ -2,7 +2,8 @@
 
 A trial is one rung of one proposal: fine-tune the child from `start_step` to `stop_step` and score it
 on the holdout (accuracy and cross-entropy loss) at each step count in `eval_steps`. Rung 0 shrinks the
-iteration's parent by the trial's (group, channels) and refreshes BN statistics; a later rung continues
+iteration's parent by the trial's cuts (its (group, channels), or the cuts a proposal of several carries) and
+refreshes BN statistics; a later rung continues
 the previous rung's trial from its checkpoint (weights, optimizer momentum, data order and RNG state), so
 training 0 -> 5 -> 10 steps in two trials gives exactly the weights of 0 -> 10 in one. The weights and
 training state are saved into the run folder (when this process has it) and uploaded to the run's artifact
@@ -17,7 +18,7 @@ import os
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import optuna
 import torch
@@ -28,15 +29,15 @@ from ..errors import CheckpointError, RunInterrupted
 from ..fileio import disk_full
 from ..model.build import build_model
 from ..model.weights import load_torch, read_checkpoint, save_torch
-from ..prune.groups import proposal_groups
-from ..prune.importance import make_importance
+from ..prune.groups import find_group, proposal_groups
+from ..prune.importance import Magnitude, make_importance
 from ..prune.surgery import shrink
 from ..train import Trainer, holdout_metrics, refresh_bn, to_memory_format
 from .artifacts import KILL_EXIT_CODE, RunArtifacts, staging
-from .attrs import (ACCURACY_ATTR, ATTEMPT_ATTR, CHANNELS_PARAM, CHECKPOINT_ATTR, EVAL_ATTR, FAILURE_ATTR,
-                    FIXED_PARAMS_ATTR, FROM_ATTR, GROUP_PARAM, HEARTBEAT_ATTR, ITERATION_ATTR, LOSS_ATTR, METRICS_ATTR,
-                    PARENT_ATTR, RETRY_OF_ATTR, SECONDS_ATTR, START_ATTR, STATE_ATTR, STEPS_ATTR, STOP_ATTR,
-                    WORKER_ATTR)
+from .attrs import (ACCURACY_ATTR, ATTEMPT_ATTR, CHANNELS_PARAM, CHECKPOINT_ATTR, CUTS_ATTR, EVAL_ATTR,
+                    FAILURE_ATTR, FIXED_PARAMS_ATTR, FROM_ATTR, GROUP_PARAM, HEARTBEAT_ATTR, ITERATION_ATTR, LOSS_ATTR,
+                    METRICS_ATTR, PARENT_ATTR, RETRY_OF_ATTR, SECONDS_ATTR, START_ATTR, STATE_ATTR, STEPS_ATTR,
+                    STOP_ATTR, WORKER_ATTR)
 from .config import RunConfig
 from .runfolder import RunFolder
 from .polling import Backoff
@@ -91,6 +92,19 @@ def enqueue_again(study: optuna.Study, trial: optuna.Trial) -> None:
 
 
 Note = Callable[[str], None]
+
+
+def _cuts(attrs: Mapping[str, Any], group: str, channels: Optional[int]) -> dict[str, int]:
+    """A trial's cuts: those its attrs carry (a proposal of several), else its one (group, channels)."""
+    several = attrs.get(CUTS_ATTR)
+    if several is not None:
+        return {str(g): int(c) for g, c in several.items()}
+    assert channels is not None, f"proposal {group}: neither channels nor cuts"
+    return {group: int(channels)}
+
+
+def _label(cuts: Mapping[str, int]) -> str:
+    return ",".join(f"{group}={channels}" for group, channels in cuts.items())
 
 
 class Evaluator:
@@ -165,7 +179,7 @@ class Evaluator:
                                   + str(exc).split(": ", 1)[-1])
         return "; ".join(damage)
 
-    def _start(self, study: optuna.Study, trial: optuna.Trial, group: str, channels: int,
+    def _start(self, study: optuna.Study, trial: optuna.Trial, cuts: Mapping[str, int],
                seed: int) -> tuple[Any, ShortTune, int]:
         """The proposal's child at step 0 (rung 0) or where the previous rung's trial left it, and the step its
         training here starts from. When the previous rung's files are unreadable, the child is trained again
@@ -184,20 +198,27 @@ class Evaluator:
                 return spec, tune, tune.step
             start = int(trial.user_attrs[START_ATTR])
             iteration = trial.user_attrs[ITERATION_ATTR]
-            self.note(f"{found}; re-training proposal {group}={channels} of iteration {iteration} from its parent "
+            self.note(f"{found}; re-training proposal {_label(cuts)} of iteration {iteration} from its parent "
                       f"network to step {start} instead (the same weights; nothing else is evaluated again)")
-        spec, tune = self.child(study, str(trial.user_attrs[PARENT_ATTR]), group, channels, seed)
+        spec, tune = self.child(study, str(trial.user_attrs[PARENT_ATTR]), cuts, seed)
         if previous is not None:
             tune.run_to(int(trial.user_attrs[START_ATTR]))
         return spec, tune, 0
 
-    def child(self, study: optuna.Study, relative: str, group: str, channels: int,
+    def child(self, study: optuna.Study, relative: str, cuts: Mapping[str, int],
               seed: int) -> tuple[Any, ShortTune]:
-        """The parent `relative` shrunk by (group, channels), its BN statistics refreshed, at step 0."""
+        """The parent `relative` shrunk by `cuts` ({group: channels kept}), its BN statistics refreshed, at step 0.
+        The groups of a proposal of several cuts are disjoint channel sets, so each is cut by its scores in
+        the parent, one after the other (as prune/knapsack.py's shrink_to)."""
         config = self.config
         parent_spec, parent_state = self._parent_of(study, relative)
-        spec, state = shrink(parent_spec, parent_state, group, channels, config.step,
-                             self._channel_scores(relative, parent_spec, parent_state, group))
+        spec, state = parent_spec, parent_state
+        for group, channels in cuts.items():
+            scores = self._channel_scores(relative, parent_spec, parent_state, group)
+            if scores is None and len(cuts) > 1:  # surgery's own L2 would read weights the other cuts narrowed
+                scores = Magnitude(2).channel_scores(parent_spec, parent_state,
+                                                     find_group(parent_spec, group, config.step))
+            spec, state = shrink(spec, state, group, channels, config.step, scores)
         model = to_memory_format(build_model(spec), torch.channels_last)  # faster on CPU, refresh_bn included
         model.load_state_dict(state, strict=True)
         refresh_bn(model, self.dataset, num_batches=10, seed=seed)
@@ -207,9 +228,10 @@ class Evaluator:
         """A finished trial's network trained again from its parent (its checkpoint is unreadable): the same
         weights, as training is deterministic."""
         fixed = trial.system_attrs.get(FIXED_PARAMS_ATTR, trial.params)
-        group, channels = str(fixed[GROUP_PARAM]), int(fixed[CHANNELS_PARAM])
+        group = str(fixed[GROUP_PARAM])
+        cuts = _cuts(trial.user_attrs, group, fixed.get(CHANNELS_PARAM))
         seed = proposal_seed(self.config.seed, int(trial.user_attrs[ITERATION_ATTR]), group)
-        spec, tune = self.child(study, str(trial.user_attrs[PARENT_ATTR]), group, channels, seed)
+        spec, tune = self.child(study, str(trial.user_attrs[PARENT_ATTR]), cuts, seed)
         tune.run_to(int(trial.user_attrs[STOP_ATTR]))
         tune.close()
         return spec, {k: v.contiguous() for k, v in tune.model.state_dict().items()}
@@ -244,12 +266,15 @@ class Evaluator:
     def _evaluate(self, study: optuna.Study, trial: optuna.Trial) -> optuna.trial.TrialState:
         config = self.config
         try:
-            group = trial.suggest_categorical(GROUP_PARAM, self.group_names)
-            channels = trial.suggest_int(CHANNELS_PARAM, config.step, self.max_channels, step=config.step)
+            group = str(trial.suggest_categorical(GROUP_PARAM, self.group_names))
             attrs = trial.user_attrs
+            # a proposal of several cuts carries them (proposals.cuts_attrs); a one-group one its channels param
+            channels = None if CUTS_ATTR in attrs else \
+                trial.suggest_int(CHANNELS_PARAM, config.step, self.max_channels, step=config.step)
+            cuts = _cuts(attrs, group, channels)
             seed = proposal_seed(config.seed, int(attrs[ITERATION_ATTR]), group)
             start = time.perf_counter()
-            spec, tune, began = self._start(study, trial, group, channels, seed)
+            spec, tune, began = self._start(study, trial, cuts, seed)
             if tune.step != int(attrs[START_ATTR]):
                 raise RuntimeError(f"trial {trial.number}: its checkpoint is at step {tune.step}, expected "
                                    f"{attrs[START_ATTR]}")

@@ -22,7 +22,7 @@ from .attrs import (ACCURACY_ATTR, EVAL_ATTR, FROM_ATTR, ITERATION_ATTR, LOSS_AT
 from .config import RunConfig
 from .evaluate import Evaluator
 from .events import Event
-from .proposals import Proposal, trial_cut
+from .proposals import Proposal, cuts_attrs, trial_cut
 from .selection import Candidate, Ranked, rank, survivors
 from .polling import Backoff
 from .study import claim, enqueue, iteration_trials, requeue_stale, trial_group
@@ -103,8 +103,8 @@ class SuccessiveHalving:
             for name in entrants:
                 group, channels = trial_cut(by_name[name])
                 enqueue(self.study, iteration, group, channels,
-                        {**attrs[name], START_ATTR: start, STOP_ATTR: stop, EVAL_ATTR: scored,
-                         FROM_ATTR: previous.get(name)}, rung, existing)
+                        {**attrs[name], **cuts_attrs(by_name[name]), START_ATTR: start, STOP_ATTR: stop,
+                         EVAL_ATTR: scored, FROM_ATTR: previous.get(name)}, rung, existing)
             finished = self._wait(iteration, rung, entrants, len(proposals))
             if not finished:
                 raise UserError(f"iteration {iteration}: every proposal failed at rung {rung}; see "

@@ -73,7 +73,10 @@ class IterativeSearch:
         assert study is not None, "the iterative search keeps its trials in the run's study"
         config, folder = session.config, session.folder
         groups = proposal_groups(session.seed_spec, config.step)
-        names, widest = [g.name for g in groups], max(g.channels for g in groups)
+        sources = [factory(session) for factory in self.extra]
+        # the trials' group param ranges over the seed's groups and the names of the extra sources' proposals
+        names = [g.name for g in groups] + [name for source in sources for name in source.names]
+        widest = max(g.channels for g in groups)
         study.set_user_attr(CONFIG_ATTR, config.as_json())
         study.set_user_attr(RUN_DIR_ATTR, str(folder.path.resolve()))
         if session.artifacts is not None:
@@ -87,7 +90,7 @@ class IterativeSearch:
                                     max_attempts=self.options.max_attempts, emit=session.emit,
                                     proposals_csv=folder.proposals_csv)
         with self._finishing_study(session, study):
-            found = _Loop(session, study, halving, [factory(session) for factory in self.extra]).run()
+            found = _Loop(session, study, halving, sources).run()
             write_proposals(folder, study, config.select)  # a kill between the last row and its ledger left it short
             if session.artifacts is not None:
                 session.artifacts.retire_parents(study)  # no proposal is left to start from them

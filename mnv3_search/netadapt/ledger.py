@@ -59,7 +59,7 @@ def write_proposals(folder: RunFolder, study: optuna.Study, select: str) -> None
             state = "COMPLETE" if rung == int(last.user_attrs[LAST_RUNG_ATTR]) else "PRUNED"
         ranked: Optional[Ranked] = ranks.get((iteration, rung), {}).get(group) if complete else None
         records.append(ProposalRecord(
-            trial=last.number, iteration=iteration, group=group,
+            trial=last.number, iteration=iteration, group=group, cuts=label(trial_cuts(last)),
             channels_before=last.user_attrs.get(CHANNELS_BEFORE_ATTR), channels=trial_channels(last), state=state,
             rung=rung, predicted_latency_ms=last.user_attrs.get(PREDICTED_LATENCY_ATTR),
             macs=last.user_attrs.get(MACS_ATTR), params=last.user_attrs.get(PARAMS_ATTR),

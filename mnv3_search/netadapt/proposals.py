@@ -2,25 +2,28 @@
 
 A `Proposal` is a value: `cuts` maps each group it shrinks to the channels it keeps. NetAdapt's own proposals
 (`OneGroupProposals`) cut one group each, as far as the iteration's goal needs; a source of other proposals
-(a multi-group cut, proposals ranked by importance) is another `ProposalSource` beside it, and the loop, the
-successive halving and the ledger take its proposals as they come, keyed by name.
+is another `ProposalSource` beside it (`KnapsackProposal`: `--method hybrid`'s cut of several groups at once),
+and the loop, the successive halving and the ledger take its proposals as they come, keyed by name.
 
-In the study a proposal's trials carry fixed params (group, channels) (`trial_cut`): the encoding every run
-folder's study holds, which a resumed run and the ledger read back.
+In the study a one-group proposal's trials carry fixed params (group, channels) (`trial_cut`): the encoding
+every run folder's study holds, which a resumed run and the ledger read back. A proposal of several cuts
+carries its name as the group param and its cuts in a user attr (CUTS_ATTR), read back by `trial_cuts`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Protocol
+from typing import Any, Mapping, Optional, Protocol
 
 import torch
 from optuna.trial import FrozenTrial
 
 from ..prune.groups import ProposalGroup, proposal_groups
+from ..prune.importance import Importance
+from ..prune.knapsack import KnapsackProblem, widths_of, width_options
 from ..prune.surgery import child_spec
 from ..spec.arch import ArchSpec
-from .attrs import CHANNELS_PARAM, FIXED_PARAMS_ATTR
+from .attrs import CHANNELS_PARAM, CUTS_ATTR, FIXED_PARAMS_ATTR
 from .pricing import Pricing
 from .study import trial_group
 
@@ -55,6 +58,11 @@ class Proposal:
         return cls(group.name, group.kind, {group.name: channels}, {group.name: group.channels}, spec, resource)
 
     @property
+    def cuts_one_group(self) -> bool:
+        """NetAdapt's kind: one cut, of the group the proposal is named after."""
+        return list(self.cuts) == [self.name]
+
+    @property
     def channels_before(self) -> Optional[int]:
         """The group's width in the parent, for a one-group proposal (iterations.csv, proposals.csv)."""
         return next(iter(self.before.values())) if len(self.before) == 1 else None
@@ -65,13 +73,17 @@ def label(cuts: Mapping[str, int]) -> str:
     return ",".join(f"{group}={channels}" for group, channels in cuts.items())
 
 
-def trial_cut(proposal: Proposal) -> tuple[str, int]:
-    """The (group, channels) params of a proposal's trials. A trial carries one cut: a proposal of several
-    needs params of its own, and evaluate.py's Evaluator to apply them, before it can be enqueued."""
-    if len(proposal.cuts) != 1:
-        raise NotImplementedError(f"proposal {proposal.name}: a trial carries one cut (group, channels)")
-    (group, channels), = proposal.cuts.items()
-    return group, channels
+def trial_cut(proposal: Proposal) -> tuple[str, Optional[int]]:
+    """The (group, channels) params of a proposal's trials; a proposal of several cuts has its name and no
+    channels (its cuts go in the trials' user attrs: `cuts_attrs`)."""
+    if proposal.cuts_one_group:
+        return proposal.name, proposal.cuts[proposal.name]
+    return proposal.name, None
+
+
+def cuts_attrs(proposal: Proposal) -> dict[str, Any]:
+    """The user attrs that carry a proposal of several cuts (none for a one-group proposal)."""
+    return {} if proposal.cuts_one_group else {CUTS_ATTR: dict(proposal.cuts)}
 
 
 def trial_channels(t: FrozenTrial) -> Optional[int]:
@@ -80,13 +92,20 @@ def trial_channels(t: FrozenTrial) -> Optional[int]:
 
 
 def trial_cuts(t: FrozenTrial) -> dict[str, int]:
-    """The cuts of a trial's proposal, read back from its params (`trial_cut` written); empty if it has none."""
+    """The cuts of a trial's proposal, read back from its params and attrs (`trial_cut`, `cuts_attrs` wrote
+    them); empty if it has none."""
+    several = t.user_attrs.get(CUTS_ATTR)
+    if several is not None:
+        return {str(group): int(channels) for group, channels in several.items()}
     group, channels = trial_group(t), trial_channels(t)
     return {} if group is None or channels is None else {str(group): int(channels)}
 
 
 class ProposalSource(Protocol):
-    """Makes an iteration's proposals from its parent, each meant to meet `goal` (in the budget's unit)."""
+    """Makes an iteration's proposals from its parent, each meant to meet `goal` (in the budget's unit).
+    `names`: the names its proposals take (the trials' group param ranges over them and the seed's groups)."""
+
+    names: tuple[str, ...]
 
     def propose(self, parent: Parent, goal: float) -> list[Proposal]: ...
 
@@ -140,3 +159,40 @@ class OneGroupProposals:
             i = bounds[g.name][0]
             found.append(Proposal.one_group(g, options[g.name][i], child(g, i), resource(child(g, i))))
         return found
+
+
+KNAPSACK_PROPOSAL = "knapsack"  # the name (and kind) of --method hybrid's proposal; no group is called that
+HYBRID_OPTIONS = 8  # widths priced per group and iteration (the one-shot knapsack prices 16 once)
+
+
+class KnapsackProposal:
+    """`--method hybrid`'s extra proposal: HALP's knapsack (prune/knapsack.py) over every group of the parent,
+    sized to the iteration's goal, which cuts several groups at once where NetAdapt's proposals cut one each.
+    The channels are valued by `importance` on the parent, the estimator the evaluator keeps channels by, so
+    the cut that is evaluated keeps what the knapsack valued. No proposal when the knapsack cuts one group
+    only: NetAdapt's proposal for that group is the widest of it that meets the goal, as good or better."""
+
+    names: tuple[str, ...] = (KNAPSACK_PROPOSAL,)
+
+    def __init__(self, pricing: Pricing, step: int, importance: Importance,
+                 max_options: int = HYBRID_OPTIONS) -> None:
+        self.pricing = pricing
+        self.step = step
+        self.importance = importance
+        self.max_options = max_options
+
+    def propose(self, parent: Parent, goal: float) -> list[Proposal]:
+        groups = proposal_groups(parent.spec, self.step)
+        scores = self.importance(parent.spec, parent.state, groups)
+        self.pricing.prefetch([child_spec(parent.spec, g, k, self.step) for g in groups
+                               for k in width_options(g, self.max_options)[1:]])
+        problem = KnapsackProblem.build(parent.spec, scores, self.pricing.resource, self.max_options)
+        try:
+            shape, resource = problem.shape_for(goal)
+        except ValueError:  # every group at its smallest width misses the goal
+            return []
+        cuts = {g.name: width for g, width in zip(groups, widths_of(shape, groups)) if width != g.channels}
+        if len(cuts) < 2:
+            return []
+        before = {g.name: g.channels for g in groups if g.name in cuts}
+        return [Proposal(KNAPSACK_PROPOSAL, KNAPSACK_PROPOSAL, cuts, before, shape, resource)]

@@ -70,10 +70,10 @@ class IterationRecord:
 
 
 ITERATION_COLUMNS = [f.name for f in fields(IterationRecord)]
-ADDED_COLUMNS = {"latency_reliable"}  # columns a run folder of an earlier version lacks (read as blank)
+ADDED_COLUMNS = {"latency_reliable", "cuts"}  # columns a run folder of an earlier version lacks (read as blank)
 INTEGER_COLUMNS = ["iteration", "channels_before", "channels", "macs", "params", "tied", "proposals", "pruned",
                    "steps", "full_steps"]
-TEXT_COLUMNS = {"proposal", "group", "decided_by", "state", "worker", "failure", "chosen"}
+TEXT_COLUMNS = {"proposal", "group", "cuts", "decided_by", "state", "worker", "failure", "chosen"}
 BOOLEAN_COLUMNS = {"latency_reliable"}
 
 
@@ -150,7 +150,8 @@ class ProposalRecord:
 
     trial: int
     iteration: int
-    group: str
+    group: str  # the proposal's name: its group, or `knapsack` (--method hybrid's cut of several groups)
+    cuts: str  # what it cuts, as iterations.csv's `proposal` names it: exp8=72, or exp2=72,last_conv=120
     channels_before: Optional[int]
     channels: Optional[int]
     state: str  # COMPLETE (reached the last rung), PRUNED (stopped before it), or the trial's state

@@ -17,6 +17,7 @@ from ..fileio import atomic_write_bytes, disk_full
 from ..latency import export_onnx, torch_threads
 from ..model.build import build_model
 from ..model.counts import spec_macs, spec_params
+from ..prune.importance import make_importance
 from ..spec.arch import ArchSpec
 from ..spec.yaml_io import dump_spec
 from ..train import evaluate, to_memory_format, train_epochs
@@ -25,14 +26,25 @@ from .events import Event, ignore
 from .iterative import IterativeSearch, WorkerOptions
 from .knapsack_search import KnapsackSearch
 from .pricing import BudgetCheck, Pricing, check_budget
+from .proposals import KnapsackProposal, ProposalSource
 from .runfolder import RunFolder, RunResult
 from .session import Found, RunPlan, RunSession, ShapeSearch, finished_result, open_table, start_folder
 from .study import as_storage_lost, make_storage
 
 
+def knapsack_proposal(session: RunSession) -> ProposalSource:
+    """`--method hybrid`'s extra proposal source, valuing channels by the run's importance estimator."""
+    config = session.config
+    importance = make_importance(config.importance_name(), session.dataset, batch_size=config.batch_size,
+                                 seed=config.seed)
+    return KnapsackProposal(session.pricing, config.step, importance)
+
+
 def shape_search(method: str, options: WorkerOptions) -> ShapeSearch:
     """The search `--method` names (config.METHODS)."""
-    return KnapsackSearch() if method == "knapsack" else IterativeSearch(options)
+    if method == "knapsack":
+        return KnapsackSearch()
+    return IterativeSearch(options, extra=[knapsack_proposal] if method == "hybrid" else [])
 
 
 class NetAdapt:

@@ -140,7 +140,7 @@ def start_folder(plan: RunPlan, emit: Event) -> StartedFolder:
         folder.sweep_temporary_files()
         emit("resume", run_dir=str(folder.path))
     artifacts = None
-    if config.method == "netadapt":  # a knapsack run keeps no study and moves no checkpoints
+    if config.iterative:  # a knapsack run keeps no study and moves no checkpoints
         storage_url = storage_url or folder.default_storage_url
         location = (previous or {}).get("artifacts") or plan.artifacts or default_location(folder.path)
         artifacts = RunArtifacts(location, open_store(location, create=True))
@@ -148,7 +148,7 @@ def start_folder(plan: RunPlan, emit: Event) -> StartedFolder:
         backend = make_backend(config.backend, config.threads, config.precision)
         folder.write_run_json({
             "command": plan.command, "config": config.as_json(), "spec_file": str(plan.spec_file),
-            "storage": redact(storage_url), "study": study_name if config.method == "netadapt" else None,
+            "storage": redact(storage_url), "study": study_name if config.iterative else None,
             "artifacts": plan.artifacts, "versions": versions(),
             "holdout_images": len(plan.dataset.holdout), "train_images": len(plan.dataset.train),
             "device": backend.fingerprint(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -264,7 +264,7 @@ class RunSession:
         figure, get the seed network, and write its row unless a resumed run has it."""
         config, folder = plan.config, plan.folder
         study = create_study(started.storage_url or folder.default_storage_url, started.study_name) \
-            if config.method == "netadapt" else None
+            if config.iterative else None
         emit("seed", value=check.seed_value, target=check.target,
              unit="ms" if pricing.is_latency else plan.budget.resource)
         seed_state, (seed_accuracy, seed_loss) = seed_network(plan, emit)

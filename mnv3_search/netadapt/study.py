@@ -251,17 +251,21 @@ def trial_group(t: FrozenTrial) -> Optional[str]:
     return t.params.get(GROUP_PARAM, t.system_attrs.get(FIXED_PARAMS_ATTR, {}).get(GROUP_PARAM))
 
 
-def enqueue(study: optuna.Study, iteration: int, group: str, channels: int, attrs: dict[str, Any],
+def enqueue(study: optuna.Study, iteration: int, group: str, channels: Optional[int], attrs: dict[str, Any],
             rung: int = 0, trials: Optional[Sequence[FrozenTrial]] = None) -> None:
-    """One rung of one proposal as a WAITING trial with fixed params; skipped if this iteration already has
-    it (not failed, or given up after its last attempt, so a resumed run does not retry a proposal that kills
-    its workers), so a resumed master reuses what was enqueued or finished before. `trials`: the
-    iteration's trials when the caller already has them (one storage read for many proposals)."""
+    """One rung of one proposal as a WAITING trial with fixed params (no channels for a proposal of several
+    cuts, whose `attrs` carry them); skipped if this iteration already has it (not failed, or given up after
+    its last attempt, so a resumed run does not retry a proposal that kills its workers), so a resumed master
+    reuses what was enqueued or finished before. `trials`: the iteration's trials when the caller already has
+    them (one storage read for many proposals)."""
     for t in (iteration_trials(study, iteration) if trials is None else trials):
         if trial_group(t) == group and t.user_attrs.get(RUNG_ATTR, 0) == rung and \
                 (t.state != TrialState.FAIL or t.user_attrs.get(GIVEN_UP_ATTR)):
             return
-    study.enqueue_trial({GROUP_PARAM: group, CHANNELS_PARAM: channels},
+    params: dict[str, Any] = {GROUP_PARAM: group}
+    if channels is not None:
+        params[CHANNELS_PARAM] = channels
+    study.enqueue_trial(params,
                         user_attrs={**attrs, ITERATION_ATTR: iteration, RUNG_ATTR: rung})
 
 
