@@ -125,17 +125,19 @@ def test_measure_together_remeasures_once_when_a_probe_moved():
 
 
 def test_measure_together_marks_a_disturbed_measurement_unreliable():
-    """A runner that keeps slowing down: both measurements are disturbed; the result says so."""
+    """A runner that keeps slowing down: both measurements are disturbed; the result says so. Sleeps of 5 ms
+    and more, so that a loaded host's wake-up delays (a few ms beside CPU-bound processes) neither hide the
+    drift nor fake one in the steady pair."""
     state = {"calls": 0}
 
     def drifts() -> None:
         state["calls"] += 1
-        time.sleep(0.5 * (1 + state["calls"] / 4) / 1000.0)
+        time.sleep(2.5 * (1 + state["calls"] / 4) / 1000.0)
 
     policy = InterleavedPolicy(passes=6, runs_per_pass=2, warmup_runs=1)
-    together = measure_together([_sleeper(1.0), drifts], policy, tolerance=0.1, retries=1, max_spread=math.inf)
+    together = measure_together([_sleeper(5.0), drifts], policy, tolerance=0.1, retries=1, max_spread=math.inf)
     assert together.attempts == 2 and not together.reliable and together.ratio_shift > 0.1
-    steady = measure_together([_sleeper(2.0), _sleeper(4.0)], policy, tolerance=0.8, max_spread=math.inf)
+    steady = measure_together([_sleeper(10.0), _sleeper(20.0)], policy, tolerance=0.8, max_spread=math.inf)
     assert steady.attempts == 1 and steady.reliable
 
 
