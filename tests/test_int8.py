@@ -137,6 +137,27 @@ def test_a_block_quantized_alone_has_quantize_at_its_input_and_dequantize_at_its
     assert producers[sigmoid.input[0]] == "DequantizeLinear"
 
 
+def test_calibration_methods_find_other_ranges_and_an_unknown_one_is_refused():
+    """benchmarks/calibration.py compares ONNX Runtime's ways of finding activation ranges: each gives a QDQ
+    file, percentile's clipped ranges make other scales than minmax's, and a misspelt method is refused."""
+    _, key = spec_keys(load_spec(MICRO_SPEC_PATH))[2]
+    shape = key.input_shape(1)
+    fp32 = onnx_bytes(key.module().eval(), shape)
+    calibration = random_calibration(shape)
+    files = {m: quantize_onnx(fp32, calibration, m) for m in ("minmax", "percentile")}
+    assert files["minmax"] == quantize_onnx(fp32, calibration)  # the default
+    scales = {}
+    for method, data in files.items():
+        graph = onnx.load_from_string(data).graph
+        assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 3
+        scales[method] = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in graph.initializer
+                          if t.name.endswith("_scale")}
+    assert scales["minmax"].keys() == scales["percentile"].keys()
+    assert scales["minmax"] != scales["percentile"]
+    with pytest.raises(ValueError, match="calibration method 'max': use one of minmax, percentile, entropy"):
+        quantize_onnx(fp32, calibration, "max")
+
+
 def test_int8_table_is_its_own_and_refuses_fp32(tmp_path):
     spec = load_spec(MICRO_SPEC_PATH)
     keys = [key for _, key in spec_keys(spec)][-2:]  # last conv and classifier: the cheapest to quantize

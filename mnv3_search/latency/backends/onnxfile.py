@@ -108,14 +108,20 @@ def _quiet_quantizer() -> Iterator[None]:
 _QUANTIZED: ProgramCache[bytes] = ProgramCache()
 
 
-def quantize_onnx(fp32: bytes, calibration: Sequence[np.ndarray]) -> bytes:
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")  # ONNX Runtime's ways to find activation ranges
+
+
+def quantize_onnx(fp32: bytes, calibration: Sequence[np.ndarray], method: str = "minmax") -> bytes:
     """`fp32` (an ONNX model) statically quantized to INT8 QDQ for ONNX Runtime on the CPU (see the module
-    docstring); cached by the content of both, so a network is quantized once however often it is timed."""
-    key = bytes_digest(fp32, arrays_digest(calibration))
-    return _QUANTIZED.get(key, lambda: _quantize(fp32, calibration))
+    docstring), activation ranges found by `method` (CALIBRATION_METHODS); cached by the content of all three,
+    so a network is quantized once however often it is timed."""
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method {method!r}: use one of {', '.join(CALIBRATION_METHODS)}")
+    key = bytes_digest(fp32, arrays_digest(calibration), *([method] if method != "minmax" else []))
+    return _QUANTIZED.get(key, lambda: _quantize(fp32, calibration, method))
 
 
-def _quantize(fp32: bytes, calibration: Sequence[np.ndarray]) -> bytes:
+def _quantize(fp32: bytes, calibration: Sequence[np.ndarray], method: str) -> bytes:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -126,5 +132,7 @@ def _quantize(fp32: bytes, calibration: Sequence[np.ndarray]) -> bytes:
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(target), _Reader(calibration), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method={"minmax": CalibrationMethod.MinMax,
+                                          "percentile": CalibrationMethod.Percentile,
+                                          "entropy": CalibrationMethod.Entropy}[method])
         return target.read_bytes()
