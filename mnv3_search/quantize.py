@@ -23,7 +23,11 @@ from torch import nn
 from .data import Dataset, Split, batches
 from .latency import OnnxRuntimeBackend, onnx_bytes, quantize_onnx
 
-CALIBRATION_IMAGES = 32  # "a few dozen": the ranges of every activation settle well before this
+# benchmarks/calibration.py (six Small networks on Fashion-MNIST, 3 draws each): INT8 - FP32 test accuracy with
+# MinMax ranges, median (worst) over networks and draws: 32 images -0.80 (-5.57) points, 128 -0.63 (-4.11), 512
+# -0.48 (-2.48), 2048 no better; Percentile ranges +0.1 on average (within the draws). ONNX Runtime keeps
+# every activation of every image while it calibrates: 512 images of Small cost 0.18 GB at 32 px, 0.48 at 224.
+CALIBRATION_IMAGES = 512
 CALIBRATION_SEED = 0  # the same images for every run on the same data, whatever its --seed
 
 

@@ -117,10 +117,12 @@ def test_compare_scores_int8_networks(trained, digits):
 
 def test_calibration_images_come_from_the_training_split(digits):
     images = calibration_images(digits)
-    assert len(images) == 32 and all(x.shape == (1, 3, 32, 32) and x.dtype == np.float32 for x in images)
+    assert len(images) == 512 and all(x.shape == (1, 3, 32, 32) and x.dtype == np.float32 for x in images)
     assert all(np.array_equal(a, b) for a, b in zip(images, calibration_images(digits)))  # fixed, not --seed's
     train_inputs = digits.inputs(digits.train.images).numpy()
     assert all(any(np.array_equal(x[0], t) for t in train_inputs) for x in images[:4])
+    assert len({x.tobytes() for x in images}) == 512  # drawn without replacement
+    assert len(calibration_images(digits, 2000)) == len(digits.train) == 1294  # never more than it holds
 
 
 def test_a_block_quantized_alone_has_quantize_at_its_input_and_dequantize_at_its_output():

@@ -62,7 +62,7 @@ def compare(variants: tuple[str, ...], weights: tuple[str, ...], data: Optional[
     \b
     Latency is measured for all variants together, interleaved in this one process (25th percentile and
     median), so the ratios are fair even on a busy machine. With --precision int8 every variant is timed
-    quantized, and with --data its accuracy is the INT8 network's (calibrated on 32 training images).
+    quantized, and with --data its accuracy is the INT8 network's (calibrated on 512 training images).
     \b
     Examples:
       mnv3-search compare small results/small-80pct-seed0 small_075.yaml --csv cmp.csv

@@ -97,7 +97,7 @@ class RunConfig:
     # or int8 (post-training static quantization; the final network is scored as the quantized file)
     precision: str = setting(
         "fp32", " The run's table, its knapsack or loop and its confirmation beside the seed time this "
-        "precision; int8 quantizes the final network on 32 training images (final_int8.onnx) and reports that "
+        "precision; int8 quantizes the final network on 512 training images (final_int8.onnx) and reports that "
         "file's test accuracy.", choices=PRECISIONS)
     threads: int = setting(1)
     lut: Optional[str] = setting(None)

@@ -26,7 +26,7 @@ import logging
 import tempfile
 import warnings
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -93,12 +93,13 @@ class _Reader:
 
 @contextmanager
 def _quiet_quantizer() -> Iterator[None]:
-    """The quantizer logs advice and warns about deprecated ONNX helpers on every call: keep it off the terminal."""
+    """The quantizer logs advice and warns about deprecated ONNX helpers on every call, and its histogram
+    calibrators print their progress: keep it all off the terminal."""
     logger = logging.getLogger()
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
