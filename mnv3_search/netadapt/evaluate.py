@@ -39,9 +39,10 @@ from .attrs import (ACCURACY_ATTR, ATTEMPT_ATTR, CHANNELS_PARAM, CHECKPOINT_ATTR
                     METRICS_ATTR, PARENT_ATTR, RETRY_OF_ATTR, SECONDS_ATTR, START_ATTR, STATE_ATTR, STEPS_ATTR,
                     STOP_ATTR, WORKER_ATTR)
 from .config import RunConfig
+from .proposals import label, trial_cuts
 from .runfolder import RunFolder
 from .polling import Backoff
-from .study import claim, heartbeat, storage_of, trial_storage_id
+from .study import claim, heartbeat, storage_of, trial_group, trial_storage_id
 
 # Test hook: a proposal of the group named here kills the process evaluating it (os._exit, like a crashing
 # kernel or the OOM killer), so the retry and give-up path is tested with real process deaths
@@ -92,19 +93,6 @@ def enqueue_again(study: optuna.Study, trial: optuna.Trial) -> None:
 
 
 Note = Callable[[str], None]
-
-
-def _cuts(attrs: Mapping[str, Any], group: str, channels: Optional[int]) -> dict[str, int]:
-    """A trial's cuts: those its attrs carry (a proposal of several), else its one (group, channels)."""
-    several = attrs.get(CUTS_ATTR)
-    if several is not None:
-        return {str(g): int(c) for g, c in several.items()}
-    assert channels is not None, f"proposal {group}: neither channels nor cuts"
-    return {group: int(channels)}
-
-
-def _label(cuts: Mapping[str, int]) -> str:
-    return ",".join(f"{group}={channels}" for group, channels in cuts.items())
 
 
 class Evaluator:
@@ -198,7 +186,7 @@ class Evaluator:
                 return spec, tune, tune.step
             start = int(trial.user_attrs[START_ATTR])
             iteration = trial.user_attrs[ITERATION_ATTR]
-            self.note(f"{found}; re-training proposal {_label(cuts)} of iteration {iteration} from its parent "
+            self.note(f"{found}; re-training proposal {label(cuts)} of iteration {iteration} from its parent "
                       f"network to step {start} instead (the same weights; nothing else is evaluated again)")
         spec, tune = self.child(study, str(trial.user_attrs[PARENT_ATTR]), cuts, seed)
         if previous is not None:
@@ -227,9 +215,7 @@ class Evaluator:
     def rebuild(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[Any, dict[str, torch.Tensor]]:
         """A finished trial's network trained again from its parent (its checkpoint is unreadable): the same
         weights, as training is deterministic."""
-        fixed = trial.system_attrs.get(FIXED_PARAMS_ATTR, trial.params)
-        group = str(fixed[GROUP_PARAM])
-        cuts = _cuts(trial.user_attrs, group, fixed.get(CHANNELS_PARAM))
+        group, cuts = str(trial_group(trial)), trial_cuts(trial)
         seed = proposal_seed(self.config.seed, int(trial.user_attrs[ITERATION_ATTR]), group)
         spec, tune = self.child(study, str(trial.user_attrs[PARENT_ATTR]), cuts, seed)
         tune.run_to(int(trial.user_attrs[STOP_ATTR]))
@@ -269,9 +255,8 @@ class Evaluator:
             group = str(trial.suggest_categorical(GROUP_PARAM, self.group_names))
             attrs = trial.user_attrs
             # a proposal of several cuts carries them (proposals.cuts_attrs); a one-group one its channels param
-            channels = None if CUTS_ATTR in attrs else \
-                trial.suggest_int(CHANNELS_PARAM, config.step, self.max_channels, step=config.step)
-            cuts = _cuts(attrs, group, channels)
+            cuts = {str(g): int(c) for g, c in attrs[CUTS_ATTR].items()} if CUTS_ATTR in attrs else \
+                {group: trial.suggest_int(CHANNELS_PARAM, config.step, self.max_channels, step=config.step)}
             seed = proposal_seed(config.seed, int(attrs[ITERATION_ATTR]), group)
             start = time.perf_counter()
             spec, tune, began = self._start(study, trial, cuts, seed)
