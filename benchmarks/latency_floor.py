@@ -33,7 +33,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mnv3_search.latency.calibration import MODELS, Point, choose_calibration, fit_model  # noqa: E402
-from mnv3_search.model.build import build_model  # noqa: E402
+from mnv3_search.model.counts import spec_params  # noqa: E402
 from mnv3_search.prune.variants import variant_specs  # noqa: E402
 from mnv3_search.spec.spaces import resolve_spec_path  # noqa: E402
 from mnv3_search.spec.yaml_io import load_spec  # noqa: E402
@@ -47,7 +47,7 @@ def param_counts(model: str, variants: int) -> np.ndarray:
     """The seed's and `latency.py`'s variants' parameter counts (the two-term fit's memory term), in CSV order."""
     spec = load_spec(resolve_spec_path(model))
     specs = [spec, *variant_specs(spec, variants, seed=0)]
-    return np.array([sum(p.numel() for p in build_model(s).parameters()) for s in specs])
+    return np.array([spec_params(s) for s in specs])
 
 
 def seed_relative_errors(coefficients: tuple[float, float, float], frame: pd.DataFrame, params: np.ndarray,
