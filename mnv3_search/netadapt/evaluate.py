@@ -34,12 +34,12 @@ from ..prune.importance import Magnitude, make_importance
 from ..prune.surgery import shrink
 from ..train import Trainer, holdout_metrics, refresh_bn, to_memory_format
 from .artifacts import KILL_EXIT_CODE, RunArtifacts, staging
-from .attrs import (ACCURACY_ATTR, ATTEMPT_ATTR, CHANNELS_PARAM, CHECKPOINT_ATTR, CUTS_ATTR, EVAL_ATTR,
+from .attrs import (ACCURACY_ATTR, ATTEMPT_ATTR, CHANNELS_PARAM, CHECKPOINT_ATTR, EVAL_ATTR,
                     FAILURE_ATTR, FIXED_PARAMS_ATTR, FROM_ATTR, GROUP_PARAM, HEARTBEAT_ATTR, ITERATION_ATTR, LOSS_ATTR,
                     METRICS_ATTR, PARENT_ATTR, RETRY_OF_ATTR, SECONDS_ATTR, START_ATTR, STATE_ATTR, STEPS_ATTR,
                     STOP_ATTR, WORKER_ATTR)
 from .config import RunConfig
-from .proposals import label, trial_cuts
+from .proposals import attr_cuts, label, trial_cuts
 from .runfolder import RunFolder
 from .polling import Backoff
 from .study import claim, heartbeat, storage_of, trial_group, trial_storage_id
@@ -255,7 +255,8 @@ class Evaluator:
             group = str(trial.suggest_categorical(GROUP_PARAM, self.group_names))
             attrs = trial.user_attrs
             # a proposal of several cuts carries them (proposals.cuts_attrs); a one-group one its channels param
-            cuts = {str(g): int(c) for g, c in attrs[CUTS_ATTR].items()} if CUTS_ATTR in attrs else \
+            several = attr_cuts(attrs)
+            cuts = several if several is not None else \
                 {group: trial.suggest_int(CHANNELS_PARAM, config.step, self.max_channels, step=config.step)}
             seed = proposal_seed(config.seed, int(attrs[ITERATION_ATTR]), group)
             start = time.perf_counter()

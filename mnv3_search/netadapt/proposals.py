@@ -86,6 +86,12 @@ def cuts_attrs(proposal: Proposal) -> dict[str, Any]:
     return {} if proposal.cuts_one_group else {CUTS_ATTR: dict(proposal.cuts)}
 
 
+def attr_cuts(attrs: Mapping[str, Any]) -> Optional[dict[str, int]]:
+    """A proposal of several cuts as its trial's user attrs carry it (`cuts_attrs`); None for a one-group one."""
+    several = attrs.get(CUTS_ATTR)
+    return None if several is None else {str(group): int(channels) for group, channels in several.items()}
+
+
 def trial_channels(t: FrozenTrial) -> Optional[int]:
     """The channels a trial's proposal keeps, also while it never ran (params fixed, not yet suggested)."""
     return t.params.get(CHANNELS_PARAM, t.system_attrs.get(FIXED_PARAMS_ATTR, {}).get(CHANNELS_PARAM))
@@ -94,9 +100,9 @@ def trial_channels(t: FrozenTrial) -> Optional[int]:
 def trial_cuts(t: FrozenTrial) -> dict[str, int]:
     """The cuts of a trial's proposal, read back from its params and attrs (`trial_cut`, `cuts_attrs` wrote
     them); empty if it has none."""
-    several = t.user_attrs.get(CUTS_ATTR)
+    several = attr_cuts(t.user_attrs)
     if several is not None:
-        return {str(group): int(channels) for group, channels in several.items()}
+        return several
     group, channels = trial_group(t), trial_channels(t)
     return {} if group is None or channels is None else {str(group): int(channels)}
 
